@@ -1,0 +1,13 @@
+//! ferry-agent: the daemon that runs on every host: identity and data dir,
+//! the request service, Raft membership upkeep and host facts.
+
+pub mod agent;
+pub mod client;
+pub mod datadir;
+pub mod facts;
+pub mod membership;
+pub mod protocol;
+pub mod service;
+pub mod token;
+
+pub use agent::{Agent, AgentError, AgentOptions};

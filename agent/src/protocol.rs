@@ -1,0 +1,146 @@
+//! What agents and the CLI say to each other: one request and one response
+//! per QUIC bi-stream, framed and size-capped by ferry-transport.
+
+use ferry_raft::network::{RaftReply, RaftRequest};
+use ferry_raft::{Command, CommandResult, HostFacts, NodeId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Raft traffic between members (node certificates only).
+    Raft(RaftRequest),
+    /// A new host asking to join (the only request allowed without a
+    /// client certificate).
+    Join(JoinRequest),
+    /// Liveness probe; answers with the agent's identity.
+    Ping,
+    /// Operator and internal commands (admin or node certificates).
+    Api(ApiRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    Raft(RaftReply),
+    Joined(JoinAccepted),
+    Pong { id: NodeId, name: String },
+    Api(ApiReply),
+    Error(ApiError),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub name: String,
+    /// The token's secret; the cluster stores only its hash.
+    pub secret: String,
+    /// The address the joiner will serve on.
+    pub addr: String,
+    /// PEM certificate signing request; only its public key is used.
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinAccepted {
+    pub id: NodeId,
+    pub cert_pem: String,
+    pub cert_serial: String,
+    pub ca_pem: String,
+    /// Every member can sign joiners' certificates, so every member holds
+    /// the CA key (see ARCHITECTURE.md, "Trust").
+    pub ca_key_pem: String,
+    /// Known members, so the joiner can check Raft senders' identities
+    /// before its log has caught up.
+    pub members: Vec<(NodeId, String)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ApiRequest {
+    ClusterList,
+    ClusterShow {
+        name: String,
+    },
+    TokenCreate {
+        name: String,
+        ttl_secs: u64,
+    },
+    TokenList,
+    TokenRevoke {
+        name: String,
+    },
+    Remove {
+        name: String,
+        force: bool,
+    },
+    /// A state-machine write; forwarded to the leader by whoever receives it.
+    Write(Command),
+    /// Sent to a member that was removed, so it stops serving.
+    Removed,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ApiReply {
+    Members(Vec<MemberView>),
+    Member(Box<MemberDetail>),
+    Token { token: String },
+    Tokens(Vec<TokenView>),
+    Written(CommandResult),
+    Done,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberView {
+    pub name: String,
+    pub id: NodeId,
+    pub address: String,
+    /// "voter" | "learner" | "none" (not yet in the Raft membership)
+    pub role: String,
+    pub leader: bool,
+    /// "alive" | "suspect" | "dead"
+    pub liveness: String,
+    /// "online" | "evacuating" | "evacuated"
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberDetail {
+    // Not `#[serde(flatten)]`: bincode cannot decode it. The CLI flattens
+    // for JSON output.
+    pub member: MemberView,
+    pub facts: Option<HostFacts>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// "valid" | "used" | "expired" | "revoked"
+    pub status: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    BadRequest,
+    NotFound,
+    Conflict,
+    Unauthorized,
+    Unavailable,
+    Internal,
+}
+
+/// An error as the caller sees it: one line that says what failed and, where
+/// it can, what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}

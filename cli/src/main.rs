@@ -1,0 +1,242 @@
+//! `ferry`: the one binary. `ferry agent` runs the daemon; every other
+//! command talks to the local agent over mutually authenticated QUIC.
+
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_agent::client::Client;
+use ferry_agent::protocol::{ApiReply, ApiRequest};
+use ferry_agent::{Agent, AgentOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move running workloads between the hosts of a cluster"
+)]
+struct Cli {
+    /// The agent's data directory (holds its address and admin credentials).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_DATA_DIR",
+        default_value = "/var/lib/ferry"
+    )]
+    data_dir: PathBuf,
+    /// Talk to the agent at this address instead of the one in the data dir.
+    #[arg(long, global = true, value_name = "ADDR")]
+    agent: Option<String>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the ferry agent (the daemon of one host).
+    Agent(AgentArgs),
+    /// Members, join tokens and removal.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Address to serve on (QUIC, UDP); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// This member's name (lowercase letters, digits and '-').
+    #[arg(long)]
+    name: Option<String>,
+    /// Create a new cluster with this agent as its first member (no-op once done).
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join an existing cluster with a token from 'ferry cluster token create'.
+    #[arg(long, value_name = "TOKEN")]
+    join: Option<String>,
+    /// How many voters the cluster keeps (set at bootstrap).
+    #[arg(long, default_value_t = 3, value_parser = parse_voters)]
+    voters: u8,
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List the members.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one member with its host facts.
+    Show {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Remove a member from the cluster and revoke its certificate.
+    Remove {
+        name: String,
+        /// Remove it even if it cannot be reached.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token for a new member NAME; prints the token.
+    Create {
+        name: String,
+        /// Lifetime, e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = output::parse_duration_secs)]
+        ttl: u64,
+    },
+    /// List join tokens.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Revoke the join token for NAME.
+    Revoke { name: String },
+}
+
+fn parse_voters(text: &str) -> Result<u8, String> {
+    match text {
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("'{text}': a cluster keeps 3 or 5 voters")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One crypto provider for the whole process; the transport also passes
+    // it explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Commands::Agent(args) => run_agent(cli.data_dir, args).await,
+        Commands::Cluster(command) => {
+            let client = Client::connect(&cli.data_dir, cli.agent.as_deref())?;
+            cluster(&client, command).await
+        }
+    }
+}
+
+async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "{0},quinn=warn,openraft={0}",
+        args.log_level
+    ))
+    .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+    .with_context(|| format!("bad --log-level '{}'", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Agent::run(AgentOptions {
+        data_dir,
+        listen: args.listen,
+        name: args.name,
+        bootstrap: args.bootstrap,
+        join: args.join,
+        voters: args.voters,
+    })
+    .await?;
+    Ok(())
+}
+
+async fn cluster(client: &Client, command: ClusterCommand) -> Result<()> {
+    match command {
+        ClusterCommand::List { format } => {
+            let ApiReply::Members(members) = client.call(ApiRequest::ClusterList).await? else {
+                anyhow::bail!("the agent answered with an unexpected reply");
+            };
+            match format {
+                Format::Json => output::print_json(&members),
+                Format::Table => output::print_members(&members),
+            }
+        }
+        ClusterCommand::Show { name, format } => {
+            let ApiReply::Member(detail) = client.call(ApiRequest::ClusterShow { name }).await?
+            else {
+                anyhow::bail!("the agent answered with an unexpected reply");
+            };
+            match format {
+                Format::Json => output::print_json(&output::member_json(&detail)),
+                Format::Table => output::print_member_detail(&detail),
+            }
+        }
+        ClusterCommand::Token(TokenCommand::Create { name, ttl }) => {
+            let ApiReply::Token { token } = client
+                .call(ApiRequest::TokenCreate {
+                    name,
+                    ttl_secs: ttl,
+                })
+                .await?
+            else {
+                anyhow::bail!("the agent answered with an unexpected reply");
+            };
+            println!("{token}");
+            Ok(())
+        }
+        ClusterCommand::Token(TokenCommand::List { format }) => {
+            let ApiReply::Tokens(tokens) = client.call(ApiRequest::TokenList).await? else {
+                anyhow::bail!("the agent answered with an unexpected reply");
+            };
+            match format {
+                Format::Json => output::print_json(&tokens),
+                Format::Table => output::print_tokens(&tokens),
+            }
+        }
+        ClusterCommand::Token(TokenCommand::Revoke { name }) => {
+            client
+                .call(ApiRequest::TokenRevoke { name: name.clone() })
+                .await?;
+            println!("revoked the join token for '{name}'");
+            Ok(())
+        }
+        ClusterCommand::Remove { name, force } => {
+            client
+                .call(ApiRequest::Remove {
+                    name: name.clone(),
+                    force,
+                })
+                .await?;
+            println!("removed member '{name}'");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Real clusters of `ferry agent` processes on loopback, each with its own
+//! data dir, for integration tests and benchmarks.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built
+/// next to this test executable.
+pub fn ferry_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("FERRY_BIN") {
+        return PathBuf::from(path);
+    }
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let beside = dir.join("ferry");
+    if beside.exists() || dir.file_name() != Some("deps".as_ref()) {
+        return beside;
+    }
+    dir.parent().map(|p| p.join("ferry")).unwrap_or(beside)
+}
+
+/// Poll `check` until it yields a value or `timeout` passes; the error
+/// names what was awaited and the last reason it was not there yet.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => {
+                bail!("timed out after {timeout:?} waiting for {what}: {e:#}")
+            }
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+pub struct AgentProc {
+    pub name: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.with_extension("log")
+    }
+
+    /// The address the agent serves on, from its data dir.
+    pub fn addr(&self) -> Result<String> {
+        let text = std::fs::read_to_string(self.data_dir.join("api.json"))
+            .with_context(|| format!("agent {} has no api.json", self.name))?;
+        let value: serde_json::Value = serde_json::from_str(&text)?;
+        value["address"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("api.json of {} has no address", self.name))
+    }
+}
+
+/// A cluster of agent processes in one temp dir; every process is killed
+/// when it is dropped.
+pub struct Cluster {
+    root: tempfile::TempDir,
+    pub agents: Vec<AgentProc>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        let bin = ferry_bin();
+        assert!(
+            bin.exists(),
+            "{} not found: build it first with 'cargo build --bin ferry' (or set FERRY_BIN)",
+            bin.display()
+        );
+        Cluster {
+            root: tempfile::Builder::new()
+                .prefix("ferry-cluster-")
+                .tempdir()
+                .expect("create temp dir"),
+            agents: Vec::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Start the first member; returns its index.
+    pub fn bootstrap(&mut self, name: &str, voters: u8) -> Result<usize> {
+        let data_dir = self.root.path().join(name);
+        let voters = voters.to_string();
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--bootstrap",
+            "--voters",
+            &voters,
+        ];
+        self.spawn_new(name, data_dir, &args)
+    }
+
+    /// Create a token on member `via` and start a new member with it.
+    pub fn join(&mut self, name: &str, via: usize) -> Result<usize> {
+        let token = self.token(via, name, "1h")?;
+        self.join_with_token(name, &token)
+    }
+
+    pub fn join_with_token(&mut self, name: &str, token: &str) -> Result<usize> {
+        let data_dir = self.root.path().join(name);
+        self.spawn_new(
+            name,
+            data_dir,
+            &["--listen", "127.0.0.1:0", "--name", name, "--join", token],
+        )
+    }
+
+    pub fn token(&self, via: usize, name: &str, ttl: &str) -> Result<String> {
+        let out = self.ferry_ok(via, &["cluster", "token", "create", name, "--ttl", ttl])?;
+        Ok(out.trim().to_string())
+    }
+
+    fn spawn_new(&mut self, name: &str, data_dir: PathBuf, args: &[&str]) -> Result<usize> {
+        let agent = AgentProc {
+            name: name.to_string(),
+            data_dir,
+            child: None,
+        };
+        self.agents.push(agent);
+        let index = self.agents.len() - 1;
+        self.spawn(index, args)?;
+        Ok(index)
+    }
+
+    /// Run `ferry agent` for member `index` and wait for its ready line.
+    fn spawn(&mut self, index: usize, extra: &[&str]) -> Result<()> {
+        let agent = &mut self.agents[index];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(agent.log_path())?;
+        let mut child = Command::new(ferry_bin())
+            .arg("--data-dir")
+            .arg(&agent.data_dir)
+            .arg("agent")
+            .args(["--log-level", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawn ferry agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(" ready on ") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let name = agent.name.clone();
+        let ready = rx.recv_timeout(Duration::from_secs(30));
+        if ready.is_err() {
+            let status = child.try_wait().ok().flatten();
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "agent {name} did not get ready (exit: {status:?}); log:\n{}",
+                self.log_tail(index)
+            );
+        }
+        self.agents[index].child = Some(child);
+        Ok(())
+    }
+
+    /// Start an agent again from its data dir alone.
+    pub fn restart(&mut self, index: usize) -> Result<()> {
+        if self.agents[index].is_running() {
+            bail!("agent {} is still running", self.agents[index].name);
+        }
+        self.spawn(index, &[])
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.agents[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Wait for an agent to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, index: usize, timeout: Duration) -> Result<Option<i32>> {
+        let name = self.agents[index].name.clone();
+        let child = self.agents[index]
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("agent {name} is not running"))?;
+        let status = wait_for(&format!("agent {name} to exit"), timeout, || {
+            child.try_wait()?.ok_or_else(|| anyhow!("still running"))
+        })?;
+        self.agents[index].child = None;
+        Ok(status.code())
+    }
+
+    pub fn log_tail(&self, index: usize) -> String {
+        let text = std::fs::read_to_string(self.agents[index].log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Run the CLI against member `index`.
+    pub fn ferry(&self, index: usize, args: &[&str]) -> Output {
+        Command::new(ferry_bin())
+            .arg("--data-dir")
+            .arg(&self.agents[index].data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn ferry_ok(&self, index: usize, args: &[&str]) -> Result<String> {
+        let out = self.ferry(index, args);
+        if !out.status.success() {
+            bail!(
+                "ferry {} on {} failed: {}",
+                args.join(" "),
+                self.agents[index].name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Run the CLI, require failure, return its stderr.
+    pub fn ferry_err(&self, index: usize, args: &[&str]) -> Result<String> {
+        let out = self.ferry(index, args);
+        if out.status.success() {
+            bail!(
+                "ferry {} on {} succeeded but should have failed",
+                args.join(" "),
+                self.agents[index].name
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+
+    pub fn ferry_json(&self, index: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut args = args.to_vec();
+        args.extend(["--format", "json"]);
+        let text = self.ferry_ok(index, &args)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `cluster list` as seen by member `index`.
+    pub fn members(&self, index: usize) -> Result<Vec<serde_json::Value>> {
+        match self.ferry_json(index, &["cluster", "list"])? {
+            serde_json::Value::Array(members) => Ok(members),
+            other => bail!("cluster list is not an array: {other}"),
+        }
+    }
+
+    /// Wait until every running agent lists exactly `names`, all alive, with
+    /// one agreed leader among them; returns the leader's name.
+    pub fn wait_converged(&self, names: &[&str], timeout: Duration) -> Result<String> {
+        let mut expected: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        wait_for("the members to agree", timeout, || {
+            let mut leaders = std::collections::BTreeSet::new();
+            for (i, agent) in self.agents.iter().enumerate() {
+                if !agent.is_running() {
+                    continue;
+                }
+                let members = self.members(i)?;
+                let mut seen: Vec<String> = members
+                    .iter()
+                    .filter_map(|m| m["name"].as_str().map(str::to_string))
+                    .collect();
+                seen.sort();
+                if seen != expected {
+                    bail!("{} sees {seen:?}", agent.name);
+                }
+                let leader: Vec<&str> = members
+                    .iter()
+                    .filter(|m| m["leader"] == true)
+                    .filter_map(|m| m["name"].as_str())
+                    .collect();
+                if leader.len() != 1 {
+                    bail!("{} sees leaders {leader:?}", agent.name);
+                }
+                leaders.insert(leader[0].to_string());
+                if let Some(m) = members.iter().find(|m| m["liveness"] != "alive") {
+                    bail!("{} sees {} not alive", agent.name, m["name"]);
+                }
+            }
+            match leaders.len() {
+                1 => Ok(leaders.into_iter().next().unwrap_or_default()),
+                _ => bail!("agents disagree on the leader: {leaders:?}"),
+            }
+        })
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.agents.iter().position(|a| a.name == name)
+    }
+
+    /// Roles by member name as member `index` sees them.
+    pub fn roles(&self, index: usize) -> Result<std::collections::BTreeMap<String, String>> {
+        Ok(self
+            .members(index)?
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or_default().to_string(),
+                    m["role"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for (i, agent) in self.agents.iter().enumerate() {
+                eprintln!("---- log of {} ----\n{}", agent.name, self.log_tail(i));
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! ferry-raft: the openraft type config, durable storage (redb), the
+//! cluster state machine and the Raft network over ferry-transport.
+
+pub mod model;
+pub mod network;
+pub mod state;
+pub mod store;
+
+pub use model::*;
+
+// openraft 0.9's `declare_raft_types!` names the default `SnapshotData` as a
+// bare `Cursor<Vec<u8>>`, so it must be in scope here.
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration for ferry's cluster state.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = Node,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timings for a LAN cluster: a leader is re-elected within about two
+/// seconds of its death, and heartbeats are cheap enough for loopback tests.
+pub fn raft_config() -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
+    let config = openraft::Config {
+        cluster_name: "ferry".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 800,
+        election_timeout_max: 1600,
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
+        max_in_snapshot_log_to_keep: 500,
+        ..Default::default()
+    };
+    Ok(std::sync::Arc::new(config.validate()?))
+}

@@ -1,0 +1,201 @@
+//! The replicated data model: what the cluster state machine holds and the
+//! commands that change it. Pure data; `state.rs` applies commands.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+
+/// What openraft carries for each node in the membership config: enough to
+/// open a mutually authenticated QUIC connection to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub addr: String,
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    #[default]
+    Online,
+    Evacuating,
+    Evacuated,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Online => "online",
+            MemberState::Evacuating => "evacuating",
+            MemberState::Evacuated => "evacuated",
+        }
+    }
+}
+
+/// Versions of the runtimes an agent found on its host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtimes {
+    /// `runc --version` first line's version, when runc is installed.
+    pub runc: Option<String>,
+    /// `criu --version`, when criu is installed.
+    pub criu: Option<String>,
+    /// Whether `criu check` passed on this host.
+    pub criu_check: bool,
+}
+
+/// Static facts about a host, collected at agent start and replicated
+/// through Raft (fast-changing load figures go through gossip instead).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub arch: String,
+    pub cpu_model: String,
+    /// Sorted, deduplicated.
+    pub cpu_flags: Vec<String>,
+    pub kernel: String,
+    /// Sorted syscall names without the arch prefix (e.g. "openat").
+    pub syscalls: Vec<String>,
+    /// Sorted filesystem type names from /proc/filesystems.
+    pub filesystems: Vec<String>,
+    pub memory_total_bytes: u64,
+    /// Total bytes of the filesystem holding the agent's data dir.
+    pub disk_total_bytes: u64,
+    pub runtimes: Runtimes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+    pub state: MemberState,
+    /// Hex serial of the member's node certificate.
+    pub cert_serial: String,
+    pub joined_ms: u64,
+    pub facts: Option<HostFacts>,
+}
+
+/// A join token as the cluster stores it: only a hash of the secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// The member name the token admits; tokens are keyed by it.
+    pub name: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub used: bool,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// How many voters the cluster keeps (3 or 5); the first members to
+    /// join become voters up to this count, later ones learners.
+    pub voters: u8,
+    /// Hex SHA-256 of the cluster CA certificate (DER).
+    pub ca_fingerprint: String,
+}
+
+/// Everything the cluster state machine holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub config: ClusterConfig,
+    pub members: BTreeMap<NodeId, Member>,
+    pub tokens: BTreeMap<String, JoinToken>,
+    /// Hex serials of revoked certificates.
+    pub revoked_serials: Vec<String>,
+    pub next_node_id: NodeId,
+}
+
+/// A change to the cluster state. Every time-dependent command carries the
+/// proposer's clock (`now_ms`, Unix milliseconds) so that apply stays
+/// deterministic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Set once at bootstrap.
+    InitCluster {
+        config: ClusterConfig,
+    },
+    /// Add a member with a known id (the bootstrap node, id 1).
+    AddMember {
+        id: NodeId,
+        name: String,
+        addr: String,
+        cert_serial: String,
+        now_ms: u64,
+    },
+    /// Consume the join token for `name` and add the member with a freshly
+    /// allocated id. Fails without changing anything if the token is
+    /// missing, revoked, used, expired, or the secret does not match, or the
+    /// name is taken.
+    JoinMember {
+        name: String,
+        secret_hash: String,
+        addr: String,
+        cert_serial: String,
+        now_ms: u64,
+    },
+    UpdateFacts {
+        id: NodeId,
+        facts: HostFacts,
+    },
+    /// Remove a member and revoke its certificate.
+    RemoveMember {
+        id: NodeId,
+    },
+    CreateToken {
+        name: String,
+        secret_hash: String,
+        now_ms: u64,
+        expires_ms: u64,
+    },
+    RevokeToken {
+        name: String,
+    },
+}
+
+/// Why a command was refused by the state machine. Carried back to the
+/// proposer; each message says what failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error(
+        "no join token exists for member '{0}'; create one with 'ferry cluster token create {0}'"
+    )]
+    NoToken(String),
+    #[error("the join token for '{0}' was revoked; create a new one")]
+    TokenRevoked(String),
+    #[error("the join token for '{0}' was already used; create a new one")]
+    TokenUsed(String),
+    #[error("the join token for '{0}' expired; create a new one")]
+    TokenExpired(String),
+    #[error("the join token for '{0}' does not match (wrong secret)")]
+    TokenMismatch(String),
+    #[error("a member named '{0}' already exists")]
+    NameTaken(String),
+    #[error("a valid join token for '{0}' already exists; revoke it first")]
+    TokenExists(String),
+    #[error("no member with id {0}")]
+    NoMember(NodeId),
+    #[error("the cluster is already initialised")]
+    AlreadyInitialised,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    #[default]
+    Done,
+    /// `JoinMember` succeeded with this id.
+    Joined {
+        id: NodeId,
+    },
+    Rejected(Rejection),
+}

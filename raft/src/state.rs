@@ -1,0 +1,670 @@
+//! Applying commands to the cluster state.
+//!
+//! [`ClusterState::apply`] is pure and deterministic: no clock, no
+//! randomness, no I/O. Every time it needs comes in the command
+//! (`now_ms`, stamped by the proposer), so every replica that applies the
+//! same log reaches the same state. A rejected command changes nothing.
+
+use crate::model::{
+    ClusterState, Command, CommandResult, HostFacts, JoinToken, Member, MemberState, NodeId,
+    Rejection,
+};
+
+/// How long a dead (used, revoked or expired) token is kept before a later
+/// `CreateToken` prunes it.
+pub const DEAD_TOKEN_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl JoinToken {
+    /// Whether the token can still admit its member at `now_ms`.
+    pub fn is_valid_at(&self, now_ms: u64) -> bool {
+        !self.used && !self.revoked && now_ms < self.expires_ms
+    }
+
+    /// Whether the token has certainly been dead for more than
+    /// [`DEAD_TOKEN_RETENTION_MS`] at `now_ms`.
+    ///
+    /// The state does not record when a token was used or revoked, but
+    /// either can only happen before the token expires (or after it was
+    /// already dead), so a token dies at the latest at `expires_ms`: a dead
+    /// token is pruned once `now_ms > expires_ms + 24h`.
+    fn is_prunable_at(&self, now_ms: u64) -> bool {
+        !self.is_valid_at(now_ms)
+            && now_ms.saturating_sub(self.expires_ms) > DEAD_TOKEN_RETENTION_MS
+    }
+}
+
+impl ClusterState {
+    /// Apply one committed command. Deterministic; a `Rejected` result
+    /// means the state was left untouched.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match self.try_apply(cmd) {
+            Ok(result) => result,
+            Err(rejection) => CommandResult::Rejected(rejection),
+        }
+    }
+
+    /// The member with this name, if any.
+    pub fn member_by_name(&self, name: &str) -> Option<&Member> {
+        self.members.values().find(|m| m.name == name)
+    }
+
+    /// Whether the certificate with this hex serial was revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked_serials.iter().any(|s| s == serial)
+    }
+
+    /// Every branch validates first and mutates only once nothing can fail,
+    /// so an `Err` leaves `self` unchanged.
+    fn try_apply(&mut self, cmd: &Command) -> Result<CommandResult, Rejection> {
+        match cmd {
+            Command::InitCluster { config } => {
+                if self.config.voters != 0 {
+                    return Err(Rejection::AlreadyInitialised);
+                }
+                self.config = config.clone();
+                self.next_node_id = self.next_node_id.max(1);
+                Ok(CommandResult::Done)
+            }
+            Command::AddMember {
+                id,
+                name,
+                addr,
+                cert_serial,
+                now_ms,
+            } => {
+                let facts = self.members.get(id).and_then(|m| m.facts.clone());
+                self.members.insert(
+                    *id,
+                    Member {
+                        id: *id,
+                        name: name.clone(),
+                        addr: addr.clone(),
+                        state: MemberState::Online,
+                        cert_serial: cert_serial.clone(),
+                        joined_ms: *now_ms,
+                        facts,
+                    },
+                );
+                self.next_node_id = self.next_node_id.max(id.saturating_add(1));
+                Ok(CommandResult::Done)
+            }
+            Command::CreateToken {
+                name,
+                secret_hash,
+                now_ms,
+                expires_ms,
+            } => {
+                if self.member_by_name(name).is_some() {
+                    return Err(Rejection::NameTaken(name.clone()));
+                }
+                if self
+                    .tokens
+                    .get(name)
+                    .is_some_and(|t| t.is_valid_at(*now_ms))
+                {
+                    return Err(Rejection::TokenExists(name.clone()));
+                }
+                self.tokens.retain(|_, t| !t.is_prunable_at(*now_ms));
+                self.tokens.insert(
+                    name.clone(),
+                    JoinToken {
+                        name: name.clone(),
+                        secret_hash: secret_hash.clone(),
+                        created_ms: *now_ms,
+                        expires_ms: *expires_ms,
+                        used: false,
+                        revoked: false,
+                    },
+                );
+                Ok(CommandResult::Done)
+            }
+            Command::JoinMember {
+                name,
+                secret_hash,
+                addr,
+                cert_serial,
+                now_ms,
+            } => {
+                if self.member_by_name(name).is_some() {
+                    return Err(Rejection::NameTaken(name.clone()));
+                }
+                let token = self
+                    .tokens
+                    .get(name)
+                    .ok_or_else(|| Rejection::NoToken(name.clone()))?;
+                if token.revoked {
+                    return Err(Rejection::TokenRevoked(name.clone()));
+                }
+                if token.used {
+                    return Err(Rejection::TokenUsed(name.clone()));
+                }
+                if *now_ms >= token.expires_ms {
+                    return Err(Rejection::TokenExpired(name.clone()));
+                }
+                if token.secret_hash != *secret_hash {
+                    return Err(Rejection::TokenMismatch(name.clone()));
+                }
+                // Validated: from here on nothing fails.
+                if let Some(token) = self.tokens.get_mut(name) {
+                    token.used = true;
+                }
+                let id: NodeId = self.next_node_id.max(1);
+                self.next_node_id = id.saturating_add(1);
+                self.members.insert(
+                    id,
+                    Member {
+                        id,
+                        name: name.clone(),
+                        addr: addr.clone(),
+                        state: MemberState::Online,
+                        cert_serial: cert_serial.clone(),
+                        joined_ms: *now_ms,
+                        facts: None,
+                    },
+                );
+                Ok(CommandResult::Joined { id })
+            }
+            Command::UpdateFacts { id, facts } => {
+                let member = self.members.get_mut(id).ok_or(Rejection::NoMember(*id))?;
+                member.facts = Some(HostFacts::clone(facts));
+                Ok(CommandResult::Done)
+            }
+            Command::RemoveMember { id } => {
+                let member = self.members.remove(id).ok_or(Rejection::NoMember(*id))?;
+                if !self.is_revoked(&member.cert_serial) {
+                    self.revoked_serials.push(member.cert_serial);
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::RevokeToken { name } => {
+                let token = self
+                    .tokens
+                    .get_mut(name)
+                    .ok_or_else(|| Rejection::NoToken(name.clone()))?;
+                token.revoked = true;
+                Ok(CommandResult::Done)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClusterConfig;
+
+    const HOUR: u64 = 60 * 60 * 1000;
+    const T0: u64 = 1_700_000_000_000;
+
+    fn config() -> ClusterConfig {
+        ClusterConfig {
+            voters: 3,
+            ca_fingerprint: "ab".repeat(32),
+        }
+    }
+
+    fn init() -> Command {
+        Command::InitCluster { config: config() }
+    }
+
+    fn add(id: NodeId, name: &str) -> Command {
+        Command::AddMember {
+            id,
+            name: name.into(),
+            addr: format!("10.0.0.{id}:7000"),
+            cert_serial: format!("serial-{name}"),
+            now_ms: T0,
+        }
+    }
+
+    fn token(name: &str, secret: &str, now_ms: u64, expires_ms: u64) -> Command {
+        Command::CreateToken {
+            name: name.into(),
+            secret_hash: secret.into(),
+            now_ms,
+            expires_ms,
+        }
+    }
+
+    fn join(name: &str, secret: &str, now_ms: u64) -> Command {
+        Command::JoinMember {
+            name: name.into(),
+            secret_hash: secret.into(),
+            addr: format!("{name}:7000"),
+            cert_serial: format!("serial-{name}"),
+            now_ms,
+        }
+    }
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            arch: "x86_64".into(),
+            cpu_model: "test cpu".into(),
+            cpu_flags: vec!["avx2".into(), "sse4_2".into()],
+            kernel: "6.8.0".into(),
+            memory_total_bytes: 1 << 34,
+            ..Default::default()
+        }
+    }
+
+    /// A bootstrapped cluster (node 1 "alpha") with a token for "beta"
+    /// valid from T0 for one hour, secret "s3cret".
+    fn bootstrapped() -> ClusterState {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&init()), CommandResult::Done);
+        assert_eq!(s.apply(&add(1, "alpha")), CommandResult::Done);
+        assert_eq!(
+            s.apply(&token("beta", "s3cret", T0, T0 + HOUR)),
+            CommandResult::Done
+        );
+        s
+    }
+
+    /// Apply `cmd`, assert it is rejected with `want`, and that the state
+    /// did not change at all.
+    fn assert_rejected_unchanged(s: &mut ClusterState, cmd: &Command, want: Rejection) {
+        let before = s.clone();
+        assert_eq!(s.apply(cmd), CommandResult::Rejected(want));
+        assert_eq!(*s, before, "a rejected command changed the state");
+    }
+
+    #[test]
+    fn init_sets_config_and_starts_ids_at_one() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&init()), CommandResult::Done);
+        assert_eq!(s.config, config());
+        assert_eq!(s.next_node_id, 1);
+    }
+
+    #[test]
+    fn init_twice_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        let other = Command::InitCluster {
+            config: ClusterConfig {
+                voters: 5,
+                ca_fingerprint: "cd".into(),
+            },
+        };
+        assert_rejected_unchanged(&mut s, &other, Rejection::AlreadyInitialised);
+    }
+
+    #[test]
+    fn add_member_advances_next_node_id_and_keeps_facts_on_replace() {
+        let mut s = bootstrapped();
+        assert_eq!(s.next_node_id, 2);
+        s.apply(&Command::UpdateFacts {
+            id: 1,
+            facts: facts(),
+        });
+        s.apply(&Command::AddMember {
+            id: 1,
+            name: "alpha".into(),
+            addr: "10.9.9.9:7000".into(),
+            cert_serial: "serial-alpha-2".into(),
+            now_ms: T0 + 5,
+        });
+        let m = &s.members[&1];
+        assert_eq!(m.addr, "10.9.9.9:7000");
+        assert_eq!(m.facts, Some(facts()));
+        assert_eq!(m.state, MemberState::Online);
+
+        s.apply(&add(7, "gamma"));
+        assert_eq!(s.next_node_id, 8);
+        assert_eq!(s.members[&7].facts, None);
+        // A lower id does not move next_node_id back.
+        s.apply(&add(3, "delta"));
+        assert_eq!(s.next_node_id, 8);
+    }
+
+    #[test]
+    fn join_with_valid_token_allocates_next_id_and_consumes_token() {
+        let mut s = bootstrapped();
+        assert_eq!(
+            s.apply(&join("beta", "s3cret", T0 + 1)),
+            CommandResult::Joined { id: 2 }
+        );
+        assert_eq!(s.next_node_id, 3);
+        let m = s.member_by_name("beta").expect("beta joined");
+        assert_eq!(m.id, 2);
+        assert_eq!(m.addr, "beta:7000");
+        assert_eq!(m.cert_serial, "serial-beta");
+        assert_eq!(m.joined_ms, T0 + 1);
+        assert_eq!(m.state, MemberState::Online);
+        assert!(s.tokens["beta"].used);
+    }
+
+    #[test]
+    fn join_allocates_id_one_on_a_fresh_state() {
+        let mut s = ClusterState::default();
+        s.apply(&token("solo", "x", T0, T0 + HOUR));
+        assert_eq!(
+            s.apply(&join("solo", "x", T0)),
+            CommandResult::Joined { id: 1 }
+        );
+        assert_eq!(s.next_node_id, 2);
+    }
+
+    #[test]
+    fn join_with_taken_name_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        // A token for "alpha" cannot be created (name taken), so plant one
+        // directly to prove the name check comes first.
+        s.tokens.insert(
+            "alpha".into(),
+            JoinToken {
+                name: "alpha".into(),
+                secret_hash: "x".into(),
+                created_ms: T0,
+                expires_ms: T0 + HOUR,
+                used: false,
+                revoked: false,
+            },
+        );
+        assert_rejected_unchanged(
+            &mut s,
+            &join("alpha", "x", T0),
+            Rejection::NameTaken("alpha".into()),
+        );
+    }
+
+    #[test]
+    fn join_without_token_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &join("gamma", "s3cret", T0),
+            Rejection::NoToken("gamma".into()),
+        );
+    }
+
+    #[test]
+    fn join_with_revoked_token_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_eq!(
+            s.apply(&Command::RevokeToken {
+                name: "beta".into()
+            }),
+            CommandResult::Done
+        );
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "s3cret", T0 + 1),
+            Rejection::TokenRevoked("beta".into()),
+        );
+    }
+
+    #[test]
+    fn join_with_used_token_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_eq!(
+            s.apply(&join("beta", "s3cret", T0 + 1)),
+            CommandResult::Joined { id: 2 }
+        );
+        // Remove the member so the name is free again: the token stays used.
+        assert_eq!(
+            s.apply(&Command::RemoveMember { id: 2 }),
+            CommandResult::Done
+        );
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "s3cret", T0 + 2),
+            Rejection::TokenUsed("beta".into()),
+        );
+    }
+
+    #[test]
+    fn join_with_expired_token_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "s3cret", T0 + 2 * HOUR),
+            Rejection::TokenExpired("beta".into()),
+        );
+    }
+
+    #[test]
+    fn join_with_wrong_secret_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "wrong", T0 + 1),
+            Rejection::TokenMismatch("beta".into()),
+        );
+    }
+
+    #[test]
+    fn token_expiry_boundary_last_valid_millisecond_is_before_expires_ms() {
+        let mut s = bootstrapped();
+        let expires = T0 + HOUR;
+        // At expires_ms the token is already expired.
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "s3cret", expires),
+            Rejection::TokenExpired("beta".into()),
+        );
+        // One millisecond before, it admits.
+        assert_eq!(
+            s.apply(&join("beta", "s3cret", expires - 1)),
+            CommandResult::Joined { id: 2 }
+        );
+    }
+
+    #[test]
+    fn join_rejections_are_checked_in_documented_order() {
+        // Revoked + used + expired + wrong secret: revoked wins.
+        let mut s = bootstrapped();
+        let t = s.tokens.get_mut("beta").unwrap();
+        t.revoked = true;
+        t.used = true;
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "wrong", T0 + 2 * HOUR),
+            Rejection::TokenRevoked("beta".into()),
+        );
+        // Used + expired + wrong secret: used wins.
+        s.tokens.get_mut("beta").unwrap().revoked = false;
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "wrong", T0 + 2 * HOUR),
+            Rejection::TokenUsed("beta".into()),
+        );
+        // Expired + wrong secret: expired wins.
+        s.tokens.get_mut("beta").unwrap().used = false;
+        assert_rejected_unchanged(
+            &mut s,
+            &join("beta", "wrong", T0 + 2 * HOUR),
+            Rejection::TokenExpired("beta".into()),
+        );
+    }
+
+    #[test]
+    fn create_token_for_member_name_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &token("alpha", "x", T0, T0 + HOUR),
+            Rejection::NameTaken("alpha".into()),
+        );
+    }
+
+    #[test]
+    fn create_token_while_one_is_valid_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &token("beta", "other", T0 + 1, T0 + 2 * HOUR),
+            Rejection::TokenExists("beta".into()),
+        );
+    }
+
+    #[test]
+    fn create_token_replaces_a_dead_token() {
+        for kill in ["revoke", "expire", "use"] {
+            let mut s = bootstrapped();
+            let now = match kill {
+                "revoke" => {
+                    s.apply(&Command::RevokeToken {
+                        name: "beta".into(),
+                    });
+                    T0 + 1
+                }
+                "use" => {
+                    s.apply(&join("beta", "s3cret", T0 + 1));
+                    s.apply(&Command::RemoveMember { id: 2 });
+                    T0 + 2
+                }
+                _ => T0 + HOUR,
+            };
+            assert_eq!(
+                s.apply(&token("beta", "fresh", now, now + HOUR)),
+                CommandResult::Done,
+                "{kill}"
+            );
+            let t = &s.tokens["beta"];
+            assert_eq!(t.secret_hash, "fresh", "{kill}");
+            assert!(!t.used && !t.revoked, "{kill}");
+            assert_eq!(t.created_ms, now, "{kill}");
+        }
+    }
+
+    #[test]
+    fn create_token_prunes_tokens_dead_for_more_than_a_day() {
+        let mut s = bootstrapped();
+        s.apply(&token("old-expired", "x", T0, T0 + HOUR));
+        s.apply(&token("old-revoked", "x", T0, T0 + HOUR));
+        s.apply(&Command::RevokeToken {
+            name: "old-revoked".into(),
+        });
+        s.apply(&token("still-valid", "x", T0, T0 + 30 * HOUR));
+        // Exactly 24h after expiry: not yet "more than" 24h.
+        let boundary = T0 + HOUR + DEAD_TOKEN_RETENTION_MS;
+        s.apply(&token("probe1", "x", boundary, boundary + HOUR));
+        assert!(s.tokens.contains_key("old-expired"));
+        assert!(s.tokens.contains_key("old-revoked"));
+        // One millisecond later both dead tokens (and "beta", expired too)
+        // are pruned; the valid one stays.
+        s.apply(&token("probe2", "x", boundary + 1, boundary + HOUR));
+        assert!(!s.tokens.contains_key("old-expired"));
+        assert!(!s.tokens.contains_key("old-revoked"));
+        assert!(!s.tokens.contains_key("beta"));
+        assert!(s.tokens.contains_key("still-valid"));
+        assert!(s.tokens.contains_key("probe1"));
+        assert!(s.tokens.contains_key("probe2"));
+    }
+
+    #[test]
+    fn update_facts_sets_facts_of_known_member() {
+        let mut s = bootstrapped();
+        assert_eq!(
+            s.apply(&Command::UpdateFacts {
+                id: 1,
+                facts: facts()
+            }),
+            CommandResult::Done
+        );
+        assert_eq!(s.members[&1].facts, Some(facts()));
+    }
+
+    #[test]
+    fn update_facts_of_unknown_member_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &Command::UpdateFacts {
+                id: 42,
+                facts: facts(),
+            },
+            Rejection::NoMember(42),
+        );
+    }
+
+    #[test]
+    fn remove_member_revokes_its_certificate_once() {
+        let mut s = bootstrapped();
+        assert_eq!(
+            s.apply(&Command::RemoveMember { id: 1 }),
+            CommandResult::Done
+        );
+        assert!(s.members.is_empty());
+        assert!(s.is_revoked("serial-alpha"));
+        assert!(!s.is_revoked("serial-beta"));
+        // Re-adding with the same serial and removing again does not
+        // duplicate the revocation.
+        s.apply(&add(1, "alpha"));
+        s.apply(&Command::RemoveMember { id: 1 });
+        assert_eq!(s.revoked_serials, vec!["serial-alpha".to_string()]);
+    }
+
+    #[test]
+    fn remove_unknown_member_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &Command::RemoveMember { id: 9 },
+            Rejection::NoMember(9),
+        );
+    }
+
+    #[test]
+    fn revoke_missing_token_is_rejected_and_changes_nothing() {
+        let mut s = bootstrapped();
+        assert_rejected_unchanged(
+            &mut s,
+            &Command::RevokeToken {
+                name: "nobody".into(),
+            },
+            Rejection::NoToken("nobody".into()),
+        );
+    }
+
+    #[test]
+    fn member_by_name_finds_members_and_only_members() {
+        let s = bootstrapped();
+        assert_eq!(s.member_by_name("alpha").map(|m| m.id), Some(1));
+        assert!(s.member_by_name("beta").is_none());
+    }
+
+    #[test]
+    fn apply_is_deterministic_for_same_log() {
+        let log = vec![
+            init(),
+            add(1, "alpha"),
+            token("beta", "s", T0, T0 + HOUR),
+            token("gamma", "g", T0, T0 + HOUR),
+            join("beta", "s", T0 + 10),
+            join("gamma", "wrong", T0 + 11),
+            join("gamma", "g", T0 + 12),
+            Command::UpdateFacts {
+                id: 2,
+                facts: facts(),
+            },
+            Command::RevokeToken {
+                name: "beta".into(),
+            },
+            Command::RemoveMember { id: 3 },
+            token(
+                "delta",
+                "d",
+                T0 + 2 * DEAD_TOKEN_RETENTION_MS,
+                T0 + 3 * HOUR,
+            ),
+            init(),
+        ];
+        let mut a = ClusterState::default();
+        let mut b = ClusterState::default();
+        let ra: Vec<_> = log.iter().map(|c| a.apply(c)).collect();
+        let rb: Vec<_> = log.iter().map(|c| b.apply(c)).collect();
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        assert_eq!(ra[6], CommandResult::Joined { id: 3 });
+        assert_eq!(
+            ra[5],
+            CommandResult::Rejected(Rejection::TokenMismatch("gamma".into()))
+        );
+        assert_eq!(
+            ra[11],
+            CommandResult::Rejected(Rejection::AlreadyInitialised)
+        );
+        assert!(a.is_revoked("serial-gamma"));
+    }
+}

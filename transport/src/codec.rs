@@ -1,0 +1,63 @@
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("could not encode value: {0}")]
+    Encode(#[source] bincode::error::EncodeError),
+    #[error("could not decode message: {0}; the peer may run an incompatible ferry version")]
+    Decode(#[source] bincode::error::DecodeError),
+    #[error(
+        "message has {trailing} unexpected trailing bytes after a {used}-byte value; \
+         the peer may run an incompatible ferry version"
+    )]
+    TrailingBytes { used: usize, trailing: usize },
+}
+
+/// Encode with bincode's standard configuration through serde.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(CodecError::Encode)
+}
+
+/// Decode a value that must span all of `bytes`: trailing data means the
+/// sender and receiver disagree on the type, which must not pass silently.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(CodecError::Decode)?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            used,
+            trailing: bytes.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_preserves_value() {
+        let value = (String::from("node-a"), vec![1u32, 2, 3], Some(7u64));
+        let bytes = encode(&value).unwrap();
+        let back: (String, Vec<u32>, Option<u64>) = decode(&bytes).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let mut bytes = encode(&5u32).unwrap();
+        bytes.push(0);
+        assert!(matches!(
+            decode::<u32>(&bytes),
+            Err(CodecError::TrailingBytes { trailing: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_not_a_panic() {
+        let bytes = encode(&String::from("hello")).unwrap();
+        assert!(decode::<String>(&bytes[..3]).is_err());
+    }
+}
