@@ -38,6 +38,8 @@ pub struct AgentOptions {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub voters: u8,
+    /// Take a Raft snapshot every this many applied entries.
+    pub snapshot_every: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +302,7 @@ impl Agent {
                 )));
             }
         }
-        let agent = Agent::start(dir, config, seeds).await?;
+        let agent = Agent::start(dir, config, seeds, opts.snapshot_every).await?;
         agent.wait_for_shutdown().await
     }
 
@@ -308,6 +310,7 @@ impl Agent {
         dir: DataDir,
         config: NodeConfig,
         seeds: Vec<(NodeId, String)>,
+        snapshot_every: u64,
     ) -> Result<Arc<Agent>, AgentError> {
         let addr: SocketAddr = config
             .addr
@@ -330,7 +333,8 @@ impl Agent {
                 .await
                 .map_err(|e| AgentError::Raft(e.to_string()))??;
         let state = sm_store.state();
-        let raft_config = ferry_raft::raft_config().map_err(|e| AgentError::Raft(e.to_string()))?;
+        let raft_config =
+            ferry_raft::raft_config(snapshot_every).map_err(|e| AgentError::Raft(e.to_string()))?;
         let raft = Raft::new(
             config.id,
             raft_config,

@@ -106,6 +106,19 @@ pub struct MemberDetail {
     // for JSON output.
     pub member: MemberView,
     pub facts: Option<HostFacts>,
+    /// Raft progress, when the shown member is the agent answering.
+    pub raft: Option<RaftStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RaftStatus {
+    pub term: u64,
+    pub last_log_index: u64,
+    pub last_applied_index: u64,
+    /// Index covered by the latest snapshot (0: none yet).
+    pub snapshot_index: u64,
+    /// Entries up to here were removed from the log (0: none).
+    pub purged_index: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

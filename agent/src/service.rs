@@ -15,7 +15,7 @@ use ferry_transport::rpc::{Peer, Service};
 use crate::agent::{now_ms, parse_addr, Agent, PEER_TIMEOUT};
 use crate::protocol::{
     ApiError, ApiReply, ApiRequest, ErrorKind, JoinAccepted, JoinRequest, MemberDetail, MemberView,
-    Request, Response, TokenView,
+    RaftStatus, Request, Response, TokenView,
 };
 use crate::token::JoinToken;
 
@@ -207,9 +207,11 @@ async fn handle_api(
             let facts = agent
                 .state
                 .read(|s| s.members.get(&view.id).and_then(|m| m.facts.clone()));
+            let raft = (view.id == agent.id).then(|| raft_status(agent));
             Ok(ApiReply::Member(Box::new(MemberDetail {
                 member: view,
                 facts,
+                raft,
             })))
         }
         ApiRequest::TokenCreate { name, ttl_secs } => create_token(agent, name, ttl_secs).await,
@@ -234,6 +236,17 @@ async fn handle_api(
             ErrorKind::Unauthorized,
             "only members may send internal requests",
         )),
+    }
+}
+
+fn raft_status(agent: &Agent) -> RaftStatus {
+    let m = agent.raft.metrics().borrow().clone();
+    RaftStatus {
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        last_applied_index: m.last_applied.map_or(0, |l| l.index),
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        purged_index: m.purged.map_or(0, |l| l.index),
     }
 }
 

@@ -61,6 +61,9 @@ struct AgentArgs {
     /// How many voters the cluster keeps (set at bootstrap).
     #[arg(long, default_value_t = 3, value_parser = parse_voters)]
     voters: u8,
+    /// Take a Raft snapshot (and purge the log behind it) every N applied entries.
+    #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_SNAPSHOT_EVERY)]
+    snapshot_every: u64,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -173,6 +176,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         bootstrap: args.bootstrap,
         join: args.join,
         voters: args.voters,
+        snapshot_every: args.snapshot_every,
     })
     .await?;
     Ok(())

@@ -59,11 +59,19 @@ pub fn print_members(members: &[MemberView]) -> Result<()> {
 /// names CLI.md gives.
 pub fn member_json(detail: &MemberDetail) -> serde_json::Value {
     let mut value = serde_json::to_value(&detail.member).unwrap_or_default();
-    if let (Some(object), Some(facts)) = (value.as_object_mut(), &detail.facts) {
-        object.insert(
-            "facts".into(),
-            serde_json::to_value(facts).unwrap_or_default(),
-        );
+    if let Some(object) = value.as_object_mut() {
+        if let Some(facts) = &detail.facts {
+            object.insert(
+                "facts".into(),
+                serde_json::to_value(facts).unwrap_or_default(),
+            );
+        }
+        if let Some(raft) = &detail.raft {
+            object.insert(
+                "raft".into(),
+                serde_json::to_value(raft).unwrap_or_default(),
+            );
+        }
     }
     value
 }
@@ -80,6 +88,12 @@ pub fn print_member_detail(detail: &MemberDetail) -> Result<()> {
     );
     println!("liveness:  {}", m.liveness);
     println!("state:     {}", m.state);
+    if let Some(r) = &detail.raft {
+        println!(
+            "raft:      term {}, log {}, applied {}, snapshot {}, purged {}",
+            r.term, r.last_log_index, r.last_applied_index, r.snapshot_index, r.purged_index
+        );
+    }
     match &detail.facts {
         None => println!("facts:     not reported yet"),
         Some(f) => {

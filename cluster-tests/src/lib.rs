@@ -84,6 +84,8 @@ impl AgentProc {
 pub struct Cluster {
     root: tempfile::TempDir,
     pub agents: Vec<AgentProc>,
+    /// Extra `ferry agent` flags for every start of every agent.
+    pub agent_flags: Vec<String>,
 }
 
 impl Default for Cluster {
@@ -106,6 +108,7 @@ impl Cluster {
                 .tempdir()
                 .expect("create temp dir"),
             agents: Vec::new(),
+            agent_flags: Vec::new(),
         }
     }
 
@@ -163,7 +166,7 @@ impl Cluster {
 
     /// Run `ferry agent` for member `index` and wait for its ready line.
     fn spawn(&mut self, index: usize, extra: &[&str]) -> Result<()> {
-        let agent = &mut self.agents[index];
+        let agent = &self.agents[index];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,6 +176,7 @@ impl Cluster {
             .arg(&agent.data_dir)
             .arg("agent")
             .args(["--log-level", "info"])
+            .args(&self.agent_flags)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -191,3 +191,56 @@ fn learners_join_and_removing_a_voter_promotes_a_learner() -> Result<()> {
     cluster.token(4, "n6", "1h")?;
     Ok(())
 }
+
+#[test]
+fn snapshots_purge_the_log_and_bring_a_late_member_up_to_date() -> Result<()> {
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--snapshot-every".into(), "20".into()];
+    cluster.bootstrap("n1", 3)?;
+    cluster.join("n2", 0)?;
+    cluster.wait_converged(&["n1", "n2"], CONVERGE)?;
+    for i in 0..60 {
+        cluster.token(i % 2, &format!("t{i}"), "1h")?;
+    }
+    // Both logs were purged behind a snapshot, so n3 can only catch up
+    // from one.
+    for (i, name) in ["n1", "n2"].iter().enumerate() {
+        wait_for(&format!("a snapshot and purge on {name}"), CONVERGE, || {
+            let raft = cluster.ferry_json(i, &["cluster", "show", name])?["raft"].clone();
+            if raft["snapshot_index"].as_u64() >= Some(20)
+                && raft["purged_index"].as_u64() > Some(0)
+            {
+                Ok(())
+            } else {
+                bail!("raft {raft}")
+            }
+        })?;
+    }
+    cluster.join("n3", 1)?;
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    wait_for("n3 to hold every token", CONVERGE, || {
+        let list = cluster.ferry_json(2, &["cluster", "token", "list"])?;
+        let count = list.as_array().map_or(0, |a| a.len());
+        if count >= 61 {
+            Ok(())
+        } else {
+            bail!("n3 has {count} tokens")
+        }
+    })?;
+    let raft = cluster.ferry_json(2, &["cluster", "show", "n3"])?["raft"].clone();
+    assert!(
+        raft["snapshot_index"].as_u64() > Some(0),
+        "n3 installed no snapshot: {raft}"
+    );
+    // And everything survives a restart from snapshot + log.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.restart(i)?;
+    }
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    let list = cluster.ferry_json(2, &["cluster", "token", "list"])?;
+    assert!(list.as_array().map_or(0, |a| a.len()) >= 61);
+    Ok(())
+}

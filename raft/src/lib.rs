@@ -23,18 +23,26 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// Default for [`raft_config`]'s `snapshot_every`.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 2_000;
+
 /// Raft timings for a LAN cluster: a leader is re-elected within about two
 /// seconds of its death, and heartbeats are cheap enough for loopback tests.
-pub fn raft_config() -> Result<std::sync::Arc<openraft::Config>, openraft::ConfigError> {
+/// A snapshot is taken every `snapshot_every` applied entries; the log up
+/// to a quarter of that behind it is purged.
+pub fn raft_config(
+    snapshot_every: u64,
+) -> Result<std::sync::Arc<openraft::Config>, Box<openraft::ConfigError>> {
     let config = openraft::Config {
         cluster_name: "ferry".into(),
         heartbeat_interval: 150,
         election_timeout_min: 800,
         election_timeout_max: 1600,
         install_snapshot_timeout: 5_000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
-        max_in_snapshot_log_to_keep: 500,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: snapshot_every / 4,
+        purge_batch_size: 1,
         ..Default::default()
     };
-    Ok(std::sync::Arc::new(config.validate()?))
+    Ok(std::sync::Arc::new(config.validate().map_err(Box::new)?))
 }
