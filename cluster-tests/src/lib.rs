@@ -336,6 +336,33 @@ impl Cluster {
         })
     }
 
+    /// Names of the voters as member `index` sees them.
+    pub fn voters(&self, index: usize) -> Result<Vec<String>> {
+        Ok(self
+            .roles(index)?
+            .into_iter()
+            .filter(|(_, role)| role == "voter")
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Wait until member `index` sees `count` voters.
+    pub fn wait_voters(
+        &self,
+        index: usize,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        wait_for(&format!("{count} voters"), timeout, || {
+            let voters = self.voters(index)?;
+            if voters.len() == count {
+                Ok(voters)
+            } else {
+                bail!("voters {voters:?}")
+            }
+        })
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.agents.iter().position(|a| a.name == name)
     }

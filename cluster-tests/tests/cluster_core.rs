@@ -16,27 +16,11 @@ fn three_member_cluster() -> Result<Cluster> {
     Ok(cluster)
 }
 
-fn voters(cluster: &Cluster, via: usize) -> Result<Vec<String>> {
-    Ok(cluster
-        .roles(via)?
-        .into_iter()
-        .filter(|(_, role)| role == "voter")
-        .map(|(name, _)| name)
-        .collect())
-}
-
 #[test]
 fn three_agents_agree_on_members_and_exactly_one_leader() -> Result<()> {
     let cluster = three_member_cluster()?;
     cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
-    wait_for("three voters", CONVERGE, || {
-        let v = voters(&cluster, 2)?;
-        if v.len() == 3 {
-            Ok(())
-        } else {
-            bail!("voters {v:?}")
-        }
-    })?;
+    cluster.wait_voters(2, 3, CONVERGE)?;
     // Every member's JSON carries the documented fields.
     for member in cluster.members(0)? {
         for field in [
@@ -78,14 +62,7 @@ fn three_agents_agree_on_members_and_exactly_one_leader() -> Result<()> {
 fn leader_kill_elects_a_new_leader_and_the_restarted_agent_catches_up() -> Result<()> {
     let mut cluster = three_member_cluster()?;
     let leader = cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
-    wait_for("three voters", CONVERGE, || {
-        let v = voters(&cluster, 0)?;
-        if v.len() == 3 {
-            Ok(())
-        } else {
-            bail!("voters {v:?}")
-        }
-    })?;
+    cluster.wait_voters(0, 3, CONVERGE)?;
     let dead = cluster.index_of(&leader).unwrap_or(0);
     cluster.kill(dead);
     let survivor = (dead + 1) % 3;
@@ -162,7 +139,7 @@ fn learners_join_and_removing_a_voter_promotes_a_learner() -> Result<()> {
     let roles = wait_for("three voters and two learners", CONVERGE, || {
         let roles = cluster.roles(3)?;
         let learners = roles.values().filter(|r| *r == "learner").count();
-        if learners == 2 && voters(&cluster, 3)?.len() == 3 {
+        if learners == 2 && cluster.voters(3)?.len() == 3 {
             Ok(roles)
         } else {
             bail!("roles {roles:?}")
@@ -177,7 +154,7 @@ fn learners_join_and_removing_a_voter_promotes_a_learner() -> Result<()> {
     assert_ne!(code, Some(0), "a removed agent exits non-zero saying why");
     wait_for("a learner promoted to voter", CONVERGE, || {
         let roles = cluster.roles(0)?;
-        let v = voters(&cluster, 0)?;
+        let v = cluster.voters(0)?;
         if roles.contains_key("n2") {
             bail!("n2 still listed: {roles:?}");
         }

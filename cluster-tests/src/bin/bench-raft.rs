@@ -31,14 +31,7 @@ fn main() -> Result<()> {
     cluster.join("n2", 0)?;
     cluster.join("n3", 0)?;
     cluster.wait_converged(&["n1", "n2", "n3"], Duration::from_secs(60))?;
-    wait_for("three voters", Duration::from_secs(60), || {
-        let voters = cluster.roles(0)?.values().filter(|r| *r == "voter").count();
-        if voters == 3 {
-            Ok(())
-        } else {
-            bail!("{voters} voters")
-        }
-    })?;
+    cluster.wait_voters(0, 3, Duration::from_secs(60))?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     // Sequential commits through one follower-or-leader agent's API.
