@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use cluster_tests::{wait_for, Cluster};
+use anyhow::Result;
+use cluster_tests::Cluster;
 use ferry_agent::client::Client;
 use ferry_agent::protocol::ApiRequest;
 
