@@ -1,11 +1,13 @@
 //! ferry-raft: the openraft type config, durable storage (redb), the
 //! cluster state machine and the Raft network over ferry-transport.
 
+pub mod instances;
 pub mod model;
 pub mod network;
 pub mod state;
 pub mod store;
 
+pub use instances::*;
 pub use model::*;
 
 // openraft 0.9's `declare_raft_types!` names the default `SnapshotData` as a

@@ -114,6 +114,7 @@ pub struct ClusterState {
     /// Hex serials of revoked certificates.
     pub revoked_serials: Vec<String>,
     pub next_node_id: NodeId,
+    pub instances: BTreeMap<String, crate::instances::Instance>,
 }
 
 /// A change to the cluster state. Every time-dependent command carries the
@@ -161,6 +162,7 @@ pub enum Command {
     RevokeToken {
         name: String,
     },
+    Instance(crate::instances::InstanceCommand),
 }
 
 /// Why a command was refused by the state machine. Carried back to the
@@ -187,6 +189,8 @@ pub enum Rejection {
     NoMember(NodeId),
     #[error("the cluster is already initialised")]
     AlreadyInitialised,
+    #[error(transparent)]
+    Instance(#[from] crate::instances::InstanceRejection),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -184,6 +184,7 @@ impl ClusterState {
                 token.revoked = true;
                 Ok(CommandResult::Done)
             }
+            Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
         }
     }
 }
