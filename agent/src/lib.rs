@@ -6,6 +6,7 @@ pub mod client;
 pub mod datadir;
 pub mod facts;
 pub mod membership;
+pub mod migration;
 pub mod protocol;
 pub mod service;
 pub mod token;

@@ -2,12 +2,14 @@
 //! cluster state machine and the Raft network over ferry-transport.
 
 pub mod instances;
+pub mod jobs;
 pub mod model;
 pub mod network;
 pub mod state;
 pub mod store;
 
 pub use instances::*;
+pub use jobs::*;
 pub use model::*;
 
 // openraft 0.9's `declare_raft_types!` names the default `SnapshotData` as a

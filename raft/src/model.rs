@@ -115,6 +115,8 @@ pub struct ClusterState {
     pub revoked_serials: Vec<String>,
     pub next_node_id: NodeId,
     pub instances: BTreeMap<String, crate::instances::Instance>,
+    pub jobs: BTreeMap<crate::instances::JobId, crate::jobs::Job>,
+    pub next_job_id: crate::instances::JobId,
 }
 
 /// A change to the cluster state. Every time-dependent command carries the
@@ -163,6 +165,7 @@ pub enum Command {
         name: String,
     },
     Instance(crate::instances::InstanceCommand),
+    Job(crate::jobs::JobCommand),
 }
 
 /// Why a command was refused by the state machine. Carried back to the
@@ -191,6 +194,8 @@ pub enum Rejection {
     AlreadyInitialised,
     #[error(transparent)]
     Instance(#[from] crate::instances::InstanceRejection),
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobRejection),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +205,10 @@ pub enum CommandResult {
     /// `JoinMember` succeeded with this id.
     Joined {
         id: NodeId,
+    },
+    /// `JobCommand::CreateMove` succeeded with this job id.
+    JobCreated {
+        id: crate::instances::JobId,
     },
     Rejected(Rejection),
 }

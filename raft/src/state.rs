@@ -185,6 +185,7 @@ impl ClusterState {
                 Ok(CommandResult::Done)
             }
             Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
+            Command::Job(cmd) => Ok(self.apply_job(cmd)?),
         }
     }
 }

@@ -1,0 +1,331 @@
+//! The compatibility check before a move: can the target run what the
+//! instance's processes already depend on? Pure: facts in, report out.
+//! Every failed item names what is missing.
+
+use ferry_raft::{Baseline, CheckResult, HostFacts};
+
+/// What the move needs of the target besides matching the baseline.
+#[derive(Clone, Debug, Default)]
+pub struct Needs {
+    pub stateful: bool,
+    /// Memory the instance may use (its limit), if known.
+    pub memory_bytes: Option<u64>,
+    /// Free memory on the target, if known (gossip load facts).
+    pub target_free_memory_bytes: Option<u64>,
+    /// Bytes the rootfs (and dump) will take on the target.
+    pub disk_bytes: u64,
+    /// Free disk on the target's data dir, if known.
+    pub target_free_disk_bytes: Option<u64>,
+}
+
+fn item(check: &str, ok: bool, detail: String) -> CheckResult {
+    CheckResult {
+        check: check.into(),
+        ok,
+        detail,
+    }
+}
+
+/// Items of `need` that `have` lacks; both sorted or not, small sets.
+fn missing<'a>(need: &'a [String], have: &[String]) -> Vec<&'a str> {
+    let have: std::collections::BTreeSet<&str> = have.iter().map(String::as_str).collect();
+    need.iter()
+        .map(String::as_str)
+        .filter(|n| !have.contains(n))
+        .collect()
+}
+
+fn superset(check: &str, what: &str, need: &[String], have: &[String]) -> CheckResult {
+    let gone = missing(need, have);
+    if gone.is_empty() {
+        item(check, true, format!("all {} {what} present", need.len()))
+    } else {
+        item(
+            check,
+            false,
+            format!("target lacks {} {what}: {}", gone.len(), gone.join(" ")),
+        )
+    }
+}
+
+/// "4.1.1" → [4, 1, 1]; non-numeric parts end the version.
+fn version(text: &str) -> Vec<u64> {
+    text.split(['.', '-', '+', '~'])
+        .map_while(|p| p.parse().ok())
+        .collect()
+}
+
+/// Run every check; the move may go on only if all pass.
+pub fn check(
+    baseline: &Baseline,
+    source: &HostFacts,
+    target: &HostFacts,
+    needs: &Needs,
+) -> Vec<CheckResult> {
+    let mut report = vec![item(
+        "architecture",
+        baseline.arch == target.arch,
+        if baseline.arch == target.arch {
+            format!("both {}", target.arch)
+        } else {
+            format!(
+                "instance runs on {}, target is {}",
+                baseline.arch, target.arch
+            )
+        },
+    )];
+    if needs.stateful {
+        report.push(superset(
+            "cpu",
+            "CPU flags",
+            &baseline.cpu_flags,
+            &target.cpu_flags,
+        ));
+        report.push(superset(
+            "syscalls",
+            "syscalls",
+            &baseline.syscalls,
+            &target.syscalls,
+        ));
+    }
+    report.push(superset(
+        "filesystems",
+        "filesystem types",
+        &baseline.filesystems,
+        &target.filesystems,
+    ));
+    if needs.stateful {
+        report.push(criu_item(source, target));
+    }
+    report.push(match (needs.memory_bytes, needs.target_free_memory_bytes) {
+        (Some(need), Some(free)) => item(
+            "memory",
+            free >= need,
+            format!(
+                "needs {} MiB, target has {} MiB free",
+                need >> 20,
+                free >> 20
+            ),
+        ),
+        (Some(need), None) => item(
+            "memory",
+            target.memory_total_bytes >= need,
+            format!(
+                "needs {} MiB, target has {} MiB in total (free memory unknown)",
+                need >> 20,
+                target.memory_total_bytes >> 20
+            ),
+        ),
+        (None, _) => item("memory", true, "no memory limit set".into()),
+    });
+    report.push(match needs.target_free_disk_bytes {
+        Some(free) => item(
+            "disk",
+            free >= needs.disk_bytes,
+            format!(
+                "needs {} MiB, target has {} MiB free",
+                needs.disk_bytes >> 20,
+                free >> 20
+            ),
+        ),
+        None => item(
+            "disk",
+            target.disk_total_bytes >= needs.disk_bytes,
+            format!(
+                "needs {} MiB, target disk is {} MiB (free space unknown)",
+                needs.disk_bytes >> 20,
+                target.disk_total_bytes >> 20
+            ),
+        ),
+    });
+    report
+}
+
+fn criu_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
+    let Some(target_criu) = &target.runtimes.criu else {
+        return item("criu", false, "target has no criu installed".into());
+    };
+    if !target.runtimes.criu_check {
+        return item(
+            "criu",
+            false,
+            format!("'criu check' fails on the target (criu {target_criu})"),
+        );
+    }
+    match &source.runtimes.criu {
+        Some(source_criu) if version(target_criu) < version(source_criu) => item(
+            "criu",
+            false,
+            format!("target criu {target_criu} is older than source criu {source_criu}"),
+        ),
+        Some(source_criu) => item(
+            "criu",
+            true,
+            format!("target criu {target_criu} >= source {source_criu}, 'criu check' passes"),
+        ),
+        None => item(
+            "criu",
+            true,
+            format!("target criu {target_criu}, 'criu check' passes"),
+        ),
+    }
+}
+
+/// Whether every item passed.
+pub fn passed(report: &[CheckResult]) -> bool {
+    report.iter().all(|r| r.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_raft::Runtimes;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn host(flags: &[&str], syscalls: &[&str], fs: &[&str], criu: &str) -> HostFacts {
+        HostFacts {
+            arch: "x86_64".into(),
+            cpu_flags: strings(flags),
+            syscalls: strings(syscalls),
+            filesystems: strings(fs),
+            memory_total_bytes: 8 << 30,
+            disk_total_bytes: 100 << 30,
+            runtimes: Runtimes {
+                runc: Some("1.1.5".into()),
+                criu: Some(criu.into()),
+                criu_check: true,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn baseline() -> Baseline {
+        Baseline {
+            arch: "x86_64".into(),
+            cpu_flags: strings(&["sse2", "avx2"]),
+            syscalls: strings(&["openat", "clone3"]),
+            filesystems: strings(&["ext4", "proc", "tmpfs"]),
+            ..Default::default()
+        }
+    }
+
+    fn stateful() -> Needs {
+        Needs {
+            stateful: true,
+            disk_bytes: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    fn failed(report: &[CheckResult]) -> Vec<(&str, &str)> {
+        report
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| (r.check.as_str(), r.detail.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn an_equal_host_passes_every_check() {
+        let h = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.1.1",
+        );
+        let report = check(&baseline(), &h, &h, &stateful());
+        assert!(passed(&report), "{report:?}");
+        assert_eq!(report.len(), 7);
+    }
+
+    #[test]
+    fn a_missing_cpu_flag_syscall_and_filesystem_are_each_named() {
+        let source = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.1.1",
+        );
+        let target = host(&["sse2"], &["openat"], &["ext4", "proc"], "4.1.1");
+        let report = check(&baseline(), &source, &target, &stateful());
+        let failed = failed(&report);
+        assert_eq!(failed.len(), 3, "{failed:?}");
+        assert!(failed[0].0 == "cpu" && failed[0].1.contains("avx2"));
+        assert!(failed[1].0 == "syscalls" && failed[1].1.contains("clone3"));
+        assert!(failed[2].0 == "filesystems" && failed[2].1.contains("tmpfs"));
+    }
+
+    #[test]
+    fn an_older_or_failing_criu_on_the_target_fails_the_check() {
+        let source = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.1.1",
+        );
+        let older = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.0",
+        );
+        assert_eq!(
+            failed(&check(&baseline(), &source, &older, &stateful()))[0].0,
+            "criu"
+        );
+        let mut broken = source.clone();
+        broken.runtimes.criu_check = false;
+        assert_eq!(
+            failed(&check(&baseline(), &source, &broken, &stateful()))[0].0,
+            "criu"
+        );
+        let newer = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.10",
+        );
+        assert!(passed(&check(&baseline(), &source, &newer, &stateful())));
+    }
+
+    #[test]
+    fn a_stateless_move_ignores_cpu_syscalls_and_criu() {
+        let source = host(&[], &[], &["ext4", "proc", "tmpfs"], "4.1.1");
+        let mut target = host(&[], &[], &["ext4", "proc", "tmpfs"], "1.0");
+        target.runtimes.criu_check = false;
+        let needs = Needs {
+            stateful: false,
+            ..Default::default()
+        };
+        assert!(passed(&check(&baseline(), &source, &target, &needs)));
+    }
+
+    #[test]
+    fn another_architecture_memory_or_disk_shortage_fails() {
+        let h = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.1.1",
+        );
+        let mut arm = h.clone();
+        arm.arch = "aarch64".into();
+        assert_eq!(
+            failed(&check(&baseline(), &h, &arm, &stateful()))[0].0,
+            "architecture"
+        );
+        let needs = Needs {
+            stateful: true,
+            memory_bytes: Some(4 << 30),
+            target_free_memory_bytes: Some(1 << 30),
+            disk_bytes: 10 << 20,
+            target_free_disk_bytes: Some(1 << 20),
+        };
+        let report = check(&baseline(), &h, &h, &needs);
+        let names: Vec<&str> = failed(&report).iter().map(|f| f.0).collect();
+        assert_eq!(names, ["memory", "disk"]);
+    }
+}

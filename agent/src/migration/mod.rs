@@ -1,0 +1,4 @@
+//! Moving instances between members: the compatibility check, and (with
+//! the container driver) the per-phase decisions of source and target.
+
+pub mod compat;
