@@ -34,6 +34,8 @@ fn main() -> Result<()> {
     cluster.wait_voters(0, 3, Duration::from_secs(60))?;
 
     let runtime = tokio::runtime::Runtime::new()?;
+    // QUIC endpoints bind inside a runtime.
+    let _entered = runtime.enter();
     // Sequential commits through one follower-or-leader agent's API.
     let client = Client::connect(&cluster.agents[0].data_dir, None)?;
     let mut latencies = Vec::with_capacity(commits);
