@@ -443,10 +443,20 @@ impl Agent {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                     if let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) {
                         if leader != self.id {
-                            match self.forward_write(&node, &command).await {
-                                Ok(result) => return Ok(result),
-                                Err(e) if e.kind == ErrorKind::Unavailable => last = e.message,
-                                Err(e) => return Err(e),
+                            // A dead leader's connection only fails after the
+                            // QUIC idle timeout; an election tells sooner.
+                            let mut metrics = self.raft.metrics();
+                            let moved = metrics.wait_for(|m| m.current_leader != Some(leader));
+                            tokio::select! {
+                                result = self.forward_write(&node, &command) => match result {
+                                    Ok(result) => return Ok(result),
+                                    Err(e) if e.kind == ErrorKind::Unavailable => last = e.message,
+                                    Err(e) => return Err(e),
+                                },
+                                _ = moved => {
+                                    last = format!("leader {} lost its leadership", node.name);
+                                    continue;
+                                }
                             }
                         }
                     }

@@ -104,6 +104,24 @@ pub trait Service: Send + Sync + 'static {
     /// Response sent when the request frame could not be read (too large,
     /// malformed); the stream is then closed.
     fn bad_frame(&self, error: &FrameError) -> Self::Response;
+
+    /// Whether `request` opens a long-lived channel (the rest of the
+    /// bi-stream belongs to [`Service::handle_stream`]) instead of getting
+    /// one response. Bulk transfers use this; everything else is RPC.
+    fn wants_stream(&self, _request: &Self::Request) -> bool {
+        false
+    }
+
+    /// Serve a channel opened by a request for which `wants_stream` is true.
+    fn handle_stream(
+        &self,
+        _peer: Arc<Peer>,
+        _request: Self::Request,
+        _send: quinn::SendStream,
+        _recv: quinn::RecvStream,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Accept connections until the endpoint is closed. Each connection and each
@@ -185,6 +203,10 @@ async fn serve_stream<S: Service>(
     log: Arc<ConnLog>,
 ) {
     let response = match read_frame::<S::Request>(&mut recv, MAX_FRAME).await {
+        Ok(request) if service.wants_stream(&request) => {
+            service.handle_stream(peer, request, send, recv).await;
+            return;
+        }
         Ok(request) => service.handle(peer, request).await,
         Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
             log.error("bad request frame", &e);
@@ -311,6 +333,43 @@ impl Pool {
             }
         };
         match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::Timeout {
+                addr,
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Open a channel: a bi-stream on the pooled connection whose first
+    /// frame is `request`; the caller then owns both halves. The peer's
+    /// service must answer `wants_stream` for that request.
+    pub async fn open_stream<Req: Serialize>(
+        &self,
+        addr: SocketAddr,
+        expect: &Expect,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), RpcError> {
+        let attempt = async {
+            let key = (addr, expect.clone());
+            let conn = match self.cached(&key) {
+                Some(conn) => conn,
+                None => self.connect(&key).await?,
+            };
+            let (mut send, recv) = match conn.open_bi().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    self.forget(&key, &conn);
+                    return Err(RpcError::from_connection(addr, e));
+                }
+            };
+            write_frame(&mut send, request)
+                .await
+                .map_err(|e| RpcError::from_frame(addr, e))?;
+            Ok((send, recv))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(RpcError::Timeout {
                 addr,

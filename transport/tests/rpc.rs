@@ -65,6 +65,29 @@ impl Service for Echo {
     fn bad_frame(&self, error: &FrameError) -> Reply {
         Reply::Bad(format!("{error:?}"))
     }
+
+    fn wants_stream(&self, request: &String) -> bool {
+        request == "channel"
+    }
+
+    /// Echo every frame back, upper-cased, until the peer finishes.
+    async fn handle_stream(
+        &self,
+        _peer: Arc<Peer>,
+        _request: String,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        while let Ok(text) = read_frame::<String>(&mut recv, MAX_FRAME).await {
+            if ferry_transport::frame::write_frame(&mut send, &text.to_uppercase())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = send.finish();
+    }
 }
 
 fn localhost() -> SocketAddr {
@@ -394,4 +417,34 @@ async fn timeout_names_the_address_and_duration() {
         text.contains(&addr.to_string()) && text.contains("200ms"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_channel_carries_many_frames_both_ways_beside_rpc() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a_creds, _) = node(&ca, "a");
+    let (b_creds, _) = node(&ca, "b");
+    let a = start(&a_creds, localhost());
+    let pool = Pool::new(Endpoint::bind(localhost(), &b_creds).unwrap());
+    let expect = Expect::Node("a".into());
+    let (mut send, mut recv) = pool
+        .open_stream(a.addr, &expect, &"channel".to_string(), TIMEOUT)
+        .await
+        .unwrap();
+    for word in ["state", "filesystem", "control"] {
+        ferry_transport::frame::write_frame(&mut send, &word.to_string())
+            .await
+            .unwrap();
+        let back: String = read_frame(&mut recv, MAX_FRAME).await.unwrap();
+        assert_eq!(back, word.to_uppercase());
+        // Plain RPC keeps working on the same connection meanwhile.
+        let reply: Reply = pool
+            .call(a.addr, &expect, &word.to_string(), TIMEOUT)
+            .await
+            .unwrap();
+        assert!(matches!(reply, Reply::Echo { .. }));
+    }
+    send.finish().unwrap();
+    assert!(read_frame::<String>(&mut recv, MAX_FRAME).await.is_err());
+    assert_eq!(a.service.calls(), 3, "the channel request is not an RPC");
 }
