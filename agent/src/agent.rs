@@ -166,7 +166,7 @@ async fn bootstrap_identity(dir: &DataDir, opts: &AgentOptions) -> Result<NodeCo
         .name
         .clone()
         .ok_or_else(|| AgentError::Usage("--bootstrap needs --name NAME".into()))?;
-    pki::validate_node_name(&name)?;
+    pki::validate_node_name(&name).map_err(|e| AgentError::Usage(e.to_string()))?;
     let listen = opts
         .listen
         .ok_or_else(|| AgentError::Usage("--bootstrap needs --listen ADDR".into()))?;
@@ -202,7 +202,7 @@ async fn join_identity(
             token.name, token.name
         )));
     }
-    pki::validate_node_name(&name)?;
+    pki::validate_node_name(&name).map_err(|e| AgentError::Usage(e.to_string()))?;
     let listen = opts
         .listen
         .ok_or_else(|| AgentError::Usage("--join needs --listen ADDR".into()))?;
