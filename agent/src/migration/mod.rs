@@ -2,3 +2,4 @@
 //! the container driver) the per-phase decisions of source and target.
 
 pub mod compat;
+pub mod tree;
