@@ -2,4 +2,5 @@
 //! the container driver) the per-phase decisions of source and target.
 
 pub mod compat;
+pub mod plan;
 pub mod tree;

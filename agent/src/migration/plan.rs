@@ -1,0 +1,357 @@
+//! What each participant of a migration does next, decided from the
+//! committed job and what it sees locally. Pure: phase in, decision out.
+//! The engine carries decisions out with runc/CRIU/QUIC and proposes the
+//! next phase through the job's compare-and-set. The safety rules of
+//! DESIGN.md are properties of these functions, tested below.
+
+use ferry_raft::{Job, NodeId, Phase};
+
+/// What a participant holds of the instance on its own host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalCopy {
+    Absent,
+    Running,
+    /// Paused (source) or restored with its tasks held stopped (target).
+    Frozen,
+    /// Present but not running (stopped container, or files only).
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Target,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do until the job moves on.
+    Wait,
+    /// Source, Pending: start checking.
+    BeginChecks,
+    /// Source, Checking: run the compatibility check, then Preparing or
+    /// RollingBack.
+    RunChecks,
+    /// Source, before the switch, abort requested: roll back.
+    Abort,
+    /// Target, Preparing: receive the filesystem while the source runs,
+    /// then have the source freeze and send the final state; propose Frozen.
+    Transfer,
+    /// Target, Frozen: it holds everything, checksummed; propose Switched.
+    Switch,
+    /// Target, Switched: restore with tasks held stopped (unless already
+    /// held), propose Restored (or SwitchingBack if the restore fails).
+    RestoreHeld,
+    /// Target, Restored: thaw the held copy and propose Done.
+    ThawAndFinish,
+    /// Source, rolling back with a frozen copy: thaw it, propose RolledBack.
+    ThawSource,
+    /// Source, rolling back with nothing to thaw (it was stopped, or it
+    /// cannot be thawed): propose RolledBack, the instance stays stopped.
+    FinishRollback,
+    /// Target after a rollback: delete everything it received.
+    DiscardReceived,
+    /// Source after Done: delete its frozen copy.
+    DeleteSourceCopy,
+}
+
+/// The next step of `role` in `job`, given its local copy.
+pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
+    use Phase::*;
+    match (role, job.phase) {
+        (Role::Source, p) if p.before_switch() && job.abort_requested => Step::Abort,
+        (Role::Source, Pending) => Step::BeginChecks,
+        (Role::Source, Checking) => Step::RunChecks,
+        (Role::Source, RollingBack | SwitchingBack) => match local {
+            LocalCopy::Frozen if job.was_running => Step::ThawSource,
+            _ => Step::FinishRollback,
+        },
+        (Role::Source, Done) if local != LocalCopy::Absent => Step::DeleteSourceCopy,
+        (Role::Source, _) => Step::Wait,
+
+        (Role::Target, Preparing | Precopy(_)) if !job.abort_requested => Step::Transfer,
+        (Role::Target, Frozen) => Step::Switch,
+        // Also with a held copy already there: the target may have crashed
+        // between restoring and proposing Restored.
+        (Role::Target, Switched) if local != LocalCopy::Running => Step::RestoreHeld,
+        (Role::Target, Restored) if local == LocalCopy::Frozen || !job.options.stateful => {
+            Step::ThawAndFinish
+        }
+        (Role::Target, RollingBack | SwitchingBack | RolledBack) if local != LocalCopy::Absent => {
+            Step::DiscardReceived
+        }
+        (Role::Target, _) => Step::Wait,
+    }
+}
+
+/// Whether the source may freeze and dump now (asked by the target over
+/// the control channel): only while it still owns the instance and nobody
+/// asked to roll back.
+pub fn may_freeze(job: &Job) -> bool {
+    matches!(job.phase, Phase::Preparing | Phase::Precopy(_)) && !job.abort_requested
+}
+
+/// What the leader does about a job it supervises.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intervention {
+    pub from: Phase,
+    pub to: Phase,
+    pub reason: String,
+}
+
+/// Roll a stuck job back through the same compare-and-set the participants
+/// use. `alive` tells whether a node is reachable (gossip liveness).
+pub fn supervise(
+    job: &Job,
+    now_ms: u64,
+    phase_timeout_ms: u64,
+    alive: impl Fn(NodeId) -> bool,
+) -> Option<Intervention> {
+    let stuck_ms = now_ms.saturating_sub(job.phase_ms);
+    let overdue = stuck_ms > phase_timeout_ms;
+    let intervene = |to: Phase, reason: String| {
+        Some(Intervention {
+            from: job.phase,
+            to,
+            reason,
+        })
+    };
+    if job.phase.before_switch() {
+        if !alive(job.target) {
+            return intervene(
+                Phase::RollingBack,
+                format!("target node {} is dead", job.target),
+            );
+        }
+        if !alive(job.source) && job.phase != Phase::Frozen {
+            return intervene(
+                Phase::RollingBack,
+                format!("source node {} is dead", job.source),
+            );
+        }
+        if overdue {
+            return intervene(
+                Phase::RollingBack,
+                format!(
+                    "phase {} exceeded its {phase_timeout_ms} ms deadline",
+                    job.phase.name()
+                ),
+            );
+        }
+    }
+    if job.phase == Phase::Switched && (overdue || !alive(job.target)) {
+        let why = if overdue {
+            format!("restore on the target exceeded its {phase_timeout_ms} ms deadline")
+        } else {
+            format!("target node {} died before restoring", job.target)
+        };
+        return intervene(Phase::SwitchingBack, why);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_raft::{JobKind, MoveOptions};
+
+    const PHASES: [Phase; 11] = [
+        Phase::Pending,
+        Phase::Checking,
+        Phase::Preparing,
+        Phase::Precopy(1),
+        Phase::Frozen,
+        Phase::Switched,
+        Phase::Restored,
+        Phase::Done,
+        Phase::RollingBack,
+        Phase::RolledBack,
+        Phase::SwitchingBack,
+    ];
+    const COPIES: [LocalCopy; 4] = [
+        LocalCopy::Absent,
+        LocalCopy::Running,
+        LocalCopy::Frozen,
+        LocalCopy::Stopped,
+    ];
+
+    fn job(phase: Phase) -> Job {
+        Job {
+            id: 1,
+            kind: JobKind::Migrate,
+            instance: "c1".into(),
+            source: 1,
+            target: 2,
+            phase,
+            options: MoveOptions::default(),
+            was_running: true,
+            report: Vec::new(),
+            error: None,
+            notes: Vec::new(),
+            stats: None,
+            created_ms: 0,
+            phase_ms: 1_000,
+            abort_requested: false,
+        }
+    }
+
+    /// Every (phase, abort, was_running, copy) combination.
+    fn every_case(mut check: impl FnMut(&Job, LocalCopy)) {
+        for phase in PHASES {
+            for abort in [false, true] {
+                for was_running in [false, true] {
+                    for copy in COPIES {
+                        let mut j = job(phase);
+                        j.abort_requested = abort;
+                        j.was_running = was_running;
+                        check(&j, copy);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_source_never_thaws_without_rollback_or_switch_back_committed() {
+        every_case(|j, copy| {
+            if step(j, Role::Source, copy) == Step::ThawSource {
+                assert!(
+                    matches!(j.phase, Phase::RollingBack | Phase::SwitchingBack),
+                    "source thaws in {:?}",
+                    j.phase
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn target_copy_thaws_only_after_restored_is_committed() {
+        every_case(|j, copy| {
+            if step(j, Role::Target, copy) == Step::ThawAndFinish {
+                assert_eq!(j.phase, Phase::Restored);
+            }
+        });
+    }
+
+    #[test]
+    fn source_that_was_stopped_stays_stopped_on_rollback() {
+        let mut j = job(Phase::RollingBack);
+        j.was_running = false;
+        assert_eq!(
+            step(&j, Role::Source, LocalCopy::Frozen),
+            Step::FinishRollback
+        );
+        assert_eq!(
+            step(&j, Role::Source, LocalCopy::Stopped),
+            Step::FinishRollback
+        );
+    }
+
+    #[test]
+    fn a_failed_restore_switches_back_and_the_source_thaws() {
+        let j = job(Phase::SwitchingBack);
+        assert_eq!(step(&j, Role::Source, LocalCopy::Frozen), Step::ThawSource);
+        assert_eq!(
+            step(&j, Role::Target, LocalCopy::Frozen),
+            Step::DiscardReceived
+        );
+    }
+
+    #[test]
+    fn source_never_acts_between_switch_and_done() {
+        for phase in [Phase::Frozen, Phase::Switched, Phase::Restored] {
+            for copy in COPIES {
+                assert_eq!(
+                    step(&job(phase), Role::Source, copy),
+                    Step::Wait,
+                    "{phase:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_target_that_restarts_after_restoring_proposes_restored_again() {
+        let j = job(Phase::Switched);
+        assert_eq!(step(&j, Role::Target, LocalCopy::Frozen), Step::RestoreHeld);
+        assert_eq!(step(&j, Role::Target, LocalCopy::Absent), Step::RestoreHeld);
+    }
+
+    #[test]
+    fn done_deletes_the_source_copy_and_nothing_else() {
+        assert_eq!(
+            step(&job(Phase::Done), Role::Source, LocalCopy::Frozen),
+            Step::DeleteSourceCopy
+        );
+        assert_eq!(
+            step(&job(Phase::Done), Role::Source, LocalCopy::Absent),
+            Step::Wait
+        );
+        assert_eq!(
+            step(&job(Phase::Done), Role::Target, LocalCopy::Running),
+            Step::Wait
+        );
+    }
+
+    #[test]
+    fn abort_before_the_switch_rolls_back_and_is_ignored_after() {
+        let mut j = job(Phase::Preparing);
+        j.abort_requested = true;
+        assert_eq!(step(&j, Role::Source, LocalCopy::Running), Step::Abort);
+        assert_eq!(step(&j, Role::Target, LocalCopy::Absent), Step::Wait);
+        assert!(!may_freeze(&j));
+        j.phase = Phase::Switched;
+        assert_eq!(step(&j, Role::Source, LocalCopy::Frozen), Step::Wait);
+    }
+
+    #[test]
+    fn the_source_freezes_only_while_it_owns_the_instance() {
+        for phase in PHASES {
+            let allowed = may_freeze(&job(phase));
+            assert_eq!(
+                allowed,
+                matches!(phase, Phase::Preparing | Phase::Precopy(_)),
+                "{phase:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dead_target_before_the_switch_rolls_back() {
+        let j = job(Phase::Frozen);
+        let i = supervise(&j, 1_500, 60_000, |n| n != 2).unwrap();
+        assert_eq!((i.from, i.to), (Phase::Frozen, Phase::RollingBack));
+    }
+
+    #[test]
+    fn an_overdue_restore_switches_back_but_restored_is_never_undone() {
+        let j = job(Phase::Switched);
+        assert_eq!(supervise(&j, 2_000, 60_000, |_| true), None);
+        let i = supervise(&j, 100_000, 60_000, |_| true).unwrap();
+        assert_eq!(i.to, Phase::SwitchingBack);
+        for phase in [
+            Phase::Restored,
+            Phase::Done,
+            Phase::RolledBack,
+            Phase::RollingBack,
+            Phase::SwitchingBack,
+        ] {
+            assert_eq!(
+                supervise(&job(phase), 1_000_000, 60_000, |_| false),
+                None,
+                "{phase:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partitioned_frozen_source_is_rolled_back_only_by_commit() {
+        // The source is unreachable while frozen: the leader does not roll
+        // back for that alone (the source cannot hear it), only at the
+        // deadline; the source thaws once it sees RollingBack.
+        let j = job(Phase::Frozen);
+        assert_eq!(supervise(&j, 2_000, 60_000, |n| n != 1), None);
+        let i = supervise(&j, 100_000, 60_000, |n| n != 1).unwrap();
+        assert_eq!(i.to, Phase::RollingBack);
+    }
+}
