@@ -24,8 +24,7 @@ use crate::token::{JoinToken, TokenError};
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// openraft's RPC deadline follows the heartbeat (150 ms), shorter than a
-/// first TLS handshake on a busy host; a slow reply is better than a
-/// connection that never completes.
+/// first TLS handshake on a busy host; the spawned call gets at least this.
 const RAFT_RPC_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// A learner this close to the leader's last log index may vote.
 const CAUGHT_UP_LAG: u64 = 20;
@@ -119,16 +118,23 @@ impl RaftRpcClient for RaftClient {
             .parse()
             .map_err(|_| RaftRpcFailure::Failed(format!("bad address {}", node.addr)))?;
         let expect = Expect::Node(node.name.clone());
-        match self
-            .pool
-            .call::<Request, Response>(
+        let pool = self.pool.clone();
+        // openraft drops this future after its heartbeat interval; in a task
+        // of its own the call (and a first TLS handshake) runs to the end,
+        // so the connection is there for the next heartbeat.
+        let call = tokio::spawn(async move {
+            pool.call::<Request, Response>(
                 addr,
                 &expect,
                 &Request::Raft(request),
                 timeout.max(RAFT_RPC_MIN_TIMEOUT),
             )
             .await
-        {
+        });
+        let result = call
+            .await
+            .map_err(|e| RaftRpcFailure::Failed(format!("rpc task failed: {e}")))?;
+        match result {
             Ok(Response::Raft(reply)) => Ok(reply),
             Ok(Response::Error(e)) => Err(RaftRpcFailure::Failed(e.message)),
             Ok(_) => Err(RaftRpcFailure::Failed("unexpected reply".into())),
@@ -178,7 +184,7 @@ async fn bootstrap_identity(dir: &DataDir, opts: &AgentOptions) -> Result<NodeCo
     dir.save_ca(&ca)?;
     dir.save_credentials("node", &node)?;
     let config = NodeConfig {
-        id: 1,
+        id: ferry_raft::state::BOOTSTRAP_NODE_ID,
         name,
         addr: addr.to_string(),
         bootstrap: true,
@@ -577,7 +583,15 @@ impl Agent {
         loop {
             let view = {
                 let m = metrics.borrow_and_update();
-                if m.current_leader != Some(self.id) {
+                // A leader that has voted itself out must stop: openraft
+                // 0.9 panics on a membership change from a stepping-down
+                // leader.
+                let voter = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == self.id);
+                if m.current_leader != Some(self.id) || !voter {
                     None
                 } else {
                     Some(self.membership_view(&m))
@@ -614,7 +628,7 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default();
-        let (members, next_node_id, desired) = self.state.read(|s| {
+        let (members, removed, desired) = self.state.read(|s| {
             let members = s
                 .members
                 .iter()
@@ -628,13 +642,17 @@ impl Agent {
                     )
                 })
                 .collect();
-            (members, s.next_node_id, s.config.voters.max(1) as usize)
+            (
+                members,
+                s.removed_members.clone(),
+                s.config.voters.max(1) as usize,
+            )
         });
         MembershipView {
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             members,
-            next_node_id,
+            removed,
             desired_voters: desired,
             caught_up,
         }

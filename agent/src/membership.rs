@@ -15,9 +15,10 @@ pub struct MembershipView {
     pub learners: BTreeSet<NodeId>,
     /// Members in the replicated member table, with their Raft node.
     pub members: BTreeMap<NodeId, Node>,
-    /// Ids below this were allocated once; one missing from `members` was
-    /// removed on purpose.
-    pub next_node_id: NodeId,
+    /// Members removed on purpose. Only these leave the Raft membership: a
+    /// node the member table does not know yet (its record is still being
+    /// committed) is not "departed".
+    pub removed: BTreeSet<NodeId>,
     /// How many voters the cluster keeps.
     pub desired_voters: usize,
     /// Learners whose log is close enough to the leader's to vote.
@@ -37,7 +38,7 @@ pub enum MembershipChange {
 }
 
 pub fn plan(view: &MembershipView) -> Option<MembershipChange> {
-    let departed = |id: &NodeId| *id < view.next_node_id && !view.members.contains_key(id);
+    let departed = |id: &NodeId| view.removed.contains(id);
 
     if let Some((id, node)) = view
         .members
@@ -94,7 +95,7 @@ mod tests {
             voters: voters.iter().copied().collect(),
             learners: learners.iter().copied().collect(),
             members: members.iter().map(|id| (*id, node(*id))).collect(),
-            next_node_id: members.iter().max().map_or(1, |m| m + 1),
+            removed: BTreeSet::new(),
             desired_voters: 3,
             caught_up: learners.iter().copied().collect(),
         }
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn removing_a_voter_promotes_a_learner_in_the_same_change() {
         let mut v = view(&[1, 2, 3], &[4, 5], &[1, 2, 4, 5]);
-        v.next_node_id = 6;
+        v.removed.insert(3);
         assert_eq!(
             plan(&v),
             Some(MembershipChange::SetVoters([1, 2, 4].into()))
@@ -141,15 +142,17 @@ mod tests {
     #[test]
     fn removed_learners_are_dropped() {
         let mut v = view(&[1, 2, 3], &[4, 5], &[1, 2, 3, 4]);
-        v.next_node_id = 6;
+        v.removed.insert(5);
         assert_eq!(plan(&v), Some(MembershipChange::RemoveLearners([5].into())));
     }
 
     #[test]
     fn bootstrap_node_is_not_removed_before_its_member_record_commits() {
-        // Raft knows node 1 before the member table does (next_node_id 0).
-        let mut v = view(&[1], &[], &[]);
-        v.next_node_id = 0;
+        // Raft knows node 1 before the member table does, and a joiner's
+        // record may commit first (this once removed the leader itself).
+        let v = view(&[1], &[2], &[2]);
+        assert_eq!(plan(&v), None);
+        let v = view(&[1], &[], &[]);
         assert_eq!(plan(&v), None);
     }
 }

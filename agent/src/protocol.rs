@@ -74,16 +74,30 @@ pub enum ApiRequest {
     Write(Command),
     /// Sent to a member that was removed, so it stops serving.
     Removed,
+    Move(crate::migration::api::MoveRequest),
+    JobList,
+    JobShow {
+        id: ferry_raft::JobId,
+    },
+    JobAbort {
+        id: ferry_raft::JobId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ApiReply {
     Members(Vec<MemberView>),
     Member(Box<MemberDetail>),
-    Token { token: String },
+    Token {
+        token: String,
+    },
     Tokens(Vec<TokenView>),
     Written(CommandResult),
     Done,
+    /// A compatibility report (`ferry move --dry-run`).
+    Report(Vec<ferry_raft::CheckResult>),
+    Job(Box<crate::migration::api::JobView>),
+    Jobs(Vec<crate::migration::api::JobView>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -232,6 +232,10 @@ async fn handle_api(
             agent.request_shutdown(agent.data_dir.root().display().to_string());
             Ok(ApiReply::Done)
         }
+        ApiRequest::Move(request) => crate::migration::api::start_move(agent, request).await,
+        ApiRequest::JobList => Ok(crate::migration::api::list(agent)),
+        ApiRequest::JobShow { id } => crate::migration::api::show(agent, id),
+        ApiRequest::JobAbort { id } => crate::migration::api::abort(agent, id).await,
         ApiRequest::Write(_) | ApiRequest::Removed => Err(ApiError::new(
             ErrorKind::Unauthorized,
             "only members may send internal requests",

@@ -1,6 +1,7 @@
 //! `ferry`: the one binary. `ferry agent` runs the daemon; every other
 //! command talks to the local agent over mutually authenticated QUIC.
 
+mod jobs;
 mod output;
 
 use std::net::SocketAddr;
@@ -42,6 +43,11 @@ enum Commands {
     /// Members, join tokens and removal.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Move an instance to another member (live by default when it runs).
+    Move(jobs::MoveArgs),
+    /// Migration jobs.
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
 }
 
 #[derive(Args)]
@@ -70,7 +76,7 @@ struct AgentArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum, Default)]
-enum Format {
+pub(crate) enum Format {
     #[default]
     Table,
     Json,
@@ -169,10 +175,19 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Commands::Agent(args) => run_agent(cli.data_dir, args).await,
         Commands::Cluster(command) => {
-            let client = Client::connect(&cli.data_dir, cli.agent.as_deref())?;
-            cluster(&client, command).await
+            cluster(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
+        }
+        Commands::Move(args) => {
+            jobs::run_move(&connect(&cli.data_dir, cli.agent.as_deref())?, args).await
+        }
+        Commands::Job(command) => {
+            jobs::run_job(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
         }
     }
+}
+
+fn connect(data_dir: &std::path::Path, agent: Option<&str>) -> Result<Client> {
+    Ok(Client::connect(data_dir, agent)?)
 }
 
 async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {

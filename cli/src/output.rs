@@ -10,7 +10,7 @@ pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
 }
 
 /// Columns padded to their widest cell.
-fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+pub fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -387,6 +387,15 @@ impl Drop for Cluster {
         for i in 0..self.agents.len() {
             self.kill(i);
         }
+        if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
+            let root = self.root.path().to_path_buf();
+            let kept = std::mem::replace(
+                &mut self.root,
+                tempfile::tempdir().expect("create temp dir"),
+            );
+            let _ = kept.keep();
+            eprintln!("kept test dir {}", root.display());
+        }
         if std::thread::panicking() {
             for (i, agent) in self.agents.iter().enumerate() {
                 eprintln!("---- log of {} ----\n{}", agent.name, self.log_tail(i));

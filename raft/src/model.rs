@@ -113,6 +113,9 @@ pub struct ClusterState {
     pub tokens: BTreeMap<String, JoinToken>,
     /// Hex serials of revoked certificates.
     pub revoked_serials: Vec<String>,
+    /// Ids of members that were removed; the leader drops them from the
+    /// Raft membership.
+    pub removed_members: std::collections::BTreeSet<NodeId>,
     pub next_node_id: NodeId,
     pub instances: BTreeMap<String, crate::instances::Instance>,
     pub jobs: BTreeMap<crate::instances::JobId, crate::jobs::Job>,

@@ -10,6 +10,9 @@ use crate::model::{
     Rejection,
 };
 
+/// The node that bootstraps a cluster always has this id.
+pub const BOOTSTRAP_NODE_ID: NodeId = 1;
+
 /// How long a dead (used, revoked or expired) token is kept before a later
 /// `CreateToken` prunes it.
 pub const DEAD_TOKEN_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
@@ -62,7 +65,9 @@ impl ClusterState {
                     return Err(Rejection::AlreadyInitialised);
                 }
                 self.config = config.clone();
-                self.next_node_id = self.next_node_id.max(1);
+                // Id 1 belongs to the bootstrap node even before its own
+                // AddMember commits: a join racing with it must not get 1.
+                self.next_node_id = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
                 Ok(CommandResult::Done)
             }
             Command::AddMember {
@@ -148,7 +153,9 @@ impl ClusterState {
                 if let Some(token) = self.tokens.get_mut(name) {
                     token.used = true;
                 }
-                let id: NodeId = self.next_node_id.max(1);
+                // Never the bootstrap node's id, even if this commits
+                // before the bootstrap records do.
+                let id: NodeId = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
                 self.next_node_id = id.saturating_add(1);
                 self.members.insert(
                     id,
@@ -174,6 +181,7 @@ impl ClusterState {
                 if !self.is_revoked(&member.cert_serial) {
                     self.revoked_serials.push(member.cert_serial);
                 }
+                self.removed_members.insert(*id);
                 Ok(CommandResult::Done)
             }
             Command::RevokeToken { name } => {
@@ -271,11 +279,24 @@ mod tests {
     }
 
     #[test]
-    fn init_sets_config_and_starts_ids_at_one() {
+    fn init_reserves_id_one_for_the_bootstrap_node() {
         let mut s = ClusterState::default();
         assert_eq!(s.apply(&init()), CommandResult::Done);
         assert_eq!(s.config, config());
-        assert_eq!(s.next_node_id, 1);
+        assert_eq!(s.next_node_id, 2);
+    }
+
+    #[test]
+    fn a_join_racing_the_bootstrap_member_record_does_not_take_its_id() {
+        let mut s = ClusterState::default();
+        s.apply(&init());
+        s.apply(&token("n2", "secret", 0, 1_000));
+        assert_eq!(
+            s.apply(&join("n2", "secret", 10)),
+            CommandResult::Joined { id: 2 }
+        );
+        assert_eq!(s.apply(&add(1, "n1")), CommandResult::Done);
+        assert_eq!(s.members.len(), 2);
     }
 
     #[test]
@@ -336,14 +357,14 @@ mod tests {
     }
 
     #[test]
-    fn join_allocates_id_one_on_a_fresh_state() {
+    fn a_join_before_any_bootstrap_record_never_takes_the_bootstrap_id() {
         let mut s = ClusterState::default();
         s.apply(&token("solo", "x", T0, T0 + HOUR));
         assert_eq!(
             s.apply(&join("solo", "x", T0)),
-            CommandResult::Joined { id: 1 }
+            CommandResult::Joined { id: 2 }
         );
-        assert_eq!(s.next_node_id, 2);
+        assert_eq!(s.next_node_id, 3);
     }
 
     #[test]

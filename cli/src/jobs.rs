@@ -1,0 +1,282 @@
+//! `ferry move` and `ferry job ...`: start a migration, follow it with a
+//! progress display, and end with a one-line summary.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use ferry_agent::client::Client;
+use ferry_agent::migration::api::{JobView, MoveRequest};
+use ferry_agent::protocol::{ApiReply, ApiRequest};
+use ferry_raft::{CheckResult, TransferMode};
+
+use crate::output::{print_json, print_table};
+use crate::Format;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Mode {
+    Pull,
+    Push,
+}
+
+#[derive(Args)]
+pub struct MoveArgs {
+    /// The instance to move.
+    name: String,
+    /// The member to move it to.
+    #[arg(long, value_name = "NODE")]
+    target: String,
+    /// Move memory state too (default for a running instance).
+    #[arg(long, conflicts_with = "stateless")]
+    stateful: bool,
+    /// Stop, copy, start (default for a stopped instance).
+    #[arg(long)]
+    stateless: bool,
+    /// Who opens the transfer connection: the target (pull) or the source (push).
+    #[arg(long, value_enum, default_value = "pull")]
+    mode: Mode,
+    /// Most memory pre-copy rounds before the final dump (when the kernel tracks dirty memory).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    precopy_iterations: u32,
+    /// Stop pre-copying once less than this share of memory is dirty.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+    precopy_goal: u8,
+    /// Only run the compatibility checks and print the report.
+    #[arg(long)]
+    dry_run: bool,
+    /// Return once the job is created instead of following it.
+    #[arg(long)]
+    detach: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// List jobs.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one job with its compatibility report and figures.
+    Show {
+        id: u64,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Follow a job until it ends; exit status non-zero unless it is Done.
+    Wait { id: u64 },
+    /// Ask a job to roll back (only before its switch point).
+    Abort { id: u64 },
+}
+
+fn print_report(report: &[CheckResult]) {
+    let rows = report
+        .iter()
+        .map(|r| {
+            vec![
+                r.check.clone(),
+                if r.ok { "ok" } else { "FAIL" }.to_string(),
+                r.detail.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["CHECK", "RESULT", "DETAIL"], rows);
+}
+
+fn print_job(job: &JobView) {
+    println!("job:       {}", job.id);
+    println!("instance:  {}", job.instance);
+    println!("from:      {} to {}", job.source, job.target);
+    println!(
+        "kind:      {}",
+        if job.stateful {
+            "stateful"
+        } else {
+            "stateless"
+        }
+    );
+    println!("phase:     {}", job.phase);
+    if let Some(e) = &job.error {
+        println!("error:     {e}");
+    }
+    for note in &job.notes {
+        println!("note:      {note}");
+    }
+    if let (Some(down), Some(total), Some(bytes)) = (job.downtime_ms, job.total_ms, job.bytes) {
+        println!("figures:   downtime {down} ms, total {total} ms, {bytes} bytes");
+    }
+    if !job.report.is_empty() {
+        print_report(&job.report);
+    }
+}
+
+fn summary(job: &JobView) -> String {
+    match (job.succeeded, job.downtime_ms, job.total_ms, job.bytes) {
+        (true, Some(down), Some(total), Some(bytes)) => format!(
+            "moved {} from {} to {}: downtime {down} ms, total {total} ms, {:.1} MiB",
+            job.instance,
+            job.source,
+            job.target,
+            bytes as f64 / (1u64 << 20) as f64
+        ),
+        (true, ..) => format!(
+            "moved {} from {} to {}",
+            job.instance, job.source, job.target
+        ),
+        (false, ..) => format!(
+            "move of {} to {} ended in {}: {}",
+            job.instance,
+            job.target,
+            job.phase,
+            job.error.as_deref().unwrap_or("no error recorded")
+        ),
+    }
+}
+
+async fn job(client: &Client, id: u64) -> Result<JobView> {
+    match client.call(ApiRequest::JobShow { id }).await? {
+        ApiReply::Job(job) => Ok(*job),
+        _ => bail!("the agent answered with an unexpected reply"),
+    }
+}
+
+/// Follow a job to its end, showing each phase; Ok only if it is Done.
+async fn follow(client: &Client, id: u64) -> Result<()> {
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let mut last_phase = String::new();
+    let view = loop {
+        let view = job(client, id).await?;
+        if view.phase != last_phase {
+            match &bar {
+                Some(bar) => bar.set_message(format!("job {id}: {}", view.phase)),
+                None => println!("job {id}: {}", view.phase),
+            }
+            last_phase = view.phase.clone();
+        }
+        if view.done {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let line = summary(&view);
+    if view.succeeded {
+        println!("{line}");
+        Ok(())
+    } else {
+        if !view.report.iter().all(|r| r.ok) {
+            print_report(&view.report);
+        }
+        bail!("{line}")
+    }
+}
+
+pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
+    let request = MoveRequest {
+        instance: args.name.clone(),
+        target: args.target.clone(),
+        stateful: match (args.stateful, args.stateless) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        mode: match args.mode {
+            Mode::Pull => TransferMode::Pull,
+            Mode::Push => TransferMode::Push,
+        },
+        precopy_iterations: args.precopy_iterations,
+        precopy_goal_percent: args.precopy_goal,
+        dry_run: args.dry_run,
+    };
+    match client.call(ApiRequest::Move(request)).await? {
+        ApiReply::Report(report) => {
+            match args.format {
+                Format::Json => print_json(&report)?,
+                Format::Table => print_report(&report),
+            }
+            if report.iter().all(|r| r.ok) {
+                Ok(())
+            } else {
+                bail!(
+                    "{} cannot take '{}': {}",
+                    args.target,
+                    args.name,
+                    report
+                        .iter()
+                        .filter(|r| !r.ok)
+                        .map(|r| format!("{}: {}", r.check, r.detail))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }
+        }
+        ApiReply::Job(view) if args.detach => {
+            match args.format {
+                Format::Json => print_json(&view)?,
+                Format::Table => println!("job {} started", view.id),
+            }
+            Ok(())
+        }
+        ApiReply::Job(view) => follow(client, view.id).await,
+        _ => bail!("the agent answered with an unexpected reply"),
+    }
+}
+
+pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
+    match command {
+        JobCommand::List { format } => {
+            let ApiReply::Jobs(jobs) = client.call(ApiRequest::JobList).await? else {
+                bail!("the agent answered with an unexpected reply");
+            };
+            match format {
+                Format::Json => print_json(&jobs),
+                Format::Table => {
+                    let rows = jobs
+                        .iter()
+                        .map(|j| {
+                            vec![
+                                j.id.to_string(),
+                                j.instance.clone(),
+                                j.source.clone(),
+                                j.target.clone(),
+                                j.phase.clone(),
+                                j.error.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["ID", "INSTANCE", "SOURCE", "TARGET", "PHASE", "ERROR"],
+                        rows,
+                    );
+                    Ok(())
+                }
+            }
+        }
+        JobCommand::Show { id, format } => {
+            let view = job(client, id).await?;
+            match format {
+                Format::Json => print_json(&view),
+                Format::Table => {
+                    print_job(&view);
+                    Ok(())
+                }
+            }
+        }
+        JobCommand::Wait { id } => follow(client, id).await,
+        JobCommand::Abort { id } => {
+            let ApiReply::Job(view) = client.call(ApiRequest::JobAbort { id }).await? else {
+                bail!("the agent answered with an unexpected reply");
+            };
+            println!("abort requested for job {} (phase {})", view.id, view.phase);
+            Ok(())
+        }
+    }
+}
