@@ -80,6 +80,7 @@ pub struct Agent {
     /// Names of members known from the join answer, for checking Raft
     /// senders before our own log has caught up.
     pub seed_names: Mutex<BTreeMap<NodeId, String>>,
+    pub host: crate::container::reconcile::Host,
     shutdown: watch::Sender<Option<String>>,
 }
 
@@ -370,6 +371,7 @@ impl Agent {
             bootstrap: config.bootstrap,
             voters: config.voters,
             seed_names: Mutex::new(seeds.into_iter().collect()),
+            host: crate::container::reconcile::Host::new(dir.root(), &config.name),
             shutdown,
         });
         tokio::spawn(ferry_transport::rpc::serve(
@@ -402,6 +404,7 @@ impl Agent {
         }
         tokio::spawn(agent.clone().leader_loop());
         tokio::spawn(agent.clone().publish_facts());
+        tokio::spawn(crate::instances::run_reconciler(agent.clone()));
 
         dir.save_api_info(&ApiInfo {
             address: addr.to_string(),
@@ -439,13 +442,30 @@ impl Agent {
     }
 
     /// Propose a command, forwarding it to the leader when this agent is
-    /// not the leader, and waiting out elections up to a deadline.
+    /// not the leader, and waiting out elections up to a deadline. Returns
+    /// once this agent's own state has applied it, so a caller reads its
+    /// own write.
     pub async fn write(&self, command: Command) -> Result<CommandResult, ApiError> {
+        let (result, index) = self.write_indexed(command).await?;
+        let mut applied = self.state.subscribe();
+        let caught_up = applied.wait_for(|at| *at >= index);
+        if tokio::time::timeout(WRITE_DEADLINE, caught_up)
+            .await
+            .is_err()
+        {
+            tracing::warn!(index, "committed entry not applied here in time");
+        }
+        Ok(result)
+    }
+
+    /// [`Agent::write`] without waiting for the local apply; also returns
+    /// the entry's log index.
+    pub async fn write_indexed(&self, command: Command) -> Result<(CommandResult, u64), ApiError> {
         let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
         let mut last = String::from("no leader elected");
         while tokio::time::Instant::now() < deadline {
             match self.raft.client_write(command.clone()).await {
-                Ok(response) => return Ok(response.data),
+                Ok(response) => return Ok((response.data, response.log_id.index)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                     if let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) {
                         if leader != self.id {
@@ -484,7 +504,7 @@ impl Agent {
         &self,
         leader: &Node,
         command: &Command,
-    ) -> Result<CommandResult, ApiError> {
+    ) -> Result<(CommandResult, u64), ApiError> {
         let addr = parse_addr(&leader.addr)?;
         let request = Request::Api(ApiRequest::Write(command.clone()));
         match self
@@ -497,7 +517,9 @@ impl Agent {
             )
             .await
         {
-            Ok(Response::Api(crate::protocol::ApiReply::Written(result))) => Ok(result),
+            Ok(Response::Api(crate::protocol::ApiReply::Written { result, index })) => {
+                Ok((result, index))
+            }
             Ok(Response::Error(e)) => Err(e),
             Ok(_) => Err(ApiError::new(
                 ErrorKind::Internal,

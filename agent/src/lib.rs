@@ -3,8 +3,10 @@
 
 pub mod agent;
 pub mod client;
+pub mod container;
 pub mod datadir;
 pub mod facts;
+pub mod instances;
 pub mod membership;
 pub mod migration;
 pub mod protocol;

@@ -16,6 +16,9 @@ pub enum Request {
     Ping,
     /// Operator and internal commands (admin or node certificates).
     Api(ApiRequest),
+    /// Opens a channel carrying an instance's rootfs to its new owner
+    /// (member certificates only).
+    Upload(crate::instances::UploadRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +78,18 @@ pub enum ApiRequest {
     /// Sent to a member that was removed, so it stops serving.
     Removed,
     Move(crate::migration::api::MoveRequest),
+    Launch(crate::instances::LaunchRequest),
+    InstanceList,
+    InstanceShow {
+        name: String,
+    },
+    /// An operation that needs the owner's host; forwarded to the owner.
+    Instance {
+        name: String,
+        op: crate::instances::InstanceOp,
+        /// Already forwarded once: do not forward again.
+        forwarded: bool,
+    },
     JobList,
     JobShow {
         id: ferry_raft::JobId,
@@ -92,12 +107,23 @@ pub enum ApiReply {
         token: String,
     },
     Tokens(Vec<TokenView>),
-    Written(CommandResult),
+    /// A committed write and its log index.
+    Written {
+        result: CommandResult,
+        index: u64,
+    },
     Done,
     /// A compatibility report (`ferry move --dry-run`).
     Report(Vec<ferry_raft::CheckResult>),
     Job(Box<crate::migration::api::JobView>),
     Jobs(Vec<crate::migration::api::JobView>),
+    Instances(Vec<crate::instances::InstanceView>),
+    Instance(Box<crate::instances::InstanceDetail>),
+    Exec {
+        code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -63,6 +63,10 @@ impl Service for AgentService {
         }
         match request {
             Request::Join(_) => unreachable_join(),
+            Request::Upload(_) => Response::Error(ApiError::new(
+                ErrorKind::BadRequest,
+                "an upload must open a channel",
+            )),
             Request::Ping => Response::Pong {
                 id: agent.id,
                 name: agent.name.clone(),
@@ -78,6 +82,33 @@ impl Service for AgentService {
                 Ok(reply) => Response::Api(reply),
                 Err(e) => Response::Error(e),
             },
+        }
+    }
+
+    fn wants_stream(&self, request: &Request) -> bool {
+        matches!(request, Request::Upload(_))
+    }
+
+    async fn handle_stream(
+        &self,
+        peer: Arc<Peer>,
+        request: Request,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let member = peer.cert.as_ref().is_some_and(|c| {
+            matches!(c.identity, Identity::Node(_))
+                && !self.agent.state.read(|s| s.is_revoked(&c.serial))
+        });
+        match request {
+            Request::Upload(upload) if member => {
+                crate::instances::receive_upload(&self.agent, upload, send, recv).await
+            }
+            _ => {
+                let reply = unauthorized("only members may open transfer channels");
+                let _ = ferry_transport::frame::write_frame(&mut send, &reply).await;
+                let _ = send.finish();
+            }
         }
     }
 
@@ -222,7 +253,8 @@ async fn handle_api(
         }
         ApiRequest::Remove { name, force } => remove_member(agent, &name, force).await,
         ApiRequest::Write(command) if from_member => {
-            Ok(ApiReply::Written(agent.write(command).await?))
+            let (result, index) = agent.write_indexed(command).await?;
+            Ok(ApiReply::Written { result, index })
         }
         ApiRequest::Removed if from_member => {
             let gone = agent
@@ -236,6 +268,14 @@ async fn handle_api(
         ApiRequest::JobList => Ok(crate::migration::api::list(agent)),
         ApiRequest::JobShow { id } => crate::migration::api::show(agent, id),
         ApiRequest::JobAbort { id } => crate::migration::api::abort(agent, id).await,
+        ApiRequest::Launch(request) => crate::instances::launch(agent, request).await,
+        ApiRequest::InstanceList => Ok(crate::instances::list(agent)),
+        ApiRequest::InstanceShow { name } => crate::instances::show(agent, &name),
+        ApiRequest::Instance {
+            name,
+            op,
+            forwarded,
+        } => crate::instances::operate(agent, &name, op, forwarded).await,
         ApiRequest::Write(_) | ApiRequest::Removed => Err(ApiError::new(
             ErrorKind::Unauthorized,
             "only members may send internal requests",

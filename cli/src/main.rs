@@ -1,6 +1,7 @@
 //! `ferry`: the one binary. `ferry agent` runs the daemon; every other
 //! command talks to the local agent over mutually authenticated QUIC.
 
+mod instances;
 mod jobs;
 mod output;
 
@@ -43,6 +44,8 @@ enum Commands {
     /// Members, join tokens and removal.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    #[command(flatten)]
+    Instance(instances::InstanceCommand),
     /// Move an instance to another member (live by default when it runs).
     Move(jobs::MoveArgs),
     /// Migration jobs.
@@ -176,6 +179,15 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Agent(args) => run_agent(cli.data_dir, args).await,
         Commands::Cluster(command) => {
             cluster(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
+        }
+        Commands::Instance(command) => {
+            let code =
+                instances::run(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await?;
+            if code != 0 {
+                // `ferry exec` passes the command's exit status on.
+                std::process::exit(code);
+            }
+            Ok(())
         }
         Commands::Move(args) => {
             jobs::run_move(&connect(&cli.data_dir, cli.agent.as_deref())?, args).await

@@ -25,6 +25,78 @@ pub fn ferry_bin() -> PathBuf {
     dir.parent().map(|p| p.join("ferry")).unwrap_or(beside)
 }
 
+/// Whether runc and CRIU (>= 4, `criu check` passing) are usable as root.
+/// Under CI (`CI=true`) a missing prerequisite fails the test; elsewhere the
+/// test is skipped with the reason printed.
+pub fn require_container_runtime() -> bool {
+    let missing = container_runtime_missing();
+    match missing {
+        None => true,
+        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("container tests need {reason} (run scripts/install-deps.sh as root)")
+        }
+        Some(reason) => {
+            eprintln!(
+                "SKIPPED: container tests need {reason} (run scripts/install-deps.sh as root)"
+            );
+            false
+        }
+    }
+}
+
+fn container_runtime_missing() -> Option<String> {
+    let run = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    if run("id", &["-u"]).map(|u| u.trim().to_string()) != Some("0".into()) {
+        return Some("root".into());
+    }
+    run("runc", &["--version"])?;
+    let criu = run("criu", &["--version"]).unwrap_or_default();
+    let major = criu
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 4 {
+        return Some("CRIU >= 4".into());
+    }
+    if run("criu", &["check"]).is_none() {
+        return Some("a passing 'criu check'".into());
+    }
+    None
+}
+
+/// A busybox root filesystem (Debian's busybox-static) in `dir`.
+pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("busybox-rootfs");
+    for sub in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("copy /bin/busybox (install busybox-static)")?;
+    let list = Command::new("/bin/busybox").arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+        }
+    }
+    Ok(root)
+}
+
+/// The counter workload of the tests: a shell variable, written to
+/// /counter every 100 ms; it only survives a restart through memory.
+pub const COUNTER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done",
+];
+
 /// Poll `check` until it yields a value or `timeout` passes; the error
 /// names what was awaited and the last reason it was not there yet.
 pub fn wait_for<T>(
@@ -61,6 +133,25 @@ impl AgentProc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Containers this agent's runc knows, with their status.
+    pub fn containers(&self) -> Vec<(String, String)> {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(self.data_dir.join("runc"))
+            .args(["list", "--format", "json"])
+            .output();
+        let Ok(out) = out else { return Vec::new() };
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        list.iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().unwrap_or_default().to_string(),
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -288,6 +379,21 @@ impl Cluster {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Running copies of `instance` across every agent's runc.
+    pub fn running_copies(&self, instance: &str) -> usize {
+        self.agents
+            .iter()
+            .flat_map(|a| a.containers())
+            .filter(|(id, status)| id == instance && status == "running")
+            .count()
+    }
+
+    /// `ferry exec NAME -- cat /counter` through member `index`.
+    pub fn counter(&self, index: usize, instance: &str) -> Result<u64> {
+        let text = self.ferry_ok(index, &["exec", instance, "--", "cat", "/counter"])?;
+        Ok(text.trim().parse()?)
+    }
+
     /// `cluster list` as seen by member `index`.
     pub fn members(&self, index: usize) -> Result<Vec<serde_json::Value>> {
         match self.ferry_json(index, &["cluster", "list"])? {
@@ -386,6 +492,16 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.agents.len() {
             self.kill(i);
+        }
+        // No container outlives its test.
+        for agent in &self.agents {
+            for (id, _) in agent.containers() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(agent.data_dir.join("runc"))
+                    .args(["delete", "--force", &id])
+                    .output();
+            }
         }
         if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
             let root = self.root.path().to_path_buf();

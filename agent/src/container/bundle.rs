@@ -1,0 +1,186 @@
+//! An instance's place on its owner: the OCI bundle (config.json written
+//! with oci-spec, rootfs), console and runc logs, checkpoint images.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{op} {path}: {reason}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot write config.json: {0}")]
+    Spec(String),
+    #[error("rootfs {path} is neither a directory nor a readable tar archive; pass a directory or a .tar file to --rootfs")]
+    BadRootfs { path: PathBuf },
+}
+
+/// Files of one instance under `<data-dir>/instances/<name>`.
+#[derive(Clone, Debug)]
+pub struct InstanceDir {
+    root: PathBuf,
+}
+
+impl InstanceDir {
+    pub fn new(data_dir: &Path, name: &str) -> Self {
+        InstanceDir {
+            root: data_dir.join("instances").join(name),
+        }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn bundle(&self) -> PathBuf {
+        self.root.join("bundle")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle().join("rootfs")
+    }
+    pub fn runc_log(&self) -> PathBuf {
+        self.root.join("runc.log")
+    }
+    /// Images of the last stateful stop.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoint")
+    }
+    pub fn criu_work(&self) -> PathBuf {
+        self.root.join("criu-work")
+    }
+    pub fn exists(&self) -> bool {
+        self.bundle().join("config.json").exists()
+    }
+}
+
+fn io_err(op: &'static str, path: &Path, e: impl ToString) -> BundleError {
+    BundleError::Io {
+        op,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// What config.json says: the command, limits, and where the container
+/// sits in the cgroup tree (per agent, so agents on one host never share).
+pub struct BundleConfig<'a> {
+    pub name: &'a str,
+    pub command: &'a [String],
+    pub memory_bytes: Option<u64>,
+    pub cgroup_parent: &'a str,
+}
+
+pub fn spec(config: &BundleConfig) -> Result<Spec, BundleError> {
+    let mut spec = Spec::default();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(config.command.to_vec())
+        .env(vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ])
+        .cwd("/")
+        .build()
+        .map_err(|e| BundleError::Spec(e.to_string()))?;
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(config.name.to_string()));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(false)
+            .build()
+            .map_err(|e| BundleError::Spec(e.to_string()))?,
+    ));
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_cgroups_path(Some(PathBuf::from(format!(
+            "/{}/{}",
+            config.cgroup_parent, config.name
+        ))));
+        if let Some(limit) = config.memory_bytes {
+            let memory = LinuxMemoryBuilder::default()
+                .limit(limit as i64)
+                .build()
+                .map_err(|e| BundleError::Spec(e.to_string()))?;
+            let resources = LinuxResourcesBuilder::default()
+                .memory(memory)
+                .build()
+                .map_err(|e| BundleError::Spec(e.to_string()))?;
+            linux.set_resources(Some(resources));
+        }
+    }
+    Ok(spec)
+}
+
+pub fn write_config(dir: &InstanceDir, config: &BundleConfig) -> Result<(), BundleError> {
+    let bundle = dir.bundle();
+    std::fs::create_dir_all(&bundle).map_err(|e| io_err("create", &bundle, e))?;
+    spec(config)?
+        .save(bundle.join("config.json"))
+        .map_err(|e| BundleError::Spec(e.to_string()))
+}
+
+/// Copy a rootfs directory, or unpack a tar archive, into `dest` (blocking;
+/// call from spawn_blocking). `cp -a` and `tar` keep owners, modes, links
+/// and special files exactly.
+pub fn import_rootfs(source: &Path, dest: &Path) -> Result<(), BundleError> {
+    let meta = std::fs::metadata(source).map_err(|e| io_err("read", source, e))?;
+    std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
+    let status = if meta.is_dir() {
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", source.display()))
+            .arg(dest)
+            .status()
+    } else {
+        std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(source)
+            .arg("-C")
+            .arg(dest)
+            .status()
+    }
+    .map_err(|e| io_err("copy", source, e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_dir_all(dest);
+        Err(BundleError::BadRootfs {
+            path: source.to_path_buf(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_the_command_limits_namespaces_and_own_cgroup() {
+        let command = vec!["sh".to_string(), "-c".to_string(), "true".to_string()];
+        let spec = spec(&BundleConfig {
+            name: "c1",
+            command: &command,
+            memory_bytes: Some(64 << 20),
+            cgroup_parent: "ferry-n1",
+        })
+        .unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["process"]["args"][2], "true");
+        assert_eq!(json["process"]["terminal"], false);
+        assert_eq!(json["root"]["readonly"], false);
+        assert_eq!(json["linux"]["cgroupsPath"], "/ferry-n1/c1");
+        assert_eq!(json["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        let namespaces: Vec<&str> = json["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["type"].as_str())
+            .collect();
+        for ns in ["pid", "network", "ipc", "uts", "mount"] {
+            assert!(namespaces.contains(&ns), "{ns} missing");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The `runc` binary, driven as a child process (never in-process). Each
+//! agent has its own state root so several agents share a host; every call
+//! logs to the instance's runc.log, and errors name that file.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::process::Command;
+
+/// Output of `ferry exec` kept at most (per stream).
+const MAX_EXEC_OUTPUT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuncError {
+    #[error("cannot run runc ({0}); is runc installed? (scripts/install-deps.sh)")]
+    Spawn(std::io::Error),
+    #[error("runc {op} of '{id}' failed: {message} (see {log})")]
+    Failed {
+        op: &'static str,
+        id: String,
+        message: String,
+        log: PathBuf,
+    },
+    #[error("cannot prepare {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Running,
+    Paused,
+    /// Created or exited: present in runc's state, not running.
+    Stopped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerState {
+    pub status: Status,
+    pub pid: u32,
+}
+
+#[derive(Deserialize)]
+struct RawState {
+    id: String,
+    status: String,
+    #[serde(default)]
+    pid: u32,
+}
+
+fn parse_status(status: &str) -> Status {
+    match status {
+        "running" => Status::Running,
+        "paused" | "pausing" => Status::Paused,
+        _ => Status::Stopped,
+    }
+}
+
+/// Output of a command run inside a container.
+#[derive(Clone, Debug)]
+pub struct ExecOutput {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Runc {
+    root: PathBuf,
+}
+
+impl Runc {
+    pub fn new(root: PathBuf) -> Self {
+        Runc { root }
+    }
+
+    fn command(&self, log: &Path) -> Command {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(log)
+            .stdin(Stdio::null())
+            .kill_on_drop(false);
+        cmd
+    }
+
+    async fn run(
+        &self,
+        op: &'static str,
+        id: &str,
+        log: &Path,
+        mut cmd: Command,
+    ) -> Result<std::process::Output, RuncError> {
+        let output = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(RuncError::Spawn)?;
+        if output.status.success() {
+            return Ok(output);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let message = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no error output")
+            .trim()
+            .to_string();
+        Err(RuncError::Failed {
+            op,
+            id: id.to_string(),
+            message,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Containers this agent's runc knows, by id.
+    pub async fn list(&self, log: &Path) -> Result<Vec<(String, ContainerState)>, RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["list", "--format", "json"]);
+        let out = self.run("list", "*", log, cmd).await?;
+        let raw: Option<Vec<RawState>> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(raw
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.id,
+                    ContainerState {
+                        status: parse_status(&r.status),
+                        pid: r.pid,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    pub async fn state(&self, id: &str, log: &Path) -> Result<Option<ContainerState>, RuncError> {
+        Ok(self
+            .list(log)
+            .await?
+            .into_iter()
+            .find(|(name, _)| name == id)
+            .map(|(_, state)| state))
+    }
+
+    /// The container's stdio. A host file cannot be used: CRIU cannot dump
+    /// an fd opened through a mount outside the container, and a pipe to
+    /// the agent would die with the agent. So /dev/null for now.
+    fn console() -> (Stdio, Stdio) {
+        (Stdio::null(), Stdio::null())
+    }
+
+    /// Start detached.
+    pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), RuncError> {
+        let (out, err) = Self::console();
+        let status = self
+            .command(log)
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .await
+            .map_err(RuncError::Spawn)?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(self.failure("run", id, log))
+        }
+    }
+
+    /// The last runc log line, for errors of commands whose stderr went to
+    /// the console log.
+    fn failure(&self, op: &'static str, id: &str, log: &Path) -> RuncError {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let message = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("level=error") || l.contains("error"))
+            .unwrap_or("runc exited with an error")
+            .to_string();
+        RuncError::Failed {
+            op,
+            id: id.to_string(),
+            message,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub async fn kill(&self, id: &str, signal: &str, log: &Path) -> Result<(), RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["kill", "--all", id, signal]);
+        self.run("kill", id, log, cmd).await.map(|_| ())
+    }
+
+    pub async fn delete(&self, id: &str, force: bool, log: &Path) -> Result<(), RuncError> {
+        let mut cmd = self.command(log);
+        cmd.arg("delete");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg(id);
+        self.run("delete", id, log, cmd).await.map(|_| ())
+    }
+
+    pub async fn pause(&self, id: &str, log: &Path) -> Result<(), RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["pause", id]);
+        self.run("pause", id, log, cmd).await.map(|_| ())
+    }
+
+    pub async fn resume(&self, id: &str, log: &Path) -> Result<(), RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["resume", id]);
+        self.run("resume", id, log, cmd).await.map(|_| ())
+    }
+
+    /// CRIU dump through runc. Without `leave_running` the container is
+    /// gone afterwards; with it, it keeps its state (running or paused).
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        images: &Path,
+        work: &Path,
+        leave_running: bool,
+        log: &Path,
+    ) -> Result<(), RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["checkpoint", "--image-path"])
+            .arg(images)
+            .arg("--work-path")
+            .arg(work);
+        if leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        self.run("checkpoint", id, log, cmd).await.map(|_| ())
+    }
+
+    /// CRIU restore through runc, detached.
+    pub async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        log: &Path,
+    ) -> Result<(), RuncError> {
+        let (out, err) = Self::console();
+        let status = self
+            .command(log)
+            .args(["restore", "--detach", "--image-path"])
+            .arg(images)
+            .arg("--work-path")
+            .arg(work)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .await
+            .map_err(RuncError::Spawn)?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(self.failure("restore", id, log))
+        }
+    }
+
+    pub async fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        log: &Path,
+    ) -> Result<ExecOutput, RuncError> {
+        let output = self
+            .command(log)
+            .args(["exec", id])
+            .args(argv)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(RuncError::Spawn)?;
+        let mut stdout = output.stdout;
+        let mut stderr = output.stderr;
+        stdout.truncate(MAX_EXEC_OUTPUT);
+        stderr.truncate(MAX_EXEC_OUTPUT);
+        Ok(ExecOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_statuses_map_to_three_states() {
+        assert_eq!(parse_status("running"), Status::Running);
+        assert_eq!(parse_status("paused"), Status::Paused);
+        assert_eq!(parse_status("created"), Status::Stopped);
+        assert_eq!(parse_status("stopped"), Status::Stopped);
+    }
+}

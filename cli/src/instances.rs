@@ -1,0 +1,291 @@
+//! `ferry launch | list | show | start | stop | delete | exec`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_agent::client::Client;
+use ferry_agent::instances::{InstanceDetail, InstanceOp, LaunchRequest};
+use ferry_agent::protocol::{ApiReply, ApiRequest};
+
+use crate::output::{print_json, print_table};
+use crate::Format;
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Name of the new instance.
+    name: String,
+    /// Root filesystem: a directory or a tar archive.
+    #[arg(long, value_name = "PATH")]
+    rootfs: std::path::PathBuf,
+    /// Member to run it on (default: the one with the most memory).
+    #[arg(long, value_name = "NODE")]
+    target: Option<String>,
+    /// Memory limit, e.g. 64M, 1G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Return without waiting for the instance to run.
+    #[arg(long)]
+    detach: bool,
+    /// The command to run, after '--'.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum InstanceCommand {
+    /// Create and start a container instance.
+    Launch(LaunchArgs),
+    /// List instances.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one instance with its baseline and snapshots.
+    Show {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Start a stopped instance (restoring its memory after a stateful stop).
+    Start { name: String },
+    /// Stop an instance.
+    Stop {
+        name: String,
+        /// Checkpoint memory with CRIU so that start continues where it was.
+        #[arg(long, conflicts_with = "force")]
+        stateful: bool,
+        /// Kill at once instead of SIGTERM then SIGKILL after 5 s.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete an instance and its files.
+    Delete {
+        name: String,
+        /// Delete even if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command inside a running instance; exits with its status.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+}
+
+/// "64M", "1G", "512K", or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 64M or 1G"))?;
+    let scale: u64 = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("'{text}': unit must be K, M or G")),
+    };
+    n.checked_mul(scale)
+        .filter(|b| *b >= 4 << 20)
+        .ok_or_else(|| format!("'{text}': a memory limit must be at least 4M"))
+}
+
+fn unexpected() -> anyhow::Error {
+    anyhow::anyhow!("the agent answered with an unexpected reply")
+}
+
+async fn detail(client: &Client, name: &str) -> Result<InstanceDetail> {
+    match client
+        .call(ApiRequest::InstanceShow { name: name.into() })
+        .await?
+    {
+        ApiReply::Instance(d) => Ok(*d),
+        _ => Err(unexpected()),
+    }
+}
+
+fn detail_json(d: &InstanceDetail) -> serde_json::Value {
+    let mut value = serde_json::to_value(&d.view).unwrap_or_default();
+    if let (Some(object), Ok(serde_json::Value::Object(rest))) =
+        (value.as_object_mut(), serde_json::to_value(d))
+    {
+        for (k, v) in rest {
+            if k != "view" {
+                object.insert(k, v);
+            }
+        }
+    }
+    value
+}
+
+fn print_detail(d: &InstanceDetail) {
+    println!("name:      {}", d.view.name);
+    println!("kind:      {}", d.view.kind);
+    println!("node:      {} (epoch {})", d.view.node, d.view.epoch);
+    println!("state:     {} (desired {})", d.view.state, d.desired);
+    if let Some(detail) = &d.detail {
+        println!("detail:    {detail}");
+    }
+    println!("command:   {}", d.command.join(" "));
+    if let Some(m) = d.memory_bytes {
+        println!("memory:    {} MiB", m >> 20);
+    }
+    println!("rootfs:    {}", d.rootfs_source);
+    if d.checkpointed {
+        println!("memory state kept by a stateful stop; 'ferry start' restores it");
+    }
+    match &d.baseline {
+        Some(b) => {
+            println!(
+                "baseline:  recorded on node {}: {} {}, {} CPU flags, {} syscalls",
+                b.node,
+                b.arch,
+                b.kernel,
+                b.cpu_flags.len(),
+                b.syscalls.len()
+            );
+            println!("fs inside: {}", b.filesystems.join(" "));
+        }
+        None => println!("baseline:  none yet (recorded when it starts)"),
+    }
+    if let Some(job) = d.job {
+        println!("job:       {job} (moving)");
+    }
+}
+
+/// Wait until a launched or started instance runs, or report its error.
+async fn wait_running(client: &Client, name: &str) -> Result<InstanceDetail> {
+    for _ in 0..300 {
+        let d = detail(client, name).await?;
+        match d.view.state.as_str() {
+            "running" => return Ok(d),
+            "error" => bail!(
+                "instance '{name}' failed to start: {}",
+                d.detail.as_deref().unwrap_or("no detail")
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    bail!("instance '{name}' did not start within 30 s; 'ferry show {name}' tells more")
+}
+
+async fn op(client: &Client, name: &str, op: InstanceOp) -> Result<ApiReply> {
+    Ok(client
+        .call(ApiRequest::Instance {
+            name: name.into(),
+            op,
+            forwarded: false,
+        })
+        .await?)
+}
+
+pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
+    match command {
+        InstanceCommand::Launch(args) => {
+            let rootfs = std::path::absolute(&args.rootfs)
+                .with_context(|| format!("bad rootfs path {}", args.rootfs.display()))?;
+            let request = LaunchRequest {
+                name: args.name.clone(),
+                rootfs: rootfs.to_string_lossy().into_owned(),
+                target: args.target,
+                memory_bytes: args.memory,
+                command: args.command,
+            };
+            let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
+                return Err(unexpected());
+            };
+            if args.detach {
+                println!("launched {} on {}", d.view.name, d.view.node);
+            } else {
+                let d = wait_running(client, &args.name).await?;
+                println!("launched {} on {}, running", d.view.name, d.view.node);
+            }
+        }
+        InstanceCommand::List { format } => {
+            let ApiReply::Instances(list) = client.call(ApiRequest::InstanceList).await? else {
+                return Err(unexpected());
+            };
+            match format {
+                Format::Json => print_json(&list)?,
+                Format::Table => print_table(
+                    &["NAME", "KIND", "NODE", "STATE", "EPOCH"],
+                    list.iter()
+                        .map(|i| {
+                            vec![
+                                i.name.clone(),
+                                i.kind.clone(),
+                                i.node.clone(),
+                                i.state.clone(),
+                                i.epoch.to_string(),
+                            ]
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        InstanceCommand::Show { name, format } => {
+            let d = detail(client, &name).await?;
+            match format {
+                Format::Json => print_json(&detail_json(&d))?,
+                Format::Table => print_detail(&d),
+            }
+        }
+        InstanceCommand::Start { name } => {
+            op(client, &name, InstanceOp::Start).await?;
+            let d = wait_running(client, &name).await?;
+            println!("started {name} on {}", d.view.node);
+        }
+        InstanceCommand::Stop {
+            name,
+            stateful,
+            force,
+        } => {
+            op(client, &name, InstanceOp::Stop { stateful, force }).await?;
+            println!(
+                "stopped {name}{}",
+                if stateful { " (memory state kept)" } else { "" }
+            );
+        }
+        InstanceCommand::Delete { name, force } => {
+            op(client, &name, InstanceOp::Delete { force }).await?;
+            println!("deleted {name}");
+        }
+        InstanceCommand::Exec { name, command } => {
+            let ApiReply::Exec {
+                code,
+                stdout,
+                stderr,
+            } = op(client, &name, InstanceOp::Exec { argv: command }).await?
+            else {
+                return Err(unexpected());
+            };
+            std::io::stdout().write_all(&stdout)?;
+            std::io::stderr().write_all(&stderr)?;
+            return Ok(code);
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_reject_nonsense() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
+}

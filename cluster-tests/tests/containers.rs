@@ -1,0 +1,201 @@
+//! Container instances on real runc + CRIU across agents on loopback.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster, COUNTER};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Two members and the counter instance running on n2, launched via n1.
+fn with_counter_on_n2() -> Result<Cluster> {
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    cluster.join("n2", 0)?;
+    cluster.wait_converged(&["n1", "n2"], CONVERGE)?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let mut args = vec!["launch", "c1", "--rootfs", &rootfs, "--target", "n2", "--"];
+    args.extend(COUNTER);
+    cluster.ferry_ok(0, &args)?;
+    wait_for("the counter to count", CONVERGE, || {
+        match cluster.counter(0, "c1")? {
+            n if n >= 3 => Ok(()),
+            n => bail!("counter at {n}"),
+        }
+    })?;
+    Ok(cluster)
+}
+
+#[test]
+fn launch_on_a_chosen_member_and_every_member_agrees() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = with_counter_on_n2()?;
+    for via in [0, 1] {
+        let list = cluster.ferry_json(via, &["list"])?;
+        let c1 = &list[0];
+        assert_eq!(
+            (
+                c1["name"].as_str(),
+                c1["node"].as_str(),
+                c1["state"].as_str(),
+                c1["kind"].as_str()
+            ),
+            (Some("c1"), Some("n2"), Some("running"), Some("container")),
+            "{list}"
+        );
+        assert_eq!(c1["epoch"], 1);
+    }
+    assert_eq!(cluster.running_copies("c1"), 1);
+    assert!(
+        cluster.agents[0].containers().is_empty(),
+        "n1 must not run c1"
+    );
+    let show = cluster.ferry_json(0, &["show", "c1"])?;
+    let baseline = &show["baseline"];
+    assert!(
+        baseline["cpu_flags"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()),
+        "{show}"
+    );
+    assert!(
+        baseline["filesystems"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|t| t == "proc")),
+        "{show}"
+    );
+    Ok(())
+}
+
+#[test]
+fn stateful_stop_then_start_continues_the_counter() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = with_counter_on_n2()?;
+    cluster.ferry_ok(0, &["stop", "c1", "--stateful"])?;
+    assert_eq!(cluster.running_copies("c1"), 0);
+    let rootfs = cluster.agents[1]
+        .data_dir
+        .join("instances/c1/bundle/rootfs");
+    let stopped_at: u64 = std::fs::read_to_string(rootfs.join("counter"))?
+        .trim()
+        .parse()?;
+    assert!(stopped_at >= 3);
+    let show = cluster.ferry_json(1, &["show", "c1"])?;
+    assert_eq!(
+        (show["state"].as_str(), show["checkpointed"].as_bool()),
+        (Some("stopped"), Some(true))
+    );
+    cluster.ferry_ok(0, &["start", "c1"])?;
+    // Restarted from scratch it would count from 1 again.
+    let after = cluster.counter(1, "c1")?;
+    assert!(
+        after >= stopped_at,
+        "counter went back from {stopped_at} to {after}"
+    );
+    wait_for("the counter to move on", CONVERGE, || {
+        match cluster.counter(0, "c1")? {
+            n if n > stopped_at => Ok(()),
+            n => bail!("counter at {n}"),
+        }
+    })?;
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
+#[test]
+fn owner_agent_kill_9_and_restart_keeps_exactly_one_copy() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = with_counter_on_n2()?;
+    cluster.kill(1);
+    // The container does not depend on its agent.
+    assert_eq!(cluster.running_copies("c1"), 1);
+    let before: u64 = std::fs::read_to_string(
+        cluster.agents[1]
+            .data_dir
+            .join("instances/c1/bundle/rootfs/counter"),
+    )?
+    .trim()
+    .parse()?;
+    cluster.restart(1)?;
+    wait_for("n2 to report c1 running", CONVERGE, || {
+        let list = cluster.ferry_json(0, &["list"])?;
+        if list[0]["state"] == "running" {
+            Ok(())
+        } else {
+            bail!("{list}")
+        }
+    })?;
+    let after = cluster.counter(0, "c1")?;
+    assert!(
+        after >= before,
+        "the instance restarted: {before} -> {after}"
+    );
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
+#[test]
+fn bad_instance_input_gets_one_clear_line_and_loses_nothing() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = with_counter_on_n2()?;
+    let rootfs = cluster
+        .root()
+        .join("busybox-rootfs")
+        .to_string_lossy()
+        .into_owned();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["show", "nope"], "no instance named 'nope'"),
+        (
+            vec!["exec", "nope", "--", "true"],
+            "no instance named 'nope'",
+        ),
+        (vec!["stop", "nope"], "no instance named 'nope'"),
+        (
+            vec!["launch", "c1", "--rootfs", &rootfs, "--", "true"],
+            "already exists",
+        ),
+        (
+            vec!["launch", "Bad_Name", "--rootfs", &rootfs, "--", "true"],
+            "invalid instance name",
+        ),
+        (
+            vec!["launch", "c2", "--rootfs", "/does/not/exist", "--", "true"],
+            "cannot read rootfs",
+        ),
+        (
+            vec![
+                "launch", "c3", "--rootfs", &rootfs, "--target", "ghost", "--", "true",
+            ],
+            "no member named 'ghost'",
+        ),
+        (
+            vec!["delete", "c1"],
+            "is running; stop it first or pass --force",
+        ),
+        (vec!["start", "c1"], "already running"),
+    ];
+    for (args, expected) in cases {
+        let err = cluster.ferry_err(0, &args)?;
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // Nothing was lost or added.
+    let list = cluster.ferry_json(1, &["list"])?;
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1), "{list}");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    assert!(cluster.counter(0, "c1")? > 0);
+    // And delete --force really deletes.
+    cluster.ferry_ok(0, &["delete", "c1", "--force"])?;
+    assert_eq!(cluster.running_copies("c1"), 0);
+    assert!(!cluster.agents[1].data_dir.join("instances/c1").exists());
+    Ok(())
+}
