@@ -220,6 +220,8 @@ pub enum HiddenFact {
     Syscall(String),
     /// `fs:TYPE`
     Filesystem(String),
+    /// `runtime:criu`: report criu as missing.
+    Criu,
 }
 
 /// Parses the value of [`HIDE_FACTS_ENV`] (tests only): comma-separated
@@ -239,6 +241,7 @@ pub fn parse_hide_facts(spec: &str) -> Vec<HiddenFact> {
                 "cpu" => Some(HiddenFact::CpuFlag(name)),
                 "syscall" => Some(HiddenFact::Syscall(name)),
                 "fs" => Some(HiddenFact::Filesystem(name)),
+                "runtime" if name == "criu" => Some(HiddenFact::Criu),
                 _ => None,
             }
         });
@@ -261,6 +264,11 @@ pub fn apply_hidden_facts(facts: &mut HostFacts, hidden: &[HiddenFact]) {
             HiddenFact::CpuFlag(n) => (&mut facts.cpu_flags, n),
             HiddenFact::Syscall(n) => (&mut facts.syscalls, n),
             HiddenFact::Filesystem(n) => (&mut facts.filesystems, n),
+            HiddenFact::Criu => {
+                facts.runtimes.criu = None;
+                facts.runtimes.criu_check = false;
+                continue;
+            }
         };
         list.retain(|x| x != name);
     }

@@ -47,6 +47,9 @@ pub enum InstanceOp {
     Stop { stateful: bool, force: bool },
     Delete { force: bool },
     Exec { argv: Vec<String> },
+    SnapshotCreate { snapshot: String, stateful: bool },
+    SnapshotRestore { snapshot: String },
+    SnapshotDelete { snapshot: String },
 }
 
 /// `ferry list --format json` (CLI.md).
@@ -504,6 +507,86 @@ pub async fn operate(
             observe(agent, name, ObservedState::Stopped, None, stateful).await;
             show(agent, name)
         }
+        InstanceOp::SnapshotCreate { snapshot, stateful } => {
+            validate_name(&snapshot)?;
+            if instance.snapshots.iter().any(|s| s.name == snapshot) {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!("instance '{name}' already has a snapshot named '{snapshot}'"),
+                ));
+            }
+            if stateful && !running {
+                return Err(err(ErrorKind::Conflict, format!("instance '{name}' is not running; a stateful snapshot needs running processes")));
+            }
+            agent
+                .host
+                .snapshot(name, &snapshot, stateful)
+                .await
+                .map_err(|e| internal(format!("snapshot failed, '{name}' is unchanged: {e}")))?;
+            let record = SnapshotRecord {
+                name: snapshot.clone(),
+                stateful,
+                created_ms: now_ms(),
+            };
+            if let Err(e) = commit(
+                agent,
+                InstanceCommand::AddSnapshot {
+                    name: name.into(),
+                    snapshot: record,
+                },
+            )
+            .await
+            {
+                let _ = tokio::fs::remove_dir_all(agent.host.dir(name).snapshot(&snapshot)).await;
+                return Err(e);
+            }
+            show(agent, name)
+        }
+        InstanceOp::SnapshotRestore { snapshot } => {
+            let record = instance
+                .snapshots
+                .iter()
+                .find(|s| s.name == snapshot)
+                .ok_or_else(|| {
+                    err(
+                        ErrorKind::NotFound,
+                        format!("instance '{name}' has no snapshot named '{snapshot}'"),
+                    )
+                })?;
+            let stateful = record.stateful;
+            let restart = stateful || running || instance.desired == DesiredState::Running;
+            if restart {
+                commit(
+                    agent,
+                    InstanceCommand::SetDesired {
+                        name: name.into(),
+                        desired: DesiredState::Running,
+                    },
+                )
+                .await?;
+                if let Err(e) = agent.host.restore_snapshot(name, &snapshot, stateful).await {
+                    report(agent, name, Some(e.to_string())).await;
+                    return Err(internal(e));
+                }
+                report(agent, name, None).await;
+            } else {
+                let dir = agent.host.dir(name);
+                copy_rootfs(dir.snapshot(&snapshot).join("rootfs"), dir.rootfs()).await?;
+            }
+            show(agent, name)
+        }
+        InstanceOp::SnapshotDelete { snapshot } => {
+            commit(
+                agent,
+                InstanceCommand::RemoveSnapshot {
+                    name: name.into(),
+                    snapshot: snapshot.clone(),
+                },
+            )
+            .await?;
+            let _ = tokio::fs::remove_dir_all(agent.host.dir(name).snapshot(&snapshot)).await;
+            show(agent, name)
+        }
         InstanceOp::Delete { force } => {
             if running && !force {
                 return Err(err(
@@ -519,6 +602,13 @@ pub async fn operate(
             Ok(ApiReply::Done)
         }
     }
+}
+
+async fn copy_rootfs(source: std::path::PathBuf, dest: std::path::PathBuf) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(move || bundle::copy_tree(&source, &dest))
+        .await
+        .map_err(internal)?
+        .map_err(internal)
 }
 
 async fn forward(agent: &Agent, instance: &Instance, op: InstanceOp) -> Result<ApiReply, ApiError> {
@@ -606,10 +696,15 @@ async fn report(agent: &Agent, name: &str, error: Option<String>) {
 
 async fn record_baseline(agent: &Agent, name: &str, pid: u32) {
     let Some((facts, epoch)) = agent.state.read(|s| {
-        let facts = s.members.get(&agent.id)?.facts.clone()?;
+        let facts = s.members.get(&agent.id).and_then(|m| m.facts.clone());
         Some((facts, s.instances.get(name)?.epoch))
     }) else {
         return;
+    };
+    // Right after the agent starts, its facts may not be replicated yet.
+    let facts = match facts {
+        Some(facts) => facts,
+        None => crate::facts::probe(agent.data_dir.root()).await,
     };
     let filesystems = tokio::task::spawn_blocking(move || reconcile::mounted_types(pid))
         .await

@@ -67,12 +67,37 @@ pub enum InstanceCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Snapshots of an instance.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Run a command inside a running instance; exits with its status.
     Exec {
         name: String,
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot the rootfs (and with --stateful the memory) of an instance.
+    Create {
+        name: String,
+        snapshot: String,
+        /// Also checkpoint memory with CRIU (the instance keeps running).
+        #[arg(long)]
+        stateful: bool,
+    },
+    /// List the snapshots of an instance.
+    List {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Bring an instance back to a snapshot.
+    Restore { name: String, snapshot: String },
+    /// Delete a snapshot.
+    Delete { name: String, snapshot: String },
 }
 
 /// "64M", "1G", "512K", or plain bytes.
@@ -257,6 +282,63 @@ pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
         InstanceCommand::Delete { name, force } => {
             op(client, &name, InstanceOp::Delete { force }).await?;
             println!("deleted {name}");
+        }
+        InstanceCommand::Snapshot(SnapshotCommand::Create {
+            name,
+            snapshot,
+            stateful,
+        }) => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotCreate {
+                    snapshot: snapshot.clone(),
+                    stateful,
+                },
+            )
+            .await?;
+            println!("created snapshot {snapshot} of {name}");
+        }
+        InstanceCommand::Snapshot(SnapshotCommand::List { name, format }) => {
+            let d = detail(client, &name).await?;
+            match format {
+                Format::Json => print_json(&d.snapshots)?,
+                Format::Table => print_table(
+                    &["SNAPSHOT", "STATEFUL", "CREATED (ms)"],
+                    d.snapshots
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.stateful.to_string(),
+                                s.created_ms.to_string(),
+                            ]
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        InstanceCommand::Snapshot(SnapshotCommand::Restore { name, snapshot }) => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotRestore {
+                    snapshot: snapshot.clone(),
+                },
+            )
+            .await?;
+            println!("restored {name} to snapshot {snapshot}");
+        }
+        InstanceCommand::Snapshot(SnapshotCommand::Delete { name, snapshot }) => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotDelete {
+                    snapshot: snapshot.clone(),
+                },
+            )
+            .await?;
+            println!("deleted snapshot {snapshot} of {name}");
         }
         InstanceCommand::Exec { name, command } => {
             let ApiReply::Exec {

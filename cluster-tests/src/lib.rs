@@ -177,6 +177,8 @@ pub struct Cluster {
     pub agents: Vec<AgentProc>,
     /// Extra `ferry agent` flags for every start of every agent.
     pub agent_flags: Vec<String>,
+    /// Extra environment for every agent.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for Cluster {
@@ -200,6 +202,7 @@ impl Cluster {
                 .expect("create temp dir"),
             agents: Vec::new(),
             agent_flags: Vec::new(),
+            agent_env: Vec::new(),
         }
     }
 
@@ -269,6 +272,7 @@ impl Cluster {
             .args(["--log-level", "info"])
             .args(&self.agent_flags)
             .args(extra)
+            .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -9,7 +9,10 @@ const CONVERGE: Duration = Duration::from_secs(30);
 
 /// Two members and the counter instance running on n2, launched via n1.
 fn with_counter_on_n2() -> Result<Cluster> {
-    let mut cluster = Cluster::new();
+    counter_on_n2(Cluster::new())
+}
+
+fn counter_on_n2(mut cluster: Cluster) -> Result<Cluster> {
     cluster.bootstrap("n1", 3)?;
     cluster.join("n2", 0)?;
     cluster.wait_converged(&["n1", "n2"], CONVERGE)?;
@@ -53,7 +56,14 @@ fn launch_on_a_chosen_member_and_every_member_agrees() -> Result<()> {
         cluster.agents[0].containers().is_empty(),
         "n1 must not run c1"
     );
-    let show = cluster.ferry_json(0, &["show", "c1"])?;
+    let show = wait_for("the baseline", CONVERGE, || {
+        let show = cluster.ferry_json(0, &["show", "c1"])?;
+        if show["baseline"].is_null() {
+            bail!("no baseline yet")
+        } else {
+            Ok(show)
+        }
+    })?;
     let baseline = &show["baseline"];
     assert!(
         baseline["cpu_flags"]
@@ -197,5 +207,105 @@ fn bad_instance_input_gets_one_clear_line_and_loses_nothing() -> Result<()> {
     cluster.ferry_ok(0, &["delete", "c1", "--force"])?;
     assert_eq!(cluster.running_copies("c1"), 0);
     assert!(!cluster.agents[1].data_dir.join("instances/c1").exists());
+    Ok(())
+}
+
+#[test]
+fn stateful_snapshot_restore_takes_the_counter_back() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = with_counter_on_n2()?;
+    cluster.ferry_ok(0, &["snapshot", "create", "c1", "s1", "--stateful"])?;
+    let at_snapshot: u64 = std::fs::read_to_string(
+        cluster.agents[1]
+            .data_dir
+            .join("instances/c1/snapshots/s1/rootfs/counter"),
+    )?
+    .trim()
+    .parse()?;
+    assert_eq!(
+        cluster.running_copies("c1"),
+        1,
+        "a snapshot leaves it running"
+    );
+    let later = wait_for(
+        "the counter to move well past the snapshot",
+        CONVERGE,
+        || match cluster.counter(0, "c1")? {
+            n if n >= at_snapshot + 10 => Ok(n),
+            n => bail!("counter at {n}"),
+        },
+    )?;
+    let list = cluster.ferry_json(0, &["snapshot", "list", "c1"])?;
+    assert_eq!(list[0]["name"], "s1");
+    assert_eq!(list[0]["stateful"], true);
+    cluster.ferry_ok(0, &["snapshot", "restore", "c1", "s1"])?;
+    let back = cluster.counter(1, "c1")?;
+    assert!(
+        back >= at_snapshot && back < later,
+        "after restore the counter is {back}; snapshot {at_snapshot}, before restore {later}"
+    );
+    assert_eq!(cluster.running_copies("c1"), 1);
+    cluster.ferry_ok(0, &["snapshot", "delete", "c1", "s1"])?;
+    assert!(!cluster.agents[1]
+        .data_dir
+        .join("instances/c1/snapshots/s1")
+        .exists());
+    let err = cluster.ferry_err(0, &["snapshot", "restore", "c1", "s1"])?;
+    assert!(err.contains("no snapshot named 's1'"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn stateless_snapshot_restore_brings_back_files_and_restarts() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = with_counter_on_n2()?;
+    cluster.ferry_ok(
+        0,
+        &["exec", "c1", "--", "sh", "-c", "echo before > /marker"],
+    )?;
+    cluster.ferry_ok(0, &["snapshot", "create", "c1", "plain"])?;
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", "echo after > /marker"])?;
+    cluster.ferry_ok(0, &["snapshot", "restore", "c1", "plain"])?;
+    let marker = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/marker"])?;
+    assert_eq!(marker.trim(), "before");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
+#[test]
+fn stateful_stop_without_usable_criu_says_so_and_keeps_running() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.agent_env = vec![("FERRY_TEST_HIDE_FACTS".into(), "runtime:criu".into())];
+    let cluster = counter_on_n2(cluster)?;
+    wait_for("n2's facts without criu", CONVERGE, || {
+        let show = cluster.ferry_json(0, &["cluster", "show", "n2"])?;
+        if show["facts"]["runtimes"]["criu_check"] == false {
+            Ok(())
+        } else {
+            bail!("{show}")
+        }
+    })?;
+    let err = cluster.ferry_err(0, &["stop", "c1", "--stateful"])?;
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("CRIU is missing or 'criu check' fails on n2"),
+        "{err}"
+    );
+    assert!(err.contains("keeps running"), "{err}");
+    let before = cluster.counter(0, "c1")?;
+    wait_for("the counter to move on", CONVERGE, || {
+        match cluster.counter(0, "c1")? {
+            n if n > before => Ok(()),
+            n => bail!("counter at {n}"),
+        }
+    })?;
+    assert_eq!(cluster.running_copies("c1"), 1);
     Ok(())
 }

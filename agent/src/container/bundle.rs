@@ -52,6 +52,9 @@ impl InstanceDir {
     pub fn criu_work(&self) -> PathBuf {
         self.root.join("criu-work")
     }
+    pub fn snapshot(&self, snap: &str) -> PathBuf {
+        self.root.join("snapshots").join(snap)
+    }
     pub fn exists(&self) -> bool {
         self.bundle().join("config.json").exists()
     }
@@ -120,6 +123,25 @@ pub fn write_config(dir: &InstanceDir, config: &BundleConfig) -> Result<(), Bund
     spec(config)?
         .save(bundle.join("config.json"))
         .map_err(|e| BundleError::Spec(e.to_string()))
+}
+
+/// Replace `dest` with an exact copy of the directory `source` (blocking).
+pub fn copy_tree(source: &Path, dest: &Path) -> Result<(), BundleError> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| io_err("remove", dest, e))?;
+    }
+    std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", source.display()))
+        .arg(dest)
+        .status()
+        .map_err(|e| io_err("copy", source, e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io_err("copy", source, "cp -a failed"))
+    }
 }
 
 /// Copy a rootfs directory, or unpack a tar archive, into `dest` (blocking;

@@ -191,6 +191,64 @@ impl Host {
         self.forget_exited(name).await
     }
 
+    /// A consistent copy of the rootfs (and, `stateful`, of memory) while
+    /// the instance is paused; it runs on afterwards.
+    pub async fn snapshot(&self, name: &str, snap: &str, stateful: bool) -> Result<(), RuncError> {
+        let dir = self.dir(name);
+        let target = dir.snapshot(snap);
+        let log = dir.runc_log();
+        let running = matches!(
+            self.status(name).await?.map(|s| s.status),
+            Some(Status::Running)
+        );
+        if running {
+            self.runc.pause(name, &log).await?;
+        }
+        let result = async {
+            if stateful {
+                let images = target.join("checkpoint");
+                for d in [images.clone(), dir.criu_work()] {
+                    tokio::fs::create_dir_all(&d)
+                        .await
+                        .map_err(|source| RuncError::File { path: d, source })?;
+                }
+                self.runc
+                    .checkpoint(name, &images, &dir.criu_work(), true, &log)
+                    .await?;
+            }
+            copy_dir(dir.rootfs(), target.join("rootfs")).await
+        }
+        .await;
+        if running {
+            self.runc.resume(name, &log).await?;
+        }
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&target).await;
+        }
+        result
+    }
+
+    /// Bring the rootfs (and memory, for a stateful snapshot) back to the
+    /// snapshot. The current processes end first.
+    pub async fn restore_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        stateful: bool,
+    ) -> Result<(), RuncError> {
+        let dir = self.dir(name);
+        let source = dir.snapshot(snap);
+        self.stop(name, true).await?;
+        copy_dir(source.join("rootfs"), dir.rootfs()).await?;
+        if stateful {
+            copy_dir(source.join("checkpoint"), dir.checkpoint()).await?;
+            self.restore(name).await
+        } else {
+            let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
+            self.start(name).await
+        }
+    }
+
     pub async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, RuncError> {
         self.runc.exec(name, argv, &self.dir(name).runc_log()).await
     }
@@ -206,6 +264,20 @@ impl Host {
         let _ = tokio::fs::remove_dir_all(&root).await;
         Ok(())
     }
+}
+
+async fn copy_dir(source: PathBuf, dest: PathBuf) -> Result<(), RuncError> {
+    let at = dest.clone();
+    tokio::task::spawn_blocking(move || super::bundle::copy_tree(&source, &dest))
+        .await
+        .map_err(|e| RuncError::File {
+            path: at.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|e| RuncError::File {
+            path: at,
+            source: std::io::Error::other(e.to_string()),
+        })
 }
 
 /// Filesystem types mounted inside the container whose init is `pid`.
