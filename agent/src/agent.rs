@@ -405,6 +405,7 @@ impl Agent {
         tokio::spawn(agent.clone().leader_loop());
         tokio::spawn(agent.clone().publish_facts());
         tokio::spawn(crate::instances::run_reconciler(agent.clone()));
+        tokio::spawn(crate::migration::engine::run(agent.clone()));
 
         dir.save_api_info(&ApiInfo {
             address: addr.to_string(),

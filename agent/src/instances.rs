@@ -146,7 +146,7 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
     })))
 }
 
-async fn commit(agent: &Agent, cmd: InstanceCommand) -> Result<(), ApiError> {
+pub(crate) async fn commit(agent: &Agent, cmd: InstanceCommand) -> Result<(), ApiError> {
     match agent.write(Command::Instance(cmd)).await? {
         CommandResult::Rejected(r) => Err(err(ErrorKind::Conflict, r.to_string())),
         _ => Ok(()),
@@ -239,7 +239,7 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
 
 /// Put the rootfs (from `source`, or already in place) and config.json
 /// into this host's instance dir.
-async fn prepare_local(
+pub(crate) async fn prepare_local(
     agent: &Agent,
     name: &str,
     command: &[String],
@@ -262,6 +262,7 @@ async fn prepare_local(
             command,
             memory_bytes,
             cgroup_parent: agent.host.cgroup_parent(),
+            criu_config: None,
         },
     )
     .map_err(internal)

@@ -19,6 +19,8 @@ pub enum Request {
     /// Opens a channel carrying an instance's rootfs to its new owner
     /// (member certificates only).
     Upload(crate::instances::UploadRequest),
+    /// Opens a migration transfer channel (the job's target to its source).
+    Transfer(crate::migration::engine::TransferRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

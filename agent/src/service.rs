@@ -63,9 +63,9 @@ impl Service for AgentService {
         }
         match request {
             Request::Join(_) => unreachable_join(),
-            Request::Upload(_) => Response::Error(ApiError::new(
+            Request::Upload(_) | Request::Transfer(_) => Response::Error(ApiError::new(
                 ErrorKind::BadRequest,
-                "an upload must open a channel",
+                "a transfer must open a channel",
             )),
             Request::Ping => Response::Pong {
                 id: agent.id,
@@ -86,7 +86,7 @@ impl Service for AgentService {
     }
 
     fn wants_stream(&self, request: &Request) -> bool {
-        matches!(request, Request::Upload(_))
+        matches!(request, Request::Upload(_) | Request::Transfer(_))
     }
 
     async fn handle_stream(
@@ -103,6 +103,14 @@ impl Service for AgentService {
         match request {
             Request::Upload(upload) if member => {
                 crate::instances::receive_upload(&self.agent, upload, send, recv).await
+            }
+            Request::Transfer(transfer) if member => {
+                let name = match peer.cert.as_ref().map(|c| &c.identity) {
+                    Some(Identity::Node(name)) => name.clone(),
+                    _ => return,
+                };
+                crate::migration::engine::serve_transfer(&self.agent, &name, transfer, send, recv)
+                    .await
             }
             _ => {
                 let reply = unauthorized("only members may open transfer channels");
@@ -299,6 +307,14 @@ fn no_member(name: &str) -> ApiError {
         ErrorKind::NotFound,
         format!("no member named '{name}'; 'ferry cluster list' shows the members"),
     )
+}
+
+/// Whether member `id` answers a ping.
+pub(crate) async fn ping_member(agent: &Agent, id: ferry_raft::NodeId) -> bool {
+    match agent.state.read(|s| s.members.get(&id).cloned()) {
+        Some(member) => ping(agent, &member).await,
+        None => false,
+    }
 }
 
 async fn ping(agent: &Agent, member: &Member) -> bool {

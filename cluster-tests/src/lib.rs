@@ -135,8 +135,16 @@ impl AgentProc {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Containers this agent's runc knows, with their status.
+    /// Containers this agent's runc knows, with their status; a migrated-in
+    /// copy restored with every task held stopped counts as "held".
     pub fn containers(&self) -> Vec<(String, String)> {
+        let held = |id: &str| {
+            self.data_dir
+                .join("instances")
+                .join(id)
+                .join("held")
+                .exists()
+        };
         let out = Command::new("runc")
             .arg("--root")
             .arg(self.data_dir.join("runc"))
@@ -146,10 +154,12 @@ impl AgentProc {
         let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
         list.iter()
             .map(|c| {
-                (
-                    c["id"].as_str().unwrap_or_default().to_string(),
-                    c["status"].as_str().unwrap_or_default().to_string(),
-                )
+                let id = c["id"].as_str().unwrap_or_default().to_string();
+                let status = match c["status"].as_str().unwrap_or_default() {
+                    "running" if held(&id) => "held".to_string(),
+                    other => other.to_string(),
+                };
+                (id, status)
             })
             .collect()
     }
@@ -170,6 +180,20 @@ impl AgentProc {
     }
 }
 
+/// Counts running copies of an instance in the background.
+pub struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<usize>,
+}
+
+impl Sampler {
+    /// The most copies seen running at one sampled moment.
+    pub fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(usize::MAX)
+    }
+}
+
 /// A cluster of agent processes in one temp dir; every process is killed
 /// when it is dropped.
 pub struct Cluster {
@@ -179,6 +203,8 @@ pub struct Cluster {
     pub agent_flags: Vec<String>,
     /// Extra environment for every agent.
     pub agent_env: Vec<(String, String)>,
+    /// Extra environment for the agent of this name only.
+    pub env_for: std::collections::HashMap<String, Vec<(String, String)>>,
 }
 
 impl Default for Cluster {
@@ -203,6 +229,7 @@ impl Cluster {
             agents: Vec::new(),
             agent_flags: Vec::new(),
             agent_env: Vec::new(),
+            env_for: std::collections::HashMap::new(),
         }
     }
 
@@ -273,6 +300,13 @@ impl Cluster {
             .args(&self.agent_flags)
             .args(extra)
             .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.env_for
+                    .get(&agent.name)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -390,6 +424,38 @@ impl Cluster {
             .flat_map(|a| a.containers())
             .filter(|(id, status)| id == instance && status == "running")
             .count()
+    }
+
+    /// Start sampling, every 20 ms until stopped, how many copies of
+    /// `instance` run across all agents.
+    pub fn sampler(&self, instance: &str) -> Sampler {
+        let dirs: Vec<PathBuf> = self.agents.iter().map(|a| a.data_dir.clone()).collect();
+        let instance = instance.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut most = 0;
+            // Bounded: at most 10 minutes of sampling.
+            for _ in 0..30_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let running = dirs
+                    .iter()
+                    .map(|d| AgentProc {
+                        name: String::new(),
+                        data_dir: d.clone(),
+                        child: None,
+                    })
+                    .flat_map(|a| a.containers())
+                    .filter(|(id, status)| *id == instance && status == "running")
+                    .count();
+                most = most.max(running);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        Sampler { stop, handle }
     }
 
     /// `ferry exec NAME -- cat /counter` through member `index`.

@@ -52,6 +52,14 @@ impl InstanceDir {
     pub fn criu_work(&self) -> PathBuf {
         self.root.join("criu-work")
     }
+    /// Where a migration keeps CRIU images and work files.
+    pub fn migration(&self) -> PathBuf {
+        self.root.join("migration")
+    }
+    /// Present while a migrated-in copy is restored with its tasks held.
+    pub fn held_marker(&self) -> PathBuf {
+        self.root.join("held")
+    }
     pub fn snapshot(&self, snap: &str) -> PathBuf {
         self.root.join("snapshots").join(snap)
     }
@@ -75,6 +83,9 @@ pub struct BundleConfig<'a> {
     pub command: &'a [String],
     pub memory_bytes: Option<u64>,
     pub cgroup_parent: &'a str,
+    /// A CRIU configuration file runc hands to CRIU on restore (used with
+    /// `leave-stopped` to restore a migrated instance held stopped).
+    pub criu_config: Option<&'a Path>,
 }
 
 pub fn spec(config: &BundleConfig) -> Result<Spec, BundleError> {
@@ -90,6 +101,14 @@ pub fn spec(config: &BundleConfig) -> Result<Spec, BundleError> {
         .map_err(|e| BundleError::Spec(e.to_string()))?;
     spec.set_process(Some(process));
     spec.set_hostname(Some(config.name.to_string()));
+    if let Some(criu) = config.criu_config {
+        let mut annotations = std::collections::HashMap::new();
+        annotations.insert(
+            "org.criu.config".to_string(),
+            criu.to_string_lossy().into_owned(),
+        );
+        spec.set_annotations(Some(annotations));
+    }
     spec.set_root(Some(
         RootBuilder::default()
             .path("rootfs")
@@ -187,6 +206,7 @@ mod tests {
             command: &command,
             memory_bytes: Some(64 << 20),
             cgroup_parent: "ferry-n1",
+            criu_config: None,
         })
         .unwrap();
         let json = serde_json::to_value(&spec).unwrap();

@@ -249,6 +249,54 @@ impl Host {
         }
     }
 
+    pub async fn pause(&self, name: &str) -> Result<(), RuncError> {
+        self.runc.pause(name, &self.dir(name).runc_log()).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), RuncError> {
+        self.runc.resume(name, &self.dir(name).runc_log()).await
+    }
+
+    /// Final dump of a paused instance; it stays paused (never killed), so
+    /// it can be thawed if the move rolls back.
+    pub async fn dump_frozen(&self, name: &str, images: &Path) -> Result<(), RuncError> {
+        let dir = self.dir(name);
+        let work = dir.migration().join("work");
+        for d in [images.to_path_buf(), work.clone()] {
+            let _ = tokio::fs::remove_dir_all(&d).await;
+            tokio::fs::create_dir_all(&d)
+                .await
+                .map_err(|source| RuncError::File { path: d, source })?;
+        }
+        self.runc
+            .checkpoint(name, images, &work, true, &dir.runc_log())
+            .await
+    }
+
+    /// Restore from `images` with every task held stopped (the bundle's
+    /// config names a CRIU config with `leave-stopped`).
+    pub async fn restore_held(&self, name: &str, images: &Path) -> Result<(), RuncError> {
+        self.forget_exited(name).await?;
+        let dir = self.dir(name);
+        let work = dir.migration().join("restore-work");
+        let _ = tokio::fs::create_dir_all(&work).await;
+        self.runc
+            .restore(name, &dir.bundle(), images, &work, &dir.runc_log())
+            .await
+    }
+
+    /// SIGCONT every task of a held container.
+    pub async fn thaw_held(&self, name: &str) -> Result<(), RuncError> {
+        let log = self.dir(name).runc_log();
+        for pid in self.runc.pids(name, &log).await? {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status()
+                .await;
+        }
+        Ok(())
+    }
+
     pub async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, RuncError> {
         self.runc.exec(name, argv, &self.dir(name).runc_log()).await
     }

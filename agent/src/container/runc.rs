@@ -276,6 +276,14 @@ impl Runc {
         }
     }
 
+    /// Pids of every process in the container.
+    pub async fn pids(&self, id: &str, log: &Path) -> Result<Vec<u32>, RuncError> {
+        let mut cmd = self.command(log);
+        cmd.args(["ps", "--format", "json", id]);
+        let out = self.run("ps", id, log, cmd).await?;
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+    }
+
     pub async fn exec(
         &self,
         id: &str,

@@ -3,5 +3,6 @@
 
 pub mod api;
 pub mod compat;
+pub mod engine;
 pub mod plan;
 pub mod tree;

@@ -1,0 +1,600 @@
+//! Carries out the decisions of `plan.rs` with runc, CRIU and QUIC. Every
+//! agent runs it for the jobs it takes part in; the leader also supervises.
+//! Each step ends by proposing the next phase through the job's
+//! compare-and-set, so a crash anywhere is picked up again from the
+//! committed phase.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_raft::{
+    Command, CommandResult, Job, JobCommand, JobId, MoveStats, NodeId, Phase, TransferMode,
+};
+use ferry_transport::endpoint::Expect;
+use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{now_ms, Agent};
+use crate::container::bundle::{self, BundleConfig};
+use crate::container::runc::Status;
+use crate::migration::plan::{self, LocalCopy, Role, Step};
+use crate::migration::{api, compat, tree};
+use crate::protocol::Request;
+
+/// A phase that makes no progress for this long is rolled back by the
+/// leader (before the switch) or switched back (while switched).
+pub const PHASE_TIMEOUT_MS: u64 = 60_000;
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the target asks of the source over a transfer channel.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TransferPart {
+    /// The rootfs in full, while the instance runs.
+    Rootfs,
+    /// Freeze, dump, then send the images and the rootfs delta.
+    Final,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferRequest {
+    pub job: JobId,
+    pub part: TransferPart,
+}
+
+/// The source's first answer on a `Final` channel.
+#[derive(Debug, Serialize, Deserialize)]
+enum FinalHeader {
+    Frozen { note: Option<String> },
+    Refused(String),
+}
+
+#[derive(Default)]
+pub struct Engine {
+    busy: Mutex<BTreeSet<JobId>>,
+    /// When the target asked the source to freeze (wall clock ms), for the
+    /// downtime figure.
+    froze_at: Mutex<HashMap<JobId, u64>>,
+    bytes: Mutex<HashMap<JobId, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn advance(
+    agent: &Agent,
+    job: &Job,
+    to: Phase,
+    error: Option<String>,
+    note: Option<String>,
+    stats: Option<MoveStats>,
+) -> bool {
+    let cmd = Command::Job(JobCommand::Advance {
+        id: job.id,
+        from: job.phase,
+        to,
+        now_ms: now_ms(),
+        error,
+        report: None,
+        note,
+        stats,
+    });
+    match agent.write(cmd).await {
+        Ok(CommandResult::Done) => true,
+        Ok(other) => {
+            tracing::info!(job = job.id, ?other, "phase change not taken");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(job = job.id, "cannot propose {}: {e}", to.name());
+            false
+        }
+    }
+}
+
+/// What this host holds of the instance.
+async fn local_copy(agent: &Agent, name: &str) -> LocalCopy {
+    let dir = agent.host.dir(name);
+    match agent
+        .host
+        .status(name)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.status)
+    {
+        Some(Status::Paused) => LocalCopy::Frozen,
+        Some(Status::Running) if dir.held_marker().exists() => LocalCopy::Frozen,
+        Some(Status::Running) => LocalCopy::Running,
+        Some(Status::Stopped) => LocalCopy::Stopped,
+        None if dir.root().exists() => LocalCopy::Stopped,
+        None => LocalCopy::Absent,
+    }
+}
+
+fn member(agent: &Agent, id: NodeId) -> Option<(std::net::SocketAddr, String)> {
+    agent.state.read(|s| {
+        let m = s.members.get(&id)?;
+        Some((m.addr.parse().ok()?, m.name.clone()))
+    })
+}
+
+pub async fn run(agent: Arc<Agent>) {
+    let engine = Arc::new(Engine::default());
+    let mut changes = agent.state.subscribe();
+    loop {
+        let jobs: Vec<Job> = agent.state.read(|s| {
+            s.jobs
+                .values()
+                .filter(|j| j.source == agent.id || j.target == agent.id)
+                .filter(|j| {
+                    // Ended jobs matter only while their leftovers are here
+                    // and the instance is not ours now.
+                    !j.phase.is_terminal()
+                        || s.instances
+                            .get(&j.instance)
+                            .is_none_or(|i| i.owner != agent.id && i.job.is_none())
+                })
+                .cloned()
+                .collect()
+        });
+        for job in jobs {
+            if job.phase.is_terminal() && !agent.host.dir(&job.instance).root().exists() {
+                continue;
+            }
+            if !lock(&engine.busy).insert(job.id) {
+                continue;
+            }
+            let (agent, engine) = (agent.clone(), engine.clone());
+            tokio::spawn(async move {
+                drive(&agent, &engine, &job).await;
+                lock(&engine.busy).remove(&job.id);
+            });
+        }
+        supervise(&agent).await;
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The leader rolls back jobs whose phase overran or whose participant died.
+async fn supervise(agent: &Arc<Agent>) {
+    let leader = agent.raft.metrics().borrow().current_leader == Some(agent.id);
+    if !leader {
+        return;
+    }
+    let active: Vec<Job> = agent.state.read(|s| {
+        s.jobs
+            .values()
+            .filter(|j| !j.phase.is_terminal())
+            .cloned()
+            .collect()
+    });
+    for job in active {
+        let mut alive = HashMap::new();
+        for id in [job.source, job.target] {
+            alive.insert(id, crate::service::ping_member(agent, id).await);
+        }
+        if let Some(i) = plan::supervise(&job, now_ms(), PHASE_TIMEOUT_MS, |id| {
+            alive.get(&id).copied().unwrap_or(false)
+        }) {
+            tracing::warn!(
+                job = job.id,
+                "supervisor: {} -> {}: {}",
+                i.from.name(),
+                i.to.name(),
+                i.reason
+            );
+            advance(agent, &job, i.to, Some(i.reason), None, None).await;
+        }
+    }
+}
+
+async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
+    let role = if job.source == agent.id {
+        Role::Source
+    } else {
+        Role::Target
+    };
+    let _guard = agent.host.lock(&job.instance).await;
+    // Re-read under the lock: the phase may have moved while we waited.
+    let Some(job) = agent.state.read(|s| s.jobs.get(&job.id).cloned()) else {
+        return;
+    };
+    let local = local_copy(agent, &job.instance).await;
+    let step = plan::step(&job, role, local);
+    if step != Step::Wait {
+        tracing::info!(job = job.id, phase = %job.phase.name(), ?role, ?local, ?step, "job step");
+    }
+    let name = job.instance.as_str();
+    match step {
+        Step::Wait => {}
+        Step::BeginChecks => {
+            advance(agent, &job, Phase::Checking, None, None, None).await;
+        }
+        Step::RunChecks => run_checks(agent, &job).await,
+        Step::Abort => {
+            advance(
+                agent,
+                &job,
+                Phase::RollingBack,
+                Some("aborted by the operator".into()),
+                None,
+                None,
+            )
+            .await;
+        }
+        Step::Transfer => {
+            if let Err(e) = transfer(agent, engine, &job).await {
+                tracing::warn!(job = job.id, "transfer failed: {e}");
+                advance(
+                    agent,
+                    &job,
+                    Phase::RollingBack,
+                    Some(format!("transfer failed: {e}")),
+                    None,
+                    None,
+                )
+                .await;
+            }
+        }
+        Step::Switch => {
+            advance(agent, &job, Phase::Switched, None, None, None).await;
+        }
+        Step::RestoreHeld => {
+            let result = if !job.options.stateful || local == LocalCopy::Frozen {
+                Ok(())
+            } else {
+                restore_held(agent, &job).await
+            };
+            match result {
+                Ok(()) => {
+                    advance(agent, &job, Phase::Restored, None, None, None).await;
+                }
+                Err(e) => {
+                    let _ = agent.host.remove(name).await;
+                    advance(
+                        agent,
+                        &job,
+                        Phase::SwitchingBack,
+                        Some(format!("restore on the target failed: {e}")),
+                        None,
+                        None,
+                    )
+                    .await;
+                }
+            }
+        }
+        Step::ThawAndFinish => {
+            let result = if job.options.stateful {
+                thaw_target(agent, &job).await
+            } else if job.was_running {
+                write_config(agent, &job, false)
+                    .await
+                    .and(agent.host.start(name).await.map_err(|e| e.to_string()))
+            } else {
+                Ok(())
+            };
+            if let Err(e) = result {
+                // Restored is committed: the instance is ours and held; a
+                // retry of this step (or `ferry start`) thaws it.
+                tracing::warn!(job = job.id, "thaw failed: {e}");
+                return;
+            }
+            let now = now_ms();
+            let stats = MoveStats {
+                downtime_ms: lock(&engine.froze_at)
+                    .remove(&job.id)
+                    .map_or(0, |t| now.saturating_sub(t)),
+                total_ms: now.saturating_sub(job.created_ms),
+                bytes: lock(&engine.bytes).remove(&job.id).unwrap_or(0),
+                iterations: 0,
+            };
+            advance(agent, &job, Phase::Done, None, None, Some(stats)).await;
+        }
+        Step::ThawSource => match agent.host.resume(name).await {
+            Ok(()) => {
+                advance(agent, &job, Phase::RolledBack, None, None, None).await;
+            }
+            Err(e) => {
+                advance(agent, &job, Phase::RolledBack, Some(format!("the source could not thaw ({e}); the instance stays stopped with its final dump")), None, None).await;
+            }
+        },
+        Step::FinishRollback => {
+            if !job.options.stateful && job.was_running && local != LocalCopy::Running {
+                if let Err(e) = agent.host.start(name).await {
+                    tracing::warn!(job = job.id, "restart after rollback failed: {e}");
+                }
+            }
+            advance(agent, &job, Phase::RolledBack, None, None, None).await;
+        }
+        Step::DiscardReceived | Step::DeleteSourceCopy => {
+            let ours = agent
+                .state
+                .read(|s| s.instances.get(name).is_some_and(|i| i.owner == agent.id));
+            if !ours {
+                if let Err(e) = agent.host.remove(name).await {
+                    tracing::warn!(job = job.id, "cleanup failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn run_checks(agent: &Agent, job: &Job) {
+    let rootfs = agent.host.dir(&job.instance).rootfs();
+    let disk = tokio::task::spawn_blocking(move || {
+        tree::scan(&rootfs).map(|entries| {
+            entries
+                .iter()
+                .map(|e| match e.kind {
+                    tree::EntryKind::File { size } => size,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        })
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or(0);
+    let report = match api::report(agent, &job.instance, job.target, job.options.stateful, disk) {
+        Ok(report) => report,
+        Err(e) => vec![ferry_raft::CheckResult {
+            check: "facts".into(),
+            ok: false,
+            detail: e.message,
+        }],
+    };
+    let passed = compat::passed(&report);
+    let (to, error) = if passed {
+        (Phase::Preparing, None)
+    } else {
+        let failed: Vec<String> = report
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{}: {}", r.check, r.detail))
+            .collect();
+        (
+            Phase::RollingBack,
+            Some(format!("compatibility check failed: {}", failed.join("; "))),
+        )
+    };
+    let cmd = Command::Job(JobCommand::Advance {
+        id: job.id,
+        from: job.phase,
+        to,
+        now_ms: now_ms(),
+        error,
+        report: Some(report),
+        note: None,
+        stats: None,
+    });
+    if let Err(e) = agent.write(cmd).await {
+        tracing::warn!(job = job.id, "cannot record the check: {e}");
+    }
+}
+
+async fn write_config(agent: &Agent, job: &Job, held: bool) -> Result<(), String> {
+    let spec = agent
+        .state
+        .read(|s| s.instances.get(&job.instance).map(|i| i.spec.clone()))
+        .ok_or("instance vanished")?;
+    let dir = agent.host.dir(&job.instance);
+    let criu_config = dir.migration().join("criu-held.conf");
+    if held {
+        tokio::fs::create_dir_all(dir.migration())
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::fs::write(&criu_config, "leave-stopped\n")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    bundle::write_config(
+        &dir,
+        &BundleConfig {
+            name: &job.instance,
+            command: &spec.command,
+            memory_bytes: spec.memory_bytes,
+            cgroup_parent: agent.host.cgroup_parent(),
+            criu_config: held.then_some(criu_config.as_path()),
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Target: pull the rootfs while the source runs, then the final state.
+async fn transfer(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
+    if job.options.mode == TransferMode::Push {
+        return Err("push mode is not implemented yet; use --mode pull".into());
+    }
+    let (addr, source_name) = member(agent, job.source).ok_or("the source is not a member")?;
+    let dir = agent.host.dir(&job.instance);
+    let expect = Expect::Node(source_name.clone());
+    let open = |part| {
+        let request = Request::Transfer(TransferRequest { job: job.id, part });
+        let (expect, source_name) = (expect.clone(), source_name.clone());
+        async move {
+            agent
+                .pool
+                .open_stream(addr, &expect, &request, CHANNEL_TIMEOUT)
+                .await
+                .map_err(|e| format!("cannot open a transfer channel to {source_name}: {e}"))
+        }
+    };
+    // Filesystem pre-sync while the instance runs.
+    let (mut send, mut recv) = open(TransferPart::Rootfs).await?;
+    let full = tree::receive(&mut send, &mut recv, &dir.rootfs(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    // Final: the source freezes and dumps; images and rootfs delta follow.
+    lock(&engine.froze_at).insert(job.id, now_ms());
+    let (mut send, mut recv) = open(TransferPart::Final).await?;
+    let note = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        FinalHeader::Frozen { note } => note,
+        FinalHeader::Refused(why) => return Err(format!("the source refused to freeze: {why}")),
+    };
+    let mut bytes = full.bytes;
+    if job.options.stateful {
+        let images = tree::receive(&mut send, &mut recv, &dir.migration().join("images"), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        bytes += images.bytes;
+    }
+    let delta = tree::receive(&mut send, &mut recv, &dir.rootfs(), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    bytes += delta.bytes;
+    let _ = send.finish();
+    write_config(agent, job, job.options.stateful).await?;
+    lock(&engine.bytes).insert(job.id, bytes);
+    if !advance(agent, job, Phase::Frozen, None, note, None).await {
+        return Err("could not record the frozen phase".into());
+    }
+    Ok(())
+}
+
+/// Source: serve a transfer channel opened by the job's target.
+pub async fn serve_transfer(
+    agent: &Agent,
+    peer_name: &str,
+    req: TransferRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let Some(job) = agent.state.read(|s| s.jobs.get(&req.job).cloned()) else {
+        return;
+    };
+    let is_target = member(agent, job.target).is_some_and(|(_, n)| n == peer_name);
+    if job.source != agent.id || !is_target {
+        tracing::warn!(
+            job = job.id,
+            peer = peer_name,
+            "refused a transfer channel from a non-participant"
+        );
+        return;
+    }
+    let dir = agent.host.dir(&job.instance);
+    let result = match req.part {
+        TransferPart::Rootfs => tree::send(&mut send, &mut recv, &dir.rootfs(), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        TransferPart::Final => {
+            let _guard = agent.host.lock(&job.instance).await;
+            serve_final(agent, &job, &mut send, &mut recv).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(job = job.id, "transfer channel failed: {e}");
+    }
+    let _ = send.finish();
+}
+
+async fn serve_final(
+    agent: &Agent,
+    job: &Job,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), String> {
+    let name = job.instance.as_str();
+    let dir = agent.host.dir(name);
+    // Re-read: the freeze is allowed only while we still own the instance
+    // and nobody asked to roll back.
+    let current = agent.state.read(|s| s.jobs.get(&job.id).cloned());
+    if !current.as_ref().is_some_and(plan::may_freeze) {
+        let _ = write_frame(
+            send,
+            &FinalHeader::Refused("the job is no longer in a phase that allows freezing".into()),
+        )
+        .await;
+        return Err("freeze refused".into());
+    }
+    let images = dir.migration().join("images");
+    let mut note = None;
+    if job.options.stateful {
+        note = Some(precopy_note().await);
+        let running = agent
+            .host
+            .status(name)
+            .await
+            .ok()
+            .flatten()
+            .map(|s| s.status);
+        if running == Some(Status::Running) {
+            agent.host.pause(name).await.map_err(|e| e.to_string())?;
+        }
+        if let Err(e) = agent.host.dump_frozen(name, &images).await {
+            // Nothing left this host: the instance may run on.
+            let _ = agent.host.resume(name).await;
+            let _ = write_frame(send, &FinalHeader::Refused(e.to_string())).await;
+            return Err(e.to_string());
+        }
+    } else {
+        agent
+            .host
+            .stop(name, false)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    write_frame(send, &FinalHeader::Frozen { note })
+        .await
+        .map_err(|e| e.to_string())?;
+    if job.options.stateful {
+        tree::send(send, recv, &images, false)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    tree::send(send, recv, &dir.rootfs(), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Pre-copy needs the kernel to track dirty memory; say what happened.
+async fn precopy_note() -> String {
+    let tracked = tokio::process::Command::new("criu")
+        .args(["check", "--feature", "mem_dirty_track"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if tracked {
+        "pre-copy not implemented yet; went straight to the final dump".into()
+    } else {
+        "pre-copy unavailable: this kernel does not track dirty memory ('criu check --feature mem_dirty_track' fails); went straight to the final dump".into()
+    }
+}
+
+async fn restore_held(agent: &Agent, job: &Job) -> Result<(), String> {
+    let dir = agent.host.dir(&job.instance);
+    write_config(agent, job, true).await?;
+    agent
+        .host
+        .restore_held(&job.instance, &dir.migration().join("images"))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::fs::write(dir.held_marker(), b"")
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn thaw_target(agent: &Agent, job: &Job) -> Result<(), String> {
+    let dir = agent.host.dir(&job.instance);
+    agent
+        .host
+        .thaw_held(&job.instance)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Later restores of this instance must not come back held.
+    write_config(agent, job, false).await?;
+    let _ = tokio::fs::remove_file(dir.held_marker()).await;
+    let _ = tokio::fs::remove_dir_all(dir.migration()).await;
+    Ok(())
+}

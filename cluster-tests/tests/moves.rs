@@ -1,0 +1,212 @@
+//! `ferry move`: live migration of the counter container between agents on
+//! loopback, compatibility refusals and bad requests. A sampler fails a
+//! test if two copies ever run at once.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster, COUNTER};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// n1, n2, n3 with the counter instance on n2.
+fn cluster_with_counter(cluster: Cluster) -> Result<Cluster> {
+    let mut cluster = cluster;
+    cluster.bootstrap("n1", 3)?;
+    cluster.join("n2", 0)?;
+    cluster.join("n3", 0)?;
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    // Facts of every member must be in before checks can run.
+    for name in ["n1", "n2", "n3"] {
+        wait_for(&format!("facts of {name}"), CONVERGE, || {
+            let show = cluster.ferry_json(0, &["cluster", "show", name])?;
+            if show["facts"].is_null() {
+                bail!("no facts yet")
+            } else {
+                Ok(())
+            }
+        })?;
+    }
+    let rootfs = busybox_rootfs(cluster.root())?
+        .to_string_lossy()
+        .into_owned();
+    let mut args = vec!["launch", "c1", "--rootfs", &rootfs, "--target", "n2", "--"];
+    args.extend(COUNTER);
+    cluster.ferry_ok(0, &args)?;
+    wait_for("the counter to count", CONVERGE, || {
+        match cluster.counter(0, "c1")? {
+            n if n >= 3 => Ok(()),
+            n => bail!("counter at {n}"),
+        }
+    })?;
+    Ok(cluster)
+}
+
+fn owner(cluster: &Cluster) -> Result<String> {
+    let list = cluster.ferry_json(0, &["list"])?;
+    Ok(list[0]["node"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn live_move_keeps_memory_and_files_back_and_forth() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
+    let sampler = cluster.sampler("c1");
+    let mut last = cluster.counter(0, "c1")?;
+    for (round, target) in ["n3", "n1", "n2", "n3", "n1"].iter().enumerate() {
+        let out = cluster.ferry_ok(0, &["move", "c1", "--target", target])?;
+        assert!(out.contains("downtime"), "{out}");
+        assert_eq!(owner(&cluster)?, *target);
+        let now = cluster.counter(0, "c1")?;
+        // Restarted, it would count from 1 again.
+        assert!(
+            now >= last,
+            "round {round}: counter went back from {last} to {now}"
+        );
+        last = now;
+        let file = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/file"])?;
+        assert_eq!(file.trim(), "kept");
+    }
+    let most = sampler.finish();
+    assert_eq!(most, 1, "at some moment {most} copies ran");
+    let list = cluster.ferry_json(1, &["list"])?;
+    assert_eq!(
+        (list[0]["state"].as_str(), list[0]["epoch"].as_u64()),
+        (Some("running"), Some(6))
+    );
+    let job = cluster.ferry_json(0, &["job", "show", "5"])?;
+    assert_eq!(job["phase"], "Done");
+    for field in ["downtime_ms", "total_ms", "bytes"] {
+        assert!(job[field].as_u64().is_some_and(|v| v > 0), "{field}: {job}");
+    }
+    assert!(job["notes"].to_string().contains("pre-copy"), "{job}");
+    // Only the owner holds files of the instance.
+    for agent in &cluster.agents {
+        let has = agent.data_dir.join("instances/c1").exists();
+        assert_eq!(
+            has,
+            agent.name == "n1",
+            "{} has leftovers: {has}",
+            agent.name
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_target_missing_a_cpu_flag_syscall_or_filesystem_is_refused_before_any_transfer() -> Result<()>
+{
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    let flag = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .unwrap_or_else(|| "fpu".into());
+    cluster.env_for.insert(
+        "n3".into(),
+        vec![(
+            "FERRY_TEST_HIDE_FACTS".into(),
+            format!("cpu:{flag},syscall:openat,fs:proc"),
+        )],
+    );
+    let cluster = cluster_with_counter(cluster)?;
+    let sampler = cluster.sampler("c1");
+    let err = cluster.ferry_err(0, &["move", "c1", "--target", "n3", "--dry-run"])?;
+    for missing in [flag.as_str(), "openat", "proc"] {
+        assert!(
+            err.contains(missing),
+            "dry-run does not name {missing}: {err}"
+        );
+    }
+    let report = cluster.ferry(
+        0,
+        &[
+            "move",
+            "c1",
+            "--target",
+            "n3",
+            "--dry-run",
+            "--format",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout)?;
+    let failed: Vec<&str> = report
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["ok"] == false)
+        .filter_map(|r| r["check"].as_str())
+        .collect();
+    assert_eq!(failed, ["cpu", "syscalls", "filesystems"], "{report}");
+    // The real move is refused the same way and ends rolled back.
+    let before = cluster.counter(0, "c1")?;
+    let err = cluster.ferry_err(0, &["move", "c1", "--target", "n3"])?;
+    assert!(err.contains("compatibility check failed"), "{err}");
+    assert!(err.contains(&flag), "{err}");
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    assert_eq!(job["phase"], "RolledBack");
+    assert!(job["report"]
+        .as_array()
+        .is_some_and(|r| r.iter().any(|c| c["ok"] == false)));
+    // Nothing moved: still on n2, running on, nothing on n3.
+    assert_eq!(owner(&cluster)?, "n2");
+    assert!(cluster.counter(0, "c1")? >= before);
+    assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());
+    assert_eq!(sampler.finish(), 1);
+    Ok(())
+}
+
+#[test]
+fn bad_moves_get_one_clear_line() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["move", "c1", "--target", "ghost"],
+            "no member named 'ghost'",
+        ),
+        (&["move", "c1", "--target", "n2"], "already on 'n2'"),
+        (
+            &["move", "nope", "--target", "n1"],
+            "no instance named 'nope'",
+        ),
+    ];
+    for (args, expected) in cases {
+        let err = cluster.ferry_err(0, args)?;
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // A second move while one is active is refused.
+    let started = cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--detach"])?;
+    assert!(started.contains("job 1"), "{started}");
+    let second = cluster.ferry(0, &["move", "c1", "--target", "n1", "--detach"]);
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    if job["done"] == false {
+        assert!(
+            !second.status.success(),
+            "a second move was accepted while job 1 ran"
+        );
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(err.contains("busy with job 1"), "{err}");
+    }
+    cluster.ferry_ok(0, &["job", "wait", "1"])?;
+    // If job 1 had ended first, the second move ran; let it end too.
+    let jobs = cluster.ferry_json(0, &["job", "list"])?;
+    for job in jobs.as_array().into_iter().flatten() {
+        let id = job["id"].to_string();
+        cluster.ferry_ok(0, &["job", "wait", &id])?;
+    }
+    assert_eq!(cluster.running_copies("c1"), 1);
+    let err = cluster.ferry_err(0, &["job", "show", "99"])?;
+    assert!(err.contains("no job 99"), "{err}");
+    Ok(())
+}
