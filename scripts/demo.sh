@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job: a local 3-agent ferry cluster on loopback. Installs what it
-# needs, starts three agents with their own data dirs, shows the cluster,
-# kills the leader and shows the cluster carrying on, then stops them.
+# The main job: a local 3-agent ferry cluster on loopback that live-migrates
+# a real container. Installs what it needs (runc, CRIU 4), starts three
+# agents with their own data dirs, launches a busybox container that keeps a
+# counter in a shell variable, moves it live to another member and back, and
+# shows the in-memory counter carried on. Then it kills the Raft leader and
+# shows the cluster carrying on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +17,10 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for dir in "$work"/n*/runc; do
+    [ -d "$dir" ] || continue
+    for id in $(runc --root "$dir" list -q 2>/dev/null); do runc --root "$dir" delete --force "$id"; done
+  done
   echo "logs and data dirs are in $work"
 }
 trap cleanup EXIT
@@ -54,6 +61,28 @@ echo "== cluster list (asked on n3)"
 echo "== host facts of n2"
 "$ferry" --data-dir "$work/n1" cluster show n2
 
+echo "== launch a busybox container on n2: a shell counter in memory, written to /counter"
+root="$work/rootfs"
+mkdir -p "$root"/{bin,proc,dev,sys,tmp,etc}
+cp /bin/busybox "$root/bin/busybox"
+for applet in $(/bin/busybox --list); do [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"; done
+"$ferry" --data-dir "$work/n1" launch c1 --rootfs "$root" --target n2 -- \
+  sh -c 'i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done'
+sleep 1
+"$ferry" --data-dir "$work/n1" list
+counter() { "$ferry" --data-dir "$work/n1" exec c1 -- cat /counter; }
+echo "counter on n2: $(counter)"
+echo "== compatibility check for n3 (dry run)"
+"$ferry" --data-dir "$work/n1" move c1 --target n3 --dry-run
+echo "== live move to n3"
+"$ferry" --data-dir "$work/n1" move c1 --target n3
+echo "counter on n3: $(counter) (it carried on: a restart would count from 1)"
+echo "== and back to n2"
+"$ferry" --data-dir "$work/n1" move c1 --target n2
+echo "counter on n2: $(counter)"
+"$ferry" --data-dir "$work/n1" list
+"$ferry" --data-dir "$work/n1" job list
+
 leader=$("$ferry" --data-dir "$work/n1" cluster list --format json \
   | python3 -c 'import json,sys; print([m["name"] for m in json.load(sys.stdin) if m["leader"]][0])')
 echo "== kill -9 the leader ($leader)"
@@ -71,4 +100,5 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 "$ferry" --data-dir "$work/$leader" cluster list
+echo "counter after the leader's death: $(counter)"
 echo "demo done"

@@ -148,7 +148,13 @@ pub async fn run(agent: Arc<Agent>) {
             }
             let (agent, engine) = (agent.clone(), engine.clone());
             tokio::spawn(async move {
-                drive(&agent, &engine, &job).await;
+                // Step on while there is something to do, so a phase that
+                // commits while this task runs is not left for the next tick.
+                for _ in 0..32 {
+                    if !drive(&agent, &engine, &job).await {
+                        break;
+                    }
+                }
                 lock(&engine.busy).remove(&job.id);
             });
         }
@@ -193,7 +199,8 @@ async fn supervise(agent: &Arc<Agent>) {
     }
 }
 
-async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
+/// One step of `job` for this agent; false when there was nothing to do.
+async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) -> bool {
     let role = if job.source == agent.id {
         Role::Source
     } else {
@@ -202,7 +209,7 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
     let _guard = agent.host.lock(&job.instance).await;
     // Re-read under the lock: the phase may have moved while we waited.
     let Some(job) = agent.state.read(|s| s.jobs.get(&job.id).cloned()) else {
-        return;
+        return false;
     };
     let local = local_copy(agent, &job.instance).await;
     let step = plan::step(&job, role, local);
@@ -210,6 +217,10 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
         tracing::info!(job = job.id, phase = %job.phase.name(), ?role, ?local, ?step, "job step");
     }
     let name = job.instance.as_str();
+    let acted = !matches!(
+        step,
+        Step::Wait | Step::DiscardReceived | Step::DeleteSourceCopy
+    );
     match step {
         Step::Wait => {}
         Step::BeginChecks => {
@@ -282,7 +293,7 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
                 // Restored is committed: the instance is ours and held; a
                 // retry of this step (or `ferry start`) thaws it.
                 tracing::warn!(job = job.id, "thaw failed: {e}");
-                return;
+                return false;
             }
             let now = now_ms();
             let stats = MoveStats {
@@ -322,6 +333,7 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) {
             }
         }
     }
+    acted
 }
 
 async fn run_checks(agent: &Agent, job: &Job) {
