@@ -338,3 +338,89 @@ fn abort_during_the_transfer_rolls_back() -> Result<()> {
     assert!(cluster.counter(0, "c1")? > 0);
     Ok(())
 }
+
+#[test]
+fn a_failed_restore_after_the_switch_switches_back_and_the_source_thaws() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    // Stale runc state for the id on the target: runc refuses to restore.
+    std::fs::create_dir_all(cluster.agents[2].data_dir.join("runc/c1"))?;
+    let sampler = cluster.sampler("c1");
+    let err = cluster.ferry_err(0, &["move", "c1", "--target", "n3"])?;
+    assert!(err.contains("restore on the target failed"), "{err}");
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    assert_eq!(job["phase"], "RolledBack", "{job}");
+    let list = cluster.ferry_json(0, &["list"])?;
+    // Switched (epoch 2) then switched back (epoch 3), owned by n2 again.
+    assert_eq!(
+        (list[0]["node"].as_str(), list[0]["epoch"].as_u64()),
+        (Some("n2"), Some(3)),
+        "{list}"
+    );
+    wait_for("n2 to report c1 running", CONVERGE, || {
+        let list = cluster.ferry_json(0, &["list"])?;
+        if list[0]["state"] == "running" {
+            Ok(())
+        } else {
+            bail!("{list}")
+        }
+    })?;
+    let before = cluster.counter(0, "c1")?;
+    wait_for(
+        "the thawed source to count on",
+        CONVERGE,
+        || match cluster.counter(0, "c1")? {
+            n if n > before => Ok(()),
+            n => bail!("counter at {n}"),
+        },
+    )?;
+    assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
+#[test]
+fn kill_9_of_the_leader_mid_move_completes_or_rolls_back() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = cluster_with_counter_and_ballast(Cluster::new(), 64)?;
+    let leader = cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    let dead = cluster.index_of(&leader).unwrap_or(0);
+    let via = (0..3).find(|i| *i != dead).unwrap_or(1);
+    let sampler = cluster.sampler("c1");
+    cluster.ferry_ok(via, &["move", "c1", "--target", "n3", "--detach"])?;
+    wait_for("the move to start", CONVERGE, || {
+        let job = cluster.ferry_json(via, &["job", "show", "1"])?;
+        if job["phase"] == "Pending" {
+            bail!("pending")
+        } else {
+            Ok(())
+        }
+    })?;
+    cluster.kill(dead);
+    let job = wait_for("job 1 to end", Duration::from_secs(90), || {
+        let job = cluster.ferry_json(via, &["job", "show", "1"])?;
+        if job["done"] == true {
+            Ok(job)
+        } else {
+            bail!("phase {}", job["phase"])
+        }
+    })?;
+    let expected_owner = if job["phase"] == "Done" { "n3" } else { "n2" };
+    cluster.restart(dead)?;
+    wait_for("the instance running on its owner", CONVERGE, || {
+        let list = cluster.ferry_json(via, &["list"])?;
+        if list[0]["node"] == expected_owner && list[0]["state"] == "running" {
+            Ok(())
+        } else {
+            bail!("{list}")
+        }
+    })?;
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
