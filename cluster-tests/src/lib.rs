@@ -564,6 +564,22 @@ impl Drop for Cluster {
             self.kill(i);
         }
         // No container outlives its test.
+        let remove_empty_parents = || {
+            let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+                return;
+            };
+            for controller in controllers.flatten() {
+                let Ok(groups) = std::fs::read_dir(controller.path()) else {
+                    continue;
+                };
+                for group in groups.flatten() {
+                    if group.file_name().to_string_lossy().starts_with("ferry-") {
+                        // Fails, harmlessly, for a cgroup still in use.
+                        let _ = std::fs::remove_dir(group.path());
+                    }
+                }
+            }
+        };
         for agent in &self.agents {
             for (id, _) in agent.containers() {
                 let _ = Command::new("runc")
@@ -573,6 +589,7 @@ impl Drop for Cluster {
                     .output();
             }
         }
+        remove_empty_parents();
         if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
             let root = self.root.path().to_path_buf();
             let kept = std::mem::replace(

@@ -53,6 +53,15 @@ pub fn decide(
     }
 }
 
+/// The cgroup parent of an agent's containers: unique per agent on a
+/// host (names repeat across clusters sharing a host; data dirs do not),
+/// so one agent freezing its container can never freeze another's.
+fn cgroup_parent(data_dir: &Path, node_name: &str) -> String {
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = ferry_transport::pki::sha256_hex(dir.to_string_lossy().as_bytes());
+    format!("ferry-{node_name}-{}", &digest[..8])
+}
+
 /// The container side of one agent.
 pub struct Host {
     runc: Runc,
@@ -66,7 +75,7 @@ impl Host {
         Host {
             runc: Runc::new(data_dir.join("runc")),
             data_dir: data_dir.to_path_buf(),
-            cgroup_parent: format!("ferry-{node_name}"),
+            cgroup_parent: cgroup_parent(data_dir, node_name),
             locks: Mutex::new(HashMap::new()),
         }
     }
@@ -361,6 +370,14 @@ mod tests {
             created_ms: 0,
             job: None,
         }
+    }
+
+    #[test]
+    fn agents_with_the_same_name_get_different_cgroups() {
+        let a = cgroup_parent(Path::new("/tmp/cluster-a/n2"), "n2");
+        let b = cgroup_parent(Path::new("/tmp/cluster-b/n2"), "n2");
+        assert_ne!(a, b);
+        assert!(a.starts_with("ferry-n2-"));
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! Migration benchmark (not a test): a container dirtying N MiB of memory
+//! as fast as it can is moved live between two agents; reported against
+//! the floor of the same container checkpointed and restored locally by
+//! runc to tmpfs, with no network and no cluster.
+//!
+//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-move [-- 64 256]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cluster_tests::{busybox_rootfs, wait_for, Cluster};
+
+/// Fill `mib` MiB with 1 KiB strings, then rewrite them forever.
+fn workload(mib: usize) -> String {
+    let n = mib * 1024;
+    format!(
+        "exec awk 'BEGIN {{ n = {n}; for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i); print \"ready\" > \"/ready\"; close(\"/ready\"); while (1) for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i + 1) }}'"
+    )
+}
+
+fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("runc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let sizes = if sizes.is_empty() {
+        vec![64, 256]
+    } else {
+        sizes
+    };
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    cluster.join("n2", 0)?;
+    cluster.wait_converged(&["n1", "n2"], Duration::from_secs(60))?;
+    for name in ["n1", "n2"] {
+        wait_for("facts", Duration::from_secs(60), || {
+            let v = cluster.ferry_json(0, &["cluster", "show", name])?;
+            if v["facts"].is_null() {
+                bail!("no facts")
+            } else {
+                Ok(())
+            }
+        })?;
+    }
+    let rootfs = busybox_rootfs(cluster.root())?
+        .to_string_lossy()
+        .into_owned();
+    for (job, mib) in sizes.iter().enumerate() {
+        let name = format!("dirty{mib}");
+        let script = workload(*mib);
+        cluster.ferry_ok(
+            0,
+            &[
+                "launch", &name, "--rootfs", &rootfs, "--target", "n1", "--", "sh", "-c", &script,
+            ],
+        )?;
+        let ready = cluster.agents[0]
+            .data_dir
+            .join(format!("instances/{name}/bundle/rootfs/ready"));
+        wait_for(
+            "the workload to fill its memory",
+            Duration::from_secs(300),
+            || {
+                if ready.exists() {
+                    Ok(())
+                } else {
+                    bail!("filling")
+                }
+            },
+        )?;
+        let started = Instant::now();
+        cluster.ferry_ok(0, &["move", &name, "--target", "n2"])?;
+        let wall = started.elapsed();
+        let id = (job + 1).to_string();
+        let view = cluster.ferry_json(0, &["job", "show", &id])?;
+        let (down, total, bytes) = (
+            view["downtime_ms"].as_u64().unwrap_or(0),
+            view["total_ms"].as_u64().unwrap_or(0),
+            view["bytes"].as_u64().unwrap_or(0),
+        );
+        // Floor: the same container, now on n2, dumped and restored by
+        // runc on this host to tmpfs.
+        let root = cluster.agents[1].data_dir.join("runc");
+        let bundle = cluster.agents[1]
+            .data_dir
+            .join(format!("instances/{name}/bundle"));
+        let images = std::path::PathBuf::from(format!("/dev/shm/ferry-bench-{name}"));
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images)?;
+        let images_s = images.to_string_lossy().into_owned();
+        let t = Instant::now();
+        runc(&root, &["checkpoint", "--image-path", &images_s, &name])
+            .context("floor checkpoint")?;
+        let dump = t.elapsed();
+        let t = Instant::now();
+        runc(
+            &root,
+            &[
+                "restore",
+                "--detach",
+                "--image-path",
+                &images_s,
+                "--bundle",
+                &bundle.to_string_lossy(),
+                &name,
+            ],
+        )
+        .context("floor restore")?;
+        let restore = t.elapsed();
+        let _ = std::fs::remove_dir_all(&images);
+        let floor = (dump + restore).as_millis() as u64;
+        println!(
+            "{mib} MiB dirtied: ferry move downtime {down} ms, total {total} ms (CLI wall {} ms), {:.1} MiB sent; floor runc checkpoint {} ms + restore {} ms = {floor} ms; downtime/floor {:.2}",
+            wall.as_millis(),
+            bytes as f64 / (1u64 << 20) as f64,
+            dump.as_millis(),
+            restore.as_millis(),
+            down as f64 / floor.max(1) as f64
+        );
+        cluster.ferry_ok(0, &["delete", &name, "--force"])?;
+    }
+    Ok(())
+}
