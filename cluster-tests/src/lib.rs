@@ -72,6 +72,17 @@ fn container_runtime_missing() -> Option<String> {
     None
 }
 
+/// Whether SIGKILL is pending for `pid`: such a process never runs user
+/// code again (runc thaws a frozen container to let it die).
+fn kill_pending(pid: u64) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|mask| mask & (1 << 8) != 0)
+}
+
 /// A busybox root filesystem (Debian's busybox-static) in `dir`.
 pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
     let root = dir.join("busybox-rootfs");
@@ -155,8 +166,10 @@ impl AgentProc {
         list.iter()
             .map(|c| {
                 let id = c["id"].as_str().unwrap_or_default().to_string();
+                let pid = c["pid"].as_u64().unwrap_or(0);
                 let status = match c["status"].as_str().unwrap_or_default() {
                     "running" if held(&id) => "held".to_string(),
+                    "running" if kill_pending(pid) => "dying".to_string(),
                     other => other.to_string(),
                 };
                 (id, status)
@@ -456,6 +469,27 @@ impl Cluster {
             most
         });
         Sampler { stop, handle }
+    }
+
+    /// Launch the counter workload as `name` on member `target` (through
+    /// member 0) from the busybox rootfs at `rootfs`, and wait until it
+    /// counts.
+    pub fn launch_counter(&self, name: &str, target: &str, rootfs: &Path) -> Result<()> {
+        let rootfs = rootfs.to_string_lossy().into_owned();
+        let mut args = vec![
+            "launch", name, "--rootfs", &rootfs, "--target", target, "--",
+        ];
+        args.extend(COUNTER);
+        self.ferry_ok(0, &args)?;
+        wait_for(
+            "the counter to count",
+            Duration::from_secs(30),
+            || match self.counter(0, name)? {
+                n if n >= 3 => Ok(()),
+                n => bail!("counter at {n}"),
+            },
+        )?;
+        Ok(())
     }
 
     /// `ferry exec NAME -- cat /counter` through member `index`.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster, COUNTER};
+use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -17,16 +17,7 @@ fn counter_on_n2(mut cluster: Cluster) -> Result<Cluster> {
     cluster.join("n2", 0)?;
     cluster.wait_converged(&["n1", "n2"], CONVERGE)?;
     let rootfs = busybox_rootfs(cluster.root())?;
-    let rootfs = rootfs.to_string_lossy().into_owned();
-    let mut args = vec!["launch", "c1", "--rootfs", &rootfs, "--target", "n2", "--"];
-    args.extend(COUNTER);
-    cluster.ferry_ok(0, &args)?;
-    wait_for("the counter to count", CONVERGE, || {
-        match cluster.counter(0, "c1")? {
-            n if n >= 3 => Ok(()),
-            n => bail!("counter at {n}"),
-        }
-    })?;
+    cluster.launch_counter("c1", "n2", &rootfs)?;
     Ok(cluster)
 }
 

@@ -312,7 +312,15 @@ impl Host {
 
     /// Forget the container and delete every file of the instance.
     pub async fn remove(&self, name: &str) -> Result<(), RuncError> {
-        if self.status(name).await?.is_some() {
+        if let Some(state) = self.status(name).await? {
+            if state.status == Status::Paused {
+                // Queue SIGKILL while frozen: when delete thaws the tasks
+                // they die before running another instruction.
+                let _ = self
+                    .runc
+                    .kill(name, "KILL", &self.dir(name).runc_log())
+                    .await;
+            }
             self.runc
                 .delete(name, true, &self.dir(name).runc_log())
                 .await?;

@@ -159,12 +159,24 @@ impl Runc {
 
     /// Start detached.
     pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), RuncError> {
-        let (out, err) = Self::console();
-        let status = self
-            .command(log)
-            .args(["run", "--detach", "--bundle"])
+        let mut cmd = self.command(log);
+        cmd.args(["run", "--detach", "--bundle"])
             .arg(bundle)
-            .arg(id)
+            .arg(id);
+        self.detached("run", id, log, cmd).await
+    }
+
+    /// Run a command that leaves the container behind; runc hands its own
+    /// stdio to the container, so errors come from runc's log file.
+    async fn detached(
+        &self,
+        op: &'static str,
+        id: &str,
+        log: &Path,
+        mut cmd: Command,
+    ) -> Result<(), RuncError> {
+        let (out, err) = Self::console();
+        let status = cmd
             .stdout(out)
             .stderr(err)
             .status()
@@ -173,7 +185,7 @@ impl Runc {
         if status.success() {
             Ok(())
         } else {
-            Err(self.failure("run", id, log))
+            Err(self.failure(op, id, log))
         }
     }
 
@@ -254,26 +266,15 @@ impl Runc {
         work: &Path,
         log: &Path,
     ) -> Result<(), RuncError> {
-        let (out, err) = Self::console();
-        let status = self
-            .command(log)
-            .args(["restore", "--detach", "--image-path"])
+        let mut cmd = self.command(log);
+        cmd.args(["restore", "--detach", "--image-path"])
             .arg(images)
             .arg("--work-path")
             .arg(work)
             .arg("--bundle")
             .arg(bundle)
-            .arg(id)
-            .stdout(out)
-            .stderr(err)
-            .status()
-            .await
-            .map_err(RuncError::Spawn)?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(self.failure("restore", id, log))
-        }
+            .arg(id);
+        self.detached("restore", id, log, cmd).await
     }
 
     /// Pids of every process in the container.

@@ -587,12 +587,14 @@ async fn precopy_note() -> String {
 async fn restore_held(agent: &Agent, job: &Job) -> Result<(), String> {
     let dir = agent.host.dir(&job.instance);
     write_config(agent, job, true).await?;
+    // Marked before the restore: a copy that exists here is held until the
+    // marker goes after the thaw.
+    tokio::fs::write(dir.held_marker(), b"")
+        .await
+        .map_err(|e| e.to_string())?;
     agent
         .host
         .restore_held(&job.instance, &dir.migration().join("images"))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::fs::write(dir.held_marker(), b"")
         .await
         .map_err(|e| e.to_string())
 }
