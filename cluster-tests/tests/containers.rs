@@ -56,6 +56,38 @@ fn launch_on_a_chosen_member_and_every_member_agrees() -> Result<()> {
         }
     })?;
     let baseline = &show["baseline"];
+    // What the instance prints is kept on its owner.
+    let rootfs = cluster
+        .root()
+        .join("busybox-rootfs")
+        .to_string_lossy()
+        .into_owned();
+    cluster.ferry_ok(
+        0,
+        &[
+            "launch",
+            "talker",
+            "--rootfs",
+            &rootfs,
+            "--target",
+            "n2",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from talker; exec sleep 600",
+        ],
+    )?;
+    let console = cluster.agents[1]
+        .data_dir
+        .join("instances/talker/console.log");
+    wait_for("the console log", CONVERGE, || {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("hello from talker") {
+            Ok(())
+        } else {
+            bail!("console: {text:?}")
+        }
+    })?;
     assert!(
         baseline["cpu_flags"]
             .as_array()

@@ -42,6 +42,10 @@ impl InstanceDir {
     pub fn rootfs(&self) -> PathBuf {
         self.bundle().join("rootfs")
     }
+    /// What the instance's processes print (see `runc::Runc::console`).
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
     pub fn runc_log(&self) -> PathBuf {
         self.root.join("runc.log")
     }

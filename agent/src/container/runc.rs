@@ -150,11 +150,33 @@ impl Runc {
             .map(|(_, state)| state))
     }
 
-    /// The container's stdio. A host file cannot be used: CRIU cannot dump
-    /// an fd opened through a mount outside the container, and a pipe to
-    /// the agent would die with the agent. So /dev/null for now.
-    fn console() -> (Stdio, Stdio) {
-        (Stdio::null(), Stdio::null())
+    /// The container's stdout and stderr: a pipe to a `cat` in its own
+    /// process group that appends to `console.log` beside the runc log.
+    /// Not the file itself: CRIU cannot dump a host file opened outside the
+    /// container's mounts, while a pipe it records and runc reconnects on
+    /// restore. The logger outlives the agent (own process group).
+    fn console(log: &Path) -> Result<(Stdio, Stdio), RuncError> {
+        let console_log = log.with_file_name("console.log");
+        let fail = |source| RuncError::File {
+            path: console_log.clone(),
+            source,
+        };
+        let (reader, writer) = std::io::pipe().map_err(fail)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_log)
+            .map_err(fail)?;
+        Command::new("cat")
+            .stdin(reader)
+            .stdout(file)
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(fail)?;
+        let err = writer.try_clone().map_err(fail)?;
+        Ok((Stdio::from(writer), Stdio::from(err)))
     }
 
     /// Start detached.
@@ -175,7 +197,7 @@ impl Runc {
         log: &Path,
         mut cmd: Command,
     ) -> Result<(), RuncError> {
-        let (out, err) = Self::console();
+        let (out, err) = Self::console(log)?;
         let status = cmd
             .stdout(out)
             .stderr(err)
