@@ -492,6 +492,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Wait until the counter of `name` (read through member 0) reaches at
+    /// least `at_least`; returns the value seen. Proves the workload runs.
+    pub fn wait_counter(&self, name: &str, at_least: u64) -> Result<u64> {
+        wait_for(
+            &format!("{name}'s counter to reach {at_least}"),
+            Duration::from_secs(30),
+            || match self.counter(0, name)? {
+                n if n >= at_least => Ok(n),
+                n => bail!("counter at {n}"),
+            },
+        )
+    }
+
     /// `ferry exec NAME -- cat /counter` through member `index`.
     pub fn counter(&self, index: usize, instance: &str) -> Result<u64> {
         let text = self.ferry_ok(index, &["exec", instance, "--", "cat", "/counter"])?;

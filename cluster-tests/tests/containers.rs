@@ -130,12 +130,7 @@ fn stateful_stop_then_start_continues_the_counter() -> Result<()> {
         after >= stopped_at,
         "counter went back from {stopped_at} to {after}"
     );
-    wait_for("the counter to move on", CONVERGE, || {
-        match cluster.counter(0, "c1")? {
-            n if n > stopped_at => Ok(()),
-            n => bail!("counter at {n}"),
-        }
-    })?;
+    cluster.wait_counter("c1", stopped_at + 1)?;
     assert_eq!(cluster.running_copies("c1"), 1);
     Ok(())
 }
@@ -252,14 +247,7 @@ fn stateful_snapshot_restore_takes_the_counter_back() -> Result<()> {
         1,
         "a snapshot leaves it running"
     );
-    let later = wait_for(
-        "the counter to move well past the snapshot",
-        CONVERGE,
-        || match cluster.counter(0, "c1")? {
-            n if n >= at_snapshot + 10 => Ok(n),
-            n => bail!("counter at {n}"),
-        },
-    )?;
+    let later = cluster.wait_counter("c1", at_snapshot + 10)?;
     let list = cluster.ferry_json(0, &["snapshot", "list", "c1"])?;
     assert_eq!(list[0]["name"], "s1");
     assert_eq!(list[0]["stateful"], true);
@@ -323,12 +311,7 @@ fn stateful_stop_without_usable_criu_says_so_and_keeps_running() -> Result<()> {
     );
     assert!(err.contains("keeps running"), "{err}");
     let before = cluster.counter(0, "c1")?;
-    wait_for("the counter to move on", CONVERGE, || {
-        match cluster.counter(0, "c1")? {
-            n if n > before => Ok(()),
-            n => bail!("counter at {n}"),
-        }
-    })?;
+    cluster.wait_counter("c1", before + 1)?;
     assert_eq!(cluster.running_copies("c1"), 1);
     Ok(())
 }

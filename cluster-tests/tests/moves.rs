@@ -265,12 +265,7 @@ fn kill_9_of_the_target_during_the_transfer_rolls_back_and_cleans_up() -> Result
         assert_eq!(owner(&cluster)?, "n2");
         // The source thawed and counts on.
         let before = cluster.counter(0, "c1")?;
-        wait_for("the counter on the source", CONVERGE, || {
-            match cluster.counter(0, "c1")? {
-                n if n > before => Ok(()),
-                n => bail!("counter at {n}"),
-            }
-        })?;
+        cluster.wait_counter("c1", before + 1)?;
         cluster.restart(2)?;
         wait_for("the target's leftovers to go", CONVERGE, || {
             if cluster.agents[2].data_dir.join("instances/c1").exists() {
@@ -359,14 +354,7 @@ fn a_failed_restore_after_the_switch_switches_back_and_the_source_thaws() -> Res
         }
     })?;
     let before = cluster.counter(0, "c1")?;
-    wait_for(
-        "the thawed source to count on",
-        CONVERGE,
-        || match cluster.counter(0, "c1")? {
-            n if n > before => Ok(()),
-            n => bail!("counter at {n}"),
-        },
-    )?;
+    cluster.wait_counter("c1", before + 1)?;
     assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());
     assert!(sampler.finish() <= 1, "two copies ran at once");
     assert_eq!(cluster.running_copies("c1"), 1);
