@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod partition;
+
 /// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built
 /// next to this test executable.
 pub fn ferry_bin() -> PathBuf {
@@ -190,6 +192,12 @@ impl AgentProc {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow!("api.json of {} has no address", self.name))
+    }
+
+    /// The UDP port every QUIC byte of this agent goes through.
+    pub fn port(&self) -> Result<u16> {
+        let addr: std::net::SocketAddr = self.addr()?.parse()?;
+        Ok(addr.port())
     }
 }
 

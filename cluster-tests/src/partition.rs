@@ -1,0 +1,96 @@
+//! Real network partitions for tests: iptables rules that drop every UDP
+//! datagram to or from one agent's port on loopback. Every agent byte
+//! (Raft, gossip, transfers, the CLI's API calls) is QUIC on that one UDP
+//! port, so the agent is cut off completely. Loopback traffic passes
+//! INPUT once, so one rule per direction in INPUT covers both ways.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Chains of this test process are named `PREFIX<pid>-<port>`.
+const PREFIX: &str = "FERRY-T-";
+
+/// An agent's port cut off until `heal` or drop (drop runs when the test
+/// panics too, so no rule outlives its test).
+pub struct Partition {
+    chain: String,
+    healed: bool,
+}
+
+fn iptables(args: &[&str]) -> Result<()> {
+    let out = Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .context("run iptables (install it with scripts/install-deps.sh)")?;
+    if !out.status.success() {
+        bail!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn remove_chain(chain: &str) {
+    // Each step may fail when an earlier run got halfway; the rest still runs.
+    let _ = iptables(&["-D", "INPUT", "-j", chain]);
+    let _ = iptables(&["-F", chain]);
+    let _ = iptables(&["-X", chain]);
+}
+
+/// Chains left by test processes that died without unwinding (kill -9).
+fn remove_stale_chains() {
+    let Ok(out) = Command::new("iptables").args(["-w", "-S"]).output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let Some(chain) = line.strip_prefix("-N ") else {
+            continue;
+        };
+        let Some(rest) = chain.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            remove_chain(chain);
+        }
+    }
+}
+
+impl Partition {
+    /// Drop every datagram to and from `port` on loopback.
+    pub fn isolate(port: u16) -> Result<Self> {
+        remove_stale_chains();
+        let chain = format!("{PREFIX}{}-{port}", std::process::id());
+        let port_text = port.to_string();
+        iptables(&["-N", &chain])?;
+        let partition = Partition {
+            chain: chain.clone(),
+            healed: false,
+        };
+        for direction in ["--dport", "--sport"] {
+            iptables(&[
+                "-A", &chain, "-i", "lo", "-p", "udp", direction, &port_text, "-j", "DROP",
+            ])?;
+        }
+        iptables(&["-I", "INPUT", "-j", &chain])?;
+        Ok(partition)
+    }
+
+    pub fn heal(mut self) {
+        remove_chain(&self.chain);
+        self.healed = true;
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if !self.healed {
+            remove_chain(&self.chain);
+        }
+    }
+}
