@@ -39,6 +39,9 @@ pub struct AgentOptions {
     pub voters: u8,
     /// Take a Raft snapshot every this many applied entries.
     pub snapshot_every: u64,
+    pub gossip: crate::gossip::GossipConfig,
+    /// A voter dead (by gossip) this long is replaced by a live learner.
+    pub heal_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,8 @@ pub struct Agent {
     /// senders before our own log has caught up.
     pub seed_names: Mutex<BTreeMap<NodeId, String>>,
     pub host: crate::container::reconcile::Host,
+    pub gossip: crate::gossip::Gossip,
+    pub heal_after: Duration,
     shutdown: watch::Sender<Option<String>>,
 }
 
@@ -309,7 +314,7 @@ impl Agent {
                 )));
             }
         }
-        let agent = Agent::start(dir, config, seeds, opts.snapshot_every).await?;
+        let agent = Agent::start(dir, config, seeds, &opts).await?;
         agent.wait_for_shutdown().await
     }
 
@@ -317,8 +322,9 @@ impl Agent {
         dir: DataDir,
         config: NodeConfig,
         seeds: Vec<(NodeId, String)>,
-        snapshot_every: u64,
+        opts: &AgentOptions,
     ) -> Result<Arc<Agent>, AgentError> {
+        let snapshot_every = opts.snapshot_every;
         let addr: SocketAddr = config
             .addr
             .parse()
@@ -359,6 +365,7 @@ impl Agent {
         }
 
         let (shutdown, _) = watch::channel(None);
+        let (gossip, gossip_inbox) = crate::gossip::Gossip::new(config.id, opts.gossip.clone());
         let agent = Arc::new(Agent {
             id: config.id,
             name: config.name.clone(),
@@ -372,8 +379,11 @@ impl Agent {
             voters: config.voters,
             seed_names: Mutex::new(seeds.into_iter().collect()),
             host: crate::container::reconcile::Host::new(dir.root(), &config.name),
+            gossip,
+            heal_after: opts.heal_after,
             shutdown,
         });
+        tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));
         tokio::spawn(ferry_transport::rpc::serve(
             endpoint,
             Arc::new(crate::service::AgentService::new(agent.clone())),

@@ -6,6 +6,7 @@ pub mod client;
 pub mod container;
 pub mod datadir;
 pub mod facts;
+pub mod gossip;
 pub mod instances;
 pub mod membership;
 pub mod migration;

@@ -150,6 +150,19 @@ pub struct MemberDetail {
     pub facts: Option<HostFacts>,
     /// Raft progress, when the shown member is the agent answering.
     pub raft: Option<RaftStatus>,
+    /// Load facts heard through gossip.
+    pub load: Option<LoadView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadView {
+    pub memory_free_bytes: u64,
+    /// 1, 5 and 15 minute load averages.
+    pub load_average: Vec<f32>,
+    pub running_instances: u32,
+    pub agent_version: String,
+    /// How long ago this agent heard these figures.
+    pub age_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

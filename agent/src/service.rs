@@ -14,8 +14,8 @@ use ferry_transport::rpc::{Peer, Service};
 
 use crate::agent::{now_ms, parse_addr, Agent, PEER_TIMEOUT};
 use crate::protocol::{
-    ApiError, ApiReply, ApiRequest, ErrorKind, JoinAccepted, JoinRequest, MemberDetail, MemberView,
-    RaftStatus, Request, Response, TokenView,
+    ApiError, ApiReply, ApiRequest, ErrorKind, JoinAccepted, JoinRequest, LoadView, MemberDetail,
+    MemberView, RaftStatus, Request, Response, TokenView,
 };
 use crate::token::JoinToken;
 
@@ -82,6 +82,31 @@ impl Service for AgentService {
                 Ok(reply) => Response::Api(reply),
                 Err(e) => Response::Error(e),
             },
+        }
+    }
+
+    fn wants_datagrams(&self) -> bool {
+        true
+    }
+
+    /// Gossip: only from certified, unrevoked members of this cluster.
+    fn handle_datagram(&self, peer: &Arc<Peer>, data: bytes::Bytes) {
+        let gossip = &self.agent.gossip;
+        let Some(cert) = &peer.cert else {
+            gossip.refuse(&peer.addr.to_string(), "no client certificate");
+            return;
+        };
+        let Identity::Node(name) = &cert.identity else {
+            gossip.refuse(&cert.identity.to_string(), "not a node certificate");
+            return;
+        };
+        if self.agent.state.read(|s| s.is_revoked(&cert.serial)) {
+            gossip.refuse(name, "certificate revoked (member removed)");
+            return;
+        }
+        match self.agent.member_id(name) {
+            Some(id) => gossip.deliver(id, data),
+            None => gossip.refuse(name, "not a member (yet)"),
         }
     }
 
@@ -236,9 +261,9 @@ async fn handle_api(
 ) -> Result<ApiReply, ApiError> {
     let from_member = matches!(cert.identity, Identity::Node(_));
     match api {
-        ApiRequest::ClusterList => Ok(ApiReply::Members(member_views(agent).await)),
+        ApiRequest::ClusterList => Ok(ApiReply::Members(member_views(agent))),
         ApiRequest::ClusterShow { name } => {
-            let views = member_views(agent).await;
+            let views = member_views(agent);
             let view = views
                 .into_iter()
                 .find(|v| v.name == name)
@@ -247,10 +272,18 @@ async fn handle_api(
                 .state
                 .read(|s| s.members.get(&view.id).and_then(|m| m.facts.clone()));
             let raft = (view.id == agent.id).then(|| raft_status(agent));
+            let load = agent.gossip.load(view.id).map(|(l, age)| LoadView {
+                memory_free_bytes: l.memory_free_bytes,
+                load_average: l.load_average.to_vec(),
+                running_instances: l.running_instances,
+                agent_version: l.agent_version,
+                age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+            });
             Ok(ApiReply::Member(Box::new(MemberDetail {
                 member: view,
                 facts,
                 raft,
+                load,
             })))
         }
         ApiRequest::TokenCreate { name, ttl_secs } => create_token(agent, name, ttl_secs).await,
@@ -309,12 +342,9 @@ fn no_member(name: &str) -> ApiError {
     )
 }
 
-/// Whether member `id` answers a ping.
-pub(crate) async fn ping_member(agent: &Agent, id: ferry_raft::NodeId) -> bool {
-    match agent.state.read(|s| s.members.get(&id).cloned()) {
-        Some(member) => ping(agent, &member).await,
-        None => false,
-    }
+/// Whether member `id` is alive or only suspect by gossip (not dead).
+pub(crate) fn member_alive(agent: &Agent, id: ferry_raft::NodeId) -> bool {
+    agent.gossip.liveness(id) != crate::gossip::Liveness::Dead
 }
 
 async fn ping(agent: &Agent, member: &Member) -> bool {
@@ -338,25 +368,15 @@ async fn ping(agent: &Agent, member: &Member) -> bool {
     )
 }
 
-async fn member_views(agent: &Arc<Agent>) -> Vec<MemberView> {
+fn member_views(agent: &Arc<Agent>) -> Vec<MemberView> {
     let metrics = agent.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
     let learners: std::collections::BTreeSet<_> = membership.learner_ids().collect();
     let members: Vec<Member> = agent.state.read(|s| s.members.values().cloned().collect());
-    let mut probes = tokio::task::JoinSet::new();
-    for (index, member) in members.iter().cloned().enumerate() {
-        let agent = agent.clone();
-        probes.spawn(async move { (index, ping(&agent, &member).await) });
-    }
-    let mut alive = vec![false; members.len()];
-    while let Some(Ok((index, ok))) = probes.join_next().await {
-        alive[index] = ok;
-    }
     members
         .into_iter()
-        .zip(alive)
-        .map(|(m, alive)| MemberView {
+        .map(|m| MemberView {
             role: if voters.contains(&m.id) {
                 "voter"
             } else if learners.contains(&m.id) {
@@ -366,7 +386,7 @@ async fn member_views(agent: &Arc<Agent>) -> Vec<MemberView> {
             }
             .into(),
             leader: metrics.current_leader == Some(m.id),
-            liveness: if alive { "alive" } else { "dead" }.into(),
+            liveness: agent.gossip.liveness(m.id).as_str().into(),
             state: m.state.as_str().into(),
             name: m.name,
             id: m.id,

@@ -8,6 +8,7 @@ mod output;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -73,6 +74,18 @@ struct AgentArgs {
     /// Take a Raft snapshot (and purge the log behind it) every N applied entries.
     #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
+    /// Gossip: each agent probes one random member this often (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = output::parse_duration)]
+    gossip_probe_period: Duration,
+    /// Gossip: the shortest time a suspect member has to answer before it is
+    /// declared dead (once others confirm the suspicion; three times this
+    /// without confirmations).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = output::parse_duration)]
+    gossip_suspicion: Duration,
+    /// Replace a voter that gossip has seen dead this long by promoting a live
+    /// learner (members are never removed automatically).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = output::parse_duration)]
+    heal_after: Duration,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -221,6 +234,12 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         join: args.join,
         voters: args.voters,
         snapshot_every: args.snapshot_every,
+        gossip: ferry_agent::gossip::GossipConfig {
+            probe_period: args.gossip_probe_period,
+            suspicion: args.gossip_suspicion,
+            ..Default::default()
+        },
+        heal_after: args.heal_after,
     })
     .await?;
     Ok(())

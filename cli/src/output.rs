@@ -72,6 +72,12 @@ pub fn member_json(detail: &MemberDetail) -> serde_json::Value {
                 serde_json::to_value(raft).unwrap_or_default(),
             );
         }
+        if let Some(load) = &detail.load {
+            object.insert(
+                "load".into(),
+                serde_json::to_value(load).unwrap_or_default(),
+            );
+        }
     }
     value
 }
@@ -93,6 +99,21 @@ pub fn print_member_detail(detail: &MemberDetail) -> Result<()> {
             "raft:      term {}, log {}, applied {}, snapshot {}, purged {}",
             r.term, r.last_log_index, r.last_applied_index, r.snapshot_index, r.purged_index
         );
+    }
+    match &detail.load {
+        None => println!("load:      not heard through gossip yet"),
+        Some(l) => {
+            println!(
+                "load:      {:.2} {:.2} {:.2}, {} MiB free, {} running, agent {} ({:.1}s ago)",
+                l.load_average.first().copied().unwrap_or_default(),
+                l.load_average.get(1).copied().unwrap_or_default(),
+                l.load_average.get(2).copied().unwrap_or_default(),
+                l.memory_free_bytes / (1 << 20),
+                l.running_instances,
+                l.agent_version,
+                l.age_ms as f64 / 1000.0
+            );
+        }
     }
     match &detail.facts {
         None => println!("facts:     not reported yet"),
@@ -141,6 +162,19 @@ pub fn print_tokens(tokens: &[TokenView]) -> Result<()> {
     Ok(())
 }
 
+/// "500ms", "90s", "30m", "1h", "2d", or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    match text.trim().strip_suffix("ms") {
+        Some(ms) => ms
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(std::time::Duration::from_millis)
+            .ok_or_else(|| format!("'{text}' is not a duration like 500ms")),
+        None => parse_duration_secs(text).map(std::time::Duration::from_secs),
+    }
+}
+
 /// "90s", "30m", "1h", "2d", or a bare number of seconds.
 pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -176,5 +210,14 @@ mod tests {
         assert!(parse_duration_secs("0s").is_err());
         assert!(parse_duration_secs("1y").is_err());
         assert!(parse_duration_secs("h").is_err());
+        assert_eq!(
+            super::parse_duration("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            super::parse_duration("2s"),
+            Ok(std::time::Duration::from_secs(2))
+        );
+        assert!(super::parse_duration("0ms").is_err());
     }
 }

@@ -14,6 +14,10 @@ pub enum CodecError {
     TrailingBytes { used: usize, trailing: usize },
 }
 
+/// What decoding one small untrusted message (a datagram) may make the
+/// decoder read or allocate: a forged length prefix must not cost memory.
+const SMALL_DECODE_LIMIT: usize = 64 * 1024;
+
 /// Encode with bincode's standard configuration through serde.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(CodecError::Encode)
@@ -31,6 +35,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         });
     }
     Ok(value)
+}
+
+/// Decode one value from the front of `bytes` (several values may follow
+/// each other, as in a gossip packet); returns it and the bytes it used.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(
+        bytes,
+        bincode::config::standard().with_limit::<SMALL_DECODE_LIMIT>(),
+    )
+    .map_err(CodecError::Decode)
 }
 
 #[cfg(test)]
@@ -53,6 +67,23 @@ mod tests {
             decode::<u32>(&bytes),
             Err(CodecError::TrailingBytes { trailing: 1, .. })
         ));
+    }
+
+    #[test]
+    fn prefix_decoding_reads_values_one_after_another() {
+        let mut bytes = encode(&7u32).unwrap();
+        bytes.extend(encode(&String::from("next")).unwrap());
+        let (first, used): (u32, usize) = decode_prefix(&bytes).unwrap();
+        assert_eq!(first, 7);
+        let (second, _): (String, usize) = decode_prefix(&bytes[used..]).unwrap();
+        assert_eq!(second, "next");
+    }
+
+    #[test]
+    fn prefix_decoding_refuses_a_forged_huge_length() {
+        // A length prefix claiming 4 GiB of payload in a 10-byte message.
+        let bytes = [0xfc, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5];
+        assert!(decode_prefix::<Vec<u8>>(&bytes).is_err());
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl fmt::Display for TlsRejection {
 
 impl TlsRejection {
     /// QUIC carries TLS alerts as transport error codes 0x100..0x1ff.
-    pub(crate) fn from_connection_error(error: &ConnectionError) -> Option<TlsRejection> {
+    pub fn from_connection_error(error: &ConnectionError) -> Option<TlsRejection> {
         let alert_of = |code: quinn::TransportErrorCode| {
             let code = u64::from(code);
             (0x100..0x200)

@@ -122,14 +122,53 @@ pub trait Service: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Whether this service reads unreliable datagrams (gossip) from its
+    /// peers' connections.
+    fn wants_datagrams(&self) -> bool {
+        false
+    }
+
+    /// One datagram from `peer`. Called on the connection's reader task:
+    /// hand the data on (e.g. into a bounded channel), never block.
+    fn handle_datagram(&self, _peer: &Arc<Peer>, _data: bytes::Bytes) {}
+}
+
+/// Handshake failures are logged at warn once per remote address: a
+/// stranger (another cluster, a scanner) retrying must not flood the log.
+#[derive(Default)]
+struct HandshakeLog {
+    seen: Mutex<std::collections::HashSet<SocketAddr>>,
+}
+
+/// Past this many remembered addresses every further failure is debug only.
+const HANDSHAKE_LOG_MAX: usize = 4096;
+
+impl HandshakeLog {
+    fn failed(&self, addr: SocketAddr, reason: &str) {
+        let first = {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.len() < HANDSHAKE_LOG_MAX && seen.insert(addr)
+        };
+        if first {
+            warn!(peer = %addr, "handshake failed: {reason} (further failures from this address are logged at debug level)");
+        } else {
+            debug!(peer = %addr, "handshake failed: {reason}");
+        }
+    }
 }
 
 /// Accept connections until the endpoint is closed. Each connection and each
 /// bi-stream (one request/response) runs in its own task, so one slow or
 /// hostile peer cannot stall others.
 pub async fn serve<S: Service>(endpoint: Endpoint, service: Arc<S>) {
+    let handshakes = Arc::new(HandshakeLog::default());
     while let Some(incoming) = endpoint.inner().accept().await {
-        tokio::spawn(serve_connection(incoming, service.clone()));
+        tokio::spawn(serve_connection(
+            incoming,
+            service.clone(),
+            handshakes.clone(),
+        ));
     }
 }
 
@@ -150,7 +189,11 @@ impl ConnLog {
     }
 }
 
-async fn serve_connection<S: Service>(incoming: quinn::Incoming, service: Arc<S>) {
+async fn serve_connection<S: Service>(
+    incoming: quinn::Incoming,
+    service: Arc<S>,
+    handshakes: Arc<HandshakeLog>,
+) {
     let log = Arc::new(ConnLog {
         addr: incoming.remote_address(),
         warned: AtomicBool::new(false),
@@ -162,7 +205,7 @@ async fn serve_connection<S: Service>(incoming: quinn::Incoming, service: Arc<S>
                 Some(rejection) => rejection.to_string(),
                 None => e.to_string(),
             };
-            log.error("handshake failed", &reason);
+            handshakes.failed(log.addr, &reason);
             return;
         }
     };
@@ -170,6 +213,9 @@ async fn serve_connection<S: Service>(incoming: quinn::Incoming, service: Arc<S>
         addr: conn.remote_address(),
         cert: peer_cert(&conn),
     });
+    if service.wants_datagrams() {
+        tokio::spawn(read_datagrams(conn.clone(), peer.clone(), service.clone()));
+    }
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -192,6 +238,13 @@ async fn serve_connection<S: Service>(incoming: quinn::Incoming, service: Arc<S>
                 return;
             }
         }
+    }
+}
+
+async fn read_datagrams<S: Service>(conn: quinn::Connection, peer: Arc<Peer>, service: Arc<S>) {
+    // Ends with the connection; its close is reported by the stream loop.
+    while let Ok(data) = conn.read_datagram().await {
+        service.handle_datagram(&peer, data);
     }
 }
 
@@ -278,11 +331,25 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
 
 type PoolKey = (SocketAddr, Expect);
 
+#[derive(Debug, thiserror::Error)]
+pub enum DatagramError {
+    #[error("no connection to {addr} yet; it is being made and the datagram goes out with it")]
+    Connecting { addr: SocketAddr },
+    #[error("datagram to {addr} not sent: {source}")]
+    Send {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::SendDatagramError,
+    },
+}
+
 /// Connections reused per (address, expected server).
 #[derive(Clone, Debug)]
 pub struct Pool {
     endpoint: Endpoint,
     conns: Arc<Mutex<HashMap<PoolKey, quinn::Connection>>>,
+    /// Peers a background connect (for a datagram) is under way to.
+    connecting: Arc<Mutex<std::collections::HashSet<PoolKey>>>,
 }
 
 impl Pool {
@@ -290,7 +357,58 @@ impl Pool {
         Pool {
             endpoint,
             conns: Arc::new(Mutex::new(HashMap::new())),
+            connecting: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
+    }
+
+    /// Send an unreliable datagram on the pooled connection, never waiting:
+    /// without a connection one is made in the background (one attempt per
+    /// peer at a time) and `data` is sent once it is up. Loss is the
+    /// caller's business (SWIM is built for it).
+    pub fn send_datagram(
+        &self,
+        addr: SocketAddr,
+        expect: &Expect,
+        data: bytes::Bytes,
+    ) -> Result<(), DatagramError> {
+        let key = (addr, expect.clone());
+        let Some(conn) = self.cached(&key) else {
+            self.connect_in_background(key, data);
+            return Err(DatagramError::Connecting { addr });
+        };
+        conn.send_datagram(data).map_err(|source| {
+            if matches!(source, quinn::SendDatagramError::ConnectionLost(_)) {
+                self.forget(&key, &conn);
+            }
+            DatagramError::Send { addr, source }
+        })
+    }
+
+    fn connect_in_background(&self, key: PoolKey, first: bytes::Bytes) {
+        let fresh = self
+            .connecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone());
+        if !fresh {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let result = pool.connect(&key).await;
+            pool.connecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            match result {
+                Ok(conn) => {
+                    if let Err(e) = conn.send_datagram(first) {
+                        debug!(peer = %key.0, "first datagram not sent: {e}");
+                    }
+                }
+                Err(e) => debug!(peer = %key.0, "connecting for datagrams failed: {e}"),
+            }
+        });
     }
 
     pub fn endpoint(&self) -> &Endpoint {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_transport::endpoint::{Endpoint, Expect, TlsRejection, TransportError};
 use ferry_transport::frame::{read_frame, FrameError, MAX_FRAME};
 use ferry_transport::pki::{new_serial, ClusterCa, Credentials, Identity};
-use ferry_transport::rpc::{call, serve, Peer, Pool, RpcError, Service};
+use ferry_transport::rpc::{call, serve, DatagramError, Peer, Pool, RpcError, Service};
 use serde::{Deserialize, Serialize};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +27,8 @@ enum Reply {
 struct Echo {
     calls: AtomicUsize,
     peers: Mutex<Vec<Arc<Peer>>>,
+    /// (sender identity, payload) of every datagram received.
+    datagrams: Mutex<Vec<(Option<String>, Vec<u8>)>>,
 }
 
 impl Echo {
@@ -87,6 +89,18 @@ impl Service for Echo {
             }
         }
         let _ = send.finish();
+    }
+
+    fn wants_datagrams(&self) -> bool {
+        true
+    }
+
+    fn handle_datagram(&self, peer: &Arc<Peer>, data: bytes::Bytes) {
+        let identity = peer.cert.as_ref().map(|c| format!("{:?}", c.identity));
+        self.datagrams
+            .lock()
+            .unwrap()
+            .push((identity, data.to_vec()));
     }
 }
 
@@ -447,4 +461,72 @@ async fn a_channel_carries_many_frames_both_ways_beside_rpc() {
     send.finish().unwrap();
     assert!(read_frame::<String>(&mut recv, MAX_FRAME).await.is_err());
     assert_eq!(a.service.calls(), 3, "the channel request is not an RPC");
+}
+
+async fn wait_datagrams(service: &Echo, count: usize) -> Vec<(Option<String>, Vec<u8>)> {
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let got = service.datagrams.lock().unwrap().clone();
+            if got.len() >= count {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("datagrams did not arrive in time")
+}
+
+#[tokio::test]
+async fn datagrams_from_a_member_reach_the_service_with_its_identity() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a_creds, _) = node(&ca, "a");
+    let (b_creds, _) = node(&ca, "b");
+    let a = start(&a_creds, localhost());
+    let b = Endpoint::bind(localhost(), &b_creds).unwrap();
+    let pool = Pool::new(b.clone());
+    let expect = Expect::Node("a".into());
+
+    // No connection yet: made in the background, the datagram goes with it.
+    let first = pool.send_datagram(a.addr, &expect, bytes::Bytes::from_static(b"one"));
+    assert!(
+        matches!(first, Err(DatagramError::Connecting { .. })),
+        "{first:?}"
+    );
+    wait_datagrams(&a.service, 1).await;
+    pool.send_datagram(a.addr, &expect, bytes::Bytes::from_static(b"two"))
+        .unwrap();
+    let got = wait_datagrams(&a.service, 2).await;
+    let who = Some(format!("{:?}", Identity::Node("b".into())));
+    assert_eq!(
+        got,
+        vec![(who.clone(), b"one".to_vec()), (who, b"two".to_vec())]
+    );
+    assert_eq!(a.service.calls(), 0);
+}
+
+#[tokio::test]
+async fn datagrams_from_another_cluster_never_reach_the_service() {
+    let ca = ClusterCa::generate().unwrap();
+    let other_ca = ClusterCa::generate().unwrap();
+    let (a_creds, _) = node(&ca, "a");
+    let (intruder, _) = node(&other_ca, "b");
+    let a = start(&a_creds, localhost());
+    let client = Endpoint::client(localhost(), Some(&intruder)).unwrap();
+    let conn = client
+        .connect(a.addr, &Expect::CaFingerprint(ca.fingerprint()))
+        .await
+        .expect("handshake completes client-side under TLS 1.3");
+    for _ in 0..10 {
+        let _ = conn.send_datagram(bytes::Bytes::from_static(b"gossip from elsewhere"));
+    }
+    // The server refuses the certificate and closes the connection.
+    let reason = tokio::time::timeout(TIMEOUT, conn.closed())
+        .await
+        .expect("the server closes the connection");
+    assert!(
+        TlsRejection::from_connection_error(&reason).is_some(),
+        "{reason}"
+    );
+    assert!(a.service.datagrams.lock().unwrap().is_empty());
 }

@@ -182,7 +182,7 @@ async fn supervise(agent: &Arc<Agent>) {
     for job in active {
         let mut alive = HashMap::new();
         for id in [job.source, job.target] {
-            alive.insert(id, crate::service::ping_member(agent, id).await);
+            alive.insert(id, crate::service::member_alive(agent, id));
         }
         if let Some(i) = plan::supervise(&job, now_ms(), PHASE_TIMEOUT_MS, |id| {
             alive.get(&id).copied().unwrap_or(false)
