@@ -681,13 +681,27 @@ impl Agent {
                 s.config.voters.max(1) as usize,
             )
         });
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: std::collections::BTreeSet<NodeId> = membership.learner_ids().collect();
+        let mut dead = std::collections::BTreeSet::new();
+        let mut dead_too_long = std::collections::BTreeSet::new();
+        for id in voters.iter().chain(&learners) {
+            if let Some(for_how_long) = self.gossip.dead_for(*id) {
+                dead.insert(*id);
+                if voters.contains(id) && for_how_long >= self.heal_after {
+                    dead_too_long.insert(*id);
+                }
+            }
+        }
         MembershipView {
-            voters: membership.voter_ids().collect(),
-            learners: membership.learner_ids().collect(),
+            voters,
+            learners,
             members,
             removed,
             desired_voters: desired,
             caught_up,
+            dead,
+            dead_too_long,
         }
     }
 

@@ -23,6 +23,12 @@ pub struct MembershipView {
     pub desired_voters: usize,
     /// Learners whose log is close enough to the leader's to vote.
     pub caught_up: BTreeSet<NodeId>,
+    /// Members gossip sees as dead now; never promoted.
+    pub dead: BTreeSet<NodeId>,
+    /// Voters dead longer than `--heal-after`: each is swapped for a live,
+    /// caught-up learner (it stays a member, as a learner), so the cluster
+    /// keeps its full set of voters.
+    pub dead_too_long: BTreeSet<NodeId>,
 }
 
 /// One membership change for the leader to make.
@@ -56,11 +62,20 @@ pub fn plan(view: &MembershipView) -> Option<MembershipChange> {
         .collect();
     let mut voters = staying.clone();
     let desired = view.desired_voters.min(view.members.len());
-    for id in view
+    let mut spare = view
         .learners
         .iter()
-        .filter(|id| view.caught_up.contains(id) && !departed(id))
-    {
+        .filter(|id| view.caught_up.contains(id) && !departed(id) && !view.dead.contains(id));
+    for dead in staying.intersection(&view.dead_too_long) {
+        // Without a spare the dead voter stays: dropping it alone would
+        // shrink the voter set, not heal it.
+        let Some(replacement) = spare.next() else {
+            break;
+        };
+        voters.remove(dead);
+        voters.insert(*replacement);
+    }
+    for id in spare {
         if voters.len() >= desired {
             break;
         }
@@ -98,6 +113,8 @@ mod tests {
             removed: BTreeSet::new(),
             desired_voters: 3,
             caught_up: learners.iter().copied().collect(),
+            dead: BTreeSet::new(),
+            dead_too_long: BTreeSet::new(),
         }
     }
 
@@ -137,6 +154,37 @@ mod tests {
             plan(&v),
             Some(MembershipChange::SetVoters([1, 2, 4].into()))
         );
+    }
+
+    #[test]
+    fn a_voter_dead_past_heal_after_is_swapped_for_a_live_learner() {
+        let mut v = view(&[1, 2, 3], &[4, 5], &[1, 2, 3, 4, 5]);
+        v.dead = [3, 4].into();
+        v.dead_too_long = [3].into();
+        // 4 is dead too, so 5 replaces 3; nobody leaves the member table.
+        assert_eq!(
+            plan(&v),
+            Some(MembershipChange::SetVoters([1, 2, 5].into()))
+        );
+    }
+
+    #[test]
+    fn a_dead_voter_stays_while_no_live_learner_can_replace_it() {
+        let mut v = view(&[1, 2, 3], &[4], &[1, 2, 3, 4]);
+        v.dead = [3, 4].into();
+        v.dead_too_long = [3].into();
+        assert_eq!(plan(&v), None);
+        // Dead, but not yet for --heal-after: no change either.
+        let mut v = view(&[1, 2, 3], &[4], &[1, 2, 3, 4]);
+        v.dead = [3].into();
+        assert_eq!(plan(&v), None);
+    }
+
+    #[test]
+    fn a_dead_learner_is_not_promoted() {
+        let mut v = view(&[1], &[2, 3], &[1, 2, 3]);
+        v.dead = [2].into();
+        assert_eq!(plan(&v), Some(MembershipChange::SetVoters([1, 3].into())));
     }
 
     #[test]

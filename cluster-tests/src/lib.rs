@@ -31,19 +31,44 @@ pub fn ferry_bin() -> PathBuf {
 /// Under CI (`CI=true`) a missing prerequisite fails the test; elsewhere the
 /// test is skipped with the reason printed.
 pub fn require_container_runtime() -> bool {
-    let missing = container_runtime_missing();
+    require("container tests", container_runtime_missing())
+}
+
+/// Whether real partitions can be made: root and a working iptables.
+/// Same CI rule as [`require_container_runtime`].
+pub fn require_partition_tools() -> bool {
+    let missing = if !is_root() {
+        Some("root".to_string())
+    } else if !Command::new("iptables")
+        .args(["-w", "-S", "INPUT"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        Some("a working iptables".to_string())
+    } else {
+        None
+    };
+    require("partition tests", missing)
+}
+
+fn require(what: &str, missing: Option<String>) -> bool {
     match missing {
         None => true,
         Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("container tests need {reason} (run scripts/install-deps.sh as root)")
+            panic!("{what} need {reason} (run scripts/install-deps.sh as root)")
         }
         Some(reason) => {
-            eprintln!(
-                "SKIPPED: container tests need {reason} (run scripts/install-deps.sh as root)"
-            );
+            eprintln!("SKIPPED: {what} need {reason} (run scripts/install-deps.sh as root)");
             false
         }
     }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn container_runtime_missing() -> Option<String> {
@@ -55,10 +80,12 @@ fn container_runtime_missing() -> Option<String> {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
-    if run("id", &["-u"]).map(|u| u.trim().to_string()) != Some("0".into()) {
+    if !is_root() {
         return Some("root".into());
     }
-    run("runc", &["--version"])?;
+    if run("runc", &["--version"]).is_none() {
+        return Some("runc".into());
+    }
     let criu = run("criu", &["--version"]).unwrap_or_default();
     let major = criu
         .lines()
@@ -565,6 +592,36 @@ impl Cluster {
                 _ => bail!("agents disagree on the leader: {leaders:?}"),
             }
         })
+    }
+
+    /// Gossip liveness of member `name` as member `index` sees it.
+    pub fn liveness(&self, index: usize, name: &str) -> Result<String> {
+        let members = self.members(index)?;
+        members
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["liveness"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{} does not list {name}", self.agents[index].name))
+    }
+
+    /// Wait until every running agent other than `name` itself reports
+    /// `name` as `want`; returns how long that took.
+    pub fn wait_liveness(&self, name: &str, want: &str, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        wait_for(&format!("{name} {want} everywhere"), timeout, || {
+            for (i, agent) in self.agents.iter().enumerate() {
+                if !agent.is_running() || agent.name == name {
+                    continue;
+                }
+                let seen = self.liveness(i, name)?;
+                if seen != want {
+                    bail!("{} sees {name} {seen}", agent.name);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(start.elapsed())
     }
 
     /// Names of the voters as member `index` sees them.

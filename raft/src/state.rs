@@ -102,11 +102,12 @@ impl ClusterState {
                 if self.member_by_name(name).is_some() {
                     return Err(Rejection::NameTaken(name.clone()));
                 }
-                if self
-                    .tokens
-                    .get(name)
-                    .is_some_and(|t| t.is_valid_at(*now_ms))
-                {
+                if let Some(existing) = self.tokens.get(name).filter(|t| t.is_valid_at(*now_ms)) {
+                    // The same secret is the same request committed twice
+                    // (a forward retried after a lost reply): done already.
+                    if existing.secret_hash == *secret_hash {
+                        return Ok(CommandResult::Done);
+                    }
                     return Err(Rejection::TokenExists(name.clone()));
                 }
                 self.tokens.retain(|_, t| !t.is_prunable_at(*now_ms));
@@ -518,6 +519,16 @@ mod tests {
             &token("beta", "other", T0 + 1, T0 + 2 * HOUR),
             Rejection::TokenExists("beta".into()),
         );
+    }
+
+    #[test]
+    fn create_token_committed_twice_is_done_and_keeps_the_first() {
+        let mut s = bootstrapped();
+        let before = s.tokens.get("beta").cloned();
+        // Same secret as the committed token: the duplicate of a retry.
+        let again = token("beta", "s3cret", T0 + 1, T0 + 2 * HOUR);
+        assert_eq!(s.apply(&again), CommandResult::Done);
+        assert_eq!(s.tokens.get("beta").cloned(), before);
     }
 
     #[test]

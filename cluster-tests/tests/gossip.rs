@@ -1,0 +1,244 @@
+//! Gossip membership between real agent processes on loopback: crash and
+//! stop detection, real partitions, quorum healing, and datagrams from
+//! strangers.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cluster_tests::partition::Partition;
+use cluster_tests::{wait_for, Cluster};
+use ferry_agent::datadir::DataDir;
+use ferry_transport::endpoint::{Endpoint, Expect};
+use ferry_transport::pki::{new_serial, ClusterCa, Identity};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+/// Detection bound stated for these tests (default LAN timings: probe 1 s,
+/// suspicion 2–6 s): a dead member is reported dead everywhere within this.
+const DETECT: Duration = Duration::from_secs(15);
+
+fn cluster_of(names: &[&str]) -> Result<Cluster> {
+    let mut cluster = Cluster::new();
+    cluster.bootstrap(names[0], 3)?;
+    for (i, name) in names.iter().enumerate().skip(1) {
+        cluster.join(name, i - 1)?;
+    }
+    cluster.wait_converged(names, CONVERGE)?;
+    Ok(cluster)
+}
+
+fn signal(cluster: &Cluster, index: usize, sig: &str) -> Result<()> {
+    let pid = cluster.agents[index].pid().context("agent not running")?;
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill {sig} {pid} failed");
+    }
+    Ok(())
+}
+
+#[test]
+fn killed_agent_is_dead_everywhere_within_the_bound_and_alive_after_restart() -> Result<()> {
+    let mut cluster = cluster_of(&["n1", "n2", "n3", "n4", "n5"])?;
+    cluster.kill(4);
+    let took = cluster.wait_liveness("n5", "dead", DETECT)?;
+    eprintln!("n5 dead everywhere {took:?} after kill -9");
+    cluster.restart(4)?;
+    let took = cluster.wait_liveness("n5", "alive", DETECT)?;
+    eprintln!("n5 alive everywhere {took:?} after restart");
+    assert_eq!(cluster.members(0)?.len(), 5);
+    Ok(())
+}
+
+#[test]
+fn stopped_agent_turns_suspect_then_dead_and_is_alive_again_after_sigcont() -> Result<()> {
+    let cluster = cluster_of(&["n1", "n2", "n3"])?;
+    signal(&cluster, 2, "-STOP")?;
+    let stopped = std::time::Instant::now();
+    // Every observation is kept: suspect must come before dead.
+    let mut seen = Vec::new();
+    let outcome = wait_for("n3 dead on n1", DETECT, || {
+        let liveness = cluster.liveness(0, "n3")?;
+        if seen.last() != Some(&liveness) {
+            seen.push(liveness.clone());
+        }
+        if liveness == "dead" {
+            Ok(())
+        } else {
+            bail!("n3 is {liveness}")
+        }
+    });
+    let resumed = signal(&cluster, 2, "-CONT");
+    outcome?;
+    resumed?;
+    eprintln!(
+        "n1 saw n3 go {seen:?} within {:?} of SIGSTOP",
+        stopped.elapsed()
+    );
+    assert_eq!(seen.first().map(String::as_str), Some("alive"), "{seen:?}");
+    let suspect = seen.iter().position(|s| s == "suspect");
+    let dead = seen.iter().position(|s| s == "dead");
+    assert!(
+        suspect.is_some() && suspect < dead,
+        "n3 was not suspect before dead: {seen:?}"
+    );
+    cluster.wait_liveness("n3", "alive", DETECT)?;
+    // Gossip never removes anyone.
+    let names: Vec<String> = cluster
+        .members(0)?
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    Ok(())
+}
+
+#[test]
+fn partitioned_agent_is_dead_and_alive_again_once_healed() -> Result<()> {
+    if !cluster_tests::require_partition_tools() {
+        return Ok(());
+    }
+    let cluster = cluster_of(&["n1", "n2", "n3"])?;
+    let port = cluster.agents[2].port()?;
+    let cut = Partition::isolate(port)?;
+    let took = cluster.wait_liveness("n3", "dead", DETECT)?;
+    eprintln!("partitioned n3 dead everywhere after {took:?}");
+    cut.heal();
+    let took = cluster.wait_liveness("n3", "alive", DETECT)?;
+    eprintln!("healed n3 alive everywhere after {took:?}");
+    // Its own view heals too.
+    wait_for("n3 to see n1 alive", DETECT, || {
+        match cluster.liveness(2, "n1")?.as_str() {
+            "alive" => Ok(()),
+            other => bail!("n3 sees n1 {other}"),
+        }
+    })?;
+    Ok(())
+}
+
+#[test]
+fn voter_dead_past_heal_after_is_replaced_by_a_live_learner() -> Result<()> {
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--heal-after".into(), "3s".into()];
+    cluster.bootstrap("n1", 3)?;
+    for (i, name) in ["n2", "n3", "n4", "n5"].iter().enumerate() {
+        cluster.join(name, i)?;
+    }
+    let names = ["n1", "n2", "n3", "n4", "n5"];
+    let leader = cluster.wait_converged(&names, CONVERGE)?;
+    let voters = cluster.wait_voters(0, 3, CONVERGE)?;
+    let victim = voters
+        .iter()
+        .find(|v| **v != leader)
+        .context("a voter that is not the leader")?
+        .clone();
+    let victim_index = cluster.index_of(&victim).context("victim index")?;
+    let observer = cluster.index_of(&leader).context("leader index")?;
+    cluster.kill(victim_index);
+    cluster.wait_liveness(&victim, "dead", DETECT)?;
+    let healed = wait_for(
+        "a learner promoted in place of the dead voter",
+        CONVERGE,
+        || {
+            let voters = cluster.voters(observer)?;
+            if voters.len() == 3 && !voters.contains(&victim) {
+                Ok(voters)
+            } else {
+                bail!("voters {voters:?}")
+            }
+        },
+    )?;
+    eprintln!("voters after healing: {healed:?}");
+    let roles = cluster.roles(observer)?;
+    assert_eq!(roles.len(), 5, "nobody is removed: {roles:?}");
+    assert_eq!(roles.get(&victim).map(String::as_str), Some("learner"));
+    for voter in &healed {
+        assert_eq!(cluster.liveness(observer, voter)?, "alive");
+    }
+    // A write still commits with the healed voter set.
+    cluster.token(observer, "after-heal", "1h")?;
+    Ok(())
+}
+
+#[test]
+fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() -> Result<()> {
+    let cluster = cluster_of(&["n1", "n2", "n3"])?;
+    let addr: std::net::SocketAddr = cluster.agents[0].addr()?.parse()?;
+    let dir = DataDir::new(&cluster.agents[0].data_dir);
+    let ca = dir.load_ca()?;
+    let admin = dir.load_credentials("admin")?;
+
+    // Not even QUIC.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..(i % 1300)).map(|b| (b * 31 + i) as u8).collect();
+        socket.send_to(&junk, addr)?;
+    }
+
+    // The runtime's workers keep these connections sending after block_on
+    // returns; they stay open until the log shows every refusal.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let _open = runtime.block_on(async {
+        // A node of another cluster, trusting ours by fingerprint so that
+        // only our agent can refuse it; it retries three times.
+        let other = ClusterCa::generate()?;
+        let foreign = other.issue(&Identity::Node("n9".into()), &new_serial())?;
+        let client = Endpoint::client("127.0.0.1:0".parse()?, Some(&foreign))?;
+        for _ in 0..3 {
+            let conn = client
+                .connect(addr, &Expect::CaFingerprint(ca.fingerprint()))
+                .await?;
+            for _ in 0..20 {
+                let _ = conn.send_datagram(bytes_of(b"foreign gossip"));
+            }
+            tokio::time::timeout(CONVERGE, conn.closed()).await?;
+        }
+        // Our own admin certificate: valid, but not a member node.
+        let admin_client = Endpoint::client("127.0.0.1:0".parse()?, Some(&admin))?;
+        let admin_conn = admin_client.connect(addr, &Expect::AnyNode).await?;
+        for _ in 0..50 {
+            admin_conn.send_datagram(bytes_of(b"admin gossip"))?;
+        }
+        // A certificate of this cluster for member n2's name, sending junk
+        // (a broken or hostile member).
+        let impostor = ca.issue(&Identity::Node("n2".into()), &new_serial())?;
+        let client = Endpoint::client("127.0.0.1:0".parse()?, Some(&impostor))?;
+        let conn = client.connect(addr, &Expect::AnyNode).await?;
+        for _ in 0..50 {
+            conn.send_datagram(bytes_of(&[0xff; 64]))?;
+        }
+        anyhow::Ok((admin_client, admin_conn, client, conn))
+    })?;
+
+    let log = || std::fs::read_to_string(cluster.agents[0].log_path()).unwrap_or_default();
+    let count = |text: &str, needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    wait_for("every kind of refusal in n1's log", CONVERGE, || {
+        let text = log();
+        for needle in [
+            "handshake failed",
+            "not a node certificate",
+            "gossip from member 2 dropped",
+        ] {
+            if count(&text, needle) == 0 {
+                bail!("no '{needle}' yet");
+            }
+        }
+        Ok(())
+    })?;
+    let text = log();
+    assert_eq!(
+        count(&text, "handshake failed"),
+        1,
+        "logged once per sender"
+    );
+    assert_eq!(count(&text, "not a node certificate"), 1);
+    assert_eq!(count(&text, "gossip from member 2 dropped"), 1);
+    // Nobody crashed and gossip still works.
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    Ok(())
+}
+
+fn bytes_of(data: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(data)
+}
