@@ -224,6 +224,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
     .with_context(|| format!("bad --log-level '{}'", args.log_level))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     Agent::run(AgentOptions {
