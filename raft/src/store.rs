@@ -55,6 +55,13 @@ const KEY_MEMBERSHIP: &str = "last_membership";
 const KEY_SNAP_META: &str = "meta";
 const KEY_SNAP_DATA: &str = "data";
 const KEY_SNAP_SEQ: &str = "seq";
+const KEY_FORMAT: &str = "format";
+
+/// Version of what this store writes (tables, the encoded state, snapshot
+/// data). An agent refuses a data dir or a snapshot of another version
+/// instead of misreading it; raise it with every incompatible change of
+/// `ClusterState` or the tables.
+pub const FORMAT_VERSION: u32 = 1;
 
 /// A storage failure, naming the database file and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +79,13 @@ pub enum StoreError {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error(
+        "raft store {}: written in storage format {found}, this ferry reads format {}; \
+         run the ferry version that wrote it",
+        .path.display(),
+        FORMAT_VERSION
+    )]
+    Format { path: PathBuf, found: u32 },
     #[error("raft store {}: {op}: {source}", .path.display())]
     Codec {
         path: PathBuf,
@@ -285,6 +299,19 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         txn.open_table(META).map_err(|e| op.db(e))?;
         txn.open_table(SM).map_err(|e| op.db(e))?;
         txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
+        let mut meta = txn.open_table(META).map_err(|e| op.db(e))?;
+        match op.get::<u32>(&meta, KEY_FORMAT)? {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    path: op.path.to_path_buf(),
+                    found,
+                })
+            }
+            // New, or written before the version was recorded (the same
+            // format as version 1).
+            None => op.put(&mut meta, KEY_FORMAT, &FORMAT_VERSION)?,
+        }
         Ok(())
     })?;
     let (applied, seq) = db.read("load the state machine", |txn, op| {
@@ -606,16 +633,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let mut applied: Applied = codec::decode(&data).map_err(|e| {
-            StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                &StoreError::Codec {
-                    path: self.db.path.clone(),
-                    op: "decode a received snapshot",
-                    source: Box::new(e),
-                },
-            )
+        let unreadable = |e: StoreError| StorageIOError::read_snapshot(Some(meta.signature()), &e);
+        let (format, mut applied): (u32, Applied) = codec::decode(&data).map_err(|e| {
+            unreadable(StoreError::Codec {
+                path: self.db.path.clone(),
+                op: "decode a received snapshot",
+                source: Box::new(e),
+            })
         })?;
+        if format != FORMAT_VERSION {
+            return Err(unreadable(StoreError::Format {
+                path: self.db.path.clone(),
+                found: format,
+            })
+            .into());
+        }
         // The meta is what openraft reasons with: make the state agree.
         applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership.clone();
@@ -684,7 +716,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta_owned = meta.clone();
         let data = blocking(&self.db, "store a built snapshot", move |db| {
             db.write("store a built snapshot", |txn, op| {
-                let data = op.encode(&*current)?;
+                let data = op.encode(&(FORMAT_VERSION, &*current))?;
                 let mut snap = txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
                 // A snapshot installed meanwhile may be newer: keep it.
                 let existing: Option<SnapshotMeta<NodeId, Node>> = op.get(&snap, KEY_SNAP_META)?;

@@ -386,3 +386,27 @@ async fn acknowledged_writes_survive_kill_9() {
         assert_eq!(s.next_node_id, applied + 1);
     });
 }
+
+#[test]
+fn store_of_another_format_version_is_refused_with_both_versions_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("raft.redb");
+    drop(open(&path).expect("open a new store"));
+    // A reopen of our own format works.
+    drop(open(&path).expect("reopen"));
+    {
+        let db = Database::create(&path).expect("raw open");
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut meta = txn.open_table(META).expect("meta table");
+            let future = codec::encode(&(FORMAT_VERSION + 1)).expect("encode");
+            meta.insert(KEY_FORMAT, future.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let err = open(&path)
+        .err()
+        .expect("a store of another format is refused");
+    assert!(matches!(err, StoreError::Format { found, .. } if found == FORMAT_VERSION + 1));
+    assert!(err.to_string().contains("format 2"), "{err}");
+}

@@ -250,16 +250,21 @@ async fn expecting_another_node_name_fails_the_handshake() {
     assert_eq!(a.service.calls(), 0);
 }
 
-#[tokio::test]
-async fn client_certificate_from_another_ca_is_rejected_on_the_first_stream() {
+/// Node a, and a client with a node certificate of another cluster that
+/// trusts a's CA by fingerprint, so that only a can refuse it.
+fn server_and_intruder() -> (Server, Endpoint, Expect) {
     let ca = ClusterCa::generate().unwrap();
     let other_ca = ClusterCa::generate().unwrap();
     let (a_creds, _) = node(&ca, "a");
     let (intruder, _) = node(&other_ca, "b");
     let a = start(&a_creds, localhost());
-    // Trusts a's CA by fingerprint, so only the server side can refuse.
     let client = Endpoint::client(localhost(), Some(&intruder)).unwrap();
-    let expect = Expect::CaFingerprint(ca.fingerprint());
+    (a, client, Expect::CaFingerprint(ca.fingerprint()))
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_rejected_on_the_first_stream() {
+    let (a, client, expect) = server_and_intruder();
 
     let result = match client.connect(a.addr, &expect).await {
         Ok(conn) => call::<_, Reply>(&conn, &"hello".to_string(), TIMEOUT).await,
@@ -507,14 +512,9 @@ async fn datagrams_from_a_member_reach_the_service_with_its_identity() {
 
 #[tokio::test]
 async fn datagrams_from_another_cluster_never_reach_the_service() {
-    let ca = ClusterCa::generate().unwrap();
-    let other_ca = ClusterCa::generate().unwrap();
-    let (a_creds, _) = node(&ca, "a");
-    let (intruder, _) = node(&other_ca, "b");
-    let a = start(&a_creds, localhost());
-    let client = Endpoint::client(localhost(), Some(&intruder)).unwrap();
+    let (a, client, expect) = server_and_intruder();
     let conn = client
-        .connect(a.addr, &Expect::CaFingerprint(ca.fingerprint()))
+        .connect(a.addr, &expect)
         .await
         .expect("handshake completes client-side under TLS 1.3");
     for _ in 0..10 {
