@@ -404,9 +404,9 @@ fn store_of_another_format_version_is_refused_with_both_versions_named() {
         }
         txn.commit().expect("commit");
     }
-    let err = open(&path)
-        .err()
-        .expect("a store of another format is refused");
+    let Err(err) = open(&path) else {
+        panic!("a store of another format must be refused");
+    };
     assert!(matches!(err, StoreError::Format { found, .. } if found == FORMAT_VERSION + 1));
     assert!(err.to_string().contains("format 2"), "{err}");
 }
