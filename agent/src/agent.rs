@@ -472,6 +472,16 @@ impl Agent {
     /// [`Agent::write`] without waiting for the local apply; also returns
     /// the entry's log index.
     pub async fn write_indexed(&self, command: Command) -> Result<(CommandResult, u64), ApiError> {
+        // Every retry below (and a leader's retry of a forwarded write)
+        // carries the same request id, so a write whose reply was lost is
+        // not applied twice.
+        let command = match command {
+            once @ Command::Once { .. } => once,
+            command => Command::Once {
+                request: pki::random_u64(),
+                command: Box::new(command),
+            },
+        };
         let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
         let mut last = String::from("no leader elected");
         while tokio::time::Instant::now() < deadline {

@@ -540,10 +540,14 @@ impl Cluster {
         )
     }
 
-    /// `ferry exec NAME -- cat /counter` through member `index`.
+    /// `ferry exec NAME -- cat /counter` through member `index`. The
+    /// workload truncates and rewrites the file every 100 ms, so a read may
+    /// catch it empty; that read is repeated.
     pub fn counter(&self, index: usize, instance: &str) -> Result<u64> {
-        let text = self.ferry_ok(index, &["exec", instance, "--", "cat", "/counter"])?;
-        Ok(text.trim().parse()?)
+        wait_for("a complete /counter", Duration::from_secs(5), || {
+            let text = self.ferry_ok(index, &["exec", instance, "--", "cat", "/counter"])?;
+            Ok(text.trim().parse::<u64>()?)
+        })
     }
 
     /// `cluster list` as seen by member `index`.

@@ -120,7 +120,18 @@ pub struct ClusterState {
     pub instances: BTreeMap<String, crate::instances::Instance>,
     pub jobs: BTreeMap<crate::instances::JobId, crate::jobs::Job>,
     pub next_job_id: crate::instances::JobId,
+    /// Results of the latest `Once` writes, oldest first, so that a write
+    /// retried after its reply was lost gets its first result again.
+    pub recent_requests: std::collections::VecDeque<(RequestId, CommandResult)>,
 }
+
+/// Names one write across all its retries (random, chosen by the agent that
+/// takes the write first).
+pub type RequestId = u64;
+
+/// How many `Once` results the state keeps: far more than the writes that
+/// can be in flight while one is retried.
+pub const RECENT_REQUESTS: usize = 1024;
 
 /// A change to the cluster state. Every time-dependent command carries the
 /// proposer's clock (`now_ms`, Unix milliseconds) so that apply stays
@@ -169,6 +180,12 @@ pub enum Command {
     },
     Instance(crate::instances::InstanceCommand),
     Job(crate::jobs::JobCommand),
+    /// `command` applied at most once for `request`: a retry of the same
+    /// request returns the first result and changes nothing.
+    Once {
+        request: RequestId,
+        command: Box<Command>,
+    },
 }
 
 /// Why a command was refused by the state machine. Carried back to the

@@ -40,6 +40,17 @@ impl ClusterState {
     /// Apply one committed command. Deterministic; a `Rejected` result
     /// means the state was left untouched.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        if let Command::Once { request, command } = cmd {
+            if let Some((_, first)) = self.recent_requests.iter().find(|(r, _)| r == request) {
+                return first.clone();
+            }
+            let result = self.apply(command);
+            if self.recent_requests.len() >= crate::model::RECENT_REQUESTS {
+                self.recent_requests.pop_front();
+            }
+            self.recent_requests.push_back((*request, result.clone()));
+            return result;
+        }
         match self.try_apply(cmd) {
             Ok(result) => result,
             Err(rejection) => CommandResult::Rejected(rejection),
@@ -60,6 +71,9 @@ impl ClusterState {
     /// so an `Err` leaves `self` unchanged.
     fn try_apply(&mut self, cmd: &Command) -> Result<CommandResult, Rejection> {
         match cmd {
+            // Reached only for a `Once` nested in another; the outer one
+            // already deduplicates.
+            Command::Once { command, .. } => self.try_apply(command),
             Command::InitCluster { config } => {
                 if self.config.voters != 0 {
                     return Err(Rejection::AlreadyInitialised);
@@ -529,6 +543,48 @@ mod tests {
         let again = token("beta", "s3cret", T0 + 1, T0 + 2 * HOUR);
         assert_eq!(s.apply(&again), CommandResult::Done);
         assert_eq!(s.tokens.get("beta").cloned(), before);
+    }
+
+    #[test]
+    fn a_request_applied_twice_returns_its_first_result_and_changes_nothing() {
+        let mut s = bootstrapped();
+        let once = |command: Command| Command::Once {
+            request: 42,
+            command: Box::new(command),
+        };
+        let first = s.apply(&once(token("gamma", "x", T0, T0 + HOUR)));
+        assert_eq!(first, CommandResult::Done);
+        let after_first = s.clone();
+        // The retry, even after other writes, is not applied again.
+        s.apply(&token("delta", "y", T0, T0 + HOUR));
+        let mut expected = s.clone();
+        assert_eq!(s.apply(&once(token("gamma", "x", T0, T0 + HOUR))), first);
+        assert_eq!(s, expected);
+        assert!(after_first.tokens.contains_key("gamma"));
+        // A rejected request stays rejected on retry.
+        let rejected = Command::Once {
+            request: 7,
+            command: Box::new(token("alpha", "z", T0, T0 + HOUR)),
+        };
+        let first = s.apply(&rejected);
+        assert!(matches!(first, CommandResult::Rejected(_)));
+        expected = s.clone();
+        assert_eq!(s.apply(&rejected), first);
+        assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn recent_requests_are_bounded() {
+        let mut s = bootstrapped();
+        for request in 0..(crate::model::RECENT_REQUESTS as u64 + 10) {
+            s.apply(&Command::Once {
+                request,
+                command: Box::new(Command::RevokeToken {
+                    name: "nobody".into(),
+                }),
+            });
+        }
+        assert_eq!(s.recent_requests.len(), crate::model::RECENT_REQUESTS);
     }
 
     #[test]

@@ -380,6 +380,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
+/// 64 bits of OS randomness (request ids).
+pub fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    fill_random(&mut buf);
+    u64::from_le_bytes(buf)
+}
+
 /// `n_bytes` of OS randomness as lowercase hex (tokens, nonces).
 pub fn random_hex(n_bytes: usize) -> String {
     let mut buf = vec![0u8; n_bytes];
