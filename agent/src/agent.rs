@@ -42,6 +42,9 @@ pub struct AgentOptions {
     pub gossip: crate::gossip::GossipConfig,
     /// A voter dead (by gossip) this long is replaced by a live learner.
     pub heal_after: Duration,
+    /// The leader rolls back (or switches back) a migration job whose phase
+    /// has not moved for this long.
+    pub job_phase_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,7 @@ pub struct Agent {
     pub host: crate::container::reconcile::Host,
     pub gossip: crate::gossip::Gossip,
     pub heal_after: Duration,
+    pub job_phase_timeout: Duration,
     shutdown: watch::Sender<Option<String>>,
 }
 
@@ -381,6 +385,7 @@ impl Agent {
             host: crate::container::reconcile::Host::new(dir.root(), &config.name),
             gossip,
             heal_after: opts.heal_after,
+            job_phase_timeout: opts.job_phase_timeout,
             shutdown,
         });
         tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));

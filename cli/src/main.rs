@@ -86,6 +86,10 @@ struct AgentArgs {
     /// learner (members are never removed automatically).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = output::parse_duration)]
     heal_after: Duration,
+    /// Roll back (or switch back) a migration job whose phase has not moved
+    /// for this long; the leader's setting applies.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = output::parse_duration)]
+    job_phase_timeout: Duration,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -241,6 +245,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
             ..Default::default()
         },
         heal_after: args.heal_after,
+        job_phase_timeout: args.job_phase_timeout,
     })
     .await?;
     Ok(())

@@ -206,6 +206,14 @@ impl AgentProc {
             .collect()
     }
 
+    /// runc's status of container `id` on this agent ("paused" while frozen).
+    pub fn container_status(&self, id: &str) -> Option<String> {
+        self.containers()
+            .into_iter()
+            .find(|(c, _)| c == id)
+            .map(|(_, status)| status)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.with_extension("log")
     }
@@ -510,11 +518,34 @@ impl Cluster {
     /// member 0) from the busybox rootfs at `rootfs`, and wait until it
     /// counts.
     pub fn launch_counter(&self, name: &str, target: &str, rootfs: &Path) -> Result<()> {
+        self.launch_counter_holding(name, target, rootfs, 0)
+    }
+
+    /// The counter workload, holding `memory_mib` MiB in a shell variable
+    /// first, so that its CRIU dump (and the time it is frozen for a
+    /// move) is that much larger.
+    pub fn launch_counter_holding(
+        &self,
+        name: &str,
+        target: &str,
+        rootfs: &Path,
+        memory_mib: usize,
+    ) -> Result<()> {
         let rootfs = rootfs.to_string_lossy().into_owned();
         let mut args = vec![
             "launch", name, "--rootfs", &rootfs, "--target", target, "--",
         ];
-        args.extend(COUNTER);
+        let holding;
+        if memory_mib == 0 {
+            args.extend(COUNTER);
+        } else {
+            holding = format!(
+                "b=$(head -c {} /dev/zero | tr '\\0' x); {}",
+                memory_mib << 20,
+                COUNTER[2]
+            );
+            args.extend(["sh", "-c", &holding]);
+        }
         self.ferry_ok(0, &args)?;
         wait_for(
             "the counter to count",

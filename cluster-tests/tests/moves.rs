@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
+use cluster_tests::partition::Partition;
+use cluster_tests::{
+    busybox_rootfs, require_container_runtime, require_partition_tools, wait_for, Cluster,
+};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -17,6 +20,17 @@ fn cluster_with_counter(cluster: Cluster) -> Result<Cluster> {
 /// As above, with `ballast_mib` of random data in the rootfs so that the
 /// transfer lasts long enough to interfere with.
 fn cluster_with_counter_and_ballast(cluster: Cluster, ballast_mib: usize) -> Result<Cluster> {
+    cluster_with_counter_sized(cluster, ballast_mib, 0)
+}
+
+/// n1, n2, n3 with the counter instance on n2: `ballast_mib` of random data
+/// in its rootfs (a long pre-sync) and `memory_mib` held in memory (a long
+/// freeze: the dump and its transfer).
+fn cluster_with_counter_sized(
+    cluster: Cluster,
+    ballast_mib: usize,
+    memory_mib: usize,
+) -> Result<Cluster> {
     let mut cluster = cluster;
     cluster.bootstrap("n1", 3)?;
     cluster.join("n2", 0)?;
@@ -45,7 +59,7 @@ fn cluster_with_counter_and_ballast(cluster: Cluster, ballast_mib: usize) -> Res
         }
         std::fs::write(rootfs.join("ballast"), data)?;
     }
-    cluster.launch_counter("c1", "n2", &rootfs)?;
+    cluster.launch_counter_holding("c1", "n2", &rootfs, memory_mib)?;
     Ok(cluster)
 }
 
@@ -401,5 +415,117 @@ fn kill_9_of_the_leader_mid_move_completes_or_rolls_back() -> Result<()> {
     })?;
     assert!(sampler.finish() <= 1, "two copies ran at once");
     assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
+/// Start moving c1 (64 MiB in memory) from n2 to n3 and wait until the
+/// source has paused it for the final dump.
+fn move_until_the_source_freezes(cluster: &Cluster) -> Result<()> {
+    cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--detach"])?;
+    wait_for("n2 to freeze c1", CONVERGE, || {
+        match cluster.agents[1].container_status("c1").as_deref() {
+            Some("paused") => Ok(()),
+            other => bail!("c1 on n2 is {other:?}"),
+        }
+    })
+}
+
+/// Job 1's phase as member `index` sees it.
+fn phase_on(cluster: &Cluster, index: usize) -> Result<String> {
+    let job = cluster.ferry_json(index, &["job", "show", "1"])?;
+    Ok(job["phase"].as_str().unwrap_or_default().to_string())
+}
+
+/// After the job ended: exactly one copy runs, on the owner the outcome
+/// names, it counts on, and the other side holds nothing.
+fn ended_safely(cluster: &Cluster, job: &serde_json::Value) -> Result<()> {
+    let (owner_name, other) = match job["phase"].as_str() {
+        Some("Done") => ("n3", 1),
+        Some("RolledBack") => ("n2", 2),
+        other => bail!("job ended in {other:?}: {job}"),
+    };
+    wait_for("the instance running on its owner", CONVERGE, || {
+        let list = cluster.ferry_json(0, &["list"])?;
+        if list[0]["node"] == owner_name && list[0]["state"] == "running" {
+            Ok(())
+        } else {
+            bail!("{list}")
+        }
+    })?;
+    let before = cluster.counter(0, "c1")?;
+    cluster.wait_counter("c1", before + 1)?;
+    assert_eq!(cluster.running_copies("c1"), 1);
+    wait_for("the other side to drop its copy", CONVERGE, || {
+        if cluster.agents[other].data_dir.join("instances/c1").exists() {
+            bail!("instances/c1 still on {}", cluster.agents[other].name)
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_partitioned_frozen_source_stays_frozen_until_healed_and_the_job_ends_safely() -> Result<()> {
+    if !require_container_runtime() || !require_partition_tools() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--job-phase-timeout".into(), "5s".into()];
+    let cluster = cluster_with_counter_sized(cluster, 0, 64)?;
+    let sampler = cluster.sampler("c1");
+    move_until_the_source_freezes(&cluster)?;
+    let cut = Partition::isolate(cluster.agents[1].port()?)?;
+    // The rest of the cluster decides without the source: roll back (the
+    // transfer broke off) or finish (it was complete).
+    let decided = wait_for("a decision without the source", CONVERGE, || {
+        let phase = phase_on(&cluster, 0).or_else(|_| phase_on(&cluster, 2))?;
+        match phase.as_str() {
+            "RollingBack" | "Done" => Ok(phase),
+            other => bail!("phase {other}"),
+        }
+    })?;
+    eprintln!("decided without the source: {decided}");
+    // Cut off, the source never thaws on its own: it cannot know whether
+    // the target runs the instance.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < watch_until {
+        let status = cluster.agents[1].container_status("c1");
+        assert_eq!(status.as_deref(), Some("paused"), "the partitioned source");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cut.heal();
+    let job = wait_job_end(&cluster)?;
+    ended_safely(&cluster, &job)?;
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    Ok(())
+}
+
+#[test]
+fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--job-phase-timeout".into(), "5s".into()];
+    let mut cluster = cluster_with_counter_sized(cluster, 0, 64)?;
+    let sampler = cluster.sampler("c1");
+    move_until_the_source_freezes(&cluster)?;
+    cluster.kill(1);
+    let decided = wait_for("a decision without the source", CONVERGE, || {
+        let phase = phase_on(&cluster, 0)?;
+        match phase.as_str() {
+            "RollingBack" | "Done" => Ok(phase),
+            other => bail!("phase {other}"),
+        }
+    })?;
+    eprintln!("decided without the source: {decided}");
+    // Its container outlives the agent, still frozen.
+    assert_eq!(
+        cluster.agents[1].container_status("c1").as_deref(),
+        Some("paused")
+    );
+    cluster.restart(1)?;
+    let job = wait_job_end(&cluster)?;
+    ended_safely(&cluster, &job)?;
+    assert!(sampler.finish() <= 1, "two copies ran at once");
     Ok(())
 }

@@ -22,9 +22,6 @@ use crate::migration::plan::{self, LocalCopy, Role, Step};
 use crate::migration::{api, compat, tree};
 use crate::protocol::Request;
 
-/// A phase that makes no progress for this long is rolled back by the
-/// leader (before the switch) or switched back (while switched).
-pub const PHASE_TIMEOUT_MS: u64 = 60_000;
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the target asks of the source over a transfer channel.
@@ -184,7 +181,8 @@ async fn supervise(agent: &Arc<Agent>) {
         for id in [job.source, job.target] {
             alive.insert(id, crate::service::member_alive(agent, id));
         }
-        if let Some(i) = plan::supervise(&job, now_ms(), PHASE_TIMEOUT_MS, |id| {
+        let timeout_ms = u64::try_from(agent.job_phase_timeout.as_millis()).unwrap_or(u64::MAX);
+        if let Some(i) = plan::supervise(&job, now_ms(), timeout_ms, |id| {
             alive.get(&id).copied().unwrap_or(false)
         }) {
             tracing::warn!(
