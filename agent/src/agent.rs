@@ -90,6 +90,8 @@ pub struct Agent {
     pub gossip: crate::gossip::Gossip,
     pub heal_after: Duration,
     pub job_phase_timeout: Duration,
+    /// Live figures of the transfers this agent receives.
+    pub transfers: crate::migration::engine::Transfers,
     shutdown: watch::Sender<Option<String>>,
 }
 
@@ -386,6 +388,7 @@ impl Agent {
             gossip,
             heal_after: opts.heal_after,
             job_phase_timeout: opts.job_phase_timeout,
+            transfers: Default::default(),
             shutdown,
         });
         tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));

@@ -99,6 +99,10 @@ pub enum ApiRequest {
     JobAbort {
         id: ferry_raft::JobId,
     },
+    /// Live transfer figures of a job, from the agent that receives.
+    JobProgress {
+        id: ferry_raft::JobId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +123,7 @@ pub enum ApiReply {
     Report(Vec<ferry_raft::CheckResult>),
     Job(Box<crate::migration::api::JobView>),
     Jobs(Vec<crate::migration::api::JobView>),
+    Progress(Option<crate::migration::api::TransferProgress>),
     Instances(Vec<crate::instances::InstanceView>),
     Instance(Box<crate::instances::InstanceDetail>),
     Exec {

@@ -307,7 +307,8 @@ async fn handle_api(
         }
         ApiRequest::Move(request) => crate::migration::api::start_move(agent, request).await,
         ApiRequest::JobList => Ok(crate::migration::api::list(agent)),
-        ApiRequest::JobShow { id } => crate::migration::api::show(agent, id),
+        ApiRequest::JobShow { id } => crate::migration::api::show(agent, id).await,
+        ApiRequest::JobProgress { id } => Ok(ApiReply::Progress(agent.transfers.get(id))),
         ApiRequest::JobAbort { id } => crate::migration::api::abort(agent, id).await,
         ApiRequest::Launch(request) => crate::instances::launch(agent, request).await,
         ApiRequest::InstanceList => Ok(crate::instances::list(agent)),

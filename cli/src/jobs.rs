@@ -119,7 +119,7 @@ fn summary(job: &JobView) -> String {
             job.instance,
             job.source,
             job.target,
-            bytes as f64 / (1u64 << 20) as f64
+            mib(bytes)
         ),
         (true, ..) => format!(
             "moved {} from {} to {}",
@@ -142,6 +142,49 @@ async fn job(client: &Client, id: u64) -> Result<JobView> {
     }
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// Transfer rate from successive samples of the byte count, smoothed.
+#[derive(Default)]
+struct Rate {
+    last: Option<(std::time::Instant, u64)>,
+    bytes_per_sec: f64,
+}
+
+impl Rate {
+    fn sample(&mut self, bytes: u64) -> f64 {
+        let now = std::time::Instant::now();
+        if let Some((at, before)) = self.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 && bytes >= before {
+                let current = (bytes - before) as f64 / secs;
+                self.bytes_per_sec = 0.5 * self.bytes_per_sec + 0.5 * current;
+            }
+        }
+        self.last = Some((now, bytes));
+        self.bytes_per_sec
+    }
+}
+
+/// "job 3: Preparing, memory images, 42.1 MiB at 35.2 MiB/s"
+fn progress_line(id: u64, view: &JobView, rate: &mut Rate) -> String {
+    match &view.progress {
+        Some(p) => {
+            let per_sec = rate.sample(p.bytes);
+            format!(
+                "job {id}: {}, {}, {:.1} MiB at {:.1} MiB/s",
+                view.phase,
+                p.stage,
+                mib(p.bytes),
+                per_sec / (1u64 << 20) as f64
+            )
+        }
+        None => format!("job {id}: {}", view.phase),
+    }
+}
+
 /// Follow a job to its end, showing each phase; Ok only if it is Done.
 async fn follow(client: &Client, id: u64) -> Result<()> {
     let bar = std::io::stdout().is_terminal().then(|| {
@@ -150,15 +193,15 @@ async fn follow(client: &Client, id: u64) -> Result<()> {
         bar
     });
     let mut last_phase = String::new();
+    let mut rate = Rate::default();
     let view = loop {
         let view = job(client, id).await?;
-        if view.phase != last_phase {
-            match &bar {
-                Some(bar) => bar.set_message(format!("job {id}: {}", view.phase)),
-                None => println!("job {id}: {}", view.phase),
-            }
-            last_phase = view.phase.clone();
+        match &bar {
+            Some(bar) => bar.set_message(progress_line(id, &view, &mut rate)),
+            None if view.phase != last_phase => println!("job {id}: {}", view.phase),
+            None => {}
         }
+        last_phase = view.phase.clone();
         if view.done {
             break view;
         }
@@ -278,5 +321,41 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
             println!("abort requested for job {} (phase {})", view.id, view.phase);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_names_phase_stage_bytes_and_a_rate() {
+        let mut view: JobView = serde_json::from_value(serde_json::json!({
+            "id": 3, "kind": "migrate", "instance": "c1", "source": "n1", "target": "n2",
+            "phase": "Preparing", "done": false, "succeeded": false, "stateful": true,
+            "error": null, "report": [], "notes": [], "abort_requested": false,
+            "created_ms": 0, "downtime_ms": null, "total_ms": null, "bytes": null,
+            "iterations": null,
+            "progress": {"stage": "rootfs", "bytes": 0}
+        }))
+        .unwrap();
+        let mut rate = Rate::default();
+        assert_eq!(
+            progress_line(3, &view, &mut rate),
+            "job 3: Preparing, rootfs, 0.0 MiB at 0.0 MiB/s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        view.progress = Some(ferry_agent::migration::api::TransferProgress {
+            stage: "memory images".into(),
+            bytes: 10 << 20,
+        });
+        let line = progress_line(3, &view, &mut rate);
+        assert!(
+            line.starts_with("job 3: Preparing, memory images, 10.0 MiB at "),
+            "{line}"
+        );
+        assert!(!line.contains(" at 0.0 MiB/s"), "{line}");
+        view.progress = None;
+        assert_eq!(progress_line(3, &view, &mut rate), "job 3: Preparing");
     }
 }

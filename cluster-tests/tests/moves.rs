@@ -264,10 +264,21 @@ fn kill_9_of_the_target_during_the_transfer_rolls_back_and_cleans_up() -> Result
     let mut cluster = cluster_with_counter_and_ballast(Cluster::new(), 64)?;
     let sampler = cluster.sampler("c1");
     cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--detach"])?;
-    let seen = wait_phase(
-        &cluster,
-        &["Preparing", "Frozen", "Switched", "Restored", "Done"],
-    )?;
+    // Live figures come from the target while the rootfs flows (asked
+    // through n1, which forwards to n3).
+    let seen = wait_for("bytes flowing or the move past them", CONVERGE, || {
+        let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+        let phase = job["phase"].as_str().unwrap_or_default().to_string();
+        let bytes = job["progress"]["bytes"].as_u64().unwrap_or(0);
+        match phase.as_str() {
+            "Preparing" if bytes > 0 => {
+                assert_eq!(job["progress"]["stage"], "rootfs", "{job}");
+                Ok(phase)
+            }
+            "Frozen" | "Switched" | "Restored" | "Done" => Ok(phase),
+            _ => bail!("{phase}, {bytes} bytes"),
+        }
+    })?;
     cluster.kill(2);
     let job = wait_job_end(&cluster)?;
     if seen == "Preparing" {

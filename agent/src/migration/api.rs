@@ -46,6 +46,16 @@ pub struct JobView {
     pub total_ms: Option<u64>,
     pub bytes: Option<u64>,
     pub iterations: Option<u32>,
+    /// While the transfer runs: what is being sent and the bytes so far.
+    pub progress: Option<TransferProgress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferProgress {
+    /// "rootfs", "memory images" or "rootfs delta".
+    pub stage: String,
+    /// File bytes received so far, all stages together.
+    pub bytes: u64,
 }
 
 fn not_found(message: String) -> ApiError {
@@ -77,6 +87,7 @@ pub fn job_view(agent: &Agent, job: &Job) -> JobView {
         total_ms: job.stats.as_ref().map(|s| s.total_ms),
         bytes: job.stats.as_ref().map(|s| s.bytes),
         iterations: job.stats.as_ref().map(|s| s.iterations),
+        progress: None,
     }
 }
 
@@ -186,7 +197,7 @@ pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiR
         }))
         .await?;
     match result {
-        CommandResult::JobCreated { id } => show(agent, id),
+        CommandResult::JobCreated { id } => show(agent, id).await,
         CommandResult::Rejected(r) => Err(ApiError::new(ErrorKind::Conflict, r.to_string())),
         other => Err(ApiError::new(
             ErrorKind::Internal,
@@ -195,13 +206,46 @@ pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiR
     }
 }
 
-pub fn show(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
+pub async fn show(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
     let job = agent
         .state
         .read(|s| s.jobs.get(&id).cloned())
         .ok_or_else(|| not_found(format!("no job {id}; 'ferry job list' shows the jobs")))?;
-    Ok(ApiReply::Job(Box::new(job_view(agent, &job))))
+    let mut view = job_view(agent, &job);
+    if !job.phase.is_terminal() {
+        view.progress = progress(agent, &job).await;
+    }
+    Ok(ApiReply::Job(Box::new(view)))
 }
+
+/// Live figures from the receiving agent (the target); best effort.
+async fn progress(agent: &Agent, job: &Job) -> Option<TransferProgress> {
+    if job.target == agent.id {
+        return agent.transfers.get(job.id);
+    }
+    let (addr, name) = agent.state.read(|s| {
+        let m = s.members.get(&job.target)?;
+        Some((m.addr.parse::<std::net::SocketAddr>().ok()?, m.name.clone()))
+    })?;
+    let request =
+        crate::protocol::Request::Api(crate::protocol::ApiRequest::JobProgress { id: job.id });
+    let reply = agent
+        .pool
+        .call::<_, crate::protocol::Response>(
+            addr,
+            &ferry_transport::endpoint::Expect::Node(name),
+            &request,
+            PROGRESS_TIMEOUT,
+        )
+        .await;
+    match reply {
+        Ok(crate::protocol::Response::Api(ApiReply::Progress(progress))) => progress,
+        _ => None,
+    }
+}
+
+/// `job show` waits this long at most for the target's live figures.
+const PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub fn list(agent: &Agent) -> ApiReply {
     let jobs: Vec<Job> = agent.state.read(|s| s.jobs.values().cloned().collect());
@@ -214,6 +258,6 @@ pub async fn abort(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
         .await?
     {
         CommandResult::Rejected(r) => Err(ApiError::new(ErrorKind::Conflict, r.to_string())),
-        _ => show(agent, id),
+        _ => show(agent, id).await,
     }
 }

@@ -5,6 +5,7 @@
 //! committed phase.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +54,37 @@ pub struct Engine {
     /// downtime figure.
     froze_at: Mutex<HashMap<JobId, u64>>,
     bytes: Mutex<HashMap<JobId, u64>>,
+}
+
+/// Live figures of the transfers this agent receives, for `job show`.
+#[derive(Default)]
+pub struct Transfers {
+    jobs: Mutex<HashMap<JobId, (&'static str, Arc<AtomicU64>)>>,
+}
+
+impl Transfers {
+    /// Count bytes for `job` under `stage`; bytes add up across stages.
+    fn stage(&self, job: JobId, stage: &'static str) -> Arc<AtomicU64> {
+        let mut jobs = lock(&self.jobs);
+        let entry = jobs
+            .entry(job)
+            .or_insert_with(|| (stage, Arc::new(AtomicU64::new(0))));
+        entry.0 = stage;
+        entry.1.clone()
+    }
+
+    fn end(&self, job: JobId) {
+        lock(&self.jobs).remove(&job);
+    }
+
+    pub fn get(&self, job: JobId) -> Option<api::TransferProgress> {
+        lock(&self.jobs)
+            .get(&job)
+            .map(|(stage, bytes)| api::TransferProgress {
+                stage: stage.to_string(),
+                bytes: bytes.load(Ordering::Relaxed),
+            })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -418,6 +450,12 @@ async fn write_config(agent: &Agent, job: &Job, held: bool) -> Result<(), String
 
 /// Target: pull the rootfs while the source runs, then the final state.
 async fn transfer(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
+    let result = pull(agent, engine, job).await;
+    agent.transfers.end(job.id);
+    result
+}
+
+async fn pull(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
     if job.options.mode == TransferMode::Push {
         return Err("push mode is not implemented yet; use --mode pull".into());
     }
@@ -437,7 +475,8 @@ async fn transfer(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), Strin
     };
     // Filesystem pre-sync while the instance runs.
     let (mut send, mut recv) = open(TransferPart::Rootfs).await?;
-    let full = tree::receive(&mut send, &mut recv, &dir.rootfs(), false)
+    let counter = agent.transfers.stage(job.id, "rootfs");
+    let full = tree::receive_counted(&mut send, &mut recv, &dir.rootfs(), false, &counter)
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
@@ -453,12 +492,15 @@ async fn transfer(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), Strin
     };
     let mut bytes = full.bytes;
     if job.options.stateful {
-        let images = tree::receive(&mut send, &mut recv, &dir.migration().join("images"), false)
+        let counter = agent.transfers.stage(job.id, "memory images");
+        let images_dir = dir.migration().join("images");
+        let images = tree::receive_counted(&mut send, &mut recv, &images_dir, false, &counter)
             .await
             .map_err(|e| e.to_string())?;
         bytes += images.bytes;
     }
-    let delta = tree::receive(&mut send, &mut recv, &dir.rootfs(), true)
+    let counter = agent.transfers.stage(job.id, "rootfs delta");
+    let delta = tree::receive_counted(&mut send, &mut recv, &dir.rootfs(), true, &counter)
         .await
         .map_err(|e| e.to_string())?;
     bytes += delta.bytes;

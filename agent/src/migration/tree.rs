@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_transport::frame::{read_frame, write_frame, FrameError, MAX_FRAME};
 use ring::digest::{Context, SHA256};
@@ -327,6 +328,17 @@ pub async fn receive(
     root: &Path,
     delta: bool,
 ) -> Result<Transferred, TreeError> {
+    receive_counted(send, recv, root, delta, &AtomicU64::new(0)).await
+}
+
+/// [`receive`], adding every file byte to `progress` as it arrives.
+pub async fn receive_counted(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+    delta: bool,
+    progress: &AtomicU64,
+) -> Result<Transferred, TreeError> {
     let owned = root.to_path_buf();
     blocking(move || std::fs::create_dir_all(&owned).map_err(io("create", &owned))).await?;
     if delta {
@@ -414,6 +426,7 @@ pub async fn receive(
                     match read_frame::<Frame>(recv, MAX_FRAME).await? {
                         Frame::Chunk(bytes) => {
                             received += bytes.len() as u64;
+                            progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             if received > size {
                                 return Err(TreeError::Protocol(format!(
                                     "{} is longer than the announced {size} bytes",
