@@ -471,6 +471,17 @@ fn ended_safely(cluster: &Cluster, job: &serde_json::Value) -> Result<()> {
             bail!("instances/c1 still on {}", cluster.agents[other].name)
         }
         Ok(())
+    })?;
+    // The final dump and configs go once the owner runs the instance.
+    let owner_index = 3 - other;
+    wait_for("the owner's staging area to go", CONVERGE, || {
+        let staging = cluster.agents[owner_index]
+            .data_dir
+            .join("instances/c1/migration");
+        if staging.exists() {
+            bail!("{} still exists", staging.display())
+        }
+        Ok(())
     })
 }
 
@@ -495,6 +506,11 @@ fn a_partitioned_frozen_source_stays_frozen_until_healed_and_the_job_ends_safely
         }
     })?;
     eprintln!("decided without the source: {decided}");
+    // The source had begun its final dump into its staging area.
+    assert!(cluster.agents[1]
+        .data_dir
+        .join("instances/c1/migration")
+        .exists());
     // Cut off, the source never thaws on its own: it cannot know whether
     // the target runs the instance.
     let watch_until = std::time::Instant::now() + Duration::from_secs(3);
@@ -529,6 +545,11 @@ fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() ->
         }
     })?;
     eprintln!("decided without the source: {decided}");
+    // The source had begun its final dump into its staging area.
+    assert!(cluster.agents[1]
+        .data_dir
+        .join("instances/c1/migration")
+        .exists());
     // Its container outlives the agent, still frozen.
     assert_eq!(
         cluster.agents[1].container_status("c1").as_deref(),

@@ -152,6 +152,7 @@ fn member(agent: &Agent, id: NodeId) -> Option<(std::net::SocketAddr, String)> {
 pub async fn run(agent: Arc<Agent>) {
     let engine = Arc::new(Engine::default());
     let mut changes = agent.state.subscribe();
+    let mut last_sweep = None;
     loop {
         let jobs: Vec<Job> = agent.state.read(|s| {
             s.jobs
@@ -188,9 +189,51 @@ pub async fn run(agent: Arc<Agent>) {
             });
         }
         supervise(&agent).await;
+        if last_sweep.is_none_or(|at: std::time::Instant| at.elapsed() >= SWEEP_EVERY) {
+            last_sweep = Some(std::time::Instant::now());
+            sweep_staging(&agent).await;
+        }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// How often (and at start) staging areas of ended moves are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Remove the staging area (CRIU images, configs) that ended moves left
+/// on this host, once the instance runs here or is not ours.
+async fn sweep_staging(agent: &Arc<Agent>) {
+    let me = agent.id;
+    let ended: BTreeSet<String> = agent.state.read(|s| {
+        s.jobs
+            .values()
+            .filter(|j| j.phase.is_terminal() && (j.source == me || j.target == me))
+            .map(|j| j.instance.clone())
+            .collect()
+    });
+    for name in ended {
+        let staging = agent.host.dir(&name).migration();
+        if !staging.exists() {
+            continue;
+        }
+        let _guard = agent.host.lock(&name).await;
+        // Under the lock: a move that starts now waits for it.
+        let Some((busy, owner_is_me)) = agent.state.read(|s| {
+            s.instances
+                .get(&name)
+                .map(|i| (i.job.is_some(), i.owner == me))
+        }) else {
+            continue;
+        };
+        let local = local_copy(agent, &name).await;
+        if plan::staging_is_leftover(true, busy, owner_is_me, local) {
+            tracing::info!(instance = %name, "removing the staging area of an ended move");
+            if let Err(e) = tokio::fs::remove_dir_all(&staging).await {
+                tracing::warn!(instance = %name, "cannot remove {}: {e}", staging.display());
+            }
         }
     }
 }

@@ -91,6 +91,19 @@ pub fn may_freeze(job: &Job) -> bool {
     matches!(job.phase, Phase::Preparing | Phase::Precopy(_)) && !job.abort_requested
 }
 
+/// Whether the staging area of an ended move (`instances/NAME/migration`:
+/// CRIU images, restore configs) may go. The owner keeps it while its copy
+/// is not running: after a failed thaw the final dump is what `ferry start`
+/// restores. A non-owner's whole copy is handled by `step`.
+pub fn staging_is_leftover(
+    job_ended: bool,
+    instance_busy: bool,
+    owner_is_me: bool,
+    local: LocalCopy,
+) -> bool {
+    job_ended && !instance_busy && owner_is_me && local == LocalCopy::Running
+}
+
 /// What the leader does about a job it supervises.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Intervention {
@@ -192,6 +205,24 @@ mod tests {
             created_ms: 0,
             phase_ms: 1_000,
             abort_requested: false,
+        }
+    }
+
+    #[test]
+    fn staging_goes_only_when_the_job_ended_and_the_owner_runs_the_instance() {
+        for local in COPIES {
+            for busy in [false, true] {
+                for ended in [false, true] {
+                    for owner in [false, true] {
+                        let expected = ended && !busy && owner && local == LocalCopy::Running;
+                        assert_eq!(
+                            staging_is_leftover(ended, busy, owner, local),
+                            expected,
+                            "ended {ended} busy {busy} owner {owner} {local:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 
