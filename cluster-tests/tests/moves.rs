@@ -561,3 +561,53 @@ fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() ->
     assert!(sampler.finish() <= 1, "two copies ran at once");
     Ok(())
 }
+
+#[test]
+fn push_mode_moves_live_and_stateless_with_the_source_sending() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
+    let sampler = cluster.sampler("c1");
+    let before = cluster.counter(0, "c1")?;
+    let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--mode", "push"])?;
+    assert!(out.contains("downtime"), "{out}");
+    assert_eq!(owner(&cluster)?, "n3");
+    let after = cluster.counter(0, "c1")?;
+    assert!(
+        after >= before,
+        "live push restarted the counter: {before} -> {after}"
+    );
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    assert_eq!(job["phase"], "Done", "{job}");
+    assert!(job["bytes"].as_u64().is_some_and(|b| b > 0), "{job}");
+    // Back, cold: stop, push, start; the file comes along, memory does not.
+    cluster.ferry_ok(
+        0,
+        &[
+            "move",
+            "c1",
+            "--target",
+            "n2",
+            "--mode",
+            "push",
+            "--stateless",
+        ],
+    )?;
+    assert_eq!(owner(&cluster)?, "n2");
+    let file = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/file"])?;
+    assert_eq!(file.trim(), "kept");
+    wait_for("c1 running on n2", CONVERGE, || {
+        let list = cluster.ferry_json(0, &["list"])?;
+        if list[0]["state"] == "running" {
+            Ok(())
+        } else {
+            bail!("{list}")
+        }
+    })?;
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());
+    Ok(())
+}

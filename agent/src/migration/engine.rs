@@ -25,13 +25,26 @@ use crate::protocol::Request;
 
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the target asks of the source over a transfer channel.
+/// What a transfer channel carries. Pull: the target opens it and asks the
+/// source. Push: the source opens it and sends to the target, which answers
+/// with a [`PushAck`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum TransferPart {
     /// The rootfs in full, while the instance runs.
     Rootfs,
     /// Freeze, dump, then send the images and the rootfs delta.
     Final,
+    /// Push: the rootfs in full follows.
+    PushRootfs,
+    /// Push: the freeze header, images and rootfs delta follow.
+    PushFinal,
+}
+
+/// The target's answer at the end of a pushed part.
+#[derive(Debug, Serialize, Deserialize)]
+enum PushAck {
+    Received,
+    Failed(String),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,16 +63,18 @@ enum FinalHeader {
 #[derive(Default)]
 pub struct Engine {
     busy: Mutex<BTreeSet<JobId>>,
-    /// When the target asked the source to freeze (wall clock ms), for the
-    /// downtime figure.
-    froze_at: Mutex<HashMap<JobId, u64>>,
-    bytes: Mutex<HashMap<JobId, u64>>,
 }
 
-/// Live figures of the transfers this agent receives, for `job show`.
+/// Live figures of the transfers this agent receives, for `job show`, and
+/// the ones the target reports when the job is done.
 #[derive(Default)]
 pub struct Transfers {
     jobs: Mutex<HashMap<JobId, (&'static str, Arc<AtomicU64>)>>,
+    /// When the source froze (wall clock ms, as the target saw it), for the
+    /// downtime figure.
+    froze_at: Mutex<HashMap<JobId, u64>>,
+    /// Bytes received in all.
+    bytes: Mutex<HashMap<JobId, u64>>,
 }
 
 impl Transfers {
@@ -75,6 +90,25 @@ impl Transfers {
 
     fn end(&self, job: JobId) {
         lock(&self.jobs).remove(&job);
+    }
+
+    fn froze(&self, job: JobId) {
+        lock(&self.froze_at).insert(job, now_ms());
+    }
+
+    fn received(&self, job: JobId, bytes: u64) {
+        lock(&self.bytes).insert(job, bytes);
+    }
+
+    fn received_so_far(&self, job: JobId) -> u64 {
+        lock(&self.bytes).get(&job).copied().unwrap_or(0)
+    }
+
+    /// (downtime ms, bytes) for `job`, taken out.
+    fn take_figures(&self, job: JobId, now: u64) -> (u64, u64) {
+        let froze = lock(&self.froze_at).remove(&job);
+        let bytes = lock(&self.bytes).remove(&job).unwrap_or(0);
+        (froze.map_or(0, |t| now.saturating_sub(t)), bytes)
     }
 
     pub fn get(&self, job: JobId) -> Option<api::TransferProgress> {
@@ -181,7 +215,7 @@ pub async fn run(agent: Arc<Agent>) {
                 // Step on while there is something to do, so a phase that
                 // commits while this task runs is not left for the next tick.
                 for _ in 0..32 {
-                    if !drive(&agent, &engine, &job).await {
+                    if !drive(&agent, &job).await {
                         break;
                     }
                 }
@@ -273,7 +307,7 @@ async fn supervise(agent: &Arc<Agent>) {
 }
 
 /// One step of `job` for this agent; false when there was nothing to do.
-async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) -> bool {
+async fn drive(agent: &Arc<Agent>, job: &Job) -> bool {
     let role = if job.source == agent.id {
         Role::Source
     } else {
@@ -311,8 +345,33 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) -> bool {
             )
             .await;
         }
+        Step::RollBackInterruptedPush => {
+            advance(
+                agent,
+                &job,
+                Phase::RollingBack,
+                Some("the source restarted in the middle of its push".into()),
+                None,
+                None,
+            )
+            .await;
+        }
+        Step::Push => {
+            if let Err(e) = push(agent, &job).await {
+                tracing::warn!(job = job.id, "push failed: {e}");
+                advance(
+                    agent,
+                    &job,
+                    Phase::RollingBack,
+                    Some(format!("transfer failed: {e}")),
+                    None,
+                    None,
+                )
+                .await;
+            }
+        }
         Step::Transfer => {
-            if let Err(e) = transfer(agent, engine, &job).await {
+            if let Err(e) = transfer(agent, &job).await {
                 tracing::warn!(job = job.id, "transfer failed: {e}");
                 advance(
                     agent,
@@ -369,12 +428,11 @@ async fn drive(agent: &Arc<Agent>, engine: &Engine, job: &Job) -> bool {
                 return false;
             }
             let now = now_ms();
+            let (downtime_ms, bytes) = agent.transfers.take_figures(job.id, now);
             let stats = MoveStats {
-                downtime_ms: lock(&engine.froze_at)
-                    .remove(&job.id)
-                    .map_or(0, |t| now.saturating_sub(t)),
+                downtime_ms,
                 total_ms: now.saturating_sub(job.created_ms),
-                bytes: lock(&engine.bytes).remove(&job.id).unwrap_or(0),
+                bytes,
                 iterations: 0,
             };
             advance(agent, &job, Phase::Done, None, None, Some(stats)).await;
@@ -492,16 +550,13 @@ async fn write_config(agent: &Agent, job: &Job, held: bool) -> Result<(), String
 }
 
 /// Target: pull the rootfs while the source runs, then the final state.
-async fn transfer(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
-    let result = pull(agent, engine, job).await;
+async fn transfer(agent: &Agent, job: &Job) -> Result<(), String> {
+    let result = pull(agent, job).await;
     agent.transfers.end(job.id);
     result
 }
 
-async fn pull(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
-    if job.options.mode == TransferMode::Push {
-        return Err("push mode is not implemented yet; use --mode pull".into());
-    }
+async fn pull(agent: &Agent, job: &Job) -> Result<(), String> {
     let (addr, source_name) = member(agent, job.source).ok_or("the source is not a member")?;
     let dir = agent.host.dir(&job.instance);
     let expect = Expect::Node(source_name.clone());
@@ -524,32 +579,46 @@ async fn pull(agent: &Agent, engine: &Engine, job: &Job) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
     // Final: the source freezes and dumps; images and rootfs delta follow.
-    lock(&engine.froze_at).insert(job.id, now_ms());
+    agent.transfers.froze(job.id);
     let (mut send, mut recv) = open(TransferPart::Final).await?;
-    let note = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME)
+    let result = receive_final(agent, job, &mut send, &mut recv, full.bytes).await;
+    let _ = send.finish();
+    result
+}
+
+/// Target, either mode: the source's freeze header, the memory images and
+/// the rootfs delta; then the held restore config and Frozen.
+async fn receive_final(
+    agent: &Agent,
+    job: &Job,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    rootfs_bytes: u64,
+) -> Result<(), String> {
+    let dir = agent.host.dir(&job.instance);
+    let note = match read_frame::<FinalHeader>(recv, MAX_FRAME)
         .await
         .map_err(|e| e.to_string())?
     {
         FinalHeader::Frozen { note } => note,
         FinalHeader::Refused(why) => return Err(format!("the source refused to freeze: {why}")),
     };
-    let mut bytes = full.bytes;
+    let mut bytes = rootfs_bytes;
     if job.options.stateful {
         let counter = agent.transfers.stage(job.id, "memory images");
         let images_dir = dir.migration().join("images");
-        let images = tree::receive_counted(&mut send, &mut recv, &images_dir, false, &counter)
+        let images = tree::receive_counted(send, recv, &images_dir, false, &counter)
             .await
             .map_err(|e| e.to_string())?;
         bytes += images.bytes;
     }
     let counter = agent.transfers.stage(job.id, "rootfs delta");
-    let delta = tree::receive_counted(&mut send, &mut recv, &dir.rootfs(), true, &counter)
+    let delta = tree::receive_counted(send, recv, &dir.rootfs(), true, &counter)
         .await
         .map_err(|e| e.to_string())?;
     bytes += delta.bytes;
-    let _ = send.finish();
     write_config(agent, job, job.options.stateful).await?;
-    lock(&engine.bytes).insert(job.id, bytes);
+    agent.transfers.received(job.id, bytes);
     if !advance(agent, job, Phase::Frozen, None, note, None).await {
         return Err("could not record the frozen phase".into());
     }
@@ -567,17 +636,43 @@ pub async fn serve_transfer(
     let Some(job) = agent.state.read(|s| s.jobs.get(&req.job).cloned()) else {
         return;
     };
-    let is_target = member(agent, job.target).is_some_and(|(_, n)| n == peer_name);
-    if job.source != agent.id || !is_target {
+    let pushed = matches!(req.part, TransferPart::PushRootfs | TransferPart::PushFinal);
+    // Pull: we are the source, the peer the target; push: the other way.
+    let (we, they) = if pushed {
+        (job.target, job.source)
+    } else {
+        (job.source, job.target)
+    };
+    let peer_ok = member(agent, they).is_some_and(|(_, n)| n == peer_name);
+    let mode_ok = (job.options.mode == TransferMode::Push) == pushed;
+    if we != agent.id || !peer_ok || !mode_ok {
         tracing::warn!(
             job = job.id,
             peer = peer_name,
-            "refused a transfer channel from a non-participant"
+            "refused a transfer channel from a non-participant or in the wrong mode"
         );
         return;
     }
     let dir = agent.host.dir(&job.instance);
     let result = match req.part {
+        TransferPart::PushRootfs => {
+            let _guard = agent.host.lock(&job.instance).await;
+            let counter = agent.transfers.stage(job.id, "rootfs");
+            let received =
+                tree::receive_counted(&mut send, &mut recv, &dir.rootfs(), false, &counter)
+                    .await
+                    .map(|t| agent.transfers.received(job.id, t.bytes))
+                    .map_err(|e| e.to_string());
+            acknowledge(&mut send, received).await
+        }
+        TransferPart::PushFinal => {
+            let _guard = agent.host.lock(&job.instance).await;
+            agent.transfers.froze(job.id);
+            let rootfs_bytes = agent.transfers.received_so_far(job.id);
+            let received = receive_final(agent, &job, &mut send, &mut recv, rootfs_bytes).await;
+            agent.transfers.end(job.id);
+            acknowledge(&mut send, received).await
+        }
         TransferPart::Rootfs => tree::send(&mut send, &mut recv, &dir.rootfs(), false)
             .await
             .map(|_| ())
@@ -593,24 +688,89 @@ pub async fn serve_transfer(
     let _ = send.finish();
 }
 
+/// Target: tell the pushing source how the part went.
+async fn acknowledge(
+    send: &mut quinn::SendStream,
+    received: Result<(), String>,
+) -> Result<(), String> {
+    let ack = match &received {
+        Ok(()) => PushAck::Received,
+        Err(e) => PushAck::Failed(e.clone()),
+    };
+    write_frame(send, &ack).await.map_err(|e| e.to_string())?;
+    received
+}
+
+/// Source, pull mode: freeze on the target's request and send the rest.
 async fn serve_final(
     agent: &Agent,
     job: &Job,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), String> {
+    match freeze(agent, job).await {
+        Ok(note) => send_final(agent, job, send, recv, note).await,
+        Err(why) => {
+            let _ = write_frame(send, &FinalHeader::Refused(why.clone())).await;
+            Err(why)
+        }
+    }
+}
+
+/// Source, push mode: send the rootfs while running, freeze, send the rest;
+/// the target records Frozen once it holds everything.
+async fn push(agent: &Agent, job: &Job) -> Result<(), String> {
+    let (addr, target_name) = member(agent, job.target).ok_or("the target is not a member")?;
+    let expect = Expect::Node(target_name.clone());
+    let open = |part| {
+        let request = Request::Transfer(TransferRequest { job: job.id, part });
+        let (expect, target_name) = (expect.clone(), target_name.clone());
+        async move {
+            agent
+                .pool
+                .open_stream(addr, &expect, &request, CHANNEL_TIMEOUT)
+                .await
+                .map_err(|e| format!("cannot open a transfer channel to {target_name}: {e}"))
+        }
+    };
+    let dir = agent.host.dir(&job.instance);
+    let (mut send, mut recv) = open(TransferPart::PushRootfs).await?;
+    tree::send(&mut send, &mut recv, &dir.rootfs(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    pushed(&mut recv, &target_name).await?;
+    let (mut send, mut recv) = open(TransferPart::PushFinal).await?;
+    match freeze(agent, job).await {
+        Ok(note) => send_final(agent, job, &mut send, &mut recv, note).await?,
+        Err(why) => {
+            let _ = write_frame(&mut send, &FinalHeader::Refused(why.clone())).await;
+            return Err(why);
+        }
+    }
+    let _ = send.finish();
+    pushed(&mut recv, &target_name).await
+}
+
+async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), String> {
+    match read_frame::<PushAck>(recv, MAX_FRAME).await {
+        Ok(PushAck::Received) => Ok(()),
+        Ok(PushAck::Failed(why)) => Err(format!("{target} could not take it: {why}")),
+        Err(e) => Err(format!("no answer from {target}: {e}")),
+    }
+}
+
+/// Source: pause and dump (stateful) or stop (stateless), only while the
+/// job still allows it; returns the note for the job. Called with the
+/// instance's host lock held.
+async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, String> {
     let name = job.instance.as_str();
     let dir = agent.host.dir(name);
     // Re-read: the freeze is allowed only while we still own the instance
     // and nobody asked to roll back.
     let current = agent.state.read(|s| s.jobs.get(&job.id).cloned());
     if !current.as_ref().is_some_and(plan::may_freeze) {
-        let _ = write_frame(
-            send,
-            &FinalHeader::Refused("the job is no longer in a phase that allows freezing".into()),
-        )
-        .await;
-        return Err("freeze refused".into());
+        return Err("the job is no longer in a phase that allows freezing".into());
     }
     let images = dir.migration().join("images");
     let mut note = None;
@@ -629,7 +789,6 @@ async fn serve_final(
         if let Err(e) = agent.host.dump_frozen(name, &images).await {
             // Nothing left this host: the instance may run on.
             let _ = agent.host.resume(name).await;
-            let _ = write_frame(send, &FinalHeader::Refused(e.to_string())).await;
             return Err(e.to_string());
         }
     } else {
@@ -639,6 +798,19 @@ async fn serve_final(
             .await
             .map_err(|e| e.to_string())?;
     }
+    Ok(note)
+}
+
+/// Source: the freeze header, the images, the rootfs delta.
+async fn send_final(
+    agent: &Agent,
+    job: &Job,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    note: Option<String>,
+) -> Result<(), String> {
+    let dir = agent.host.dir(&job.instance);
+    let images = dir.migration().join("images");
     write_frame(send, &FinalHeader::Frozen { note })
         .await
         .map_err(|e| e.to_string())?;

@@ -34,9 +34,16 @@ pub enum Step {
     RunChecks,
     /// Source, before the switch, abort requested: roll back.
     Abort,
-    /// Target, Preparing: receive the filesystem while the source runs,
-    /// then have the source freeze and send the final state; propose Frozen.
+    /// Target, Preparing, pull mode: receive the filesystem while the
+    /// source runs, then have the source freeze and send the final state;
+    /// propose Frozen.
     Transfer,
+    /// Source, Preparing, push mode: send the filesystem while running,
+    /// freeze, send the final state; the target proposes Frozen.
+    Push,
+    /// Source, Preparing, push mode, already frozen: it restarted in the
+    /// middle of its push, so the target holds an unknown part; roll back.
+    RollBackInterruptedPush,
     /// Target, Frozen: it holds everything, checksummed; propose Switched.
     Switch,
     /// Target, Switched: restore with tasks held stopped (unless already
@@ -58,6 +65,7 @@ pub enum Step {
 /// The next step of `role` in `job`, given its local copy.
 pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
     use Phase::*;
+    let push = job.options.mode == ferry_raft::TransferMode::Push;
     match (role, job.phase) {
         (Role::Source, p) if p.before_switch() && job.abort_requested => Step::Abort,
         (Role::Source, Pending) => Step::BeginChecks,
@@ -67,9 +75,13 @@ pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
             _ => Step::FinishRollback,
         },
         (Role::Source, Done) if local != LocalCopy::Absent => Step::DeleteSourceCopy,
+        (Role::Source, Preparing | Precopy(_)) if push => match local {
+            LocalCopy::Frozen => Step::RollBackInterruptedPush,
+            _ => Step::Push,
+        },
         (Role::Source, _) => Step::Wait,
 
-        (Role::Target, Preparing | Precopy(_)) if !job.abort_requested => Step::Transfer,
+        (Role::Target, Preparing | Precopy(_)) if !job.abort_requested && !push => Step::Transfer,
         (Role::Target, Frozen) => Step::Switch,
         // Also with a held copy already there: the target may have crashed
         // between restoring and proposing Restored.
@@ -166,7 +178,7 @@ pub fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_raft::{JobKind, MoveOptions};
+    use ferry_raft::{JobKind, MoveOptions, TransferMode};
 
     const PHASES: [Phase; 11] = [
         Phase::Pending,
@@ -231,15 +243,47 @@ mod tests {
         for phase in PHASES {
             for abort in [false, true] {
                 for was_running in [false, true] {
-                    for copy in COPIES {
-                        let mut j = job(phase);
-                        j.abort_requested = abort;
-                        j.was_running = was_running;
-                        check(&j, copy);
+                    for mode in [TransferMode::Pull, TransferMode::Push] {
+                        for copy in COPIES {
+                            let mut j = job(phase);
+                            j.abort_requested = abort;
+                            j.was_running = was_running;
+                            j.options.mode = mode;
+                            check(&j, copy);
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn exactly_one_side_sends_in_preparing_and_only_without_an_abort() {
+        every_case(|j, copy| {
+            if !matches!(j.phase, Phase::Preparing | Phase::Precopy(_)) {
+                assert!(!matches!(step(j, Role::Source, copy), Step::Push));
+                assert!(!matches!(step(j, Role::Target, copy), Step::Transfer));
+                return;
+            }
+            let source = step(j, Role::Source, copy);
+            let target = step(j, Role::Target, copy);
+            let pushes = source == Step::Push;
+            let pulls = target == Step::Transfer;
+            if j.abort_requested {
+                assert!(!pushes && !pulls, "{j:?} {copy:?}");
+            } else if j.options.mode == TransferMode::Push {
+                assert!(!pulls);
+                // A source already frozen in Preparing restarted mid-push.
+                let expected = if copy == LocalCopy::Frozen {
+                    Step::RollBackInterruptedPush
+                } else {
+                    Step::Push
+                };
+                assert_eq!(source, expected);
+            } else {
+                assert!(pulls && !pushes, "{j:?} {copy:?}");
+            }
+        });
     }
 
     #[test]
