@@ -128,7 +128,9 @@ pub enum ApiReply {
     Instance(Box<crate::instances::InstanceDetail>),
     Exec {
         code: i32,
+        #[serde(with = "serde_bytes")]
         stdout: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         stderr: Vec<u8>,
     },
 }

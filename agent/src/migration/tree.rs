@@ -55,7 +55,9 @@ enum Frame {
     Manifest(Vec<Entry>),
     Want(Vec<String>),
     Entry(Entry),
-    Chunk(Vec<u8>),
+    // As bytes, not a sequence of u8: serde's default costs ~35x more to
+    // encode and decode (measured: 280 ms vs 8 ms per 64 MiB, release).
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of the current file, with its SHA-256.
     FileEnd {
         sha256: String,

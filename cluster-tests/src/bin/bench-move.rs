@@ -5,7 +5,8 @@
 //!
 //! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-move [-- 64 256]
 
-use std::process::Command;
+use std::io::{Read, Seek, SeekFrom};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -20,13 +21,23 @@ fn workload(mib: usize) -> String {
 }
 
 fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("runc")
+    // A restored container inherits runc's stdio: no pipe here, or reading
+    // runc's output would wait for the container to exit.
+    let errors = tempfile::tempfile()?;
+    let status = Command::new("runc")
         .arg("--root")
         .arg(root)
         .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("runc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(errors.try_clone()?)
+        .status()?;
+    if !status.success() {
+        let mut text = String::new();
+        let mut errors = errors;
+        errors.seek(SeekFrom::Start(0))?;
+        errors.read_to_string(&mut text)?;
+        bail!("runc {args:?}: {text}");
     }
     Ok(())
 }
