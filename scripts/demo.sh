@@ -92,11 +92,19 @@ survivor=n1; [ "$leader" = n1 ] && survivor=n2
 start=$(date +%s%N)
 "$ferry" --data-dir "$work/$survivor" cluster token create n4 --ttl 1m >/dev/null
 echo "a write committed $(( ($(date +%s%N) - start) / 1000000 )) ms after the leader died"
+# Gossip: suspect first, then dead once the suspicion is confirmed.
+for _ in $(seq 1 150); do
+  "$ferry" --data-dir "$work/$survivor" cluster list --format json \
+    | python3 -c "import json,sys; sys.exit(0 if any(m['name']=='$leader' and m['liveness']=='dead' for m in json.load(sys.stdin)) else 1)" && break
+  sleep 0.2
+done
+echo "gossip reported $leader dead $(( ($(date +%s%N) - start) / 1000000 )) ms after its kill"
 "$ferry" --data-dir "$work/$survivor" cluster list
 echo "== restart $leader from its data dir alone"
 start_agent "$leader"
-for _ in $(seq 1 100); do
-  "$ferry" --data-dir "$work/$leader" cluster list --format json | grep -q '"liveness": "dead"' || break
+for _ in $(seq 1 150); do
+  "$ferry" --data-dir "$work/$leader" cluster list --format json \
+    | python3 -c "import json,sys; sys.exit(0 if all(m['liveness']=='alive' for m in json.load(sys.stdin)) else 1)" && break
   sleep 0.2
 done
 "$ferry" --data-dir "$work/$leader" cluster list
