@@ -581,6 +581,24 @@ impl Cluster {
         })
     }
 
+    /// Wait until the only instance is reported running (on `owner`, when
+    /// given), as member 0 sees it.
+    pub fn wait_running(&self, owner: Option<&str>) -> Result<()> {
+        wait_for(
+            "the instance running on its owner",
+            Duration::from_secs(30),
+            || {
+                let list = self.ferry_json(0, &["list"])?;
+                let on_owner = owner.is_none_or(|o| list[0]["node"] == o);
+                if on_owner && list[0]["state"] == "running" {
+                    Ok(())
+                } else {
+                    bail!("{list}")
+                }
+            },
+        )
+    }
+
     /// `cluster list` as seen by member `index`.
     pub fn members(&self, index: usize) -> Result<Vec<serde_json::Value>> {
         match self.ferry_json(index, &["cluster", "list"])? {

@@ -152,14 +152,7 @@ fn owner_agent_kill_9_and_restart_keeps_exactly_one_copy() -> Result<()> {
     .trim()
     .parse()?;
     cluster.restart(1)?;
-    wait_for("n2 to report c1 running", CONVERGE, || {
-        let list = cluster.ferry_json(0, &["list"])?;
-        if list[0]["state"] == "running" {
-            Ok(())
-        } else {
-            bail!("{list}")
-        }
-    })?;
+    cluster.wait_running(None)?;
     let after = cluster.counter(0, "c1")?;
     assert!(
         after >= before,

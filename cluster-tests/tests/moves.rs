@@ -370,14 +370,7 @@ fn a_failed_restore_after_the_switch_switches_back_and_the_source_thaws() -> Res
         (Some("n2"), Some(3)),
         "{list}"
     );
-    wait_for("n2 to report c1 running", CONVERGE, || {
-        let list = cluster.ferry_json(0, &["list"])?;
-        if list[0]["state"] == "running" {
-            Ok(())
-        } else {
-            bail!("{list}")
-        }
-    })?;
+    cluster.wait_running(None)?;
     let before = cluster.counter(0, "c1")?;
     cluster.wait_counter("c1", before + 1)?;
     assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());
@@ -416,53 +409,62 @@ fn kill_9_of_the_leader_mid_move_completes_or_rolls_back() -> Result<()> {
     })?;
     let expected_owner = if job["phase"] == "Done" { "n3" } else { "n2" };
     cluster.restart(dead)?;
-    wait_for("the instance running on its owner", CONVERGE, || {
-        let list = cluster.ferry_json(via, &["list"])?;
-        if list[0]["node"] == expected_owner && list[0]["state"] == "running" {
-            Ok(())
-        } else {
-            bail!("{list}")
-        }
-    })?;
+    cluster.wait_running(Some(expected_owner))?;
     assert!(sampler.finish() <= 1, "two copies ran at once");
     assert_eq!(cluster.running_copies("c1"), 1);
     Ok(())
 }
 
-/// Start moving c1 (64 MiB in memory) from n2 to n3 and wait until the
-/// source has paused it for the final dump.
-fn move_until_the_source_freezes(cluster: &Cluster) -> Result<()> {
+/// The counter (64 MiB in memory) on n2 of a cluster with a 5 s phase
+/// deadline, with a sampler running, moving to n3 and paused by n2 for its
+/// final dump.
+fn frozen_source() -> Result<(Cluster, cluster_tests::Sampler)> {
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--job-phase-timeout".into(), "5s".into()];
+    let cluster = cluster_with_counter_sized(cluster, 0, 64)?;
+    let sampler = cluster.sampler("c1");
     cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--detach"])?;
     wait_for("n2 to freeze c1", CONVERGE, || {
         match cluster.agents[1].container_status("c1").as_deref() {
             Some("paused") => Ok(()),
             other => bail!("c1 on n2 is {other:?}"),
         }
-    })
+    })?;
+    Ok((cluster, sampler))
 }
 
-/// Job 1's phase as member `index` sees it.
-fn phase_on(cluster: &Cluster, index: usize) -> Result<String> {
-    let job = cluster.ferry_json(index, &["job", "show", "1"])?;
-    Ok(job["phase"].as_str().unwrap_or_default().to_string())
+/// With the source gone, n1 and n3 decide: roll back (the transfer broke
+/// off) or finish (it was complete).
+fn decided_without_the_source(cluster: &Cluster) -> Result<()> {
+    let decided = wait_for("a decision without the source", CONVERGE, || {
+        let job = cluster
+            .ferry_json(0, &["job", "show", "1"])
+            .or_else(|_| cluster.ferry_json(2, &["job", "show", "1"]))?;
+        match job["phase"].as_str() {
+            Some(phase @ ("RollingBack" | "Done")) => Ok(phase.to_string()),
+            other => bail!("phase {other:?}"),
+        }
+    })?;
+    eprintln!("decided without the source: {decided}");
+    // The source had begun its final dump into its staging area.
+    assert!(cluster.agents[1]
+        .data_dir
+        .join("instances/c1/migration")
+        .exists());
+    Ok(())
 }
 
-/// After the job ended: exactly one copy runs, on the owner the outcome
-/// names, it counts on, and the other side holds nothing.
-fn ended_safely(cluster: &Cluster, job: &serde_json::Value) -> Result<()> {
+/// Wait for job 1 to end; then exactly one copy runs, on the owner the
+/// outcome names, it counts on, the other side holds nothing, and no two
+/// copies ever ran at once.
+fn ended_safely(cluster: &Cluster, sampler: cluster_tests::Sampler) -> Result<()> {
+    let job = wait_job_end(cluster)?;
     let (owner_name, other) = match job["phase"].as_str() {
         Some("Done") => ("n3", 1),
         Some("RolledBack") => ("n2", 2),
         other => bail!("job ended in {other:?}: {job}"),
     };
-    wait_for("the instance running on its owner", CONVERGE, || {
-        let list = cluster.ferry_json(0, &["list"])?;
-        if list[0]["node"] == owner_name && list[0]["state"] == "running" {
-            Ok(())
-        } else {
-            bail!("{list}")
-        }
-    })?;
+    cluster.wait_running(Some(owner_name))?;
     let before = cluster.counter(0, "c1")?;
     cluster.wait_counter("c1", before + 1)?;
     assert_eq!(cluster.running_copies("c1"), 1);
@@ -482,7 +484,9 @@ fn ended_safely(cluster: &Cluster, job: &serde_json::Value) -> Result<()> {
             bail!("{} still exists", staging.display())
         }
         Ok(())
-    })
+    })?;
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    Ok(())
 }
 
 #[test]
@@ -490,27 +494,9 @@ fn a_partitioned_frozen_source_stays_frozen_until_healed_and_the_job_ends_safely
     if !require_container_runtime() || !require_partition_tools() {
         return Ok(());
     }
-    let mut cluster = Cluster::new();
-    cluster.agent_flags = vec!["--job-phase-timeout".into(), "5s".into()];
-    let cluster = cluster_with_counter_sized(cluster, 0, 64)?;
-    let sampler = cluster.sampler("c1");
-    move_until_the_source_freezes(&cluster)?;
+    let (cluster, sampler) = frozen_source()?;
     let cut = Partition::isolate(cluster.agents[1].port()?)?;
-    // The rest of the cluster decides without the source: roll back (the
-    // transfer broke off) or finish (it was complete).
-    let decided = wait_for("a decision without the source", CONVERGE, || {
-        let phase = phase_on(&cluster, 0).or_else(|_| phase_on(&cluster, 2))?;
-        match phase.as_str() {
-            "RollingBack" | "Done" => Ok(phase),
-            other => bail!("phase {other}"),
-        }
-    })?;
-    eprintln!("decided without the source: {decided}");
-    // The source had begun its final dump into its staging area.
-    assert!(cluster.agents[1]
-        .data_dir
-        .join("instances/c1/migration")
-        .exists());
+    decided_without_the_source(&cluster)?;
     // Cut off, the source never thaws on its own: it cannot know whether
     // the target runs the instance.
     let watch_until = std::time::Instant::now() + Duration::from_secs(3);
@@ -520,10 +506,7 @@ fn a_partitioned_frozen_source_stays_frozen_until_healed_and_the_job_ends_safely
         std::thread::sleep(Duration::from_millis(100));
     }
     cut.heal();
-    let job = wait_job_end(&cluster)?;
-    ended_safely(&cluster, &job)?;
-    assert!(sampler.finish() <= 1, "two copies ran at once");
-    Ok(())
+    ended_safely(&cluster, sampler)
 }
 
 #[test]
@@ -531,35 +514,16 @@ fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() ->
     if !require_container_runtime() {
         return Ok(());
     }
-    let mut cluster = Cluster::new();
-    cluster.agent_flags = vec!["--job-phase-timeout".into(), "5s".into()];
-    let mut cluster = cluster_with_counter_sized(cluster, 0, 64)?;
-    let sampler = cluster.sampler("c1");
-    move_until_the_source_freezes(&cluster)?;
+    let (mut cluster, sampler) = frozen_source()?;
     cluster.kill(1);
-    let decided = wait_for("a decision without the source", CONVERGE, || {
-        let phase = phase_on(&cluster, 0)?;
-        match phase.as_str() {
-            "RollingBack" | "Done" => Ok(phase),
-            other => bail!("phase {other}"),
-        }
-    })?;
-    eprintln!("decided without the source: {decided}");
-    // The source had begun its final dump into its staging area.
-    assert!(cluster.agents[1]
-        .data_dir
-        .join("instances/c1/migration")
-        .exists());
+    decided_without_the_source(&cluster)?;
     // Its container outlives the agent, still frozen.
     assert_eq!(
         cluster.agents[1].container_status("c1").as_deref(),
         Some("paused")
     );
     cluster.restart(1)?;
-    let job = wait_job_end(&cluster)?;
-    ended_safely(&cluster, &job)?;
-    assert!(sampler.finish() <= 1, "two copies ran at once");
-    Ok(())
+    ended_safely(&cluster, sampler)
 }
 
 #[test]
@@ -598,14 +562,7 @@ fn push_mode_moves_live_and_stateless_with_the_source_sending() -> Result<()> {
     assert_eq!(owner(&cluster)?, "n2");
     let file = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/file"])?;
     assert_eq!(file.trim(), "kept");
-    wait_for("c1 running on n2", CONVERGE, || {
-        let list = cluster.ferry_json(0, &["list"])?;
-        if list[0]["state"] == "running" {
-            Ok(())
-        } else {
-            bail!("{list}")
-        }
-    })?;
+    cluster.wait_running(None)?;
     assert!(sampler.finish() <= 1, "two copies ran at once");
     assert_eq!(cluster.running_copies("c1"), 1);
     assert!(!cluster.agents[2].data_dir.join("instances/c1").exists());

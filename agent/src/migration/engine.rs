@@ -356,22 +356,13 @@ async fn drive(agent: &Arc<Agent>, job: &Job) -> bool {
             )
             .await;
         }
-        Step::Push => {
-            if let Err(e) = push(agent, &job).await {
-                tracing::warn!(job = job.id, "push failed: {e}");
-                advance(
-                    agent,
-                    &job,
-                    Phase::RollingBack,
-                    Some(format!("transfer failed: {e}")),
-                    None,
-                    None,
-                )
-                .await;
-            }
-        }
-        Step::Transfer => {
-            if let Err(e) = transfer(agent, &job).await {
+        Step::Push | Step::Transfer => {
+            let result = if step == Step::Push {
+                push(agent, &job).await
+            } else {
+                transfer(agent, &job).await
+            };
+            if let Err(e) = result {
                 tracing::warn!(job = job.id, "transfer failed: {e}");
                 advance(
                     agent,
@@ -549,6 +540,23 @@ async fn write_config(agent: &Agent, job: &Job, held: bool) -> Result<(), String
     .map_err(|e| e.to_string())
 }
 
+/// A transfer channel of `job` to member `peer`, its first frame asking
+/// for `part`.
+async fn open_channel(
+    agent: &Agent,
+    job: &Job,
+    peer: NodeId,
+    part: TransferPart,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (addr, name) = member(agent, peer).ok_or(format!("node {peer} is not a member"))?;
+    let request = Request::Transfer(TransferRequest { job: job.id, part });
+    agent
+        .pool
+        .open_stream(addr, &Expect::Node(name.clone()), &request, CHANNEL_TIMEOUT)
+        .await
+        .map_err(|e| format!("cannot open a transfer channel to {name}: {e}"))
+}
+
 /// Target: pull the rootfs while the source runs, then the final state.
 async fn transfer(agent: &Agent, job: &Job) -> Result<(), String> {
     let result = pull(agent, job).await;
@@ -557,20 +565,8 @@ async fn transfer(agent: &Agent, job: &Job) -> Result<(), String> {
 }
 
 async fn pull(agent: &Agent, job: &Job) -> Result<(), String> {
-    let (addr, source_name) = member(agent, job.source).ok_or("the source is not a member")?;
     let dir = agent.host.dir(&job.instance);
-    let expect = Expect::Node(source_name.clone());
-    let open = |part| {
-        let request = Request::Transfer(TransferRequest { job: job.id, part });
-        let (expect, source_name) = (expect.clone(), source_name.clone());
-        async move {
-            agent
-                .pool
-                .open_stream(addr, &expect, &request, CHANNEL_TIMEOUT)
-                .await
-                .map_err(|e| format!("cannot open a transfer channel to {source_name}: {e}"))
-        }
-    };
+    let open = |part| open_channel(agent, job, job.source, part);
     // Filesystem pre-sync while the instance runs.
     let (mut send, mut recv) = open(TransferPart::Rootfs).await?;
     let counter = agent.transfers.stage(job.id, "rootfs");
@@ -720,19 +716,10 @@ async fn serve_final(
 /// Source, push mode: send the rootfs while running, freeze, send the rest;
 /// the target records Frozen once it holds everything.
 async fn push(agent: &Agent, job: &Job) -> Result<(), String> {
-    let (addr, target_name) = member(agent, job.target).ok_or("the target is not a member")?;
-    let expect = Expect::Node(target_name.clone());
-    let open = |part| {
-        let request = Request::Transfer(TransferRequest { job: job.id, part });
-        let (expect, target_name) = (expect.clone(), target_name.clone());
-        async move {
-            agent
-                .pool
-                .open_stream(addr, &expect, &request, CHANNEL_TIMEOUT)
-                .await
-                .map_err(|e| format!("cannot open a transfer channel to {target_name}: {e}"))
-        }
-    };
+    let target_name = agent
+        .member_name(job.target)
+        .ok_or("the target is not a member")?;
+    let open = |part| open_channel(agent, job, job.target, part);
     let dir = agent.host.dir(&job.instance);
     let (mut send, mut recv) = open(TransferPart::PushRootfs).await?;
     tree::send(&mut send, &mut recv, &dir.rootfs(), false)
