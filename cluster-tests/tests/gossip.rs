@@ -242,3 +242,45 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
 fn bytes_of(data: &[u8]) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(data)
 }
+
+#[test]
+fn load_facts_arrive_by_gossip_with_their_age_and_age_once_the_member_is_gone() -> Result<()> {
+    let mut cluster = cluster_of(&["n1", "n2", "n3"])?;
+    let load_of_n3 = |cluster: &Cluster| -> Result<serde_json::Value> {
+        let show = cluster.ferry_json(0, &["cluster", "show", "n3"])?;
+        match &show["load"] {
+            serde_json::Value::Null => bail!("no load facts for n3 yet: {show}"),
+            load => Ok(load.clone()),
+        }
+    };
+    let fresh = wait_for("fresh load facts of n3 on n1", CONVERGE, || {
+        let load = load_of_n3(&cluster)?;
+        // Reported every 2 s: a fresh report is younger than that plus
+        // the time to spread it.
+        match load["age_ms"].as_u64() {
+            Some(age) if age < 4_000 => Ok(load),
+            _ => bail!("stale: {load}"),
+        }
+    })?;
+    assert!(
+        fresh["memory_free_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{fresh}"
+    );
+    assert_eq!(
+        fresh["load_average"].as_array().map(Vec::len),
+        Some(3),
+        "{fresh}"
+    );
+    assert_eq!(fresh["running_instances"], 0, "{fresh}");
+    assert_eq!(fresh["agent_version"], env!("CARGO_PKG_VERSION"), "{fresh}");
+    // A dead member's last figures stay, and show their growing age.
+    cluster.kill(2);
+    wait_for("n3's load facts to age", CONVERGE, || {
+        let load = load_of_n3(&cluster)?;
+        match load["age_ms"].as_u64() {
+            Some(age) if age > 6_000 => Ok(()),
+            _ => bail!("still young: {load}"),
+        }
+    })?;
+    Ok(())
+}
