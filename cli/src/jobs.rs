@@ -36,10 +36,13 @@ pub struct MoveArgs {
     /// Who opens the transfer connection: the target (pull) or the source (push).
     #[arg(long, value_enum, default_value = "pull")]
     mode: Mode,
-    /// Most memory pre-copy rounds before the final dump (when the kernel tracks dirty memory).
+    /// Most memory pre-copy rounds before the final dump. Recorded on the job;
+    /// pre-copy itself is not implemented yet (and needs a kernel that tracks
+    /// dirty memory): the job notes that it went straight to the final dump.
     #[arg(long, value_name = "N", default_value_t = 3)]
     precopy_iterations: u32,
-    /// Stop pre-copying once less than this share of memory is dirty.
+    /// Stop pre-copying once less than this share of memory is dirty (see
+    /// --precopy-iterations).
     #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     precopy_goal: u8,
     /// Only run the compatibility checks and print the report.
