@@ -1,6 +1,9 @@
 //! ferry-raft: the openraft type config, durable storage (redb), the
 //! cluster state machine and the Raft network over ferry-transport.
 
+mod apply_instances;
+mod apply_jobs;
+pub mod ids;
 pub mod instances;
 pub mod jobs;
 pub mod model;
@@ -8,6 +11,7 @@ pub mod network;
 pub mod state;
 pub mod store;
 
+pub use ids::*;
 pub use instances::*;
 pub use jobs::*;
 pub use model::*;

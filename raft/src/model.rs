@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub type NodeId = u64;
+pub use crate::ids::NodeId;
 
 /// What openraft carries for each node in the membership config: enough to
 /// open a mutually authenticated QUIC connection to it.
@@ -118,8 +118,8 @@ pub struct ClusterState {
     pub removed_members: std::collections::BTreeSet<NodeId>,
     pub next_node_id: NodeId,
     pub instances: BTreeMap<String, crate::instances::Instance>,
-    pub jobs: BTreeMap<crate::instances::JobId, crate::jobs::Job>,
-    pub next_job_id: crate::instances::JobId,
+    pub jobs: BTreeMap<crate::ids::JobId, crate::jobs::Job>,
+    pub next_job_id: crate::ids::JobId,
     /// Results of the latest `Once` writes, oldest first, so that a write
     /// retried after its reply was lost gets its first result again.
     pub recent_requests: std::collections::VecDeque<(RequestId, CommandResult)>,
@@ -228,7 +228,7 @@ pub enum CommandResult {
     },
     /// `JobCommand::CreateMove` succeeded with this job id.
     JobCreated {
-        id: crate::instances::JobId,
+        id: crate::ids::JobId,
     },
     Rejected(Rejection),
 }

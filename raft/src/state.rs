@@ -90,102 +90,20 @@ impl ClusterState {
                 addr,
                 cert_serial,
                 now_ms,
-            } => {
-                let facts = self.members.get(id).and_then(|m| m.facts.clone());
-                self.members.insert(
-                    *id,
-                    Member {
-                        id: *id,
-                        name: name.clone(),
-                        addr: addr.clone(),
-                        state: MemberState::Online,
-                        cert_serial: cert_serial.clone(),
-                        joined_ms: *now_ms,
-                        facts,
-                    },
-                );
-                self.next_node_id = self.next_node_id.max(id.saturating_add(1));
-                Ok(CommandResult::Done)
-            }
+            } => Ok(self.add_member(*id, name, addr, cert_serial, *now_ms)),
             Command::CreateToken {
                 name,
                 secret_hash,
                 now_ms,
                 expires_ms,
-            } => {
-                if self.member_by_name(name).is_some() {
-                    return Err(Rejection::NameTaken(name.clone()));
-                }
-                if let Some(existing) = self.tokens.get(name).filter(|t| t.is_valid_at(*now_ms)) {
-                    // The same secret is the same request committed twice
-                    // (a forward retried after a lost reply): done already.
-                    if existing.secret_hash == *secret_hash {
-                        return Ok(CommandResult::Done);
-                    }
-                    return Err(Rejection::TokenExists(name.clone()));
-                }
-                self.tokens.retain(|_, t| !t.is_prunable_at(*now_ms));
-                self.tokens.insert(
-                    name.clone(),
-                    JoinToken {
-                        name: name.clone(),
-                        secret_hash: secret_hash.clone(),
-                        created_ms: *now_ms,
-                        expires_ms: *expires_ms,
-                        used: false,
-                        revoked: false,
-                    },
-                );
-                Ok(CommandResult::Done)
-            }
+            } => self.create_token(name, secret_hash, *now_ms, *expires_ms),
             Command::JoinMember {
                 name,
                 secret_hash,
                 addr,
                 cert_serial,
                 now_ms,
-            } => {
-                if self.member_by_name(name).is_some() {
-                    return Err(Rejection::NameTaken(name.clone()));
-                }
-                let token = self
-                    .tokens
-                    .get(name)
-                    .ok_or_else(|| Rejection::NoToken(name.clone()))?;
-                if token.revoked {
-                    return Err(Rejection::TokenRevoked(name.clone()));
-                }
-                if token.used {
-                    return Err(Rejection::TokenUsed(name.clone()));
-                }
-                if *now_ms >= token.expires_ms {
-                    return Err(Rejection::TokenExpired(name.clone()));
-                }
-                if token.secret_hash != *secret_hash {
-                    return Err(Rejection::TokenMismatch(name.clone()));
-                }
-                // Validated: from here on nothing fails.
-                if let Some(token) = self.tokens.get_mut(name) {
-                    token.used = true;
-                }
-                // Never the bootstrap node's id, even if this commits
-                // before the bootstrap records do.
-                let id: NodeId = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
-                self.next_node_id = id.saturating_add(1);
-                self.members.insert(
-                    id,
-                    Member {
-                        id,
-                        name: name.clone(),
-                        addr: addr.clone(),
-                        state: MemberState::Online,
-                        cert_serial: cert_serial.clone(),
-                        joined_ms: *now_ms,
-                        facts: None,
-                    },
-                );
-                Ok(CommandResult::Joined { id })
-            }
+            } => self.join_member(name, secret_hash, addr, cert_serial, *now_ms),
             Command::UpdateFacts { id, facts } => {
                 let member = self.members.get_mut(id).ok_or(Rejection::NoMember(*id))?;
                 member.facts = Some(HostFacts::clone(facts));
@@ -210,6 +128,114 @@ impl ClusterState {
             Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
             Command::Job(cmd) => Ok(self.apply_job(cmd)?),
         }
+    }
+
+    fn add_member(
+        &mut self,
+        id: NodeId,
+        name: &str,
+        addr: &str,
+        cert_serial: &str,
+        now_ms: u64,
+    ) -> CommandResult {
+        let facts = self.members.get(&id).and_then(|m| m.facts.clone());
+        self.members.insert(
+            id,
+            Member {
+                id,
+                name: name.to_string(),
+                addr: addr.to_string(),
+                state: MemberState::Online,
+                cert_serial: cert_serial.to_string(),
+                joined_ms: now_ms,
+                facts,
+            },
+        );
+        self.next_node_id = self.next_node_id.max(id.saturating_add(1));
+        CommandResult::Done
+    }
+
+    fn create_token(
+        &mut self,
+        name: &str,
+        secret_hash: &str,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<CommandResult, Rejection> {
+        if self.member_by_name(name).is_some() {
+            return Err(Rejection::NameTaken(name.to_string()));
+        }
+        if let Some(existing) = self.tokens.get(name).filter(|t| t.is_valid_at(now_ms)) {
+            // The same secret is the same request committed twice
+            // (a forward retried after a lost reply): done already.
+            if existing.secret_hash == secret_hash {
+                return Ok(CommandResult::Done);
+            }
+            return Err(Rejection::TokenExists(name.to_string()));
+        }
+        self.tokens.retain(|_, t| !t.is_prunable_at(now_ms));
+        self.tokens.insert(
+            name.to_string(),
+            JoinToken {
+                name: name.to_string(),
+                secret_hash: secret_hash.to_string(),
+                created_ms: now_ms,
+                expires_ms: expires_ms,
+                used: false,
+                revoked: false,
+            },
+        );
+        Ok(CommandResult::Done)
+    }
+
+    fn join_member(
+        &mut self,
+        name: &str,
+        secret_hash: &str,
+        addr: &str,
+        cert_serial: &str,
+        now_ms: u64,
+    ) -> Result<CommandResult, Rejection> {
+        if self.member_by_name(name).is_some() {
+            return Err(Rejection::NameTaken(name.to_string()));
+        }
+        let token = self
+            .tokens
+            .get(name)
+            .ok_or_else(|| Rejection::NoToken(name.to_string()))?;
+        if token.revoked {
+            return Err(Rejection::TokenRevoked(name.to_string()));
+        }
+        if token.used {
+            return Err(Rejection::TokenUsed(name.to_string()));
+        }
+        if now_ms >= token.expires_ms {
+            return Err(Rejection::TokenExpired(name.to_string()));
+        }
+        if token.secret_hash != secret_hash {
+            return Err(Rejection::TokenMismatch(name.to_string()));
+        }
+        // Validated: from here on nothing fails.
+        if let Some(token) = self.tokens.get_mut(name) {
+            token.used = true;
+        }
+        // Never the bootstrap node's id, even if this commits
+        // before the bootstrap records do.
+        let id: NodeId = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
+        self.next_node_id = id.saturating_add(1);
+        self.members.insert(
+            id,
+            Member {
+                id,
+                name: name.to_string(),
+                addr: addr.to_string(),
+                state: MemberState::Online,
+                cert_serial: cert_serial.to_string(),
+                joined_ms: now_ms,
+                facts: None,
+            },
+        );
+        Ok(CommandResult::Joined { id })
     }
 }
 

@@ -12,7 +12,7 @@ use openraft::{
 use tempfile::TempDir;
 
 use super::*;
-use crate::model::{ClusterConfig, Command, Rejection};
+use crate::model::{ClusterConfig, Command, CommandResult, Rejection};
 
 struct TempStoreBuilder;
 

@@ -1,0 +1,276 @@
+//! Applying instance commands to the cluster state: pure and
+//! deterministic; only the owner of the current epoch may report what runs
+//! (DESIGN.md rule 1).
+
+use crate::ids::NodeId;
+use crate::instances::*;
+use crate::model::{ClusterState, CommandResult};
+
+impl ClusterState {
+    pub(crate) fn apply_instance(
+        &mut self,
+        cmd: &InstanceCommand,
+    ) -> Result<CommandResult, InstanceRejection> {
+        match cmd {
+            InstanceCommand::Create {
+                name,
+                kind,
+                spec,
+                owner,
+                desired,
+                now_ms,
+            } => {
+                if self.instances.contains_key(name) {
+                    return Err(InstanceRejection::Exists(name.clone()));
+                }
+                self.instances.insert(
+                    name.clone(),
+                    Instance {
+                        name: name.clone(),
+                        kind: *kind,
+                        spec: spec.clone(),
+                        owner: *owner,
+                        epoch: 1,
+                        desired: *desired,
+                        observed: ObservedState::Pending,
+                        detail: None,
+                        checkpointed: false,
+                        baseline: None,
+                        snapshots: Vec::new(),
+                        created_ms: *now_ms,
+                        job: None,
+                    },
+                );
+            }
+            InstanceCommand::SetDesired { name, desired } => {
+                let instance = self.idle_instance_mut(name)?;
+                instance.desired = *desired;
+            }
+            InstanceCommand::Observe {
+                name,
+                node,
+                epoch,
+                observed,
+                detail,
+                checkpointed,
+            } => {
+                let instance = self.owned_instance_mut(name, *node, *epoch)?;
+                instance.observed = *observed;
+                instance.detail = detail.clone();
+                instance.checkpointed = *checkpointed;
+            }
+            InstanceCommand::RecordBaseline {
+                name,
+                node,
+                epoch,
+                baseline,
+            } => {
+                let instance = self.owned_instance_mut(name, *node, *epoch)?;
+                instance.baseline = Some(baseline.clone());
+            }
+            InstanceCommand::AddSnapshot { name, snapshot } => {
+                let instance = self.idle_instance_mut(name)?;
+                if instance.snapshots.iter().any(|s| s.name == snapshot.name) {
+                    return Err(InstanceRejection::SnapshotExists {
+                        name: name.clone(),
+                        snapshot: snapshot.name.clone(),
+                    });
+                }
+                instance.snapshots.push(snapshot.clone());
+            }
+            InstanceCommand::RemoveSnapshot { name, snapshot } => {
+                let instance = self.idle_instance_mut(name)?;
+                let before = instance.snapshots.len();
+                instance.snapshots.retain(|s| &s.name != snapshot);
+                if instance.snapshots.len() == before {
+                    return Err(InstanceRejection::NoSnapshot {
+                        name: name.clone(),
+                        snapshot: snapshot.clone(),
+                    });
+                }
+            }
+            InstanceCommand::Delete { name } => {
+                self.idle_instance_mut(name)?;
+                self.instances.remove(name);
+            }
+        }
+        Ok(CommandResult::Done)
+    }
+
+    fn instance_mut(&mut self, name: &str) -> Result<&mut Instance, InstanceRejection> {
+        self.instances
+            .get_mut(name)
+            .ok_or_else(|| InstanceRejection::NoInstance(name.to_string()))
+    }
+
+    /// An instance no job holds: only such may be started, stopped,
+    /// snapshotted or deleted by the user.
+    fn idle_instance_mut(&mut self, name: &str) -> Result<&mut Instance, InstanceRejection> {
+        let instance = self.instance_mut(name)?;
+        match instance.job {
+            Some(job) => Err(InstanceRejection::Busy {
+                name: name.to_string(),
+                job,
+            }),
+            None => Ok(instance),
+        }
+    }
+
+    fn owned_instance_mut(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+    ) -> Result<&mut Instance, InstanceRejection> {
+        let instance = self.instance_mut(name)?;
+        if instance.owner != node {
+            return Err(InstanceRejection::NotOwner {
+                name: name.to_string(),
+                node,
+                owner: instance.owner,
+            });
+        }
+        if instance.epoch != epoch {
+            return Err(InstanceRejection::StaleEpoch {
+                name: name.to_string(),
+                epoch,
+                current: instance.epoch,
+            });
+        }
+        Ok(instance)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Command, Rejection};
+
+    fn create(name: &str, owner: NodeId) -> Command {
+        Command::Instance(InstanceCommand::Create {
+            name: name.into(),
+            kind: InstanceKind::Container,
+            spec: InstanceSpec::default(),
+            owner,
+            desired: DesiredState::Running,
+            now_ms: 5,
+        })
+    }
+
+    fn observe(node: NodeId, epoch: u64, observed: ObservedState) -> Command {
+        Command::Instance(InstanceCommand::Observe {
+            name: "c1".into(),
+            node,
+            epoch,
+            observed,
+            detail: None,
+            checkpointed: false,
+        })
+    }
+
+    fn rejected(s: &mut ClusterState, cmd: &Command) -> InstanceRejection {
+        let before = s.clone();
+        let result = s.apply(cmd);
+        assert_eq!(*s, before, "a rejected command changed the state");
+        match result {
+            CommandResult::Rejected(Rejection::Instance(r)) => r,
+            other => panic!("expected an instance rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn created_instance_starts_at_epoch_one_pending() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&create("c1", 2)), CommandResult::Done);
+        let i = &s.instances["c1"];
+        assert_eq!(
+            (i.owner, i.epoch, i.observed),
+            (2, 1, ObservedState::Pending)
+        );
+        assert!(matches!(
+            rejected(&mut s, &create("c1", 3)),
+            InstanceRejection::Exists(_)
+        ));
+    }
+
+    #[test]
+    fn only_the_owner_at_the_current_epoch_may_report() {
+        let mut s = ClusterState::default();
+        s.apply(&create("c1", 2));
+        assert!(matches!(
+            rejected(&mut s, &observe(3, 1, ObservedState::Running)),
+            InstanceRejection::NotOwner { .. }
+        ));
+        assert!(matches!(
+            rejected(&mut s, &observe(2, 0, ObservedState::Running)),
+            InstanceRejection::StaleEpoch { .. }
+        ));
+        assert_eq!(
+            s.apply(&observe(2, 1, ObservedState::Running)),
+            CommandResult::Done
+        );
+        assert_eq!(s.instances["c1"].observed, ObservedState::Running);
+    }
+
+    #[test]
+    fn an_instance_held_by_a_job_cannot_be_changed_by_the_user() {
+        let mut s = ClusterState::default();
+        s.apply(&create("c1", 2));
+        if let Some(i) = s.instances.get_mut("c1") {
+            i.job = Some(7);
+        }
+        for cmd in [
+            InstanceCommand::Delete { name: "c1".into() },
+            InstanceCommand::SetDesired {
+                name: "c1".into(),
+                desired: DesiredState::Stopped,
+            },
+        ] {
+            assert!(matches!(
+                rejected(&mut s, &Command::Instance(cmd)),
+                InstanceRejection::Busy { job: 7, .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn snapshots_are_unique_by_name_and_removable() {
+        let mut s = ClusterState::default();
+        s.apply(&create("c1", 2));
+        let add = Command::Instance(InstanceCommand::AddSnapshot {
+            name: "c1".into(),
+            snapshot: SnapshotRecord {
+                name: "s1".into(),
+                stateful: true,
+                created_ms: 9,
+            },
+        });
+        assert_eq!(s.apply(&add), CommandResult::Done);
+        assert!(matches!(
+            rejected(&mut s, &add),
+            InstanceRejection::SnapshotExists { .. }
+        ));
+        let remove = Command::Instance(InstanceCommand::RemoveSnapshot {
+            name: "c1".into(),
+            snapshot: "s1".into(),
+        });
+        assert_eq!(s.apply(&remove), CommandResult::Done);
+        assert!(matches!(
+            rejected(&mut s, &remove),
+            InstanceRejection::NoSnapshot { .. }
+        ));
+    }
+
+    #[test]
+    fn delete_removes_the_instance() {
+        let mut s = ClusterState::default();
+        s.apply(&create("c1", 2));
+        let delete = Command::Instance(InstanceCommand::Delete { name: "c1".into() });
+        assert_eq!(s.apply(&delete), CommandResult::Done);
+        assert!(s.instances.is_empty());
+        assert!(matches!(
+            rejected(&mut s, &delete),
+            InstanceRejection::NoInstance(_)
+        ));
+    }
+}

@@ -1,0 +1,346 @@
+//! Durable Raft storage on one redb database file per agent.
+//!
+//! Tables:
+//! - `log`: index → encoded `Entry`;
+//! - `meta`: `vote`, `committed`, `last_purged_log_id`;
+//! - `sm`: `state` (encoded [`ClusterState`]), `last_applied`,
+//!   `last_membership`: always written together in one transaction;
+//! - `snapshot`: `meta`, `data` and `seq` (the counter in snapshot ids).
+//!
+//! Every write openraft relies on (append, vote, committed, truncate, purge,
+//! apply, snapshot build and install) is one redb write transaction
+//! committed with redb's default durability (fsync) before the call returns
+//! (and, for `append`, before the flush callback fires), so the store
+//! survives `kill -9` at any moment. The redb calls are blocking and run on
+//! tokio's blocking pool.
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use openraft::{LogId, StorageError, StorageIOError, StoredMembership};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{ClusterState, Node, NodeId};
+use crate::TypeConfig;
+use ferry_transport::codec;
+
+type Entry = openraft::Entry<TypeConfig>;
+type Membership = StoredMembership<NodeId, Node>;
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("sm");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_LAST_PURGED: &str = "last_purged_log_id";
+const KEY_STATE: &str = "state";
+const KEY_LAST_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "last_membership";
+const KEY_SNAP_META: &str = "meta";
+const KEY_SNAP_DATA: &str = "data";
+const KEY_SNAP_SEQ: &str = "seq";
+const KEY_FORMAT: &str = "format";
+
+/// Version of what this store writes (tables, the encoded state, snapshot
+/// data). An agent refuses a data dir or a snapshot of another version
+/// instead of misreading it; raise it with every incompatible change of
+/// `ClusterState` or the tables.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A storage failure, naming the database file and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("raft store {}: cannot open the database: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("raft store {}: {op}: {source}", .path.display())]
+    Db {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error(
+        "raft store {}: written in storage format {found}, this ferry reads format {}; \
+         run the ferry version that wrote it",
+        .path.display(),
+        FORMAT_VERSION
+    )]
+    Format { path: PathBuf, found: u32 },
+    #[error("raft store {}: {op}: {source}", .path.display())]
+    Codec {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: Box<codec::CodecError>,
+    },
+    #[error("raft store {}: {op}: the storage task failed: {message}", .path.display())]
+    Task {
+        path: PathBuf,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// The database and its file name, shared by the log store, the state
+/// machine and their readers.
+#[derive(Debug)]
+struct Db {
+    db: Database,
+    path: PathBuf,
+}
+
+/// Context for building errors inside one storage operation.
+#[derive(Clone, Copy)]
+struct Op<'a> {
+    path: &'a Path,
+    op: &'static str,
+}
+
+impl Op<'_> {
+    fn db(self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: self.path.to_path_buf(),
+            op: self.op,
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn codec(self, e: codec::CodecError) -> StoreError {
+        StoreError::Codec {
+            path: self.path.to_path_buf(),
+            op: self.op,
+            source: Box::new(e),
+        }
+    }
+
+    fn encode<T: Serialize>(self, value: &T) -> Result<Vec<u8>, StoreError> {
+        codec::encode(value).map_err(|e| self.codec(e))
+    }
+
+    fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, StoreError> {
+        codec::decode(bytes).map_err(|e| self.codec(e))
+    }
+
+    fn put<T: Serialize>(
+        self,
+        table: &mut redb::Table<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = self.encode(value)?;
+        table
+            .insert(key, bytes.as_slice())
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(
+        self,
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match table.get(key).map_err(|e| self.db(e))? {
+            Some(guard) => Ok(Some(self.decode(guard.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Db {
+    fn op(&self, op: &'static str) -> Op<'_> {
+        Op {
+            path: &self.path,
+            op,
+        }
+    }
+
+    /// One write transaction, committed durably (fsync) before returning.
+    /// An error inside `f` drops (aborts) the transaction.
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&WriteTransaction, Op<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let op = self.op(op);
+        let txn = self.db.begin_write().map_err(|e| op.db(e))?;
+        let out = f(&txn, op)?;
+        txn.commit().map_err(|e| op.db(e))?;
+        Ok(out)
+    }
+
+    fn read<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&ReadTransaction, Op<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let op = self.op(op);
+        let txn = self.db.begin_read().map_err(|e| op.db(e))?;
+        f(&txn, op)
+    }
+}
+
+/// Run a blocking storage operation on tokio's blocking pool.
+async fn blocking<T, F>(db: &Arc<Db>, op: &'static str, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+{
+    let db = Arc::clone(db);
+    let path = db.path.clone();
+    match tokio::task::spawn_blocking(move || f(&db)).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::Task {
+            path,
+            op,
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn read_logs_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read_logs(&e).into()
+}
+fn write_logs_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_logs(&e).into()
+}
+fn read_vote_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read_vote(&e).into()
+}
+fn write_vote_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_vote(&e).into()
+}
+fn write_sm_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+fn read_snapshot_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, &e).into()
+}
+fn write_snapshot_err(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+/// The applied state machine: what `sm` holds and what a snapshot carries.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    state: ClusterState,
+}
+
+impl Applied {
+    fn index(&self) -> u64 {
+        self.last_applied.map_or(0, |id| id.index)
+    }
+
+    /// Write the three `sm` keys in `txn`.
+    fn persist(&self, txn: &WriteTransaction, op: Op<'_>) -> Result<(), StoreError> {
+        let mut sm = txn.open_table(SM).map_err(|e| op.db(e))?;
+        op.put(&mut sm, KEY_STATE, &self.state)?;
+        op.put(&mut sm, KEY_LAST_APPLIED, &self.last_applied)?;
+        op.put(&mut sm, KEY_MEMBERSHIP, &self.membership)?;
+        Ok(())
+    }
+}
+
+/// Shared between the state machine, its snapshot builders and the
+/// agent's [`StateHandle`]s. The state is swapped whole, so readers see
+/// either the state before a batch or after it, never in between.
+#[derive(Debug)]
+struct Shared {
+    applied: RwLock<Arc<Applied>>,
+    tx: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Applied> {
+        Arc::clone(&self.applied.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn replace(&self, next: Arc<Applied>) {
+        let index = next.index();
+        *self.applied.write().unwrap_or_else(|e| e.into_inner()) = next;
+        self.tx.send_replace(index);
+    }
+}
+
+/// Open (or create) the store in the redb file at `path`. Blocking: call
+/// it at startup, or from `spawn_blocking`.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let database = Database::create(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    let db = Arc::new(Db {
+        db: database,
+        path: path.to_path_buf(),
+    });
+    db.write("create tables", |txn, op| {
+        txn.open_table(LOG).map_err(|e| op.db(e))?;
+        txn.open_table(META).map_err(|e| op.db(e))?;
+        txn.open_table(SM).map_err(|e| op.db(e))?;
+        txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
+        let mut meta = txn.open_table(META).map_err(|e| op.db(e))?;
+        match op.get::<u32>(&meta, KEY_FORMAT)? {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    path: op.path.to_path_buf(),
+                    found,
+                })
+            }
+            // New, or written before the version was recorded (the same
+            // format as version 1).
+            None => op.put(&mut meta, KEY_FORMAT, &FORMAT_VERSION)?,
+        }
+        Ok(())
+    })?;
+    let (applied, seq) = db.read("load the state machine", |txn, op| {
+        let sm = txn.open_table(SM).map_err(|e| op.db(e))?;
+        let applied = Applied {
+            last_applied: op.get(&sm, KEY_LAST_APPLIED)?.flatten(),
+            membership: op.get(&sm, KEY_MEMBERSHIP)?.unwrap_or_default(),
+            state: op.get(&sm, KEY_STATE)?.unwrap_or_default(),
+        };
+        let snap = txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
+        let seq: u64 = op.get(&snap, KEY_SNAP_SEQ)?.unwrap_or(0);
+        Ok((applied, seq))
+    })?;
+    let (tx, _) = watch::channel(applied.index());
+    let shared = Arc::new(Shared {
+        applied: RwLock::new(Arc::new(applied)),
+        tx,
+    });
+    Ok((
+        LogStore {
+            db: Arc::clone(&db),
+        },
+        StateMachineStore {
+            db,
+            shared,
+            snapshot_seq: Arc::new(AtomicU64::new(seq)),
+        },
+    ))
+}
+
+mod log;
+mod state_machine;
+
+pub use log::LogStore;
+pub use state_machine::{SnapshotBuilder, StateHandle, StateMachineStore};
+
+#[cfg(test)]
+mod tests;
