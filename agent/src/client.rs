@@ -8,8 +8,8 @@ use std::time::Duration;
 use ferry_transport::endpoint::{Endpoint, Expect};
 use ferry_transport::rpc::Pool;
 
+use crate::api::{ApiError, ApiReply, ApiRequest, Request, Response};
 use crate::datadir::DataDir;
-use crate::protocol::{ApiError, ApiReply, ApiRequest, Request, Response};
 
 /// Covers a write waiting out an election on the agent's side.
 const API_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,17 +1,37 @@
-//! ferry-agent: the daemon that runs on every host: identity and data dir,
-//! the request service, Raft membership upkeep and host facts.
+//! ferry-agent: the daemon that runs on every host.
+//!
+//! Layers (each module imports only its own layer or lower; features never
+//! import each other; `scripts/check-layers.sh` enforces it):
+//! - 0: `api` (wire types), `clock`, `datadir`, `facts`, `token`,
+//!   `client`, `transfer`, `driver` and `container` (host drivers), and
+//!   the pure decisions `migration::plan`, `migration::compat`,
+//!   `membership::plan`, `instances::reconcile`, `gossip::{codec,
+//!   identity, news, suspicion, handle}`;
+//! - 1: `node` (the handle, the write path, peer calls);
+//! - 2: features: `identity`, `membership`, `gossip`, `instances`,
+//!   `migration`;
+//! - top: `service` (who may ask what) and `run` (the only place that
+//!   spawns loops).
 
-pub mod agent;
+pub mod api;
 pub mod client;
-pub mod container;
+mod clock;
+mod container;
 pub mod datadir;
-pub mod facts;
-pub mod gossip;
-pub mod instances;
-pub mod membership;
-pub mod migration;
-pub mod protocol;
-pub mod service;
+pub mod driver;
+mod facts;
+mod gossip;
+mod identity;
+mod instances;
+mod membership;
+mod migration;
+mod node;
+mod run;
+mod service;
 pub mod token;
+pub mod transfer;
 
-pub use agent::{Agent, AgentError, AgentOptions};
+pub use gossip::GossipConfig;
+pub use run::{run, AgentError, AgentOptions};
+#[cfg(test)]
+mod sim;

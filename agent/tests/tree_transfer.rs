@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_agent::migration::tree::{self, Transferred};
+use ferry_agent::transfer::tree::{self, Transferred};
 use ferry_transport::endpoint::{Endpoint, Expect};
 use ferry_transport::frame::FrameError;
 use ferry_transport::pki::{new_serial, ClusterCa, Identity};

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use ferry_agent::api::instances::{InstanceDetail, InstanceOp, LaunchRequest};
+use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
-use ferry_agent::instances::{InstanceDetail, InstanceOp, LaunchRequest};
-use ferry_agent::protocol::{ApiReply, ApiRequest};
 
 use crate::output::{print_json, print_table};
 use crate::Format;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use ferry_agent::api::jobs::{JobView, MoveRequest};
+use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
-use ferry_agent::migration::api::{JobView, MoveRequest};
-use ferry_agent::protocol::{ApiReply, ApiRequest};
 use ferry_raft::{CheckResult, TransferMode};
 
 use crate::output::{print_json, print_table};
@@ -348,7 +348,7 @@ mod tests {
             "job 3: Preparing, rootfs, 0.0 MiB at 0.0 MiB/s"
         );
         std::thread::sleep(Duration::from_millis(20));
-        view.progress = Some(ferry_agent::migration::api::TransferProgress {
+        view.progress = Some(ferry_agent::api::jobs::TransferProgress {
             stage: "memory images".into(),
             bytes: 10 << 20,
         });

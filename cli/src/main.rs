@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
-use ferry_agent::protocol::{ApiReply, ApiRequest};
-use ferry_agent::{Agent, AgentOptions};
+use ferry_agent::AgentOptions;
 
 #[derive(Parser)]
 #[command(
@@ -231,7 +231,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    Agent::run(AgentOptions {
+    ferry_agent::run(AgentOptions {
         data_dir,
         listen: args.listen,
         name: args.name,
@@ -239,7 +239,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         join: args.join,
         voters: args.voters,
         snapshot_every: args.snapshot_every,
-        gossip: ferry_agent::gossip::GossipConfig {
+        gossip: ferry_agent::GossipConfig {
             probe_period: args.gossip_probe_period,
             suspicion: args.gossip_suspicion,
             ..Default::default()

@@ -1,7 +1,7 @@
 //! Human tables and JSON for the CLI, and parsing of human durations.
 
 use anyhow::Result;
-use ferry_agent::protocol::{MemberDetail, MemberView, TokenView};
+use ferry_agent::api::{MemberDetail, MemberView, TokenView};
 use serde::Serialize;
 
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cluster_tests::{wait_for, Cluster};
-use ferry_agent::protocol::{ApiRequest, Request, Response};
+use ferry_agent::api::{ApiRequest, Request, Response};
 use ferry_agent::token::JoinToken;
 use ferry_transport::endpoint::{Endpoint, Expect};
 use ferry_transport::pki::{self, ClusterCa, Credentials, Identity};

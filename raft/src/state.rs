@@ -180,7 +180,7 @@ impl ClusterState {
                 name: name.to_string(),
                 secret_hash: secret_hash.to_string(),
                 created_ms: now_ms,
-                expires_ms: expires_ms,
+                expires_ms,
                 used: false,
                 revoked: false,
             },

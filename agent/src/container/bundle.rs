@@ -42,10 +42,6 @@ impl InstanceDir {
     pub fn rootfs(&self) -> PathBuf {
         self.bundle().join("rootfs")
     }
-    /// What the instance's processes print (see `runc::Runc::console`).
-    pub fn console_log(&self) -> PathBuf {
-        self.root.join("console.log")
-    }
     pub fn runc_log(&self) -> PathBuf {
         self.root.join("runc.log")
     }
@@ -66,9 +62,6 @@ impl InstanceDir {
     }
     pub fn snapshot(&self, snap: &str) -> PathBuf {
         self.root.join("snapshots").join(snap)
-    }
-    pub fn exists(&self) -> bool {
-        self.bundle().join("config.json").exists()
     }
 }
 

@@ -1,7 +1,6 @@
-//! Container instances on runc + CRIU: the bundle on disk, the runc
-//! wrapper, and the reconciler that makes the owner's host match the
-//! replicated state.
+//! The container driver (layer 0): instances as OCI bundles run by runc,
+//! memory state through CRIU. `host::Host` implements `driver::Driver`.
 
-pub mod bundle;
-pub mod reconcile;
-pub mod runc;
+mod bundle;
+pub mod host;
+mod runc;

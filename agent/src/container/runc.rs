@@ -8,6 +8,8 @@ use std::process::Stdio;
 use serde::Deserialize;
 use tokio::process::Command;
 
+use crate::driver::ExecOutput;
+
 /// Output of `ferry exec` kept at most (per stream).
 const MAX_EXEC_OUTPUT: usize = 1 << 20;
 
@@ -57,14 +59,6 @@ fn parse_status(status: &str) -> Status {
         "paused" | "pausing" => Status::Paused,
         _ => Status::Stopped,
     }
-}
-
-/// Output of a command run inside a container.
-#[derive(Clone, Debug)]
-pub struct ExecOutput {
-    pub code: i32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
 }
 
 #[derive(Clone, Debug)]

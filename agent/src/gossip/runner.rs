@@ -13,11 +13,12 @@ use foca::{AccumulatingRuntime, Codec, Foca, Incarnation, Member, OwnedNotificat
 use rand::SeedableRng;
 
 use super::codec::GossipCodec;
+use super::handle::{lock, Gossip, GossipConfig, GossipInbox, Input, Liveness, Seen};
 use super::identity::GossipId;
 use super::news::{LoadFacts, News, NewsHandler};
 use super::suspicion::Suspicions;
-use super::{lock, Gossip, GossipConfig, GossipInbox, Input, Liveness, Seen};
-use crate::agent::{now_ms, Agent};
+use crate::clock::now_ms;
+use crate::node::Agent;
 
 type Swim = Foca<GossipId, GossipCodec, rand::rngs::StdRng, NewsHandler>;
 type Runtime = AccumulatingRuntime<GossipId>;
@@ -75,14 +76,14 @@ struct Task {
 }
 
 pub(crate) async fn run(agent: Arc<Agent>, mut inbox: GossipInbox) {
-    let gossip = agent.gossip.clone();
+    let gossip = agent.gossip().clone();
     let started_ms = now_ms();
     let me = GossipId {
-        node: agent.id,
-        addr: agent.addr,
+        node: agent.id(),
+        addr: agent.addr(),
         bump: started_ms,
     };
-    let members = agent.state.read(|s| s.members.len());
+    let members = agent.state().read(|s| s.members.len());
     let swim = Foca::with_custom_broadcast(
         me,
         foca_config(&gossip.config, members),
@@ -165,7 +166,7 @@ impl Task {
         let now = Instant::now();
         let notes = std::mem::take(&mut lock(&self.gossip.book).suspicions);
         for (by, of, incarnation) in notes {
-            if by != self.agent.id && self.is_suspect(of, incarnation) {
+            if by != self.agent.id() && self.is_suspect(of, incarnation) {
                 self.suspicions.confirm(of, incarnation, by, now);
             }
         }
@@ -207,7 +208,7 @@ impl Task {
     /// Announce ourselves to members foca has not met (new joiners, or all
     /// of them right after our start); forget members removed for good.
     fn sync_members(&mut self) {
-        let (members, removed) = self.agent.state.read(|s| {
+        let (members, removed) = self.agent.state().read(|s| {
             let members: Vec<(NodeId, String)> =
                 s.members.values().map(|m| (m.id, m.addr.clone())).collect();
             (members, s.removed_members.clone())
@@ -226,7 +227,7 @@ impl Task {
             .collect();
         let now = Instant::now();
         for (id, addr) in members {
-            if id == self.agent.id || known.contains(&id) {
+            if id == self.agent.id() || known.contains(&id) {
                 continue;
             }
             let due = self
@@ -263,8 +264,8 @@ impl Task {
         let (memory_free_bytes, load_average) = tokio::task::spawn_blocking(read_proc_load)
             .await
             .unwrap_or((0, [0.0; 3]));
-        let me = self.agent.id;
-        let running_instances = self.agent.state.read(|s| {
+        let me = self.agent.id();
+        let running_instances = self.agent.state().read(|s| {
             s.instances
                 .values()
                 .filter(|i| {
@@ -304,7 +305,7 @@ impl Task {
             };
             if let Err(e) = self
                 .agent
-                .pool
+                .pool()
                 .send_datagram(to.addr, &Expect::Node(name), data)
             {
                 tracing::trace!("gossip to {}: {e}", to.node);
@@ -342,7 +343,7 @@ impl Task {
         for node in probe_failed {
             if let Some(member) = self.current(node) {
                 let news = News::Suspect {
-                    by: self.agent.id,
+                    by: self.agent.id(),
                     of: node,
                     incarnation: member.incarnation(),
                 };

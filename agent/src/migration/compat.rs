@@ -2,7 +2,13 @@
 //! instance's processes already depend on? Pure: facts in, report out.
 //! Every failed item names what is missing.
 
-use ferry_raft::{Baseline, CheckResult, HostFacts};
+use ferry_raft::{Baseline, CheckResult, ClusterState, HostFacts};
+
+use crate::api::{ApiError, ErrorKind};
+
+fn not_found(message: String) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, message)
+}
 
 /// What the move needs of the target besides matching the baseline.
 #[derive(Clone, Debug, Default)]
@@ -174,6 +180,58 @@ fn criu_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
 /// Whether every item passed.
 pub fn passed(report: &[CheckResult]) -> bool {
     report.iter().all(|r| r.ok)
+}
+
+/// The baseline to hold a target to: the one recorded when the instance's
+/// processes started, else (never started) the source host itself.
+pub fn baseline_or_source(baseline: Option<&Baseline>, source: &HostFacts) -> Baseline {
+    baseline.cloned().unwrap_or_else(|| Baseline {
+        arch: source.arch.clone(),
+        kernel: source.kernel.clone(),
+        cpu_flags: source.cpu_flags.clone(),
+        syscalls: source.syscalls.clone(),
+        filesystems: source.filesystems.clone(),
+        criu: source.runtimes.criu.clone(),
+        ..Default::default()
+    })
+}
+
+/// The compatibility report for moving `instance` to `target`, from the
+/// replicated facts. `disk_bytes` is what the source knows the move needs.
+pub fn report(
+    s: &ClusterState,
+    instance: &str,
+    target: u64,
+    stateful: bool,
+    disk_bytes: u64,
+) -> Result<Vec<CheckResult>, ApiError> {
+    {
+        let inst = s
+            .instances
+            .get(instance)
+            .ok_or_else(|| not_found(format!("no instance named '{instance}'")))?;
+        let facts = |id: u64| {
+            s.members
+                .get(&id)
+                .and_then(|m| m.facts.clone())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!("member {id} has not reported its host facts yet; retry shortly"),
+                    )
+                })
+        };
+        let (source, target) = (facts(inst.owner)?, facts(target)?);
+        let baseline = baseline_or_source(inst.baseline.as_ref(), &source);
+        let needs = Needs {
+            stateful,
+            memory_bytes: inst.spec.memory_bytes,
+            target_free_memory_bytes: None,
+            disk_bytes,
+            target_free_disk_bytes: None,
+        };
+        Ok(check(&baseline, &source, &target, &needs))
+    }
 }
 
 #[cfg(test)]

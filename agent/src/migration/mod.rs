@@ -1,8 +1,17 @@
-//! Moving instances between members: the compatibility check, and (with
-//! the container driver) the per-phase decisions of source and target.
+//! Moving instances between members (layer 2). `plan` (what each
+//! participant does next) and `compat` (the compatibility check) are pure,
+//! layer 0; `engine` drives jobs (decide → act → report), `source` and
+//! `target` are the two halves, `serve` answers transfer channels, `jobs`
+//! the operator's job requests.
 
-pub mod api;
 pub mod compat;
 pub mod engine;
+mod error;
+pub mod jobs;
 pub mod plan;
-pub mod tree;
+mod serve;
+mod source;
+mod target;
+
+pub use engine::run;
+pub use serve::serve_transfer;

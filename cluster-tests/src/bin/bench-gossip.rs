@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cluster_tests::Cluster;
+use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
-use ferry_agent::protocol::{ApiReply, ApiRequest};
 
 const SIZES: [usize; 3] = [5, 10, 20];
 const SWEEP_PAUSE: Duration = Duration::from_millis(20);

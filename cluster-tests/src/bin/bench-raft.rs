@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cluster_tests::Cluster;
+use ferry_agent::api::ApiRequest;
 use ferry_agent::client::Client;
-use ferry_agent::protocol::ApiRequest;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

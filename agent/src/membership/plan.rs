@@ -2,7 +2,7 @@
 //! Joins and removals only change the replicated member table; the leader
 //! then turns the difference into openraft membership changes, one at a
 //! time. Planning is pure so the rules have fast tests; the leader loop in
-//! `agent.rs` carries the plan out.
+//! `membership/mod.rs` carries the plan out.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -152,6 +152,21 @@ pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
     Ok(entries)
 }
 
+/// Bytes of file content under `root` (0 if it cannot be read).
+pub fn size_of(root: &Path) -> u64 {
+    scan(root)
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| match e.kind {
+                    EntryKind::File { size } => size,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// What the receiver must fetch: entries it lacks or holds differently
 /// (kind, size, mode, owner or mtime), and the paths it must delete.
 pub fn diff(source: &[Entry], target: &[Entry]) -> (Vec<String>, Vec<String>) {
@@ -344,28 +359,7 @@ pub async fn receive_counted(
     let owned = root.to_path_buf();
     blocking(move || std::fs::create_dir_all(&owned).map_err(io("create", &owned))).await?;
     if delta {
-        let source = match read_frame::<Frame>(recv, MAX_FRAME).await? {
-            Frame::Manifest(entries) => entries,
-            other => {
-                return Err(TreeError::Protocol(format!(
-                    "expected Manifest, got {other:?}"
-                )))
-            }
-        };
-        for e in &source {
-            safe_relative(&e.path)?;
-        }
-        let owned = root.to_path_buf();
-        let want = blocking(move || {
-            let local = scan(&owned)?;
-            let (want, remove) = diff(&source, &local);
-            for path in &remove {
-                remove_any(&owned.join(safe_relative(path)?))?;
-            }
-            Ok(want)
-        })
-        .await?;
-        write_frame(send, &Frame::Want(want)).await?;
+        answer_manifest(send, recv, root).await?;
     }
     let mut total = Transferred::default();
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
@@ -389,15 +383,16 @@ pub async fn receive_counted(
         };
         let rel = safe_relative(&entry.path)?;
         let path = root.join(&rel);
+        let owned_root = root.to_path_buf();
         match entry.kind.clone() {
             EntryKind::Dir => {
-                let (owned_root, owned_path) = (root.to_path_buf(), path.clone());
+                let at = path.clone();
                 blocking(move || {
                     check_parents(&owned_root, &rel)?;
-                    if std::fs::symlink_metadata(&owned_path).is_ok_and(|m| !m.is_dir()) {
-                        remove_any(&owned_path)?;
+                    if std::fs::symlink_metadata(&at).is_ok_and(|m| !m.is_dir()) {
+                        remove_any(&at)?;
                     }
-                    std::fs::create_dir_all(&owned_path).map_err(io("mkdir", &owned_path))
+                    std::fs::create_dir_all(&at).map_err(io("mkdir", &at))
                 })
                 .await?;
                 // Directory modes and owners last: a read-only directory
@@ -405,7 +400,6 @@ pub async fn receive_counted(
                 dirs.push((path, entry));
             }
             EntryKind::Symlink { target } => {
-                let owned_root = root.to_path_buf();
                 blocking(move || {
                     check_parents(&owned_root, &rel)?;
                     remove_any(&path)?;
@@ -415,57 +409,16 @@ pub async fn receive_counted(
                 .await?;
             }
             EntryKind::File { size } => {
-                let (owned_root, owned_path) = (root.to_path_buf(), path.clone());
-                let mut file = blocking(move || {
+                let at = path.clone();
+                let file = blocking(move || {
                     check_parents(&owned_root, &rel)?;
-                    remove_any(&owned_path)?;
-                    std::fs::File::create(&owned_path).map_err(io("create", &owned_path))
+                    remove_any(&at)?;
+                    std::fs::File::create(&at).map_err(io("create", &at))
                 })
                 .await?;
-                let mut context = Context::new(&SHA256);
-                let mut received = 0u64;
-                let sent = loop {
-                    match read_frame::<Frame>(recv, MAX_FRAME).await? {
-                        Frame::Chunk(bytes) => {
-                            received += bytes.len() as u64;
-                            progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            if received > size {
-                                return Err(TreeError::Protocol(format!(
-                                    "{} is longer than the announced {size} bytes",
-                                    entry.path
-                                )));
-                            }
-                            context.update(&bytes);
-                            let at = path.clone();
-                            file = blocking(move || {
-                                file.write_all(&bytes).map_err(io("write", &at))?;
-                                Ok(file)
-                            })
-                            .await?;
-                        }
-                        Frame::FileEnd { sha256 } => break sha256,
-                        other => {
-                            return Err(TreeError::Protocol(format!(
-                                "expected Chunk, got {other:?}"
-                            )))
-                        }
-                    }
-                };
-                let got = sha256_hex(context);
-                if got != sent {
-                    return Err(TreeError::Checksum {
-                        path: entry.path.clone(),
-                        sent,
-                        received: got,
-                    });
-                }
+                let received = receive_file(recv, file, path, entry, size, progress).await?;
                 total.files += 1;
                 total.bytes += received;
-                blocking(move || {
-                    file.sync_all().map_err(io("sync", &path))?;
-                    apply_metadata(&path, &entry)
-                })
-                .await?;
             }
         }
     }
@@ -477,6 +430,93 @@ pub async fn receive_counted(
     })
     .await?;
     Ok(total)
+}
+
+/// Delta: read the sender's manifest, delete what it no longer has, and
+/// ask for what `root` lacks or holds differently.
+async fn answer_manifest(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+) -> Result<(), TreeError> {
+    let source = match read_frame::<Frame>(recv, MAX_FRAME).await? {
+        Frame::Manifest(entries) => entries,
+        other => {
+            return Err(TreeError::Protocol(format!(
+                "expected Manifest, got {other:?}"
+            )))
+        }
+    };
+    for e in &source {
+        safe_relative(&e.path)?;
+    }
+    let owned = root.to_path_buf();
+    let want = blocking(move || {
+        let local = scan(&owned)?;
+        let (want, remove) = diff(&source, &local);
+        for path in &remove {
+            remove_any(&owned.join(safe_relative(path)?))?;
+        }
+        Ok(want)
+    })
+    .await?;
+    write_frame(send, &Frame::Want(want)).await?;
+    Ok(())
+}
+
+/// One file's chunks into `file` (created at `path`), checked against the
+/// announced size and the sender's SHA-256, then synced; its byte count.
+async fn receive_file(
+    recv: &mut quinn::RecvStream,
+    mut file: std::fs::File,
+    path: PathBuf,
+    entry: Entry,
+    size: u64,
+    progress: &AtomicU64,
+) -> Result<u64, TreeError> {
+    let mut context = Context::new(&SHA256);
+    let mut received = 0u64;
+    let sent = loop {
+        match read_frame::<Frame>(recv, MAX_FRAME).await? {
+            Frame::Chunk(bytes) => {
+                received += bytes.len() as u64;
+                progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if received > size {
+                    return Err(TreeError::Protocol(format!(
+                        "{} is longer than the announced {size} bytes",
+                        entry.path
+                    )));
+                }
+                context.update(&bytes);
+                let at = path.clone();
+                file = blocking(move || {
+                    file.write_all(&bytes).map_err(io("write", &at))?;
+                    Ok(file)
+                })
+                .await?;
+            }
+            Frame::FileEnd { sha256 } => break sha256,
+            other => {
+                return Err(TreeError::Protocol(format!(
+                    "expected Chunk, got {other:?}"
+                )))
+            }
+        }
+    };
+    let got = sha256_hex(context);
+    if got != sent {
+        return Err(TreeError::Checksum {
+            path: entry.path.clone(),
+            sent,
+            received: got,
+        });
+    }
+    blocking(move || {
+        file.sync_all().map_err(io("sync", &path))?;
+        apply_metadata(&path, &entry)
+    })
+    .await?;
+    Ok(received)
 }
 
 #[cfg(test)]

@@ -1,5 +1,11 @@
 //! What agents and the CLI say to each other: one request and one response
-//! per QUIC bi-stream, framed and size-capped by ferry-transport.
+//! per QUIC bi-stream, framed and size-capped by ferry-transport. Every wire
+//! type lives here (layer 0), so the CLI and every feature share one
+//! vocabulary without importing each other.
+
+pub mod instances;
+pub mod jobs;
+pub mod transfer;
 
 use ferry_raft::network::{RaftReply, RaftRequest};
 use ferry_raft::{Command, CommandResult, HostFacts, NodeId};
@@ -18,9 +24,9 @@ pub enum Request {
     Api(ApiRequest),
     /// Opens a channel carrying an instance's rootfs to its new owner
     /// (member certificates only).
-    Upload(crate::instances::UploadRequest),
+    Upload(instances::UploadRequest),
     /// Opens a migration transfer channel (the job's target to its source).
-    Transfer(crate::migration::engine::TransferRequest),
+    Transfer(transfer::TransferRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,8 +85,8 @@ pub enum ApiRequest {
     Write(Command),
     /// Sent to a member that was removed, so it stops serving.
     Removed,
-    Move(crate::migration::api::MoveRequest),
-    Launch(crate::instances::LaunchRequest),
+    Move(jobs::MoveRequest),
+    Launch(instances::LaunchRequest),
     InstanceList,
     InstanceShow {
         name: String,
@@ -88,7 +94,7 @@ pub enum ApiRequest {
     /// An operation that needs the owner's host; forwarded to the owner.
     Instance {
         name: String,
-        op: crate::instances::InstanceOp,
+        op: instances::InstanceOp,
         /// Already forwarded once: do not forward again.
         forwarded: bool,
     },
@@ -121,11 +127,11 @@ pub enum ApiReply {
     Done,
     /// A compatibility report (`ferry move --dry-run`).
     Report(Vec<ferry_raft::CheckResult>),
-    Job(Box<crate::migration::api::JobView>),
-    Jobs(Vec<crate::migration::api::JobView>),
-    Progress(Option<crate::migration::api::TransferProgress>),
-    Instances(Vec<crate::instances::InstanceView>),
-    Instance(Box<crate::instances::InstanceDetail>),
+    Job(Box<jobs::JobView>),
+    Jobs(Vec<jobs::JobView>),
+    Progress(Option<jobs::TransferProgress>),
+    Instances(Vec<instances::InstanceView>),
+    Instance(Box<instances::InstanceDetail>),
     Exec {
         code: i32,
         #[serde(with = "serde_bytes")]
@@ -218,4 +224,14 @@ impl ApiError {
             message: message.into(),
         }
     }
+}
+
+/// A peer or member address from the wire or the state.
+pub fn parse_addr(text: &str) -> Result<std::net::SocketAddr, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::new(
+            ErrorKind::BadRequest,
+            format!("'{text}' is not an IP:port address"),
+        )
+    })
 }

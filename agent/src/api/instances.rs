@@ -1,0 +1,57 @@
+//! Instance requests and views exchanged by the CLI and agents.
+
+use ferry_raft::{Baseline, SnapshotRecord};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    pub name: String,
+    /// A directory or tar archive on the host of the agent that receives
+    /// the request (the CLI's host).
+    pub rootfs: String,
+    pub target: Option<String>,
+    pub memory_bytes: Option<u64>,
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadRequest {
+    pub name: String,
+    pub command: Vec<String>,
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum InstanceOp {
+    Start,
+    Stop { stateful: bool, force: bool },
+    Delete { force: bool },
+    Exec { argv: Vec<String> },
+    SnapshotCreate { snapshot: String, stateful: bool },
+    SnapshotRestore { snapshot: String },
+    SnapshotDelete { snapshot: String },
+}
+
+/// `ferry list --format json` (CLI.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub name: String,
+    pub kind: String,
+    pub node: String,
+    pub state: String,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceDetail {
+    pub view: InstanceView,
+    pub desired: String,
+    pub detail: Option<String>,
+    pub checkpointed: bool,
+    pub command: Vec<String>,
+    pub memory_bytes: Option<u64>,
+    pub rootfs_source: String,
+    pub baseline: Option<Baseline>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub job: Option<u64>,
+}

@@ -1,0 +1,50 @@
+//! Job requests and views: `ferry move` and `ferry job ...`.
+
+use ferry_raft::{CheckResult, JobId, TransferMode};
+use serde::{Deserialize, Serialize};
+
+/// What `ferry move` asks for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveRequest {
+    pub instance: String,
+    pub target: String,
+    /// None: stateful if the instance runs, else stateless.
+    pub stateful: Option<bool>,
+    pub mode: TransferMode,
+    pub precopy_iterations: u32,
+    pub precopy_goal_percent: u8,
+    pub dry_run: bool,
+}
+
+/// A job as `ferry job show --format json` prints it (CLI.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: JobId,
+    pub kind: String,
+    pub instance: String,
+    pub source: String,
+    pub target: String,
+    pub phase: String,
+    pub done: bool,
+    pub succeeded: bool,
+    pub stateful: bool,
+    pub error: Option<String>,
+    pub report: Vec<CheckResult>,
+    pub notes: Vec<String>,
+    pub abort_requested: bool,
+    pub created_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub bytes: Option<u64>,
+    pub iterations: Option<u32>,
+    /// While the transfer runs: what is being sent and the bytes so far.
+    pub progress: Option<TransferProgress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferProgress {
+    /// "rootfs", "memory images" or "rootfs delta".
+    pub stage: String,
+    /// File bytes received so far, all stages together.
+    pub bytes: u64,
+}

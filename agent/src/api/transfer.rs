@@ -1,0 +1,39 @@
+//! What travels on a migration's transfer channels besides the trees.
+
+use ferry_raft::JobId;
+use serde::{Deserialize, Serialize};
+
+/// What a transfer channel carries. Pull: the target opens it and asks the
+/// source. Push: the source opens it and sends to the target, which answers
+/// with a [`PushAck`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TransferPart {
+    /// The rootfs in full, while the instance runs.
+    Rootfs,
+    /// Freeze, dump, then send the images and the rootfs delta.
+    Final,
+    /// Push: the rootfs in full follows.
+    PushRootfs,
+    /// Push: the freeze header, images and rootfs delta follow.
+    PushFinal,
+}
+
+/// The target's answer at the end of a pushed part.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PushAck {
+    Received,
+    Failed(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferRequest {
+    pub job: JobId,
+    pub part: TransferPart,
+}
+
+/// The source's first answer on a `Final` channel.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FinalHeader {
+    Frozen { note: Option<String> },
+    Refused(String),
+}

@@ -1,0 +1,480 @@
+//! The runc + CRIU driver: one agent's containers, each an OCI bundle
+//! under `<data-dir>/instances/<name>`, run by runc with this agent's own
+//! state root and cgroup parent; memory state through CRIU (runc drives
+//! it).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_raft::{HostFacts, InstanceSpec};
+
+use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
+use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
+use crate::driver::{Driver, DriverError, ExecOutput, RunState, Status};
+
+impl From<RuncError> for DriverError {
+    fn from(e: RuncError) -> Self {
+        DriverError::Runtime(e.to_string())
+    }
+}
+
+impl From<BundleError> for DriverError {
+    fn from(e: BundleError) -> Self {
+        DriverError::Runtime(e.to_string())
+    }
+}
+
+/// The cgroup parent of an agent's containers: unique per agent on a
+/// host (names repeat across clusters sharing a host; data dirs do not),
+/// so one agent freezing its container can never freeze another's.
+fn cgroup_parent(data_dir: &Path, node_name: &str) -> String {
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = ferry_transport::pki::sha256_hex(dir.to_string_lossy().as_bytes());
+    format!("ferry-{node_name}-{}", &digest[..8])
+}
+
+fn file_error(what: &'static str, path: &Path, source: std::io::Error) -> DriverError {
+    DriverError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn create_dirs(dirs: &[PathBuf]) -> Result<(), RuncError> {
+    for d in dirs {
+        tokio::fs::create_dir_all(d)
+            .await
+            .map_err(|source| RuncError::File {
+                path: d.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The container side of one agent.
+pub struct Host {
+    runc: Runc,
+    data_dir: PathBuf,
+    cgroup_parent: String,
+}
+
+impl Host {
+    pub fn new(data_dir: &Path, node_name: &str) -> Self {
+        Host {
+            runc: Runc::new(data_dir.join("runc")),
+            data_dir: data_dir.to_path_buf(),
+            cgroup_parent: cgroup_parent(data_dir, node_name),
+        }
+    }
+
+    fn dir(&self, name: &str) -> InstanceDir {
+        InstanceDir::new(&self.data_dir, name)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.data_dir.join("runc.log")
+    }
+
+    async fn state(&self, name: &str) -> Result<Option<ContainerState>, RuncError> {
+        tokio::fs::create_dir_all(self.data_dir.join("runc"))
+            .await
+            .ok();
+        self.runc.state(name, &self.log()).await
+    }
+
+    /// Remove runc's record of an exited container so the id can run again.
+    async fn forget_exited(&self, name: &str) -> Result<(), RuncError> {
+        if let Some(state) = self.state(name).await? {
+            if state.status == RuncStatus::Stopped {
+                self.runc
+                    .delete(name, true, &self.dir(name).runc_log())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_config(
+        &self,
+        name: &str,
+        spec: &InstanceSpec,
+        held: bool,
+    ) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let criu_config = dir.migration().join("criu-held.conf");
+        if held {
+            let staging = dir.migration();
+            tokio::fs::create_dir_all(&staging)
+                .await
+                .map_err(|e| file_error("cannot create", &staging, e))?;
+            tokio::fs::write(&criu_config, "leave-stopped\n")
+                .await
+                .map_err(|e| file_error("cannot write", &criu_config, e))?;
+        }
+        bundle::write_config(
+            &dir,
+            &BundleConfig {
+                name,
+                command: &spec.command,
+                memory_bytes: spec.memory_bytes,
+                cgroup_parent: &self.cgroup_parent,
+                criu_config: held.then_some(criu_config.as_path()),
+            },
+        )?;
+        Ok(())
+    }
+
+    async fn start_container(&self, name: &str) -> Result<(), RuncError> {
+        self.forget_exited(name).await?;
+        let dir = self.dir(name);
+        self.runc
+            .run_detached(name, &dir.bundle(), &dir.runc_log())
+            .await
+    }
+
+    async fn restore_checkpoint(&self, name: &str) -> Result<(), RuncError> {
+        self.forget_exited(name).await?;
+        let dir = self.dir(name);
+        let _ = tokio::fs::create_dir_all(dir.criu_work()).await;
+        self.runc
+            .restore(
+                name,
+                &dir.bundle(),
+                &dir.checkpoint(),
+                &dir.criu_work(),
+                &dir.runc_log(),
+            )
+            .await
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period (at once with `force`),
+    /// then forget the container. The rootfs stays.
+    async fn stop_container(&self, name: &str, force: bool) -> Result<(), RuncError> {
+        let log = self.dir(name).runc_log();
+        let Some(state) = self.state(name).await? else {
+            return Ok(());
+        };
+        if state.status == RuncStatus::Paused {
+            self.runc.resume(name, &log).await?;
+        }
+        if !force {
+            let _ = self.runc.kill(name, "TERM", &log).await;
+            for _ in 0..50 {
+                match self.state(name).await? {
+                    Some(s) if s.status != RuncStatus::Stopped => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.runc.delete(name, true, &log).await
+    }
+}
+
+#[async_trait]
+impl Driver for Host {
+    async fn status(&self, name: &str) -> Result<Option<Status>, DriverError> {
+        Ok(self.state(name).await?.map(|s| Status {
+            state: match s.status {
+                RuncStatus::Running => RunState::Running,
+                RuncStatus::Paused => RunState::Paused,
+                RuncStatus::Stopped => RunState::Stopped,
+            },
+            pid: s.pid,
+        }))
+    }
+
+    fn has_files(&self, name: &str) -> bool {
+        self.dir(name).root().exists()
+    }
+
+    fn is_held(&self, name: &str) -> bool {
+        self.dir(name).held_marker().exists()
+    }
+
+    fn rootfs(&self, name: &str) -> PathBuf {
+        self.dir(name).rootfs()
+    }
+
+    fn images(&self, name: &str) -> PathBuf {
+        self.dir(name).migration().join("images")
+    }
+
+    fn staging(&self, name: &str) -> PathBuf {
+        self.dir(name).migration()
+    }
+
+    async fn import_rootfs(&self, name: &str, source: &Path) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let _ = tokio::fs::remove_dir_all(dir.root()).await;
+        self.stage_rootfs(source, &dir.rootfs()).await
+    }
+
+    async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {
+        let (source, dest) = (source.to_path_buf(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || bundle::import_rootfs(&source, &dest))
+            .await
+            .map_err(|e| DriverError::Runtime(e.to_string()))?
+            .map_err(|e| DriverError::BadInput(e.to_string()))
+    }
+
+    async fn configure(
+        &self,
+        name: &str,
+        spec: &InstanceSpec,
+        held: bool,
+    ) -> Result<(), DriverError> {
+        self.write_config(name, spec, held).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), DriverError> {
+        Ok(self.start_container(name).await?)
+    }
+
+    async fn restore(&self, name: &str) -> Result<(), DriverError> {
+        Ok(self.restore_checkpoint(name).await?)
+    }
+
+    async fn stop(&self, name: &str, force: bool) -> Result<(), DriverError> {
+        Ok(self.stop_container(name, force).await?)
+    }
+
+    /// CRIU dumps the processes into the checkpoint dir and they end.
+    async fn checkpoint_stop(&self, name: &str) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
+        create_dirs(&[dir.checkpoint(), dir.criu_work()]).await?;
+        self.runc
+            .checkpoint(
+                name,
+                &dir.checkpoint(),
+                &dir.criu_work(),
+                false,
+                &dir.runc_log(),
+            )
+            .await?;
+        Ok(self.forget_exited(name).await?)
+    }
+
+    async fn discard_checkpoint(&self, name: &str) {
+        let _ = tokio::fs::remove_dir_all(self.dir(name).checkpoint()).await;
+    }
+
+    /// Taken while the instance is paused; it runs on afterwards.
+    async fn snapshot(&self, name: &str, snap: &str, stateful: bool) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let target = dir.snapshot(snap);
+        let log = dir.runc_log();
+        let running = matches!(
+            self.state(name).await?.map(|s| s.status),
+            Some(RuncStatus::Running)
+        );
+        if running {
+            self.runc.pause(name, &log).await?;
+        }
+        let result = async {
+            if stateful {
+                let images = target.join("checkpoint");
+                create_dirs(&[images.clone(), dir.criu_work()]).await?;
+                self.runc
+                    .checkpoint(name, &images, &dir.criu_work(), true, &log)
+                    .await?;
+            }
+            copy_dir(dir.rootfs(), target.join("rootfs")).await
+        }
+        .await;
+        if running {
+            self.runc.resume(name, &log).await?;
+        }
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&target).await;
+        }
+        Ok(result?)
+    }
+
+    /// The current processes end first.
+    async fn restore_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        stateful: bool,
+    ) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let source = dir.snapshot(snap);
+        self.stop_container(name, true).await?;
+        copy_dir(source.join("rootfs"), dir.rootfs()).await?;
+        if stateful {
+            copy_dir(source.join("checkpoint"), dir.checkpoint()).await?;
+            Ok(self.restore_checkpoint(name).await?)
+        } else {
+            let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
+            Ok(self.start_container(name).await?)
+        }
+    }
+
+    async fn reset_to_snapshot(&self, name: &str, snap: &str) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        Ok(copy_dir(dir.snapshot(snap).join("rootfs"), dir.rootfs()).await?)
+    }
+
+    async fn delete_snapshot(&self, name: &str, snap: &str) {
+        let _ = tokio::fs::remove_dir_all(self.dir(name).snapshot(snap)).await;
+    }
+
+    async fn freeze(&self, name: &str) -> Result<(), DriverError> {
+        Ok(self.runc.pause(name, &self.dir(name).runc_log()).await?)
+    }
+
+    async fn thaw(&self, name: &str) -> Result<(), DriverError> {
+        Ok(self.runc.resume(name, &self.dir(name).runc_log()).await?)
+    }
+
+    /// `runc checkpoint --leave-running` of the paused container: it stays
+    /// paused (never killed).
+    async fn dump_frozen(&self, name: &str) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let images = self.images(name);
+        let work = dir.migration().join("work");
+        for d in [&images, &work] {
+            let _ = tokio::fs::remove_dir_all(d).await;
+        }
+        create_dirs(&[images.clone(), work.clone()]).await?;
+        Ok(self
+            .runc
+            .checkpoint(name, &images, &work, true, &dir.runc_log())
+            .await?)
+    }
+
+    /// The bundle's config names a CRIU config with `leave-stopped`.
+    async fn restore_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        self.write_config(name, spec, true).await?;
+        // Marked before the restore: a copy that exists here is held until
+        // the marker goes after the thaw.
+        let marker = dir.held_marker();
+        tokio::fs::write(&marker, b"")
+            .await
+            .map_err(|e| file_error("cannot write", &marker, e))?;
+        self.forget_exited(name).await?;
+        let work = dir.migration().join("restore-work");
+        let _ = tokio::fs::create_dir_all(&work).await;
+        Ok(self
+            .runc
+            .restore(
+                name,
+                &dir.bundle(),
+                &self.images(name),
+                &work,
+                &dir.runc_log(),
+            )
+            .await?)
+    }
+
+    /// SIGCONT to every task of the held container.
+    async fn release_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        for pid in self.runc.pids(name, &dir.runc_log()).await? {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status()
+                .await;
+        }
+        // Later restores of this instance must not come back held.
+        self.write_config(name, spec, false).await?;
+        let _ = tokio::fs::remove_file(dir.held_marker()).await;
+        let _ = tokio::fs::remove_dir_all(dir.migration()).await;
+        Ok(())
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), DriverError> {
+        let log = self.dir(name).runc_log();
+        if let Some(state) = self.state(name).await? {
+            if state.status == RuncStatus::Paused {
+                // Queue SIGKILL while frozen: when delete thaws the tasks
+                // they die before running another instruction.
+                let _ = self.runc.kill(name, "KILL", &log).await;
+            }
+            self.runc.delete(name, true, &log).await?;
+        }
+        let _ = tokio::fs::remove_dir_all(self.dir(name).root()).await;
+        Ok(())
+    }
+
+    async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, DriverError> {
+        Ok(self
+            .runc
+            .exec(name, argv, &self.dir(name).runc_log())
+            .await?)
+    }
+
+    async fn mounted_filesystems(&self, pid: u32) -> Vec<String> {
+        tokio::task::spawn_blocking(move || mounted_types(pid))
+            .await
+            .unwrap_or_default()
+    }
+
+    fn stateful_unavailable(&self, facts: Option<&HostFacts>) -> Option<(String, String)> {
+        let usable = facts.is_some_and(|f| f.runtimes.criu.is_some() && f.runtimes.criu_check);
+        (!usable).then(|| {
+            (
+                "CRIU is missing or 'criu check' fails".to_string(),
+                "Install CRIU >= 4 (scripts/install-deps.sh)".to_string(),
+            )
+        })
+    }
+
+    async fn precopy_unavailable(&self) -> Option<String> {
+        let tracked = tokio::process::Command::new("criu")
+            .args(["check", "--feature", "mem_dirty_track"])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success());
+        (!tracked).then(|| {
+            "this kernel does not track dirty memory ('criu check --feature mem_dirty_track' fails)"
+                .to_string()
+        })
+    }
+}
+
+async fn copy_dir(source: PathBuf, dest: PathBuf) -> Result<(), RuncError> {
+    let at = dest.clone();
+    tokio::task::spawn_blocking(move || super::bundle::copy_tree(&source, &dest))
+        .await
+        .map_err(|e| RuncError::File {
+            path: at.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|e| RuncError::File {
+            path: at,
+            source: std::io::Error::other(e.to_string()),
+        })
+}
+
+/// Filesystem types mounted inside the container whose init is `pid`.
+pub fn mounted_types(pid: u32) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap_or_default();
+    let mut types: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    types.sort();
+    types.dedup();
+    types
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_with_the_same_name_get_different_cgroups() {
+        let a = cgroup_parent(Path::new("/tmp/cluster-a/n2"), "n2");
+        let b = cgroup_parent(Path::new("/tmp/cluster-b/n2"), "n2");
+        assert_ne!(a, b);
+        assert!(a.starts_with("ferry-n2-"));
+    }
+}

@@ -1,0 +1,155 @@
+//! What the migration engine, the reconciler and the instance operations
+//! need from a host runtime, whatever the instance kind (layer 0). The
+//! runc + CRIU driver (`container::host::Host`) is the first
+//! implementation; QEMU VMs will be the second. Nothing above this trait
+//! names a runtime.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use ferry_raft::{HostFacts, InstanceSpec};
+
+use crate::migration::plan::LocalCopy;
+
+/// What the runtime reports of an instance it knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// Frozen in place (every task stopped by the runtime).
+    Paused,
+    /// Known to the runtime but not running.
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub state: RunState,
+    /// The instance's first process on this host.
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ExecOutput {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A runtime's failure, in the runtime's own words.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The runtime failed or refused.
+    #[error("{0}")]
+    Runtime(String),
+    /// What the user gave (a rootfs, an argument) cannot be used.
+    #[error("{0}")]
+    BadInput(String),
+    /// A file of the instance on this host.
+    #[error("{what} {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Every operation takes the instance's name; the caller holds the
+/// instance's host lock (`node::locks`) around each change.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// The runtime's view of `name`; `None` when it knows no such instance.
+    async fn status(&self, name: &str) -> Result<Option<Status>, DriverError>;
+    /// Whether this host holds any file of `name`.
+    fn has_files(&self, name: &str) -> bool;
+    /// Whether a copy restored for a move is held here (its tasks stay
+    /// stopped until [`Driver::release_held`]).
+    fn is_held(&self, name: &str) -> bool;
+    /// Where `name`'s root filesystem lives here (what a move sends).
+    fn rootfs(&self, name: &str) -> PathBuf;
+    /// Where a move's final memory images of `name` live here.
+    fn images(&self, name: &str) -> PathBuf;
+    /// A move's staging area of `name` (images, restore configs).
+    fn staging(&self, name: &str) -> PathBuf;
+
+    /// Replace `name`'s files with the rootfs at `source` (a directory or
+    /// a tar archive).
+    async fn import_rootfs(&self, name: &str, source: &Path) -> Result<(), DriverError>;
+    /// Unpack the rootfs at `source` (a directory or a tar archive) into
+    /// `dest`, owners and modes kept, to send it elsewhere.
+    async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError>;
+    /// Write the runtime's config for `spec`; with `held`, a restore leaves
+    /// every task stopped.
+    async fn configure(
+        &self,
+        name: &str,
+        spec: &InstanceSpec,
+        held: bool,
+    ) -> Result<(), DriverError>;
+    /// Run the instance's command afresh.
+    async fn start(&self, name: &str) -> Result<(), DriverError>;
+    /// Bring back the memory state of a stateful stop.
+    async fn restore(&self, name: &str) -> Result<(), DriverError>;
+    /// End the processes (at once with `force`); files stay.
+    async fn stop(&self, name: &str, force: bool) -> Result<(), DriverError>;
+    /// Save memory state, then end the processes; on failure they run on.
+    async fn checkpoint_stop(&self, name: &str) -> Result<(), DriverError>;
+    /// Forget the memory state of an earlier stateful stop.
+    async fn discard_checkpoint(&self, name: &str);
+    /// A consistent copy of the files (and, `stateful`, of memory).
+    async fn snapshot(&self, name: &str, snap: &str, stateful: bool) -> Result<(), DriverError>;
+    /// Back to a snapshot, running again.
+    async fn restore_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        stateful: bool,
+    ) -> Result<(), DriverError>;
+    /// Put a snapshot's files back without starting anything.
+    async fn reset_to_snapshot(&self, name: &str, snap: &str) -> Result<(), DriverError>;
+    async fn delete_snapshot(&self, name: &str, snap: &str);
+    /// Stop every task where it is (never a kill).
+    async fn freeze(&self, name: &str) -> Result<(), DriverError>;
+    /// Undo [`Driver::freeze`].
+    async fn thaw(&self, name: &str) -> Result<(), DriverError>;
+    /// Final dump of a frozen instance into [`Driver::images`]; it stays
+    /// frozen, so a rollback can thaw it.
+    async fn dump_frozen(&self, name: &str) -> Result<(), DriverError>;
+    /// Restore from [`Driver::images`] with every task held stopped; marked
+    /// held before it starts.
+    async fn restore_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError>;
+    /// Let a held copy run; later restores are not held, the staging goes.
+    async fn release_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError>;
+    /// End the processes (a frozen copy dies without running again) and
+    /// delete every file of `name`.
+    async fn remove(&self, name: &str) -> Result<(), DriverError>;
+    async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, DriverError>;
+    /// Filesystem types mounted inside the instance whose first process is
+    /// `pid` (part of its baseline).
+    async fn mounted_filesystems(&self, pid: u32) -> Vec<String>;
+    /// Why this host cannot save memory state, from its facts, and what to
+    /// do about it (`None`: it can).
+    fn stateful_unavailable(&self, facts: Option<&HostFacts>) -> Option<(String, String)>;
+    /// Why memory pre-copy cannot run here (`None`: it could).
+    async fn precopy_unavailable(&self) -> Option<String>;
+}
+
+/// What this host holds of `name`, for the migration plan.
+pub async fn local_copy(driver: &dyn Driver, name: &str) -> LocalCopy {
+    match driver.status(name).await.ok().flatten().map(|s| s.state) {
+        Some(RunState::Paused) => LocalCopy::Frozen,
+        Some(RunState::Running) if driver.is_held(name) => LocalCopy::Frozen,
+        Some(RunState::Running) => LocalCopy::Running,
+        Some(RunState::Stopped) => LocalCopy::Stopped,
+        None if driver.has_files(name) => LocalCopy::Stopped,
+        None => LocalCopy::Absent,
+    }
+}
+
+/// Whether the runtime reports `name` running or frozen.
+pub async fn is_up(driver: &dyn Driver, name: &str) -> Result<bool, DriverError> {
+    Ok(matches!(
+        driver.status(name).await?.map(|s| s.state),
+        Some(RunState::Running | RunState::Paused)
+    ))
+}

@@ -1,0 +1,323 @@
+//! Who this agent is (layer 2): its identity from the data dir, or a new
+//! cluster (bootstrap), or a join by token; and the member side of a join
+//! (checking the token in apply, signing the joiner's certificate).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferry_raft::{ClusterConfig, Command, CommandResult, NodeId};
+use ferry_transport::endpoint::{Endpoint, Expect};
+use ferry_transport::pki::{self, ClusterCa, Credentials, Identity};
+use ferry_transport::rpc::Pool;
+
+use crate::api::{parse_addr, ApiError, ErrorKind, JoinAccepted, JoinRequest, Request, Response};
+use crate::clock::now_ms;
+use crate::datadir::{DataDir, DataDirError, NodeConfig};
+use crate::node::write::WRITE_DEADLINE;
+use crate::node::{commit, Agent};
+use crate::token::{JoinToken, TokenError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("join failed: {0}")]
+    Join(String),
+    #[error("certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("cannot serve on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+}
+
+/// What the command line says about identity.
+#[derive(Clone, Debug)]
+pub struct IdentityOptions {
+    pub name: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    pub voters: u8,
+}
+
+/// This member's config (made now on a first start) and the members the
+/// join answer named.
+pub async fn establish(
+    dir: &DataDir,
+    opts: &IdentityOptions,
+) -> Result<(NodeConfig, Vec<(NodeId, String)>), IdentityError> {
+    let mut seeds = Vec::new();
+    let config = match dir.node_config()? {
+        Some(config) => {
+            if opts.join.is_some() {
+                tracing::warn!("data dir already holds a member; ignoring --join");
+            }
+            config
+        }
+        None if opts.bootstrap => bootstrap_identity(dir, opts).await?,
+        None => match &opts.join {
+            Some(token) => {
+                let (config, members) = join_identity(dir, opts, token).await?;
+                seeds = members;
+                config
+            }
+            None => {
+                return Err(IdentityError::Usage(format!(
+                    "{} holds no cluster member; start with --bootstrap to create a cluster or --join TOKEN to join one",
+                    dir.root().display()
+                )))
+            }
+        },
+    };
+    if let Some(name) = &opts.name {
+        if name != &config.name {
+            return Err(IdentityError::Usage(format!(
+                "{} belongs to member '{}', not '{name}'",
+                dir.root().display(),
+                config.name
+            )));
+        }
+    }
+    Ok((config, seeds))
+}
+
+/// Pick a port now when asked for port 0, because a joiner must tell the
+/// cluster its address before it can serve with the certificate it gets.
+fn concrete_addr(listen: SocketAddr) -> Result<SocketAddr, IdentityError> {
+    let bind_error = |e: std::io::Error| IdentityError::Bind {
+        addr: listen,
+        reason: e.to_string(),
+    };
+    if listen.port() != 0 {
+        return Ok(listen);
+    }
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+    socket.local_addr().map_err(bind_error)
+}
+
+fn client_bind_for(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Usage(e.to_string())
+}
+
+async fn bootstrap_identity(
+    dir: &DataDir,
+    opts: &IdentityOptions,
+) -> Result<NodeConfig, IdentityError> {
+    let name = opts
+        .name
+        .clone()
+        .ok_or_else(|| usage("--bootstrap needs --name NAME"))?;
+    pki::validate_node_name(&name).map_err(usage)?;
+    let listen = opts
+        .listen
+        .ok_or_else(|| usage("--bootstrap needs --listen ADDR"))?;
+    let addr = concrete_addr(listen)?;
+    let ca = ClusterCa::generate()?;
+    let cert_serial = pki::new_serial();
+    let node = ca.issue(&Identity::Node(name.clone()), &cert_serial)?;
+    dir.create()?;
+    dir.save_ca(&ca)?;
+    dir.save_credentials("node", &node)?;
+    let config = NodeConfig {
+        id: ferry_raft::state::BOOTSTRAP_NODE_ID,
+        name,
+        addr: addr.to_string(),
+        bootstrap: true,
+        voters: opts.voters,
+        cert_serial,
+    };
+    dir.save_node_config(&config)?;
+    Ok(config)
+}
+
+async fn join_identity(
+    dir: &DataDir,
+    opts: &IdentityOptions,
+    token_text: &str,
+) -> Result<(NodeConfig, Vec<(NodeId, String)>), IdentityError> {
+    let token = JoinToken::decode(token_text)?;
+    let name = opts.name.clone().unwrap_or_else(|| token.name.clone());
+    if name != token.name {
+        return Err(IdentityError::Usage(format!(
+            "this join token is for member '{}', not '{name}'; start with --name {}",
+            token.name, token.name
+        )));
+    }
+    pki::validate_node_name(&name).map_err(usage)?;
+    let listen = opts
+        .listen
+        .ok_or_else(|| usage("--join needs --listen ADDR"))?;
+    let addr = concrete_addr(listen)?;
+    let (csr_pem, key_pem) = pki::generate_csr(&Identity::Node(name.clone()))?;
+    let request = Request::Join(JoinRequest {
+        name: name.clone(),
+        secret: token.secret.clone(),
+        addr: addr.to_string(),
+        csr_pem,
+    });
+    let endpoint = Endpoint::client(client_bind_for(addr), None)
+        .map_err(|e| IdentityError::Join(e.to_string()))?;
+    let pool = Pool::new(endpoint);
+    let expect = Expect::CaFingerprint(token.ca_fingerprint.clone());
+    let mut last_error = String::from("the token names no member address");
+    for member in &token.addrs {
+        let Ok(member_addr) = member.parse::<SocketAddr>() else {
+            last_error = format!("bad member address '{member}' in token");
+            continue;
+        };
+        match pool
+            .call::<Request, Response>(member_addr, &expect, &request, WRITE_DEADLINE)
+            .await
+        {
+            Ok(Response::Joined(accepted)) => {
+                let joined = Joined {
+                    name,
+                    addr,
+                    key_pem,
+                    voters: opts.voters,
+                };
+                let result = save_joined(dir, &token, joined, accepted);
+                pool.endpoint().close();
+                return result;
+            }
+            Ok(Response::Error(e)) => return Err(IdentityError::Join(e.message)),
+            Ok(_) => last_error = format!("{member} answered with an unexpected reply"),
+            Err(e) => last_error = format!("{member}: {e}"),
+        }
+    }
+    Err(IdentityError::Join(last_error))
+}
+
+/// What the joiner knows of itself when the cluster accepts it.
+struct Joined {
+    name: String,
+    addr: SocketAddr,
+    key_pem: String,
+    voters: u8,
+}
+
+fn save_joined(
+    dir: &DataDir,
+    token: &JoinToken,
+    joined: Joined,
+    accepted: JoinAccepted,
+) -> Result<(NodeConfig, Vec<(NodeId, String)>), IdentityError> {
+    let ca = ClusterCa::from_pem(&accepted.ca_pem, &accepted.ca_key_pem)?;
+    if ca.fingerprint() != token.ca_fingerprint {
+        return Err(IdentityError::Join(
+            "the cluster sent a CA that does not match the token".into(),
+        ));
+    }
+    dir.create()?;
+    dir.save_ca(&ca)?;
+    dir.save_credentials(
+        "node",
+        &Credentials {
+            cert_pem: accepted.cert_pem,
+            key_pem: joined.key_pem,
+            ca_pem: accepted.ca_pem,
+        },
+    )?;
+    let config = NodeConfig {
+        id: accepted.id,
+        name: joined.name,
+        addr: joined.addr.to_string(),
+        bootstrap: false,
+        voters: joined.voters,
+        cert_serial: accepted.cert_serial,
+    };
+    dir.save_node_config(&config)?;
+    Ok((config, accepted.members))
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::BadRequest, message)
+}
+
+/// A member's side of a join: the token is checked in apply (single use,
+/// expiry, revocation, bound name); the certificate goes out only once
+/// `JoinMember` committed.
+pub async fn handle_join(agent: &Agent, join: JoinRequest) -> Result<JoinAccepted, ApiError> {
+    pki::validate_node_name(&join.name).map_err(|e| bad_request(e.to_string()))?;
+    parse_addr(&join.addr)?;
+    let serial = pki::new_serial();
+    // Signing has no side effect; the certificate is handed out only once
+    // the token is consumed.
+    let cert_pem = agent
+        .ca()
+        .sign_csr(&join.csr_pem, &Identity::Node(join.name.clone()), &serial)
+        .map_err(|e| bad_request(format!("bad certificate request: {e}")))?;
+    let result = commit(
+        agent,
+        Command::JoinMember {
+            name: join.name.clone(),
+            secret_hash: pki::sha256_hex(join.secret.as_bytes()),
+            addr: join.addr.clone(),
+            cert_serial: serial.clone(),
+            now_ms: now_ms(),
+        },
+    )
+    .await;
+    let id = match result {
+        Ok(CommandResult::Joined { id }) => id,
+        Ok(_) => return Err(ApiError::new(ErrorKind::Internal, "join was not recorded")),
+        Err(e) => {
+            tracing::warn!(name = %join.name, "refused join: {e}");
+            return Err(e);
+        }
+    };
+    tracing::info!(name = %join.name, id, "member joined");
+    Ok(JoinAccepted {
+        id,
+        cert_pem,
+        cert_serial: serial,
+        ca_pem: agent.ca().cert_pem().to_string(),
+        ca_key_pem: agent.ca().key_pem().to_string(),
+        members: agent
+            .state()
+            .read(|s| s.members.values().map(|m| (m.id, m.name.clone())).collect()),
+    })
+}
+
+/// The bootstrap node records the cluster config and itself; repeated
+/// until committed, and harmless when already done.
+pub async fn ensure_bootstrap_records(agent: Arc<Agent>, serial: String) {
+    loop {
+        let (initialised, recorded) = agent
+            .state()
+            .read(|s| (s.config.voters != 0, s.members.contains_key(&agent.id())));
+        if initialised && recorded {
+            return;
+        }
+        let command = if !initialised {
+            Command::InitCluster {
+                config: ClusterConfig {
+                    voters: agent.tuning().voters,
+                    ca_fingerprint: agent.ca().fingerprint(),
+                },
+            }
+        } else {
+            Command::AddMember {
+                id: agent.id(),
+                name: agent.name().to_string(),
+                addr: agent.addr().to_string(),
+                cert_serial: serial.clone(),
+                now_ms: now_ms(),
+            }
+        };
+        if let Err(e) = agent.write(command).await {
+            tracing::warn!("bootstrap records not committed yet: {e}");
+        }
+    }
+}

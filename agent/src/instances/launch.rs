@@ -1,0 +1,226 @@
+//! `ferry launch`: place the instance, put its rootfs on the owner (here,
+//! or uploaded as a checksummed tree), then commit `Create`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_raft::{DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId};
+use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
+
+use super::{commit, driver_error, err, internal, show, validate_name};
+use crate::api::instances::{LaunchRequest, UploadRequest};
+use crate::api::{ApiError, ApiReply, ErrorKind, Request, Response};
+use crate::clock::now_ms;
+use crate::node::Agent;
+use crate::transfer::tree;
+
+/// A launch waits this long for the rootfs to reach a remote owner.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The member to place a new instance on: the named one, else the one with
+/// the most memory. (Gossip load facts will refine this to free memory.)
+fn place(agent: &Agent, target: Option<&str>) -> Result<NodeId, ApiError> {
+    agent.state().read(|s| match target {
+        Some(name) => s.member_by_name(name).map(|m| m.id).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("no member named '{name}'; 'ferry cluster list' shows the members"),
+            )
+        }),
+        None => s
+            .members
+            .values()
+            .max_by_key(|m| {
+                (
+                    m.facts.as_ref().map_or(0, |f| f.memory_total_bytes),
+                    std::cmp::Reverse(m.id),
+                )
+            })
+            .map(|m| m.id)
+            .ok_or_else(|| err(ErrorKind::Unavailable, "the cluster has no members yet")),
+    })
+}
+
+fn spec_of(command: &[String], memory_bytes: Option<u64>) -> InstanceSpec {
+    InstanceSpec {
+        command: command.to_vec(),
+        memory_bytes,
+        ..Default::default()
+    }
+}
+
+pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
+    validate_name(&req.name)?;
+    if req.command.is_empty() {
+        return Err(err(
+            ErrorKind::BadRequest,
+            "no command given; put it after '--', e.g. ferry launch c1 --rootfs DIR -- sh -c '...'",
+        ));
+    }
+    if agent.state().read(|s| s.instances.contains_key(&req.name)) {
+        return Err(err(
+            ErrorKind::Conflict,
+            format!("an instance named '{}' already exists", req.name),
+        ));
+    }
+    let rootfs = PathBuf::from(&req.rootfs);
+    let meta = tokio::fs::metadata(&rootfs).await.map_err(|e| {
+        err(
+            ErrorKind::BadRequest,
+            format!("cannot read rootfs {}: {e}", rootfs.display()),
+        )
+    })?;
+    let owner = place(agent, req.target.as_deref())?;
+    let spec = spec_of(&req.command, req.memory_bytes);
+    if owner == agent.id() {
+        let _guard = agent.locks().lock(&req.name).await;
+        prepare_local(agent, &req.name, &spec, Some(&rootfs)).await?;
+    } else {
+        upload(agent, owner, &req, &rootfs, meta.is_dir()).await?;
+    }
+    let created = commit(
+        agent,
+        InstanceCommand::Create {
+            name: req.name.clone(),
+            kind: InstanceKind::Container,
+            spec: InstanceSpec {
+                rootfs_source: req.rootfs.clone(),
+                ..spec
+            },
+            owner,
+            desired: DesiredState::Running,
+            now_ms: now_ms(),
+        },
+    )
+    .await;
+    if let Err(e) = created {
+        if owner == agent.id() {
+            let _ = agent.driver().remove(&req.name).await;
+        }
+        return Err(e);
+    }
+    show(agent, &req.name)
+}
+
+/// Put the rootfs (from `source`, or already in place) and the runtime
+/// config into this host's instance dir.
+async fn prepare_local(
+    agent: &Agent,
+    name: &str,
+    spec: &InstanceSpec,
+    source: Option<&Path>,
+) -> Result<(), ApiError> {
+    if let Some(source) = source {
+        agent
+            .driver()
+            .import_rootfs(name, source)
+            .await
+            .map_err(driver_error)?;
+    }
+    agent
+        .driver()
+        .configure(name, spec, false)
+        .await
+        .map_err(internal)
+}
+
+/// Send the rootfs to a remote owner over a channel, checksummed.
+async fn upload(
+    agent: &Agent,
+    owner: NodeId,
+    req: &LaunchRequest,
+    rootfs: &Path,
+    is_dir: bool,
+) -> Result<(), ApiError> {
+    let peer = agent.peer(owner)?;
+    // A tar archive is unpacked here first, so owners and special files
+    // travel the same way as from a directory.
+    let staging = agent.data_dir().root().join("tmp").join(format!(
+        "{}-{}",
+        req.name,
+        ferry_transport::pki::random_hex(4)
+    ));
+    let send_root = if is_dir {
+        rootfs.to_path_buf()
+    } else {
+        agent
+            .driver()
+            .stage_rootfs(rootfs, &staging)
+            .await
+            .map_err(driver_error)?;
+        staging.clone()
+    };
+    let request = Request::Upload(UploadRequest {
+        name: req.name.clone(),
+        command: req.command.clone(),
+        memory_bytes: req.memory_bytes,
+    });
+    let result = async {
+        let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
+        tree::send(&mut send, &mut recv, &send_root, false)
+            .await
+            .map_err(|e| {
+                err(
+                    ErrorKind::Unavailable,
+                    format!("sending the rootfs to {} failed: {e}", peer.name),
+                )
+            })?;
+        let _ = send.finish();
+        match read_frame::<Response>(&mut recv, MAX_FRAME).await {
+            Ok(Response::Api(_)) => Ok(()),
+            Ok(Response::Error(e)) => Err(e),
+            Ok(_) => Err(internal("unexpected reply to the upload")),
+            Err(e) => Err(err(
+                ErrorKind::Unavailable,
+                format!("{} did not confirm the upload: {e}", peer.name),
+            )),
+        }
+    }
+    .await;
+    if !is_dir {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+    }
+    result
+}
+
+/// The owner's side of an upload: receive the tree, write the config.
+pub async fn receive_upload(
+    agent: &Agent,
+    req: UploadRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let result = async {
+        validate_name(&req.name)?;
+        if agent.state().read(|s| s.instances.contains_key(&req.name)) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("an instance named '{}' already exists", req.name),
+            ));
+        }
+        let _guard = agent.locks().lock(&req.name).await;
+        let _ = agent.driver().remove(&req.name).await;
+        let rootfs = agent.driver().rootfs(&req.name);
+        tree::receive(&mut send, &mut recv, &rootfs, false)
+            .await
+            .map_err(|e| {
+                err(
+                    ErrorKind::BadRequest,
+                    format!("receiving the rootfs failed: {e}"),
+                )
+            })?;
+        let spec = spec_of(&req.command, req.memory_bytes);
+        prepare_local(agent, &req.name, &spec, None).await
+    }
+    .await;
+    let reply = match result {
+        Ok(()) => Response::Api(ApiReply::Done),
+        Err(e) => {
+            let _ = agent.driver().remove(&req.name).await;
+            Response::Error(e)
+        }
+    };
+    let _ = write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+}

@@ -1,0 +1,105 @@
+//! Instances as the operator sees them (layer 2): launch (`launch.rs`),
+//! list and show (here), the operations that need the owner's host
+//! (`ops.rs`, forwarded to the owner), what the owner reports
+//! (`report.rs`), and the reconciler loop (`reconciler.rs`) that keeps the
+//! owner's host in step with the replicated state (`reconcile.rs` decides,
+//! pure).
+
+pub mod launch;
+pub mod ops;
+pub mod reconcile;
+pub mod reconciler;
+mod report;
+
+use ferry_raft::{Command, CommandResult, DesiredState, Instance, InstanceCommand};
+
+use crate::api::instances::{InstanceDetail, InstanceView};
+use crate::api::{ApiError, ApiReply, ErrorKind};
+use crate::driver::DriverError;
+use crate::node::Agent;
+
+fn err(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+    ApiError::new(kind, message)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    err(ErrorKind::Internal, e.to_string())
+}
+
+/// A runtime failure as the operator sees it.
+fn driver_error(e: DriverError) -> ApiError {
+    match e {
+        DriverError::BadInput(_) => err(ErrorKind::BadRequest, e.to_string()),
+        _ => internal(e),
+    }
+}
+
+fn no_instance(name: &str) -> ApiError {
+    err(
+        ErrorKind::NotFound,
+        format!("no instance named '{name}'; 'ferry list' shows the instances"),
+    )
+}
+
+fn validate_name(name: &str) -> Result<(), ApiError> {
+    ferry_transport::pki::validate_node_name(name).map_err(|_| {
+        err(
+            ErrorKind::BadRequest,
+            format!("invalid instance name '{name}': use 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'"),
+        )
+    })
+}
+
+fn view(agent: &Agent, i: &Instance) -> InstanceView {
+    InstanceView {
+        name: i.name.clone(),
+        kind: i.kind.as_str().into(),
+        node: agent
+            .member_name(i.owner)
+            .unwrap_or_else(|| format!("node-{}", i.owner)),
+        state: if i.job.is_some() {
+            "migrating".into()
+        } else {
+            i.observed.as_str().into()
+        },
+        epoch: i.epoch,
+    }
+}
+
+pub fn list(agent: &Agent) -> ApiReply {
+    let all: Vec<Instance> = agent
+        .state()
+        .read(|s| s.instances.values().cloned().collect());
+    ApiReply::Instances(all.iter().map(|i| view(agent, i)).collect())
+}
+
+pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
+    let i = agent
+        .state()
+        .read(|s| s.instances.get(name).cloned())
+        .ok_or_else(|| no_instance(name))?;
+    Ok(ApiReply::Instance(Box::new(InstanceDetail {
+        view: view(agent, &i),
+        desired: match i.desired {
+            DesiredState::Running => "running",
+            DesiredState::Stopped => "stopped",
+        }
+        .into(),
+        detail: i.detail.clone(),
+        checkpointed: i.checkpointed,
+        command: i.spec.command.clone(),
+        memory_bytes: i.spec.memory_bytes,
+        rootfs_source: i.spec.rootfs_source.clone(),
+        baseline: i.baseline.clone(),
+        snapshots: i.snapshots.clone(),
+        job: i.job,
+    })))
+}
+
+/// Commit an instance command; a refusal is a conflict.
+async fn commit(agent: &Agent, cmd: InstanceCommand) -> Result<(), ApiError> {
+    match agent.write(Command::Instance(cmd)).await? {
+        CommandResult::Rejected(r) => Err(err(ErrorKind::Conflict, r.to_string())),
+        _ => Ok(()),
+    }
+}

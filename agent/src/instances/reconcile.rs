@@ -1,0 +1,118 @@
+//! What the owner does so its host matches the replicated state (layer 0):
+//! pure, instance and what the runtime reports in, action out. The
+//! reconciler loop (`reconciler.rs`) carries the action out under the
+//! instance's host lock, which operator actions share, so it never races a
+//! stop or a checkpoint.
+
+use ferry_raft::{DesiredState, Instance, NodeId, ObservedState};
+
+use crate::driver::RunState;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Run the instance's command afresh.
+    Start,
+    /// Restore it from the checkpoint of a stateful stop.
+    Restore,
+    /// Stop it: desired stopped but it runs (e.g. the agent died between
+    /// committing a stop and doing it).
+    Stop,
+}
+
+/// What the owner should do for `instance`, and what to report.
+pub fn decide(
+    instance: &Instance,
+    me: NodeId,
+    runtime: Option<RunState>,
+) -> (Action, Option<ObservedState>) {
+    // Only the owner runs an instance; a job's participants drive it while
+    // it moves.
+    if instance.owner != me || instance.job.is_some() {
+        return (Action::Nothing, None);
+    }
+    let observed = match runtime {
+        Some(RunState::Running) => ObservedState::Running,
+        Some(RunState::Paused) => ObservedState::Frozen,
+        Some(RunState::Stopped) | None => ObservedState::Stopped,
+    };
+    match (instance.desired, runtime) {
+        (DesiredState::Running, None) if instance.observed == ObservedState::Error => {
+            // A failed start is retried by `ferry start`, not in a loop.
+            (Action::Nothing, None)
+        }
+        (DesiredState::Running, None) if instance.checkpointed => (Action::Restore, None),
+        (DesiredState::Running, None) => (Action::Start, None),
+        (DesiredState::Stopped, Some(RunState::Running | RunState::Paused)) => (Action::Stop, None),
+        _ => (Action::Nothing, Some(observed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_raft::{InstanceKind, InstanceSpec};
+
+    fn instance(desired: DesiredState, observed: ObservedState) -> Instance {
+        Instance {
+            name: "c1".into(),
+            kind: InstanceKind::Container,
+            spec: InstanceSpec::default(),
+            owner: 1,
+            epoch: 1,
+            desired,
+            observed,
+            detail: None,
+            checkpointed: false,
+            baseline: None,
+            snapshots: Vec::new(),
+            created_ms: 0,
+            job: None,
+        }
+    }
+
+    #[test]
+    fn never_starts_a_second_copy_when_the_runtime_reports_one() {
+        let i = instance(DesiredState::Running, ObservedState::Pending);
+        for status in [RunState::Running, RunState::Paused, RunState::Stopped] {
+            assert_eq!(decide(&i, 1, Some(status)).0, Action::Nothing, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn non_owner_never_runs_or_stops_an_instance() {
+        for desired in [DesiredState::Running, DesiredState::Stopped] {
+            for status in [None, Some(RunState::Running)] {
+                let i = instance(desired, ObservedState::Running);
+                assert_eq!(decide(&i, 2, status), (Action::Nothing, None));
+            }
+        }
+    }
+
+    #[test]
+    fn an_instance_held_by_a_job_is_left_to_the_job() {
+        let mut i = instance(DesiredState::Running, ObservedState::Running);
+        i.job = Some(4);
+        assert_eq!(decide(&i, 1, None), (Action::Nothing, None));
+    }
+
+    #[test]
+    fn a_missing_container_is_started_or_restored() {
+        let mut i = instance(DesiredState::Running, ObservedState::Pending);
+        assert_eq!(decide(&i, 1, None).0, Action::Start);
+        i.checkpointed = true;
+        assert_eq!(decide(&i, 1, None).0, Action::Restore);
+        i.observed = ObservedState::Error;
+        assert_eq!(decide(&i, 1, None).0, Action::Nothing);
+    }
+
+    #[test]
+    fn a_running_container_that_should_be_stopped_is_stopped() {
+        let i = instance(DesiredState::Stopped, ObservedState::Running);
+        assert_eq!(decide(&i, 1, Some(RunState::Running)).0, Action::Stop);
+        assert_eq!(
+            decide(&i, 1, None),
+            (Action::Nothing, Some(ObservedState::Stopped))
+        );
+    }
+}

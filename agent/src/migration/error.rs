@@ -1,0 +1,37 @@
+//! What can go wrong in a move, carried to the job's error text.
+
+use ferry_transport::frame::FrameError;
+
+use crate::driver::DriverError;
+use crate::node::peers::PeerError;
+use crate::transfer::tree::TreeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("cannot open a transfer channel: {0}")]
+    Channel(#[source] PeerError),
+    #[error("{0}")]
+    Tree(#[from] TreeError),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Driver(#[from] DriverError),
+    #[error("the source refused to freeze: {0}")]
+    SourceRefused(String),
+    #[error("{target} could not take it: {why}")]
+    TargetFailed { target: String, why: String },
+    #[error("no answer from {target}: {source}")]
+    NoAnswer {
+        target: String,
+        #[source]
+        source: FrameError,
+    },
+    #[error("the job is no longer in a phase that allows freezing")]
+    NoLongerFreezable,
+    #[error("instance '{0}' vanished from the cluster state")]
+    InstanceGone(String),
+    #[error("node {0} is not a member")]
+    NotAMember(ferry_raft::NodeId),
+    #[error("could not record the frozen phase")]
+    NotRecorded,
+}

@@ -1,0 +1,149 @@
+//! The job side of the operator API: `ferry move`, `ferry job ...`.
+
+use std::sync::Arc;
+
+use ferry_raft::{
+    Command, CommandResult, Job, JobCommand, JobId, MoveOptions, ObservedState, Phase,
+};
+
+use super::compat;
+use crate::api::jobs::{JobView, MoveRequest, TransferProgress};
+use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind};
+use crate::clock::now_ms;
+use crate::node::Agent;
+
+fn not_found(message: String) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, message)
+}
+
+pub fn job_view(agent: &Agent, job: &Job) -> JobView {
+    let name = |id| {
+        agent
+            .member_name(id)
+            .unwrap_or_else(|| format!("node-{id}"))
+    };
+    JobView {
+        id: job.id,
+        kind: "migrate".into(),
+        instance: job.instance.clone(),
+        source: name(job.source),
+        target: name(job.target),
+        phase: job.phase.name(),
+        done: job.phase.is_terminal(),
+        succeeded: job.phase == Phase::Done,
+        stateful: job.options.stateful,
+        error: job.error.clone(),
+        report: job.report.clone(),
+        notes: job.notes.clone(),
+        abort_requested: job.abort_requested,
+        created_ms: job.created_ms,
+        downtime_ms: job.stats.as_ref().map(|s| s.downtime_ms),
+        total_ms: job.stats.as_ref().map(|s| s.total_ms),
+        bytes: job.stats.as_ref().map(|s| s.bytes),
+        iterations: job.stats.as_ref().map(|s| s.iterations),
+        progress: None,
+    }
+}
+
+pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiReply, ApiError> {
+    let (target, running, owner) = agent.state().read(|s| {
+        let inst = s.instances.get(&request.instance).ok_or_else(|| {
+            not_found(format!(
+                "no instance named '{}'; 'ferry list' shows the instances",
+                request.instance
+            ))
+        })?;
+        let target = s.member_by_name(&request.target).ok_or_else(|| {
+            not_found(format!(
+                "no member named '{}'; 'ferry cluster list' shows the members",
+                request.target
+            ))
+        })?;
+        Ok::<_, ApiError>((
+            target.id,
+            inst.observed == ObservedState::Running,
+            inst.owner,
+        ))
+    })?;
+    if owner == target {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "instance '{}' is already on '{}'",
+                request.instance, request.target
+            ),
+        ));
+    }
+    let stateful = request.stateful.unwrap_or(running);
+    if request.dry_run {
+        let report = agent
+            .state()
+            .read(|s| compat::report(s, &request.instance, target, stateful, 0))?;
+        return Ok(ApiReply::Report(report));
+    }
+    let options = MoveOptions {
+        stateful,
+        mode: request.mode,
+        precopy_iterations: request.precopy_iterations,
+        precopy_goal_percent: request.precopy_goal_percent,
+    };
+    let result = agent
+        .write(Command::Job(JobCommand::CreateMove {
+            instance: request.instance.clone(),
+            target,
+            options,
+            now_ms: now_ms(),
+        }))
+        .await?;
+    match result {
+        CommandResult::JobCreated { id } => show(agent, id).await,
+        CommandResult::Rejected(r) => Err(ApiError::new(ErrorKind::Conflict, r.to_string())),
+        other => Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("unexpected result {other:?}"),
+        )),
+    }
+}
+
+pub async fn show(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
+    let job = agent
+        .state()
+        .read(|s| s.jobs.get(&id).cloned())
+        .ok_or_else(|| not_found(format!("no job {id}; 'ferry job list' shows the jobs")))?;
+    let mut view = job_view(agent, &job);
+    if !job.phase.is_terminal() {
+        view.progress = progress(agent, &job).await;
+    }
+    Ok(ApiReply::Job(Box::new(view)))
+}
+
+/// Live figures from the receiving agent (the target); best effort.
+async fn progress(agent: &Agent, job: &Job) -> Option<TransferProgress> {
+    if job.target == agent.id() {
+        return agent.transfers().get(job.id);
+    }
+    let peer = agent.peer(job.target).ok()?;
+    let request = ApiRequest::JobProgress { id: job.id };
+    match agent.call_api(&peer, request, PROGRESS_TIMEOUT).await {
+        Ok(ApiReply::Progress(progress)) => progress,
+        _ => None,
+    }
+}
+
+/// `job show` waits this long at most for the target's live figures.
+const PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+pub fn list(agent: &Agent) -> ApiReply {
+    let jobs: Vec<Job> = agent.state().read(|s| s.jobs.values().cloned().collect());
+    ApiReply::Jobs(jobs.iter().map(|j| job_view(agent, j)).collect())
+}
+
+pub async fn abort(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
+    match agent
+        .write(Command::Job(JobCommand::RequestAbort { id }))
+        .await?
+    {
+        CommandResult::Rejected(r) => Err(ApiError::new(ErrorKind::Conflict, r.to_string())),
+        _ => show(agent, id).await,
+    }
+}

@@ -1,0 +1,46 @@
+//! A transfer channel opened by the other participant of a move: only the
+//! job's own peer, in the job's mode, gets an answer.
+
+use ferry_raft::TransferMode;
+
+use super::{source, target};
+use crate::api::transfer::{TransferPart, TransferRequest};
+use crate::node::peers::Channel;
+use crate::node::Agent;
+
+pub async fn serve_transfer(
+    agent: &Agent,
+    peer_name: &str,
+    req: TransferRequest,
+    mut channel: Channel,
+) {
+    let Some(job) = agent.state().read(|s| s.jobs.get(&req.job).cloned()) else {
+        return;
+    };
+    let pushed = matches!(req.part, TransferPart::PushRootfs | TransferPart::PushFinal);
+    // Pull: we are the source, the peer the target; push: the other way.
+    let (we, they) = if pushed {
+        (job.target, job.source)
+    } else {
+        (job.source, job.target)
+    };
+    let peer_ok = agent.peer(they).is_ok_and(|p| p.name == peer_name);
+    let mode_ok = (job.options.mode == TransferMode::Push) == pushed;
+    if we != agent.id() || !peer_ok || !mode_ok {
+        tracing::warn!(
+            job = job.id,
+            peer = peer_name,
+            "refused a transfer channel from a non-participant or in the wrong mode"
+        );
+        return;
+    }
+    let result = if pushed {
+        target::serve_push(agent, &job, req.part, &mut channel).await
+    } else {
+        source::serve(agent, &job, req.part, &mut channel).await
+    };
+    if let Err(e) = result {
+        tracing::warn!(job = job.id, "transfer channel failed: {e}");
+    }
+    let _ = channel.0.finish();
+}

@@ -1,0 +1,208 @@
+//! The source's half of a move: the compatibility check, freezing (pause +
+//! final dump, never a kill), sending the final state (pull: on the
+//! target's request; push: on its own), and rolling back.
+
+use ferry_raft::{Job, Phase};
+use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
+
+use super::compat;
+use super::engine::Proposal;
+use super::error::MoveError;
+use super::plan::{self, LocalCopy};
+use crate::api::transfer::{FinalHeader, PushAck, TransferPart, TransferRequest};
+use crate::api::Request;
+use crate::driver::RunState;
+use crate::node::peers::Channel;
+use crate::node::Agent;
+use crate::transfer::tree;
+
+/// A transfer channel's first frame must arrive within this.
+pub const CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A channel of `job` to member `peer`, its first frame asking for `part`.
+pub async fn open(
+    agent: &Agent,
+    job: &Job,
+    peer: ferry_raft::NodeId,
+    part: TransferPart,
+) -> Result<Channel, MoveError> {
+    let peer = agent.peer(peer).map_err(MoveError::Channel)?;
+    let request = Request::Transfer(TransferRequest { job: job.id, part });
+    agent
+        .open_channel(&peer, &request, CHANNEL_TIMEOUT)
+        .await
+        .map_err(MoveError::Channel)
+}
+
+/// Checking: the report from the replicated facts; Preparing if it
+/// passes, else RollingBack naming every failed check.
+pub async fn run_checks(agent: &Agent, job: &Job) -> Proposal {
+    let rootfs = agent.driver().rootfs(&job.instance);
+    let disk = tokio::task::spawn_blocking(move || tree::size_of(&rootfs))
+        .await
+        .unwrap_or(0);
+    let report = agent
+        .state()
+        .read(|s| compat::report(s, &job.instance, job.target, job.options.stateful, disk));
+    let report = report.unwrap_or_else(|e| {
+        vec![ferry_raft::CheckResult {
+            check: "facts".into(),
+            ok: false,
+            detail: e.message,
+        }]
+    });
+    let mut proposal = if compat::passed(&report) {
+        Proposal::to(Phase::Preparing)
+    } else {
+        let failed: Vec<String> = report
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{}: {}", r.check, r.detail))
+            .collect();
+        let why = format!("compatibility check failed: {}", failed.join("; "));
+        Proposal::failed(Phase::RollingBack, why)
+    };
+    proposal.report = Some(report);
+    proposal
+}
+
+/// Pause and dump (stateful) or stop (stateless), only while the job still
+/// allows it; returns the note for the job. Called with the instance's
+/// host lock held.
+pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+    let name = job.instance.as_str();
+    let driver = agent.driver();
+    // Re-read: the freeze is allowed only while we still own the instance
+    // and nobody asked to roll back.
+    let current = agent.state().read(|s| s.jobs.get(&job.id).cloned());
+    if !current.as_ref().is_some_and(plan::may_freeze) {
+        return Err(MoveError::NoLongerFreezable);
+    }
+    if !job.options.stateful {
+        driver.stop(name, false).await?;
+        return Ok(None);
+    }
+    let note = precopy_note(agent).await;
+    let state = driver.status(name).await.ok().flatten().map(|s| s.state);
+    if state == Some(RunState::Running) {
+        driver.freeze(name).await?;
+    }
+    if let Err(e) = driver.dump_frozen(name).await {
+        // Nothing left this host: the instance may run on.
+        let _ = driver.thaw(name).await;
+        return Err(e.into());
+    }
+    Ok(Some(note))
+}
+
+/// Pre-copy needs the host to track dirty memory; say what happened.
+async fn precopy_note(agent: &Agent) -> String {
+    match agent.driver().precopy_unavailable().await {
+        Some(why) => format!("pre-copy unavailable: {why}; went straight to the final dump"),
+        None => "pre-copy not implemented yet; went straight to the final dump".into(),
+    }
+}
+
+/// The freeze header, then (stateful) the images, then the rootfs delta.
+async fn send_final(
+    agent: &Agent,
+    job: &Job,
+    (send, recv): &mut Channel,
+    note: Option<String>,
+) -> Result<(), MoveError> {
+    let driver = agent.driver();
+    write_frame(send, &FinalHeader::Frozen { note }).await?;
+    if job.options.stateful {
+        tree::send(send, recv, &driver.images(&job.instance), false).await?;
+    }
+    tree::send(send, recv, &driver.rootfs(&job.instance), true).await?;
+    Ok(())
+}
+
+/// Freeze, then send the final state on `channel`; a refusal is sent as
+/// such, so the target stops waiting.
+async fn freeze_and_send(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<(), MoveError> {
+    match freeze(agent, job).await {
+        Ok(note) => send_final(agent, job, channel, note).await,
+        Err(why) => {
+            let _ = write_frame(&mut channel.0, &FinalHeader::Refused(why.to_string())).await;
+            Err(why)
+        }
+    }
+}
+
+/// Pull mode: serve the target's `Rootfs` or `Final` channel.
+pub async fn serve(
+    agent: &Agent,
+    job: &Job,
+    part: TransferPart,
+    channel: &mut Channel,
+) -> Result<(), MoveError> {
+    let rootfs = agent.driver().rootfs(&job.instance);
+    match part {
+        TransferPart::Rootfs => {
+            tree::send(&mut channel.0, &mut channel.1, &rootfs, false).await?;
+            Ok(())
+        }
+        _ => {
+            let _guard = agent.locks().lock(&job.instance).await;
+            freeze_and_send(agent, job, channel).await
+        }
+    }
+}
+
+/// Push mode: send the rootfs while running, freeze, send the rest; the
+/// target records Frozen once it holds everything.
+pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
+    let target_name = agent
+        .member_name(job.target)
+        .ok_or(MoveError::NotAMember(job.target))?;
+    let rootfs = agent.driver().rootfs(&job.instance);
+    let (mut send, mut recv) = open(agent, job, job.target, TransferPart::PushRootfs).await?;
+    tree::send(&mut send, &mut recv, &rootfs, false).await?;
+    let _ = send.finish();
+    pushed(&mut recv, &target_name).await?;
+    let mut channel = open(agent, job, job.target, TransferPart::PushFinal).await?;
+    freeze_and_send(agent, job, &mut channel).await?;
+    let _ = channel.0.finish();
+    pushed(&mut channel.1, &target_name).await
+}
+
+async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), MoveError> {
+    match read_frame::<PushAck>(recv, MAX_FRAME).await {
+        Ok(PushAck::Received) => Ok(()),
+        Ok(PushAck::Failed(why)) => Err(MoveError::TargetFailed {
+            target: target.to_string(),
+            why,
+        }),
+        Err(source) => Err(MoveError::NoAnswer {
+            target: target.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Rolling back with a frozen copy: thaw it. A copy that cannot thaw stays
+/// stopped with its final dump.
+pub async fn thaw(agent: &Agent, job: &Job) -> Proposal {
+    match agent.driver().thaw(&job.instance).await {
+        Ok(()) => Proposal::to(Phase::RolledBack),
+        Err(e) => Proposal::failed(
+            Phase::RolledBack,
+            format!(
+                "the source could not thaw ({e}); the instance stays stopped with its final dump"
+            ),
+        ),
+    }
+}
+
+/// Rolling back with nothing to thaw: a stateless move of a running
+/// instance starts it again.
+pub async fn finish_rollback(agent: &Agent, job: &Job, local: LocalCopy) -> Proposal {
+    if !job.options.stateful && job.was_running && local != LocalCopy::Running {
+        if let Err(e) = agent.driver().start(&job.instance).await {
+            tracing::warn!(job = job.id, "restart after rollback failed: {e}");
+        }
+    }
+    Proposal::to(Phase::RolledBack)
+}

@@ -1,0 +1,186 @@
+//! The target's half of a move: receive the rootfs while the source runs,
+//! then the freeze header, images and rootfs delta (pull: it asks; push:
+//! it answers the source's channels); restore held stopped after the
+//! switch; thaw only once Restored is committed.
+
+use ferry_raft::{InstanceSpec, Job, MoveStats, Phase};
+use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
+
+use super::engine::{self, Proposal};
+use super::error::MoveError;
+use super::plan::LocalCopy;
+use super::source;
+use crate::api::transfer::{FinalHeader, PushAck, TransferPart};
+use crate::clock::now_ms;
+use crate::node::peers::Channel;
+use crate::node::Agent;
+use crate::transfer::tree;
+
+fn spec(agent: &Agent, job: &Job) -> Result<InstanceSpec, MoveError> {
+    agent
+        .state()
+        .read(|s| s.instances.get(&job.instance).map(|i| i.spec.clone()))
+        .ok_or_else(|| MoveError::InstanceGone(job.instance.clone()))
+}
+
+/// Pull mode: the rootfs while the source runs, then the final state;
+/// returns the source's note for the Frozen proposal.
+pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+    let result = pull_parts(agent, job).await;
+    agent.transfers().end(job.id);
+    result
+}
+
+async fn pull_parts(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+    let rootfs = agent.driver().rootfs(&job.instance);
+    // Filesystem pre-sync while the instance runs.
+    let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Rootfs).await?;
+    let counter = agent.transfers().stage(job.id, "rootfs");
+    let full = tree::receive_counted(&mut send, &mut recv, &rootfs, false, &counter).await?;
+    let _ = send.finish();
+    // Final: the source freezes and dumps; images and rootfs delta follow.
+    agent.transfers().froze(job.id);
+    let mut channel = source::open(agent, job, job.source, TransferPart::Final).await?;
+    let result = receive_final(agent, job, &mut channel, full.bytes).await;
+    let _ = channel.0.finish();
+    result
+}
+
+/// Either mode: the source's freeze header, the memory images and the
+/// rootfs delta, then the runtime config; returns the source's note.
+async fn receive_final(
+    agent: &Agent,
+    job: &Job,
+    (send, recv): &mut Channel,
+    rootfs_bytes: u64,
+) -> Result<Option<String>, MoveError> {
+    let driver = agent.driver();
+    let note = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
+        FinalHeader::Frozen { note } => note,
+        FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
+    };
+    let mut bytes = rootfs_bytes;
+    if job.options.stateful {
+        let counter = agent.transfers().stage(job.id, "memory images");
+        let images = driver.images(&job.instance);
+        bytes += tree::receive_counted(send, recv, &images, false, &counter)
+            .await?
+            .bytes;
+    }
+    let counter = agent.transfers().stage(job.id, "rootfs delta");
+    let rootfs = driver.rootfs(&job.instance);
+    bytes += tree::receive_counted(send, recv, &rootfs, true, &counter)
+        .await?
+        .bytes;
+    driver
+        .configure(&job.instance, &spec(agent, job)?, job.options.stateful)
+        .await?;
+    agent.transfers().received(job.id, bytes);
+    Ok(note)
+}
+
+/// Push mode: take a part the source sends and acknowledge it; with the
+/// final part, propose Frozen before the acknowledgement.
+pub async fn serve_push(
+    agent: &Agent,
+    job: &Job,
+    part: TransferPart,
+    channel: &mut Channel,
+) -> Result<(), MoveError> {
+    let _guard = agent.locks().lock(&job.instance).await;
+    let received = if matches!(part, TransferPart::PushRootfs) {
+        let counter = agent.transfers().stage(job.id, "rootfs");
+        let rootfs = agent.driver().rootfs(&job.instance);
+        tree::receive_counted(&mut channel.0, &mut channel.1, &rootfs, false, &counter)
+            .await
+            .map(|t| agent.transfers().received(job.id, t.bytes))
+            .map_err(MoveError::from)
+    } else {
+        agent.transfers().froze(job.id);
+        let rootfs_bytes = agent.transfers().received_so_far(job.id);
+        let received = receive_final(agent, job, channel, rootfs_bytes).await;
+        agent.transfers().end(job.id);
+        match received {
+            Ok(note) => {
+                let frozen = Proposal {
+                    note,
+                    ..Proposal::to(Phase::Frozen)
+                };
+                if engine::advance(agent, job, frozen).await {
+                    Ok(())
+                } else {
+                    Err(MoveError::NotRecorded)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let ack = match &received {
+        Ok(()) => PushAck::Received,
+        Err(e) => PushAck::Failed(e.to_string()),
+    };
+    write_frame(&mut channel.0, &ack).await?;
+    received
+}
+
+/// Switched: restore held stopped (unless a held copy is here already),
+/// then Restored; a failed restore switches back.
+pub async fn restore(agent: &Agent, job: &Job, local: LocalCopy) -> Proposal {
+    let name = &job.instance;
+    let result = if !job.options.stateful || local == LocalCopy::Frozen {
+        Ok(())
+    } else {
+        match spec(agent, job) {
+            Ok(spec) => agent
+                .driver()
+                .restore_held(name, &spec)
+                .await
+                .map_err(MoveError::from),
+            Err(e) => Err(e),
+        }
+    };
+    match result {
+        Ok(()) => Proposal::to(Phase::Restored),
+        Err(e) => {
+            let _ = agent.driver().remove(name).await;
+            Proposal::failed(
+                Phase::SwitchingBack,
+                format!("restore on the target failed: {e}"),
+            )
+        }
+    }
+}
+
+/// Restored: thaw the held copy (stateful) or start it (stateless, if it
+/// was running), then Done with the move's figures. A failed thaw is
+/// retried: Restored is committed, the instance is ours and held.
+pub async fn finish(agent: &Agent, job: &Job) -> Option<Proposal> {
+    let name = &job.instance;
+    let result = async {
+        let spec = spec(agent, job)?;
+        if job.options.stateful {
+            agent.driver().release_held(name, &spec).await?;
+        } else if job.was_running {
+            agent.driver().configure(name, &spec, false).await?;
+            agent.driver().start(name).await?;
+        }
+        Ok::<(), MoveError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(job = job.id, "thaw failed: {e}");
+        return None;
+    }
+    let now = now_ms();
+    let (downtime_ms, bytes) = agent.transfers().take_figures(job.id, now);
+    let stats = MoveStats {
+        downtime_ms,
+        total_ms: now.saturating_sub(job.created_ms),
+        bytes,
+        iterations: 0,
+    };
+    Some(Proposal {
+        stats: Some(stats),
+        ..Proposal::to(Phase::Done)
+    })
+}

@@ -1,0 +1,205 @@
+//! The node handle (layer 1): what every feature of a running agent
+//! shares, with private fields behind accessors, and the write path
+//! (`write.rs`) and peer calls (`peers.rs`) every feature uses. It starts
+//! nothing: `run.rs` builds it and spawns the loops.
+
+mod locks;
+pub mod peers;
+mod raft_client;
+pub mod write;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_raft::store::StateHandle;
+use ferry_raft::{NodeId, Raft};
+use ferry_transport::pki::ClusterCa;
+use ferry_transport::rpc::Pool;
+use tokio::sync::watch;
+
+use crate::datadir::DataDir;
+use crate::driver::Driver;
+use crate::gossip::handle::Gossip;
+use crate::transfer::progress::Transfers;
+
+pub use locks::InstanceLocks;
+pub use raft_client::RaftClient;
+pub use write::commit;
+
+/// Tuning a running agent reads.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// The cluster keeps this many voters.
+    pub voters: u8,
+    /// A voter dead (by gossip) this long is replaced by a live learner.
+    pub heal_after: Duration,
+    /// The leader rolls back a job whose phase has not moved for this long.
+    pub job_phase_timeout: Duration,
+}
+
+/// Everything a node handle is made of.
+pub struct Parts {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub data_dir: DataDir,
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub pool: Pool,
+    pub ca: ClusterCa,
+    /// Names of members known from the join answer.
+    pub seeds: Vec<(NodeId, String)>,
+    pub driver: Arc<dyn Driver>,
+    pub gossip: Gossip,
+    pub tuning: Tuning,
+}
+
+/// The state shared by every task of a running agent.
+pub struct Agent {
+    id: NodeId,
+    name: String,
+    addr: SocketAddr,
+    data_dir: DataDir,
+    raft: Raft,
+    state: StateHandle,
+    pool: Pool,
+    ca: ClusterCa,
+    /// Names of members known from the join answer, for checking Raft
+    /// senders before our own log has caught up.
+    seed_names: Mutex<BTreeMap<NodeId, String>>,
+    driver: Arc<dyn Driver>,
+    locks: InstanceLocks,
+    gossip: Gossip,
+    tuning: Tuning,
+    /// Live figures of the transfers this agent receives.
+    transfers: Transfers,
+    shutdown: watch::Sender<Option<String>>,
+}
+
+impl Agent {
+    pub fn new(parts: Parts) -> Arc<Agent> {
+        Arc::new(Agent {
+            id: parts.id,
+            name: parts.name,
+            addr: parts.addr,
+            data_dir: parts.data_dir,
+            raft: parts.raft,
+            state: parts.state,
+            pool: parts.pool,
+            ca: parts.ca,
+            seed_names: Mutex::new(parts.seeds.into_iter().collect()),
+            driver: parts.driver,
+            locks: InstanceLocks::default(),
+            gossip: parts.gossip,
+            tuning: parts.tuning,
+            transfers: Transfers::default(),
+            shutdown: watch::channel(None).0,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The applied replicated state.
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn ca(&self) -> &ClusterCa {
+        &self.ca
+    }
+
+    /// The host runtime of this agent's instances.
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+
+    pub fn locks(&self) -> &InstanceLocks {
+        &self.locks
+    }
+
+    pub fn gossip(&self) -> &Gossip {
+        &self.gossip
+    }
+
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    pub fn transfers(&self) -> &Transfers {
+        &self.transfers
+    }
+
+    /// Whether this agent leads the cluster now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Whether member `id` is alive or only suspect by gossip (not dead).
+    pub fn member_alive(&self, id: NodeId) -> bool {
+        self.gossip.liveness(id) != crate::gossip::Liveness::Dead
+    }
+
+    /// Whether the applied state says this member was removed.
+    pub fn removed_from_cluster(&self) -> bool {
+        self.state
+            .read(|s| s.next_node_id > self.id && !s.members.contains_key(&self.id))
+    }
+
+    /// Resolves when a stop is requested; the reason, if one was given.
+    pub async fn stopped(&self) -> Option<String> {
+        let mut stop = self.shutdown.subscribe();
+        stop.wait_for(|r| r.is_some())
+            .await
+            .ok()
+            .and_then(|r| r.clone())
+    }
+
+    /// Ask the agent to stop serving (this member was removed).
+    pub fn request_shutdown(&self, reason: String) {
+        let _ = self.shutdown.send(Some(reason));
+    }
+
+    /// Names of members by id, from the applied state and the join seeds.
+    pub fn member_name(&self, id: NodeId) -> Option<String> {
+        self.state
+            .read(|s| s.members.get(&id).map(|m| m.name.clone()))
+            .or_else(|| self.seed_names.lock().ok()?.get(&id).cloned())
+    }
+
+    pub fn member_id(&self, name: &str) -> Option<NodeId> {
+        self.state
+            .read(|s| s.member_by_name(name).map(|m| m.id))
+            .or_else(|| {
+                self.seed_names
+                    .lock()
+                    .ok()?
+                    .iter()
+                    .find(|(_, n)| n.as_str() == name)
+                    .map(|(id, _)| *id)
+            })
+    }
+}

@@ -1,0 +1,118 @@
+//! Calls to other members, written once: look a member up, call it, open
+//! a channel to it. Every call names the peer's certificate name, so only
+//! that member can answer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_raft::NodeId;
+use ferry_transport::endpoint::Expect;
+
+use super::Agent;
+use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind, Request, Response};
+
+/// A member as a peer: its certificate name and address.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("node {0} is not a member (or has a bad address)")]
+    NotAMember(NodeId),
+    #[error("{name} is unreachable: {reason}")]
+    Unreachable { name: String, reason: String },
+    /// The peer answered with an error of its own.
+    #[error("{0}")]
+    Refused(ApiError),
+    #[error("{0} sent an unexpected reply")]
+    Unexpected(String),
+}
+
+impl From<PeerError> for ApiError {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Refused(e) => e,
+            PeerError::Unexpected(_) => ApiError::new(ErrorKind::Internal, e.to_string()),
+            _ => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+        }
+    }
+}
+
+pub type Channel = (quinn::SendStream, quinn::RecvStream);
+
+impl Agent {
+    /// Member `id` as a peer.
+    pub fn peer(&self, id: NodeId) -> Result<Peer, PeerError> {
+        self.state
+            .read(|s| {
+                let m = s.members.get(&id)?;
+                Some(Peer {
+                    name: m.name.clone(),
+                    addr: m.addr.parse().ok()?,
+                })
+            })
+            .ok_or(PeerError::NotAMember(id))
+    }
+
+    /// One request to `peer`, its raw response.
+    pub async fn call_peer(
+        &self,
+        peer: &Peer,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, PeerError> {
+        self.pool
+            .call::<Request, Response>(
+                peer.addr,
+                &Expect::Node(peer.name.clone()),
+                request,
+                timeout,
+            )
+            .await
+            .map_err(|e| PeerError::Unreachable {
+                name: peer.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// An API request to `peer`, its reply or its error.
+    pub async fn call_api(
+        &self,
+        peer: &Peer,
+        request: ApiRequest,
+        timeout: Duration,
+    ) -> Result<ApiReply, PeerError> {
+        match self
+            .call_peer(peer, &Request::Api(request), timeout)
+            .await?
+        {
+            Response::Api(reply) => Ok(reply),
+            Response::Error(e) => Err(PeerError::Refused(e)),
+            _ => Err(PeerError::Unexpected(peer.name.clone())),
+        }
+    }
+
+    /// A channel to `peer` whose first frame is `request`.
+    pub async fn open_channel(
+        &self,
+        peer: &Peer,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Channel, PeerError> {
+        self.pool
+            .open_stream(
+                peer.addr,
+                &Expect::Node(peer.name.clone()),
+                request,
+                timeout,
+            )
+            .await
+            .map_err(|e| PeerError::Unreachable {
+                name: peer.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+}

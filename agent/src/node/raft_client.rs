@@ -1,0 +1,58 @@
+//! Carries Raft RPCs over the agent's connection pool.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_raft::network::{RaftReply, RaftRequest, RaftRpcClient, RaftRpcFailure};
+use ferry_raft::{Node, NodeId};
+use ferry_transport::endpoint::Expect;
+use ferry_transport::rpc::Pool;
+
+use crate::api::{Request, Response};
+
+/// openraft's RPC deadline follows the heartbeat (150 ms), shorter than a
+/// first TLS handshake on a busy host; the spawned call gets at least this.
+const RAFT_RPC_MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct RaftClient {
+    pub pool: Pool,
+}
+
+impl RaftRpcClient for RaftClient {
+    async fn send(
+        &self,
+        _target: NodeId,
+        node: &Node,
+        request: RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftReply, RaftRpcFailure> {
+        let addr: SocketAddr = node
+            .addr
+            .parse()
+            .map_err(|_| RaftRpcFailure::Failed(format!("bad address {}", node.addr)))?;
+        let expect = Expect::Node(node.name.clone());
+        let pool = self.pool.clone();
+        // openraft drops this future after its heartbeat interval; in a task
+        // of its own the call (and a first TLS handshake) runs to the end,
+        // so the connection is there for the next heartbeat.
+        let call = tokio::spawn(async move {
+            pool.call::<Request, Response>(
+                addr,
+                &expect,
+                &Request::Raft(request),
+                timeout.max(RAFT_RPC_MIN_TIMEOUT),
+            )
+            .await
+        });
+        let result = call
+            .await
+            .map_err(|e| RaftRpcFailure::Failed(format!("rpc task failed: {e}")))?;
+        match result {
+            Ok(Response::Raft(reply)) => Ok(reply),
+            Ok(Response::Error(e)) => Err(RaftRpcFailure::Failed(e.message)),
+            Ok(_) => Err(RaftRpcFailure::Failed("unexpected reply".into())),
+            Err(e) => Err(RaftRpcFailure::Unreachable(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The composition root (top layer): the only place that builds the node
+//! handle and spawns loops. `run` establishes the identity, opens the
+//! store, Raft and the endpoint, then starts gossip, the service, the
+//! bootstrap records, membership upkeep, facts, the reconciler and the
+//! migration engine, and waits for a stop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_raft::network::Network;
+use ferry_raft::{Node, NodeId, Raft};
+use ferry_transport::endpoint::Endpoint;
+use ferry_transport::pki::{self, Identity};
+use ferry_transport::rpc::Pool;
+
+use crate::container::host::Host;
+use crate::datadir::{ApiInfo, DataDir, DataDirError, NodeConfig};
+use crate::driver::Driver;
+use crate::gossip::handle::Gossip;
+use crate::gossip::GossipConfig;
+use crate::identity::{self, IdentityError, IdentityOptions};
+use crate::node::{Agent, Parts, RaftClient, Tuning};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub name: Option<String>,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    pub voters: u8,
+    /// Take a Raft snapshot every this many applied entries.
+    pub snapshot_every: u64,
+    pub gossip: GossipConfig,
+    /// A voter dead (by gossip) this long is replaced by a live learner.
+    pub heal_after: Duration,
+    /// The leader rolls back (or switches back) a migration job whose phase
+    /// has not moved for this long.
+    pub job_phase_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("cannot serve on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("raft storage: {0}")]
+    Store(#[from] ferry_raft::store::StoreError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error(
+        "this member was removed from the cluster; to rejoin, wipe {0} and join with a new token"
+    )]
+    Removed(String),
+}
+
+fn raft_error(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Raft(e.to_string())
+}
+
+/// Start the agent and serve until it is told to stop (signal, or this
+/// member was removed).
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let dir = DataDir::new(&opts.data_dir);
+    let identity_opts = IdentityOptions {
+        name: opts.name.clone(),
+        listen: opts.listen,
+        bootstrap: opts.bootstrap,
+        join: opts.join.clone(),
+        voters: opts.voters,
+    };
+    let (config, seeds) = identity::establish(&dir, &identity_opts).await?;
+    let driver: Arc<dyn Driver> = Arc::new(Host::new(dir.root(), &config.name));
+    let agent = start(dir, config, seeds, &opts, driver).await?;
+    wait_for_shutdown(agent).await
+}
+
+async fn open_raft(
+    dir: &DataDir,
+    config: &NodeConfig,
+    opts: &AgentOptions,
+    pool: &Pool,
+) -> Result<(Raft, ferry_raft::store::StateHandle), AgentError> {
+    let db = dir.raft_db();
+    let (log_store, sm_store) = tokio::task::spawn_blocking(move || ferry_raft::store::open(&db))
+        .await
+        .map_err(raft_error)??;
+    let state = sm_store.state();
+    let raft_config = ferry_raft::raft_config(opts.snapshot_every).map_err(raft_error)?;
+    let network = Network::new(RaftClient { pool: pool.clone() });
+    let raft = Raft::new(config.id, raft_config, network, log_store, sm_store)
+        .await
+        .map_err(raft_error)?;
+    Ok((raft, state))
+}
+
+async fn start(
+    dir: DataDir,
+    config: NodeConfig,
+    seeds: Vec<(NodeId, String)>,
+    opts: &AgentOptions,
+    driver: Arc<dyn Driver>,
+) -> Result<Arc<Agent>, AgentError> {
+    let addr: SocketAddr = config
+        .addr
+        .parse()
+        .map_err(|_| AgentError::Usage(format!("bad address in node.json: {}", config.addr)))?;
+    let creds = dir.load_credentials("node")?;
+    let ca = dir.load_ca()?;
+    if !dir.root().join("tls/admin.pem").exists() {
+        let admin = ca.issue(&Identity::Admin, &pki::new_serial())?;
+        dir.save_credentials("admin", &admin)?;
+    }
+    let endpoint = Endpoint::bind(addr, &creds).map_err(|e| AgentError::Bind {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let pool = Pool::new(endpoint.clone());
+    let (raft, state) = open_raft(&dir, &config, opts, &pool).await?;
+    if state.read(|s| s.next_node_id > config.id && !s.members.contains_key(&config.id)) {
+        return Err(AgentError::Removed(dir.root().display().to_string()));
+    }
+    let (gossip, gossip_inbox) = Gossip::new(config.id, opts.gossip.clone());
+    let agent = Agent::new(Parts {
+        id: config.id,
+        name: config.name.clone(),
+        addr,
+        data_dir: dir.clone(),
+        raft: raft.clone(),
+        state,
+        pool,
+        ca,
+        seeds,
+        driver,
+        gossip,
+        tuning: Tuning {
+            voters: config.voters,
+            heal_after: opts.heal_after,
+            job_phase_timeout: opts.job_phase_timeout,
+        },
+    });
+    tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));
+    tokio::spawn(ferry_transport::rpc::serve(
+        endpoint,
+        Arc::new(crate::service::AgentService::new(agent.clone())),
+    ));
+    if config.bootstrap {
+        initialize(&raft, &config).await?;
+        tokio::spawn(identity::ensure_bootstrap_records(
+            agent.clone(),
+            config.cert_serial.clone(),
+        ));
+    }
+    tokio::spawn(crate::membership::leader_loop(agent.clone()));
+    tokio::spawn(crate::membership::publish_facts(agent.clone()));
+    tokio::spawn(crate::instances::reconciler::run(agent.clone()));
+    tokio::spawn(crate::migration::run(agent.clone()));
+
+    dir.save_api_info(&ApiInfo {
+        address: addr.to_string(),
+        name: config.name.clone(),
+    })?;
+    println!(
+        "ferry agent {} (id {}) ready on {addr}, data dir {}",
+        config.name,
+        config.id,
+        dir.root().display()
+    );
+    Ok(agent)
+}
+
+/// The bootstrap node makes itself the first voter, once.
+async fn initialize(raft: &Raft, config: &NodeConfig) -> Result<(), AgentError> {
+    if raft.is_initialized().await.map_err(raft_error)? {
+        return Ok(());
+    }
+    let node = Node {
+        name: config.name.clone(),
+        addr: config.addr.clone(),
+    };
+    raft.initialize(BTreeMap::from([(config.id, node)]))
+        .await
+        .map_err(raft_error)
+}
+
+async fn wait_for_shutdown(agent: Arc<Agent>) -> Result<(), AgentError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Raft(format!("cannot watch SIGTERM: {e}")))?;
+    let reason = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = sigterm.recv() => None,
+        reason = agent.stopped() => reason,
+    };
+    tracing::info!("shutting down");
+    let _ = agent.raft().shutdown().await;
+    agent.pool().endpoint().close();
+    match reason {
+        Some(why) => Err(AgentError::Removed(why)),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,5 @@
+//! Test seams (compiled only for tests): an in-memory Raft network with
+//! cut links (`net`), and an in-process cluster of node handles with a
+//! fake host driver that runs whole moves (`cluster`, `fake_driver`).
+
+pub mod net;

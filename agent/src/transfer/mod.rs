@@ -1,0 +1,5 @@
+//! Moving directory trees between members (launch upload, migration parts)
+//! and counting what arrives.
+
+pub(crate) mod progress;
+pub mod tree;

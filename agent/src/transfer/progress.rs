@@ -1,0 +1,71 @@
+//! Live figures of the transfers an agent receives, for `job show`, and
+//! the totals the target reports when a move is done.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_raft::JobId;
+
+use crate::api::jobs::TransferProgress;
+use crate::clock::now_ms;
+
+/// Live figures of the transfers this agent receives, for `job show`, and
+/// the ones the target reports when the job is done.
+#[derive(Default)]
+pub struct Transfers {
+    jobs: Mutex<HashMap<JobId, (&'static str, Arc<AtomicU64>)>>,
+    /// When the source froze (wall clock ms, as the target saw it), for the
+    /// downtime figure.
+    froze_at: Mutex<HashMap<JobId, u64>>,
+    /// Bytes received in all.
+    bytes: Mutex<HashMap<JobId, u64>>,
+}
+
+impl Transfers {
+    /// Count bytes for `job` under `stage`; bytes add up across stages.
+    pub fn stage(&self, job: JobId, stage: &'static str) -> Arc<AtomicU64> {
+        let mut jobs = lock(&self.jobs);
+        let entry = jobs
+            .entry(job)
+            .or_insert_with(|| (stage, Arc::new(AtomicU64::new(0))));
+        entry.0 = stage;
+        entry.1.clone()
+    }
+
+    pub fn end(&self, job: JobId) {
+        lock(&self.jobs).remove(&job);
+    }
+
+    pub fn froze(&self, job: JobId) {
+        lock(&self.froze_at).insert(job, now_ms());
+    }
+
+    pub fn received(&self, job: JobId, bytes: u64) {
+        lock(&self.bytes).insert(job, bytes);
+    }
+
+    pub fn received_so_far(&self, job: JobId) -> u64 {
+        lock(&self.bytes).get(&job).copied().unwrap_or(0)
+    }
+
+    /// (downtime ms, bytes) for `job`, taken out.
+    pub fn take_figures(&self, job: JobId, now: u64) -> (u64, u64) {
+        let froze = lock(&self.froze_at).remove(&job);
+        let bytes = lock(&self.bytes).remove(&job).unwrap_or(0);
+        (froze.map_or(0, |t| now.saturating_sub(t)), bytes)
+    }
+
+    pub fn get(&self, job: JobId) -> Option<TransferProgress> {
+        lock(&self.jobs)
+            .get(&job)
+            .map(|(stage, bytes)| TransferProgress {
+                stage: stage.to_string(),
+                bytes: bytes.load(Ordering::Relaxed),
+            })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
