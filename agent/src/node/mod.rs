@@ -160,7 +160,7 @@ impl Agent {
 
     /// Whether member `id` is alive or only suspect by gossip (not dead).
     pub fn member_alive(&self, id: NodeId) -> bool {
-        self.gossip.liveness(id) != crate::gossip::Liveness::Dead
+        self.gossip.liveness(id) != crate::gossip::handle::Liveness::Dead
     }
 
     /// Whether the applied state says this member was removed.
