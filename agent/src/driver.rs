@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use ferry_raft::{HostFacts, InstanceSpec};
+use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
 use crate::migration::plan::LocalCopy;
 
@@ -132,6 +132,9 @@ pub trait Driver: Send + Sync {
     fn stateful_unavailable(&self, facts: Option<&HostFacts>) -> Option<(String, String)>;
     /// Why memory pre-copy cannot run here (`None`: it could).
     async fn precopy_unavailable(&self) -> Option<String>;
+    /// The runtime's versions and self-check, for the host facts the
+    /// compatibility check reads.
+    async fn runtimes(&self) -> Runtimes;
 }
 
 /// What this host holds of `name`, for the migration plan.

@@ -49,9 +49,10 @@ const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 ///
 /// After probing, the items named in [`HIDE_FACTS_ENV`] (tests only) are
 /// removed from the report.
-pub async fn probe(data_dir: &Path) -> HostFacts {
+pub async fn probe(data_dir: &Path, runtimes: Runtimes) -> HostFacts {
     let dir = data_dir.to_path_buf();
-    let mut facts = match tokio::task::spawn_blocking(move || probe_blocking(&dir)).await {
+    let mut facts = match tokio::task::spawn_blocking(move || probe_blocking(&dir, runtimes)).await
+    {
         Ok(facts) => facts,
         Err(e) => {
             tracing::warn!(error = %e, "host facts probe task failed; reporting only the architecture");
@@ -69,7 +70,7 @@ pub async fn probe(data_dir: &Path) -> HostFacts {
     facts
 }
 
-fn probe_blocking(data_dir: &Path) -> HostFacts {
+fn probe_blocking(data_dir: &Path, runtimes: Runtimes) -> HostFacts {
     let arch = std::env::consts::ARCH.to_string();
     let (cpu_model, cpu_flags) = parse_cpuinfo(&read_or_warn(CPUINFO));
     let kernel = read_or_warn(OSRELEASE).trim().to_string();
@@ -91,7 +92,7 @@ fn probe_blocking(data_dir: &Path) -> HostFacts {
         filesystems,
         memory_total_bytes: memory_total_bytes(),
         disk_total_bytes: disk_total_bytes(data_dir),
-        runtimes: probe_runtimes(RUNTIME_COMMAND_TIMEOUT),
+        runtimes,
     }
 }
 
@@ -346,7 +347,9 @@ fn total_of_longest_mount<'a>(
         .map(|(_, total)| total)
 }
 
-fn probe_runtimes(timeout: Duration) -> Runtimes {
+/// Versions of runc and CRIU and whether `criu check` passes (the
+/// container driver's part of the host facts).
+pub fn probe_runtimes(timeout: Duration) -> Runtimes {
     let runc = run_with_timeout("runc", &["--version"], timeout)
         .and_then(|out| parse_runc_version(&out.stdout));
     let criu = run_with_timeout("criu", &["--version"], timeout)
@@ -667,7 +670,7 @@ ffffffff810010a0 T do_sys_open
     #[tokio::test]
     async fn facts_probe_live_host() {
         let dir = tempfile::tempdir().unwrap();
-        let facts = probe(dir.path()).await;
+        let facts = probe(dir.path(), probe_runtimes(RUNTIME_COMMAND_TIMEOUT)).await;
         assert_eq!(facts.arch, std::env::consts::ARCH);
         if cfg!(target_os = "linux") {
             assert!(!facts.kernel.is_empty());

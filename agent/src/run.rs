@@ -104,7 +104,7 @@ async fn open_raft(
     Ok((raft, state))
 }
 
-async fn start(
+pub(crate) async fn start(
     dir: DataDir,
     config: NodeConfig,
     seeds: Vec<(NodeId, String)>,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_raft::{HostFacts, InstanceSpec};
+use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
@@ -437,6 +437,13 @@ impl Driver for Host {
             "this kernel does not track dirty memory ('criu check --feature mem_dirty_track' fails)"
                 .to_string()
         })
+    }
+
+    async fn runtimes(&self) -> Runtimes {
+        let timeout = crate::facts::RUNTIME_COMMAND_TIMEOUT;
+        tokio::task::spawn_blocking(move || crate::facts::probe_runtimes(timeout))
+            .await
+            .unwrap_or_default()
     }
 }
 

@@ -14,5 +14,5 @@ pub(crate) mod news;
 mod runner;
 mod suspicion;
 
-pub use handle::{GossipConfig, Liveness};
+pub use handle::GossipConfig;
 pub(crate) use runner::run;

@@ -60,7 +60,7 @@ async fn record_baseline(agent: &Agent, name: &str, pid: u32) {
     // Right after the agent starts, its facts may not be replicated yet.
     let facts = match facts {
         Some(facts) => facts,
-        None => crate::facts::probe(agent.data_dir().root()).await,
+        None => agent.probe_facts().await,
     };
     let filesystems = agent.driver().mounted_filesystems(pid).await;
     let baseline = Baseline {

@@ -131,7 +131,7 @@ async fn apply_change(agent: &Agent, change: MembershipChange) -> Result<(), Str
 pub async fn publish_facts(agent: Arc<Agent>) {
     let mut changes = agent.state().subscribe();
     loop {
-        let facts = crate::facts::probe(agent.data_dir().root()).await;
+        let facts = agent.probe_facts().await;
         loop {
             let (present, same) = agent.state().read(|s| match s.members.get(&agent.id()) {
                 Some(m) => (true, m.facts.as_ref() == Some(&facts)),

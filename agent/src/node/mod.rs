@@ -153,6 +153,12 @@ impl Agent {
         &self.transfers
     }
 
+    /// This host's facts, with the runtime's part from the driver.
+    pub async fn probe_facts(&self) -> ferry_raft::HostFacts {
+        let runtimes = self.driver.runtimes().await;
+        crate::facts::probe(self.data_dir.root(), runtimes).await
+    }
+
     /// Whether this agent leads the cluster now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)

@@ -2,4 +2,7 @@
 //! cut links (`net`), and an in-process cluster of node handles with a
 //! fake host driver that runs whole moves (`cluster`, `fake_driver`).
 
+pub mod cluster;
+pub mod fake_driver;
+mod moves;
 pub mod net;
