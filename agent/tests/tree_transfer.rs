@@ -1,6 +1,8 @@
 //! A directory tree moves over a real QUIC channel: a full pass while the
 //! source changes, then a delta pass makes the copy exact.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

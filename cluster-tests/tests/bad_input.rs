@@ -1,6 +1,8 @@
 //! Bad input is refused with one clear error line while the cluster keeps
 //! serving: join tokens, certificates, frames and stray packets.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};

@@ -1,6 +1,8 @@
 //! Cluster core: bootstrap and join, leader failure, durable restart,
 //! learners and voter replacement. Real agent processes on loopback.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};

@@ -1,5 +1,7 @@
 //! Container instances on real runc + CRIU across agents on loopback.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};

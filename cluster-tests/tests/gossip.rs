@@ -2,6 +2,8 @@
 //! stop detection, real partitions, quorum healing, and datagrams from
 //! strangers.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::Command;
 use std::time::Duration;
 

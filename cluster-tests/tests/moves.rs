@@ -2,6 +2,8 @@
 //! loopback, compatibility refusals and bad requests. A sampler fails a
 //! test if two copies ever run at once.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};

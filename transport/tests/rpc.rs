@@ -1,5 +1,7 @@
 //! Real QUIC on 127.0.0.1 between endpoints built from real certificates.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -85,7 +85,7 @@ pub struct BundleConfig<'a> {
     pub criu_config: Option<&'a Path>,
 }
 
-pub fn spec(config: &BundleConfig) -> Result<Spec, BundleError> {
+pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
     let mut spec = Spec::default();
     let process = ProcessBuilder::default()
         .terminal(false)
@@ -133,7 +133,7 @@ pub fn spec(config: &BundleConfig) -> Result<Spec, BundleError> {
     Ok(spec)
 }
 
-pub fn write_config(dir: &InstanceDir, config: &BundleConfig) -> Result<(), BundleError> {
+pub fn write_config(dir: &InstanceDir, config: &BundleConfig<'_>) -> Result<(), BundleError> {
     let bundle = dir.bundle();
     std::fs::create_dir_all(&bundle).map_err(|e| io_err("create", &bundle, e))?;
     spec(config)?

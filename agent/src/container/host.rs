@@ -449,7 +449,7 @@ impl Driver for Host {
 
 async fn copy_dir(source: PathBuf, dest: PathBuf) -> Result<(), RuncError> {
     let at = dest.clone();
-    tokio::task::spawn_blocking(move || super::bundle::copy_tree(&source, &dest))
+    tokio::task::spawn_blocking(move || bundle::copy_tree(&source, &dest))
         .await
         .map_err(|e| RuncError::File {
             path: at.clone(),

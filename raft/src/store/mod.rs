@@ -35,10 +35,10 @@ type Entry = openraft::Entry<TypeConfig>;
 type Membership = StoredMembership<NodeId, Node>;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("sm");
-const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+const LOG: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
+const SM: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("sm");
+const SNAPSHOT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshot");
 
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
@@ -137,7 +137,7 @@ impl Op<'_> {
 
     fn put<T: Serialize>(
         self,
-        table: &mut redb::Table<&str, &[u8]>,
+        table: &mut redb::Table<'_, &str, &[u8]>,
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {

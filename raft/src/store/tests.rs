@@ -313,7 +313,7 @@ async fn kill9_child_writer() {
     let Ok(path) = std::env::var(KILL9_ENV) else {
         return;
     };
-    let (mut log, mut sm) = open(std::path::Path::new(&path)).unwrap();
+    let (mut log, mut sm) = open(Path::new(&path)).unwrap();
     for i in 1..100_000u64 {
         let entry = normal(
             1,
