@@ -212,50 +212,119 @@ async fn op(client: &Client, name: &str, op: InstanceOp) -> Result<ApiReply> {
         .await?)
 }
 
-pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
+async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
+    let rootfs = std::path::absolute(&args.rootfs)
+        .with_context(|| format!("bad rootfs path {}", args.rootfs.display()))?;
+    let request = LaunchRequest {
+        name: args.name.clone(),
+        rootfs: rootfs.to_string_lossy().into_owned(),
+        target: args.target,
+        memory_bytes: args.memory,
+        command: args.command,
+    };
+    let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
+        return Err(unexpected());
+    };
+    if args.detach {
+        println!("launched {} on {}", d.view.name, d.view.node);
+    } else {
+        let d = wait_running(client, &args.name).await?;
+        println!("launched {} on {}, running", d.view.name, d.view.node);
+    }
+    Ok(())
+}
+
+async fn list(client: &Client, format: Format) -> Result<()> {
+    let ApiReply::Instances(list) = client.call(ApiRequest::InstanceList).await? else {
+        return Err(unexpected());
+    };
+    match format {
+        Format::Json => print_json(&list)?,
+        Format::Table => print_table(
+            &["NAME", "KIND", "NODE", "STATE", "EPOCH"],
+            list.iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        i.kind.clone(),
+                        i.node.clone(),
+                        i.state.clone(),
+                        i.epoch.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+    Ok(())
+}
+
+async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<()> {
     match command {
-        InstanceCommand::Launch(args) => {
-            let rootfs = std::path::absolute(&args.rootfs)
-                .with_context(|| format!("bad rootfs path {}", args.rootfs.display()))?;
-            let request = LaunchRequest {
-                name: args.name.clone(),
-                rootfs: rootfs.to_string_lossy().into_owned(),
-                target: args.target,
-                memory_bytes: args.memory,
-                command: args.command,
-            };
-            let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
-                return Err(unexpected());
-            };
-            if args.detach {
-                println!("launched {} on {}", d.view.name, d.view.node);
-            } else {
-                let d = wait_running(client, &args.name).await?;
-                println!("launched {} on {}, running", d.view.name, d.view.node);
-            }
+        SnapshotCommand::Create {
+            name,
+            snapshot,
+            stateful,
+        } => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotCreate {
+                    snapshot: snapshot.clone(),
+                    stateful,
+                },
+            )
+            .await?;
+            println!("created snapshot {snapshot} of {name}");
         }
-        InstanceCommand::List { format } => {
-            let ApiReply::Instances(list) = client.call(ApiRequest::InstanceList).await? else {
-                return Err(unexpected());
-            };
+        SnapshotCommand::List { name, format } => {
+            let d = detail(client, &name).await?;
             match format {
-                Format::Json => print_json(&list)?,
+                Format::Json => print_json(&d.snapshots)?,
                 Format::Table => print_table(
-                    &["NAME", "KIND", "NODE", "STATE", "EPOCH"],
-                    list.iter()
-                        .map(|i| {
+                    &["SNAPSHOT", "STATEFUL", "CREATED (ms)"],
+                    d.snapshots
+                        .iter()
+                        .map(|s| {
                             vec![
-                                i.name.clone(),
-                                i.kind.clone(),
-                                i.node.clone(),
-                                i.state.clone(),
-                                i.epoch.to_string(),
+                                s.name.clone(),
+                                s.stateful.to_string(),
+                                s.created_ms.to_string(),
                             ]
                         })
                         .collect(),
                 ),
             }
         }
+        SnapshotCommand::Restore { name, snapshot } => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotRestore {
+                    snapshot: snapshot.clone(),
+                },
+            )
+            .await?;
+            println!("restored {name} to snapshot {snapshot}");
+        }
+        SnapshotCommand::Delete { name, snapshot } => {
+            op(
+                client,
+                &name,
+                InstanceOp::SnapshotDelete {
+                    snapshot: snapshot.clone(),
+                },
+            )
+            .await?;
+            println!("deleted snapshot {snapshot} of {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
+    match command {
+        InstanceCommand::Launch(args) => launch(client, args).await?,
+        InstanceCommand::List { format } => list(client, format).await?,
         InstanceCommand::Show { name, format } => {
             let d = detail(client, &name).await?;
             match format {
@@ -283,63 +352,7 @@ pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
             op(client, &name, InstanceOp::Delete { force }).await?;
             println!("deleted {name}");
         }
-        InstanceCommand::Snapshot(SnapshotCommand::Create {
-            name,
-            snapshot,
-            stateful,
-        }) => {
-            op(
-                client,
-                &name,
-                InstanceOp::SnapshotCreate {
-                    snapshot: snapshot.clone(),
-                    stateful,
-                },
-            )
-            .await?;
-            println!("created snapshot {snapshot} of {name}");
-        }
-        InstanceCommand::Snapshot(SnapshotCommand::List { name, format }) => {
-            let d = detail(client, &name).await?;
-            match format {
-                Format::Json => print_json(&d.snapshots)?,
-                Format::Table => print_table(
-                    &["SNAPSHOT", "STATEFUL", "CREATED (ms)"],
-                    d.snapshots
-                        .iter()
-                        .map(|s| {
-                            vec![
-                                s.name.clone(),
-                                s.stateful.to_string(),
-                                s.created_ms.to_string(),
-                            ]
-                        })
-                        .collect(),
-                ),
-            }
-        }
-        InstanceCommand::Snapshot(SnapshotCommand::Restore { name, snapshot }) => {
-            op(
-                client,
-                &name,
-                InstanceOp::SnapshotRestore {
-                    snapshot: snapshot.clone(),
-                },
-            )
-            .await?;
-            println!("restored {name} to snapshot {snapshot}");
-        }
-        InstanceCommand::Snapshot(SnapshotCommand::Delete { name, snapshot }) => {
-            op(
-                client,
-                &name,
-                InstanceOp::SnapshotDelete {
-                    snapshot: snapshot.clone(),
-                },
-            )
-            .await?;
-            println!("deleted snapshot {snapshot} of {name}");
-        }
+        InstanceCommand::Snapshot(command) => snapshot(client, command).await?,
         InstanceCommand::Exec { name, command } => {
             let ApiReply::Exec {
                 code,

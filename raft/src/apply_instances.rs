@@ -6,6 +6,34 @@ use crate::ids::NodeId;
 use crate::instances::*;
 use crate::model::{ClusterState, CommandResult};
 
+impl Instance {
+    /// A new instance: epoch 1, nothing observed yet.
+    fn new(
+        name: &str,
+        kind: InstanceKind,
+        spec: InstanceSpec,
+        owner: NodeId,
+        desired: DesiredState,
+        now_ms: u64,
+    ) -> Self {
+        Instance {
+            name: name.to_string(),
+            kind,
+            spec,
+            owner,
+            epoch: 1,
+            desired,
+            observed: ObservedState::Pending,
+            detail: None,
+            checkpointed: false,
+            baseline: None,
+            snapshots: Vec::new(),
+            created_ms: now_ms,
+            job: None,
+        }
+    }
+}
+
 impl ClusterState {
     pub(crate) fn apply_instance(
         &mut self,
@@ -23,24 +51,8 @@ impl ClusterState {
                 if self.instances.contains_key(name) {
                     return Err(InstanceRejection::Exists(name.clone()));
                 }
-                self.instances.insert(
-                    name.clone(),
-                    Instance {
-                        name: name.clone(),
-                        kind: *kind,
-                        spec: spec.clone(),
-                        owner: *owner,
-                        epoch: 1,
-                        desired: *desired,
-                        observed: ObservedState::Pending,
-                        detail: None,
-                        checkpointed: false,
-                        baseline: None,
-                        snapshots: Vec::new(),
-                        created_ms: *now_ms,
-                        job: None,
-                    },
-                );
+                let instance = Instance::new(name, *kind, spec.clone(), *owner, *desired, *now_ms);
+                self.instances.insert(name.clone(), instance);
             }
             InstanceCommand::SetDesired { name, desired } => {
                 let instance = self.idle_instance_mut(name)?;

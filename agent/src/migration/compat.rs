@@ -103,7 +103,13 @@ pub fn check(
     if needs.stateful {
         report.push(criu_item(source, target));
     }
-    report.push(match (needs.memory_bytes, needs.target_free_memory_bytes) {
+    report.push(memory_item(target, needs));
+    report.push(disk_item(target, needs));
+    report
+}
+
+fn memory_item(target: &HostFacts, needs: &Needs) -> CheckResult {
+    match (needs.memory_bytes, needs.target_free_memory_bytes) {
         (Some(need), Some(free)) => item(
             "memory",
             free >= need,
@@ -123,8 +129,11 @@ pub fn check(
             ),
         ),
         (None, _) => item("memory", true, "no memory limit set".into()),
-    });
-    report.push(match needs.target_free_disk_bytes {
+    }
+}
+
+fn disk_item(target: &HostFacts, needs: &Needs) -> CheckResult {
+    match needs.target_free_disk_bytes {
         Some(free) => item(
             "disk",
             free >= needs.disk_bytes,
@@ -143,8 +152,7 @@ pub fn check(
                 target.disk_total_bytes >> 20
             ),
         ),
-    });
-    report
+    }
 }
 
 fn criu_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
