@@ -83,6 +83,21 @@ pub struct Member {
     pub facts: Option<HostFacts>,
 }
 
+impl Member {
+    /// A member just added or joined: online, facts not reported yet.
+    pub fn online(id: NodeId, name: &str, addr: &str, cert_serial: &str, now_ms: u64) -> Self {
+        Member {
+            id,
+            name: name.to_string(),
+            addr: addr.to_string(),
+            state: MemberState::Online,
+            cert_serial: cert_serial.to_string(),
+            joined_ms: now_ms,
+            facts: None,
+        }
+    }
+}
+
 /// A join token as the cluster stores it: only a hash of the secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {

@@ -6,8 +6,7 @@
 //! same log reaches the same state. A rejected command changes nothing.
 
 use crate::model::{
-    ClusterState, Command, CommandResult, HostFacts, JoinToken, Member, MemberState, NodeId,
-    Rejection,
+    ClusterState, Command, CommandResult, HostFacts, JoinToken, Member, NodeId, Rejection,
 };
 
 /// The node that bootstraps a cluster always has this id.
@@ -139,18 +138,8 @@ impl ClusterState {
         now_ms: u64,
     ) -> CommandResult {
         let facts = self.members.get(&id).and_then(|m| m.facts.clone());
-        self.members.insert(
-            id,
-            Member {
-                id,
-                name: name.to_string(),
-                addr: addr.to_string(),
-                state: MemberState::Online,
-                cert_serial: cert_serial.to_string(),
-                joined_ms: now_ms,
-                facts,
-            },
-        );
+        let member = Member::online(id, name, addr, cert_serial, now_ms);
+        self.members.insert(id, Member { facts, ..member });
         self.next_node_id = self.next_node_id.max(id.saturating_add(1));
         CommandResult::Done
     }
@@ -223,18 +212,8 @@ impl ClusterState {
         // before the bootstrap records do.
         let id: NodeId = self.next_node_id.max(BOOTSTRAP_NODE_ID + 1);
         self.next_node_id = id.saturating_add(1);
-        self.members.insert(
-            id,
-            Member {
-                id,
-                name: name.to_string(),
-                addr: addr.to_string(),
-                state: MemberState::Online,
-                cert_serial: cert_serial.to_string(),
-                joined_ms: now_ms,
-                facts: None,
-            },
-        );
+        let member = Member::online(id, name, addr, cert_serial, now_ms);
+        self.members.insert(id, member);
         Ok(CommandResult::Joined { id })
     }
 }
@@ -242,7 +221,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ClusterConfig;
+    use crate::model::{ClusterConfig, MemberState};
 
     const HOUR: u64 = 60 * 60 * 1000;
     const T0: u64 = 1_700_000_000_000;

@@ -41,6 +41,15 @@ impl From<PeerError> for ApiError {
     }
 }
 
+impl Peer {
+    fn unreachable(&self, e: impl std::fmt::Display) -> PeerError {
+        PeerError::Unreachable {
+            name: self.name.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 pub type Channel = (quinn::SendStream, quinn::RecvStream);
 
 impl Agent {
@@ -72,10 +81,7 @@ impl Agent {
                 timeout,
             )
             .await
-            .map_err(|e| PeerError::Unreachable {
-                name: peer.name.clone(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| peer.unreachable(e))
     }
 
     /// An API request to `peer`, its reply or its error.
@@ -110,9 +116,6 @@ impl Agent {
                 timeout,
             )
             .await
-            .map_err(|e| PeerError::Unreachable {
-                name: peer.name.clone(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| peer.unreachable(e))
     }
 }
