@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
+use crate::api::names::{InstanceName, SnapshotName};
 use crate::migration::plan::LocalCopy;
 
 /// What the runtime reports of an instance it knows.
@@ -59,22 +60,22 @@ pub enum DriverError {
 #[async_trait]
 pub trait Driver: Send + Sync {
     /// The runtime's view of `name`; `None` when it knows no such instance.
-    async fn status(&self, name: &str) -> Result<Option<Status>, DriverError>;
+    async fn status(&self, name: &InstanceName) -> Result<Option<Status>, DriverError>;
     /// Whether this host holds any file of `name`.
-    fn has_files(&self, name: &str) -> bool;
+    fn has_files(&self, name: &InstanceName) -> bool;
     /// Whether a copy restored for a move is held here (its tasks stay
     /// stopped until [`Driver::release_held`]).
-    fn is_held(&self, name: &str) -> bool;
+    fn is_held(&self, name: &InstanceName) -> bool;
     /// Where `name`'s root filesystem lives here (what a move sends).
-    fn rootfs(&self, name: &str) -> PathBuf;
+    fn rootfs(&self, name: &InstanceName) -> PathBuf;
     /// Where a move's final memory images of `name` live here.
-    fn images(&self, name: &str) -> PathBuf;
+    fn images(&self, name: &InstanceName) -> PathBuf;
     /// A move's staging area of `name` (images, restore configs).
-    fn staging(&self, name: &str) -> PathBuf;
+    fn staging(&self, name: &InstanceName) -> PathBuf;
 
     /// Replace `name`'s files with the rootfs at `source` (a directory or
     /// a tar archive).
-    async fn import_rootfs(&self, name: &str, source: &Path) -> Result<(), DriverError>;
+    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError>;
     /// Unpack the rootfs at `source` (a directory or a tar archive) into
     /// `dest`, owners and modes kept, to send it elsewhere.
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError>;
@@ -82,48 +83,65 @@ pub trait Driver: Send + Sync {
     /// every task stopped.
     async fn configure(
         &self,
-        name: &str,
+        name: &InstanceName,
         spec: &InstanceSpec,
         held: bool,
     ) -> Result<(), DriverError>;
     /// Run the instance's command afresh.
-    async fn start(&self, name: &str) -> Result<(), DriverError>;
+    async fn start(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Bring back the memory state of a stateful stop.
-    async fn restore(&self, name: &str) -> Result<(), DriverError>;
+    async fn restore(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// End the processes (at once with `force`); files stay.
-    async fn stop(&self, name: &str, force: bool) -> Result<(), DriverError>;
+    async fn stop(&self, name: &InstanceName, force: bool) -> Result<(), DriverError>;
     /// Save memory state, then end the processes; on failure they run on.
-    async fn checkpoint_stop(&self, name: &str) -> Result<(), DriverError>;
+    async fn checkpoint_stop(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Forget the memory state of an earlier stateful stop.
-    async fn discard_checkpoint(&self, name: &str);
+    async fn discard_checkpoint(&self, name: &InstanceName);
     /// A consistent copy of the files (and, `stateful`, of memory).
-    async fn snapshot(&self, name: &str, snap: &str, stateful: bool) -> Result<(), DriverError>;
+    async fn snapshot(
+        &self,
+        name: &InstanceName,
+        snap: &SnapshotName,
+        stateful: bool,
+    ) -> Result<(), DriverError>;
     /// Back to a snapshot, running again.
     async fn restore_snapshot(
         &self,
-        name: &str,
-        snap: &str,
+        name: &InstanceName,
+        snap: &SnapshotName,
         stateful: bool,
     ) -> Result<(), DriverError>;
     /// Put a snapshot's files back without starting anything.
-    async fn reset_to_snapshot(&self, name: &str, snap: &str) -> Result<(), DriverError>;
-    async fn delete_snapshot(&self, name: &str, snap: &str);
+    async fn reset_to_snapshot(
+        &self,
+        name: &InstanceName,
+        snap: &SnapshotName,
+    ) -> Result<(), DriverError>;
+    async fn delete_snapshot(&self, name: &InstanceName, snap: &SnapshotName);
     /// Stop every task where it is (never a kill).
-    async fn freeze(&self, name: &str) -> Result<(), DriverError>;
+    async fn freeze(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Undo [`Driver::freeze`].
-    async fn thaw(&self, name: &str) -> Result<(), DriverError>;
+    async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Final dump of a frozen instance into [`Driver::images`]; it stays
     /// frozen, so a rollback can thaw it.
-    async fn dump_frozen(&self, name: &str) -> Result<(), DriverError>;
+    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Restore from [`Driver::images`] with every task held stopped; marked
     /// held before it starts.
-    async fn restore_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError>;
+    async fn restore_held(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError>;
     /// Let a held copy run; later restores are not held, the staging goes.
-    async fn release_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError>;
+    async fn release_held(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError>;
     /// End the processes (a frozen copy dies without running again) and
     /// delete every file of `name`.
-    async fn remove(&self, name: &str) -> Result<(), DriverError>;
-    async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, DriverError>;
+    async fn remove(&self, name: &InstanceName) -> Result<(), DriverError>;
+    async fn exec(&self, name: &InstanceName, argv: &[String]) -> Result<ExecOutput, DriverError>;
     /// Filesystem types mounted inside the instance whose first process is
     /// `pid` (part of its baseline).
     async fn mounted_filesystems(&self, pid: u32) -> Vec<String>;
@@ -138,7 +156,7 @@ pub trait Driver: Send + Sync {
 }
 
 /// What this host holds of `name`, for the migration plan.
-pub async fn local_copy(driver: &dyn Driver, name: &str) -> LocalCopy {
+pub async fn local_copy(driver: &dyn Driver, name: &InstanceName) -> LocalCopy {
     match driver.status(name).await.ok().flatten().map(|s| s.state) {
         Some(RunState::Paused) => LocalCopy::Frozen,
         Some(RunState::Running) if driver.is_held(name) => LocalCopy::Frozen,
@@ -150,7 +168,7 @@ pub async fn local_copy(driver: &dyn Driver, name: &str) -> LocalCopy {
 }
 
 /// Whether the runtime reports `name` running or frozen.
-pub async fn is_up(driver: &dyn Driver, name: &str) -> Result<bool, DriverError> {
+pub async fn is_up(driver: &dyn Driver, name: &InstanceName) -> Result<bool, DriverError> {
     Ok(matches!(
         driver.status(name).await?.map(|s| s.state),
         Some(RunState::Running | RunState::Paused)

@@ -62,13 +62,27 @@ pub async fn probe(data_dir: &Path, runtimes: Runtimes) -> HostFacts {
             }
         }
     };
+    hide_for_tests(&mut facts);
+    facts
+}
+
+/// A test build (cargo feature `test-hooks`) leaves out the items named in
+/// [`HIDE_FACTS_ENV`]; the binary users run never reads the variable, so
+/// it cannot make a host look compatible with what it is not.
+#[cfg(feature = "test-hooks")]
+fn hide_for_tests(facts: &mut HostFacts) {
     match std::env::var(HIDE_FACTS_ENV) {
-        Ok(spec) => apply_hidden_facts(&mut facts, &parse_hide_facts(&spec)),
+        Ok(spec) => {
+            tracing::warn!(var = HIDE_FACTS_ENV, %spec, "test build: hiding host facts");
+            apply_hidden_facts(facts, &parse_hide_facts(&spec))
+        }
         Err(std::env::VarError::NotPresent) => {}
         Err(e) => tracing::warn!(var = HIDE_FACTS_ENV, error = %e, "ignoring unreadable variable"),
     }
-    facts
 }
+
+#[cfg(not(feature = "test-hooks"))]
+fn hide_for_tests(_facts: &mut HostFacts) {}
 
 fn probe_blocking(data_dir: &Path, runtimes: Runtimes) -> HostFacts {
     let arch = std::env::consts::ARCH.to_string();

@@ -19,7 +19,7 @@ mod clock;
 mod container;
 pub mod datadir;
 pub mod driver;
-mod facts;
+pub mod facts;
 mod gossip;
 mod identity;
 mod instances;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_agent::api::instances::{InstanceDetail, InstanceOp, LaunchRequest};
+use ferry_agent::api::names::{InstanceName, SnapshotName};
 use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
 
@@ -14,8 +15,8 @@ use crate::Format;
 
 #[derive(Args)]
 pub struct LaunchArgs {
-    /// Name of the new instance.
-    name: String,
+    /// Name of the new instance (a-z, 0-9 and '-', at most 63).
+    name: InstanceName,
     /// Root filesystem: a directory or a tar archive.
     #[arg(long, value_name = "PATH")]
     rootfs: std::path::PathBuf,
@@ -83,7 +84,7 @@ pub enum SnapshotCommand {
     /// Snapshot the rootfs (and with --stateful the memory) of an instance.
     Create {
         name: String,
-        snapshot: String,
+        snapshot: SnapshotName,
         /// Also checkpoint memory with CRIU (the instance keeps running).
         #[arg(long)]
         stateful: bool,
@@ -95,9 +96,15 @@ pub enum SnapshotCommand {
         format: Format,
     },
     /// Bring an instance back to a snapshot.
-    Restore { name: String, snapshot: String },
+    Restore {
+        name: String,
+        snapshot: SnapshotName,
+    },
     /// Delete a snapshot.
-    Delete { name: String, snapshot: String },
+    Delete {
+        name: String,
+        snapshot: SnapshotName,
+    },
 }
 
 /// "64M", "1G", "512K", or plain bytes.
@@ -228,7 +235,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     if args.detach {
         println!("launched {} on {}", d.view.name, d.view.node);
     } else {
-        let d = wait_running(client, &args.name).await?;
+        let d = wait_running(client, args.name.as_str()).await?;
         println!("launched {} on {}, running", d.view.name, d.view.node);
     }
     Ok(())

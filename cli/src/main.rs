@@ -170,8 +170,29 @@ fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
+/// Parse the command line; a bad value is one line on stderr (the field's
+/// convention), while help, version and usage mistakes print as clap does.
+fn parse_args() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: bad argument");
+            eprintln!("{first}");
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     // One crypto provider for the whole process; the transport also passes
     // it explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -48,6 +48,9 @@ impl ClusterState {
                 desired,
                 now_ms,
             } => {
+                // Every path under a data dir is built from this name.
+                crate::names::InstanceName::parse(name)
+                    .map_err(|e| InstanceRejection::BadName(e.to_string()))?;
                 if self.instances.contains_key(name) {
                     return Err(InstanceRejection::Exists(name.clone()));
                 }
@@ -81,6 +84,8 @@ impl ClusterState {
                 instance.baseline = Some(baseline.clone());
             }
             InstanceCommand::AddSnapshot { name, snapshot } => {
+                crate::names::SnapshotName::parse(&snapshot.name)
+                    .map_err(|e| InstanceRejection::BadName(e.to_string()))?;
                 let instance = self.idle_instance_mut(name)?;
                 if instance.snapshots.iter().any(|s| s.name == snapshot.name) {
                     return Err(InstanceRejection::SnapshotExists {
@@ -188,6 +193,34 @@ mod tests {
             CommandResult::Rejected(Rejection::Instance(r)) => r,
             other => panic!("expected an instance rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_instance_or_snapshot_name_that_is_not_a_plain_name_is_refused() {
+        let mut s = ClusterState::default();
+        for bad in ["../..", "a/b", "", "Upper"] {
+            assert!(
+                matches!(
+                    rejected(&mut s, &create(bad, 1)),
+                    InstanceRejection::BadName(_)
+                ),
+                "{bad}"
+            );
+        }
+        assert!(s.instances.is_empty());
+        s.apply(&create("c1", 1));
+        let snapshot = Command::Instance(InstanceCommand::AddSnapshot {
+            name: "c1".into(),
+            snapshot: SnapshotRecord {
+                name: "../s".into(),
+                stateful: false,
+                created_ms: 1,
+            },
+        });
+        assert!(matches!(
+            rejected(&mut s, &snapshot),
+            InstanceRejection::BadName(_)
+        ));
     }
 
     #[test]

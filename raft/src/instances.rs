@@ -181,4 +181,7 @@ pub enum InstanceRejection {
     NoSnapshot { name: String, snapshot: String },
     #[error("instance '{name}' is busy with job {job}; wait for it ('ferry job wait {job}') or abort it")]
     Busy { name: String, job: JobId },
+    /// Appended last: variants are encoded by position.
+    #[error("{0}")]
+    BadName(String),
 }

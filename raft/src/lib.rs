@@ -7,6 +7,7 @@ pub mod ids;
 pub mod instances;
 pub mod jobs;
 pub mod model;
+pub mod names;
 pub mod network;
 pub mod state;
 pub mod store;

@@ -1,11 +1,13 @@
 //! Instance requests and views exchanged by the CLI and agents.
 
 use ferry_raft::{Baseline, SnapshotRecord};
+
+use super::names::{InstanceName, SnapshotName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LaunchRequest {
-    pub name: String,
+    pub name: InstanceName,
     /// A directory or tar archive on the host of the agent that receives
     /// the request (the CLI's host).
     pub rootfs: String,
@@ -16,7 +18,7 @@ pub struct LaunchRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UploadRequest {
-    pub name: String,
+    pub name: InstanceName,
     pub command: Vec<String>,
     pub memory_bytes: Option<u64>,
 }
@@ -24,12 +26,26 @@ pub struct UploadRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum InstanceOp {
     Start,
-    Stop { stateful: bool, force: bool },
-    Delete { force: bool },
-    Exec { argv: Vec<String> },
-    SnapshotCreate { snapshot: String, stateful: bool },
-    SnapshotRestore { snapshot: String },
-    SnapshotDelete { snapshot: String },
+    Stop {
+        stateful: bool,
+        force: bool,
+    },
+    Delete {
+        force: bool,
+    },
+    Exec {
+        argv: Vec<String>,
+    },
+    SnapshotCreate {
+        snapshot: SnapshotName,
+        stateful: bool,
+    },
+    SnapshotRestore {
+        snapshot: SnapshotName,
+    },
+    SnapshotDelete {
+        snapshot: SnapshotName,
+    },
 }
 
 /// `ferry list --format json` (CLI.md).

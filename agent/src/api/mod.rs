@@ -5,6 +5,7 @@
 
 pub mod instances;
 pub mod jobs;
+pub mod names;
 pub mod transfer;
 
 use ferry_raft::network::{RaftReply, RaftRequest};

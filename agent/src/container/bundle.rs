@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::api::names::{InstanceName, SnapshotName};
 use oci_spec::runtime::{
     LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec,
 };
@@ -28,9 +29,9 @@ pub struct InstanceDir {
 }
 
 impl InstanceDir {
-    pub fn new(data_dir: &Path, name: &str) -> Self {
+    pub fn new(data_dir: &Path, name: &InstanceName) -> Self {
         InstanceDir {
-            root: data_dir.join("instances").join(name),
+            root: data_dir.join("instances").join(name.as_str()),
         }
     }
     pub fn root(&self) -> &Path {
@@ -60,8 +61,8 @@ impl InstanceDir {
     pub fn held_marker(&self) -> PathBuf {
         self.root.join("held")
     }
-    pub fn snapshot(&self, snap: &str) -> PathBuf {
-        self.root.join("snapshots").join(snap)
+    pub fn snapshot(&self, snap: &SnapshotName) -> PathBuf {
+        self.root.join("snapshots").join(snap.as_str())
     }
 }
 

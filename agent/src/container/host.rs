@@ -11,6 +11,7 @@ use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
+use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, RunState, Status};
 
 impl From<RuncError> for DriverError {
@@ -70,7 +71,7 @@ impl Host {
         }
     }
 
-    fn dir(&self, name: &str) -> InstanceDir {
+    fn dir(&self, name: &InstanceName) -> InstanceDir {
         InstanceDir::new(&self.data_dir, name)
     }
 
@@ -78,19 +79,19 @@ impl Host {
         self.data_dir.join("runc.log")
     }
 
-    async fn state(&self, name: &str) -> Result<Option<ContainerState>, RuncError> {
+    async fn state(&self, name: &InstanceName) -> Result<Option<ContainerState>, RuncError> {
         tokio::fs::create_dir_all(self.data_dir.join("runc"))
             .await
             .ok();
-        self.runc.state(name, &self.log()).await
+        self.runc.state(name.as_str(), &self.log()).await
     }
 
     /// Remove runc's record of an exited container so the id can run again.
-    async fn forget_exited(&self, name: &str) -> Result<(), RuncError> {
+    async fn forget_exited(&self, name: &InstanceName) -> Result<(), RuncError> {
         if let Some(state) = self.state(name).await? {
             if state.status == RuncStatus::Stopped {
                 self.runc
-                    .delete(name, true, &self.dir(name).runc_log())
+                    .delete(name.as_str(), true, &self.dir(name).runc_log())
                     .await?;
             }
         }
@@ -99,7 +100,7 @@ impl Host {
 
     async fn write_config(
         &self,
-        name: &str,
+        name: &InstanceName,
         spec: &InstanceSpec,
         held: bool,
     ) -> Result<(), DriverError> {
@@ -117,7 +118,7 @@ impl Host {
         bundle::write_config(
             &dir,
             &BundleConfig {
-                name,
+                name: name.as_str(),
                 command: &spec.command,
                 memory_bytes: spec.memory_bytes,
                 cgroup_parent: &self.cgroup_parent,
@@ -127,21 +128,21 @@ impl Host {
         Ok(())
     }
 
-    async fn start_container(&self, name: &str) -> Result<(), RuncError> {
+    async fn start_container(&self, name: &InstanceName) -> Result<(), RuncError> {
         self.forget_exited(name).await?;
         let dir = self.dir(name);
         self.runc
-            .run_detached(name, &dir.bundle(), &dir.runc_log())
+            .run_detached(name.as_str(), &dir.bundle(), &dir.runc_log())
             .await
     }
 
-    async fn restore_checkpoint(&self, name: &str) -> Result<(), RuncError> {
+    async fn restore_checkpoint(&self, name: &InstanceName) -> Result<(), RuncError> {
         self.forget_exited(name).await?;
         let dir = self.dir(name);
         let _ = tokio::fs::create_dir_all(dir.criu_work()).await;
         self.runc
             .restore(
-                name,
+                name.as_str(),
                 &dir.bundle(),
                 &dir.checkpoint(),
                 &dir.criu_work(),
@@ -152,16 +153,16 @@ impl Host {
 
     /// SIGTERM, then SIGKILL after a grace period (at once with `force`),
     /// then forget the container. The rootfs stays.
-    async fn stop_container(&self, name: &str, force: bool) -> Result<(), RuncError> {
+    async fn stop_container(&self, name: &InstanceName, force: bool) -> Result<(), RuncError> {
         let log = self.dir(name).runc_log();
         let Some(state) = self.state(name).await? else {
             return Ok(());
         };
         if state.status == RuncStatus::Paused {
-            self.runc.resume(name, &log).await?;
+            self.runc.resume(name.as_str(), &log).await?;
         }
         if !force {
-            let _ = self.runc.kill(name, "TERM", &log).await;
+            let _ = self.runc.kill(name.as_str(), "TERM", &log).await;
             for _ in 0..50 {
                 match self.state(name).await? {
                     Some(s) if s.status != RuncStatus::Stopped => {
@@ -171,13 +172,13 @@ impl Host {
                 }
             }
         }
-        self.runc.delete(name, true, &log).await
+        self.runc.delete(name.as_str(), true, &log).await
     }
 }
 
 #[async_trait]
 impl Driver for Host {
-    async fn status(&self, name: &str) -> Result<Option<Status>, DriverError> {
+    async fn status(&self, name: &InstanceName) -> Result<Option<Status>, DriverError> {
         Ok(self.state(name).await?.map(|s| Status {
             state: match s.status {
                 RuncStatus::Running => RunState::Running,
@@ -188,27 +189,27 @@ impl Driver for Host {
         }))
     }
 
-    fn has_files(&self, name: &str) -> bool {
+    fn has_files(&self, name: &InstanceName) -> bool {
         self.dir(name).root().exists()
     }
 
-    fn is_held(&self, name: &str) -> bool {
+    fn is_held(&self, name: &InstanceName) -> bool {
         self.dir(name).held_marker().exists()
     }
 
-    fn rootfs(&self, name: &str) -> PathBuf {
+    fn rootfs(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).rootfs()
     }
 
-    fn images(&self, name: &str) -> PathBuf {
+    fn images(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).migration().join("images")
     }
 
-    fn staging(&self, name: &str) -> PathBuf {
+    fn staging(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).migration()
     }
 
-    async fn import_rootfs(&self, name: &str, source: &Path) -> Result<(), DriverError> {
+    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
         self.stage_rootfs(source, &dir.rootfs()).await
@@ -224,33 +225,33 @@ impl Driver for Host {
 
     async fn configure(
         &self,
-        name: &str,
+        name: &InstanceName,
         spec: &InstanceSpec,
         held: bool,
     ) -> Result<(), DriverError> {
         self.write_config(name, spec, held).await
     }
 
-    async fn start(&self, name: &str) -> Result<(), DriverError> {
+    async fn start(&self, name: &InstanceName) -> Result<(), DriverError> {
         Ok(self.start_container(name).await?)
     }
 
-    async fn restore(&self, name: &str) -> Result<(), DriverError> {
+    async fn restore(&self, name: &InstanceName) -> Result<(), DriverError> {
         Ok(self.restore_checkpoint(name).await?)
     }
 
-    async fn stop(&self, name: &str, force: bool) -> Result<(), DriverError> {
+    async fn stop(&self, name: &InstanceName, force: bool) -> Result<(), DriverError> {
         Ok(self.stop_container(name, force).await?)
     }
 
     /// CRIU dumps the processes into the checkpoint dir and they end.
-    async fn checkpoint_stop(&self, name: &str) -> Result<(), DriverError> {
+    async fn checkpoint_stop(&self, name: &InstanceName) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
         create_dirs(&[dir.checkpoint(), dir.criu_work()]).await?;
         self.runc
             .checkpoint(
-                name,
+                name.as_str(),
                 &dir.checkpoint(),
                 &dir.criu_work(),
                 false,
@@ -260,12 +261,17 @@ impl Driver for Host {
         Ok(self.forget_exited(name).await?)
     }
 
-    async fn discard_checkpoint(&self, name: &str) {
+    async fn discard_checkpoint(&self, name: &InstanceName) {
         let _ = tokio::fs::remove_dir_all(self.dir(name).checkpoint()).await;
     }
 
     /// Taken while the instance is paused; it runs on afterwards.
-    async fn snapshot(&self, name: &str, snap: &str, stateful: bool) -> Result<(), DriverError> {
+    async fn snapshot(
+        &self,
+        name: &InstanceName,
+        snap: &SnapshotName,
+        stateful: bool,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let target = dir.snapshot(snap);
         let log = dir.runc_log();
@@ -274,21 +280,21 @@ impl Driver for Host {
             Some(RuncStatus::Running)
         );
         if running {
-            self.runc.pause(name, &log).await?;
+            self.runc.pause(name.as_str(), &log).await?;
         }
         let result = async {
             if stateful {
                 let images = target.join("checkpoint");
                 create_dirs(&[images.clone(), dir.criu_work()]).await?;
                 self.runc
-                    .checkpoint(name, &images, &dir.criu_work(), true, &log)
+                    .checkpoint(name.as_str(), &images, &dir.criu_work(), true, &log)
                     .await?;
             }
             copy_dir(dir.rootfs(), target.join("rootfs")).await
         }
         .await;
         if running {
-            self.runc.resume(name, &log).await?;
+            self.runc.resume(name.as_str(), &log).await?;
         }
         if result.is_err() {
             let _ = tokio::fs::remove_dir_all(&target).await;
@@ -299,8 +305,8 @@ impl Driver for Host {
     /// The current processes end first.
     async fn restore_snapshot(
         &self,
-        name: &str,
-        snap: &str,
+        name: &InstanceName,
+        snap: &SnapshotName,
         stateful: bool,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
@@ -316,26 +322,36 @@ impl Driver for Host {
         }
     }
 
-    async fn reset_to_snapshot(&self, name: &str, snap: &str) -> Result<(), DriverError> {
+    async fn reset_to_snapshot(
+        &self,
+        name: &InstanceName,
+        snap: &SnapshotName,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         Ok(copy_dir(dir.snapshot(snap).join("rootfs"), dir.rootfs()).await?)
     }
 
-    async fn delete_snapshot(&self, name: &str, snap: &str) {
+    async fn delete_snapshot(&self, name: &InstanceName, snap: &SnapshotName) {
         let _ = tokio::fs::remove_dir_all(self.dir(name).snapshot(snap)).await;
     }
 
-    async fn freeze(&self, name: &str) -> Result<(), DriverError> {
-        Ok(self.runc.pause(name, &self.dir(name).runc_log()).await?)
+    async fn freeze(&self, name: &InstanceName) -> Result<(), DriverError> {
+        Ok(self
+            .runc
+            .pause(name.as_str(), &self.dir(name).runc_log())
+            .await?)
     }
 
-    async fn thaw(&self, name: &str) -> Result<(), DriverError> {
-        Ok(self.runc.resume(name, &self.dir(name).runc_log()).await?)
+    async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
+        Ok(self
+            .runc
+            .resume(name.as_str(), &self.dir(name).runc_log())
+            .await?)
     }
 
     /// `runc checkpoint --leave-running` of the paused container: it stays
     /// paused (never killed).
-    async fn dump_frozen(&self, name: &str) -> Result<(), DriverError> {
+    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let images = self.images(name);
         let work = dir.migration().join("work");
@@ -345,12 +361,16 @@ impl Driver for Host {
         create_dirs(&[images.clone(), work.clone()]).await?;
         Ok(self
             .runc
-            .checkpoint(name, &images, &work, true, &dir.runc_log())
+            .checkpoint(name.as_str(), &images, &work, true, &dir.runc_log())
             .await?)
     }
 
     /// The bundle's config names a CRIU config with `leave-stopped`.
-    async fn restore_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError> {
+    async fn restore_held(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         self.write_config(name, spec, true).await?;
         // Marked before the restore: a copy that exists here is held until
@@ -365,7 +385,7 @@ impl Driver for Host {
         Ok(self
             .runc
             .restore(
-                name,
+                name.as_str(),
                 &dir.bundle(),
                 &self.images(name),
                 &work,
@@ -375,9 +395,13 @@ impl Driver for Host {
     }
 
     /// SIGCONT to every task of the held container.
-    async fn release_held(&self, name: &str, spec: &InstanceSpec) -> Result<(), DriverError> {
+    async fn release_held(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        for pid in self.runc.pids(name, &dir.runc_log()).await? {
+        for pid in self.runc.pids(name.as_str(), &dir.runc_log()).await? {
             let _ = tokio::process::Command::new("kill")
                 .args(["-CONT", &pid.to_string()])
                 .status()
@@ -390,24 +414,24 @@ impl Driver for Host {
         Ok(())
     }
 
-    async fn remove(&self, name: &str) -> Result<(), DriverError> {
+    async fn remove(&self, name: &InstanceName) -> Result<(), DriverError> {
         let log = self.dir(name).runc_log();
         if let Some(state) = self.state(name).await? {
             if state.status == RuncStatus::Paused {
                 // Queue SIGKILL while frozen: when delete thaws the tasks
                 // they die before running another instruction.
-                let _ = self.runc.kill(name, "KILL", &log).await;
+                let _ = self.runc.kill(name.as_str(), "KILL", &log).await;
             }
-            self.runc.delete(name, true, &log).await?;
+            self.runc.delete(name.as_str(), true, &log).await?;
         }
         let _ = tokio::fs::remove_dir_all(self.dir(name).root()).await;
         Ok(())
     }
 
-    async fn exec(&self, name: &str, argv: &[String]) -> Result<ExecOutput, DriverError> {
+    async fn exec(&self, name: &InstanceName, argv: &[String]) -> Result<ExecOutput, DriverError> {
         Ok(self
             .runc
-            .exec(name, argv, &self.dir(name).runc_log())
+            .exec(name.as_str(), argv, &self.dir(name).runc_log())
             .await?)
     }
 

@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_raft::{DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId};
+use ferry_raft::{
+    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState,
+};
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
-use super::{commit, driver_error, err, internal, show, validate_name};
+use super::{commit, driver_error, err, internal, show};
 use crate::api::instances::{LaunchRequest, UploadRequest};
+use crate::api::names::InstanceName;
 use crate::api::{ApiError, ApiReply, ErrorKind, Request, Response};
 use crate::clock::now_ms;
 use crate::node::Agent;
@@ -51,17 +54,11 @@ fn spec_of(command: &[String], memory_bytes: Option<u64>) -> InstanceSpec {
 }
 
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
-    validate_name(&req.name)?;
+    let name = &req.name;
     if req.command.is_empty() {
         return Err(err(
             ErrorKind::BadRequest,
             "no command given; put it after '--', e.g. ferry launch c1 --rootfs DIR -- sh -c '...'",
-        ));
-    }
-    if agent.state().read(|s| s.instances.contains_key(&req.name)) {
-        return Err(err(
-            ErrorKind::Conflict,
-            format!("an instance named '{}' already exists", req.name),
         ));
     }
     let rootfs = PathBuf::from(&req.rootfs);
@@ -73,56 +70,70 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
     })?;
     let owner = place(agent, req.target.as_deref())?;
     let spec = spec_of(&req.command, req.memory_bytes);
-    if owner == agent.id() {
-        let _guard = agent.locks().lock(&req.name).await;
-        prepare_local(agent, &req.name, &spec, Some(&rootfs)).await?;
-    } else {
-        upload(agent, owner, &req, &rootfs, meta.is_dir()).await?;
-    }
-    let created = commit(
-        agent,
-        InstanceCommand::Create {
-            name: req.name.clone(),
-            kind: InstanceKind::Container,
-            spec: InstanceSpec {
-                rootfs_source: req.rootfs.clone(),
-                ..spec
-            },
-            owner,
-            desired: DesiredState::Running,
-            now_ms: now_ms(),
+    // The name is reserved in the replicated state before any file is
+    // touched: of two launches of one name the second is refused here, so
+    // every file under the name belongs to this launch.
+    let create = InstanceCommand::Create {
+        name: name.to_string(),
+        kind: InstanceKind::Container,
+        spec: InstanceSpec {
+            rootfs_source: req.rootfs.clone(),
+            ..spec.clone()
         },
-    )
-    .await;
-    if let Err(e) = created {
-        if owner == agent.id() {
-            let _ = agent.driver().remove(&req.name).await;
+        owner,
+        desired: DesiredState::Stopped,
+        now_ms: now_ms(),
+    };
+    commit(agent, create).await?;
+    let placed = if owner == agent.id() {
+        let _guard = agent.locks().lock(name.as_str()).await;
+        prepare_local(agent, name, &spec, Some(&rootfs)).await
+    } else {
+        upload(agent, owner, &req, &rootfs, meta.is_dir()).await
+    };
+    if let Err(e) = placed {
+        let delete = InstanceCommand::Delete {
+            name: name.to_string(),
+        };
+        if let Err(undo) = commit(agent, delete).await {
+            tracing::warn!(instance = %name, "cannot drop the failed launch: {undo}");
         }
         return Err(e);
     }
-    show(agent, &req.name)
+    let run = InstanceCommand::SetDesired {
+        name: name.to_string(),
+        desired: DesiredState::Running,
+    };
+    commit(agent, run).await?;
+    show(agent, name.as_str())
 }
 
 /// Put the rootfs (from `source`, or already in place) and the runtime
-/// config into this host's instance dir.
+/// config into this host's instance dir; on failure remove what this
+/// request put there. The caller holds the instance's lock, and the name is
+/// reserved for this launch, so files already there are an earlier
+/// instance's leftovers.
 async fn prepare_local(
     agent: &Agent,
-    name: &str,
+    name: &InstanceName,
     spec: &InstanceSpec,
     source: Option<&Path>,
 ) -> Result<(), ApiError> {
-    if let Some(source) = source {
-        agent
-            .driver()
-            .import_rootfs(name, source)
-            .await
-            .map_err(driver_error)?;
+    let driver = agent.driver();
+    let result = async {
+        if let Some(source) = source {
+            driver
+                .import_rootfs(name, source)
+                .await
+                .map_err(driver_error)?;
+        }
+        driver.configure(name, spec, false).await.map_err(internal)
     }
-    agent
-        .driver()
-        .configure(name, spec, false)
-        .await
-        .map_err(internal)
+    .await;
+    if result.is_err() {
+        let _ = driver.remove(name).await;
+    }
+    result
 }
 
 /// Send the rootfs to a remote owner over a channel, checksummed.
@@ -138,7 +149,7 @@ async fn upload(
     // travel the same way as from a directory.
     let staging = agent.data_dir().root().join("tmp").join(format!(
         "{}-{}",
-        req.name,
+        req.name.as_str(),
         ferry_transport::pki::random_hex(4)
     ));
     let send_root = if is_dir {
@@ -184,43 +195,73 @@ async fn upload(
     result
 }
 
-/// The owner's side of an upload: receive the tree, write the config.
+/// How long the owner waits to see the launcher's `Create` applied.
+const RESERVATION_WAIT: Duration = Duration::from_secs(10);
+
+/// The owner's side of an upload: only for an instance reserved in the
+/// replicated state with this agent as its owner; receive the tree, write
+/// the config.
 pub async fn receive_upload(
     agent: &Agent,
     req: UploadRequest,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
+    let name = &req.name;
     let result = async {
-        validate_name(&req.name)?;
-        if agent.state().read(|s| s.instances.contains_key(&req.name)) {
-            return Err(err(
-                ErrorKind::Conflict,
-                format!("an instance named '{}' already exists", req.name),
-            ));
+        reserved_here(agent, name).await?;
+        let _guard = agent.locks().lock(name.as_str()).await;
+        let rootfs = agent.driver().rootfs(name);
+        let _ = agent.driver().remove(name).await;
+        let received = tree::receive(&mut send, &mut recv, &rootfs, false).await;
+        if let Err(e) = received {
+            let _ = agent.driver().remove(name).await;
+            let why = format!("receiving the rootfs failed: {e}");
+            return Err(err(ErrorKind::BadRequest, why));
         }
-        let _guard = agent.locks().lock(&req.name).await;
-        let _ = agent.driver().remove(&req.name).await;
-        let rootfs = agent.driver().rootfs(&req.name);
-        tree::receive(&mut send, &mut recv, &rootfs, false)
-            .await
-            .map_err(|e| {
-                err(
-                    ErrorKind::BadRequest,
-                    format!("receiving the rootfs failed: {e}"),
-                )
-            })?;
         let spec = spec_of(&req.command, req.memory_bytes);
-        prepare_local(agent, &req.name, &spec, None).await
+        prepare_local(agent, name, &spec, None).await
     }
     .await;
     let reply = match result {
         Ok(()) => Response::Api(ApiReply::Done),
-        Err(e) => {
-            let _ = agent.driver().remove(&req.name).await;
-            Response::Error(e)
-        }
+        Err(e) => Response::Error(e),
     };
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();
+}
+
+/// Wait for the launcher's `Create` of `name` to apply here; refuse unless
+/// it names this agent the owner and the instance has not started yet.
+async fn reserved_here(agent: &Agent, name: &InstanceName) -> Result<(), ApiError> {
+    let record = || {
+        agent.state().read(|s| {
+            s.instances
+                .get(name.as_str())
+                .map(|i| (i.owner, i.desired, i.observed))
+        })
+    };
+    let mut changes = agent.state().subscribe();
+    let _ = tokio::time::timeout(RESERVATION_WAIT, async {
+        while record().is_none() && changes.changed().await.is_ok() {}
+    })
+    .await;
+    match record() {
+        Some((owner, DesiredState::Stopped, ObservedState::Pending | ObservedState::Stopped))
+            if owner == agent.id() =>
+        {
+            Ok(())
+        }
+        None => Err(err(
+            ErrorKind::Conflict,
+            format!("no launch of '{name}' is reserved in the cluster state"),
+        )),
+        Some(_) => Err(err(
+            ErrorKind::Conflict,
+            format!(
+                "'{name}' is not an instance being launched on {}",
+                agent.name()
+            ),
+        )),
+    }
 }

@@ -41,15 +41,6 @@ fn no_instance(name: &str) -> ApiError {
     )
 }
 
-fn validate_name(name: &str) -> Result<(), ApiError> {
-    ferry_transport::pki::validate_node_name(name).map_err(|_| {
-        err(
-            ErrorKind::BadRequest,
-            format!("invalid instance name '{name}': use 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'"),
-        )
-    })
-}
-
 fn view(agent: &Agent, i: &Instance) -> InstanceView {
     InstanceView {
         name: i.name.clone(),

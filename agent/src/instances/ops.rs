@@ -8,8 +8,9 @@ use std::time::Duration;
 use ferry_raft::{DesiredState, Instance, InstanceCommand, ObservedState, SnapshotRecord};
 
 use super::report::{observe, report};
-use super::{commit, err, internal, no_instance, show, validate_name};
+use super::{commit, err, internal, no_instance, show};
 use crate::api::instances::InstanceOp;
+use crate::api::names::{InstanceName, SnapshotName};
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind};
 use crate::clock::now_ms;
 use crate::driver;
@@ -45,13 +46,15 @@ pub async fn operate(
             format!("instance '{name}' is busy with job {job}; wait for it ('ferry job wait {job}') or abort it"),
         ));
     }
-    let _guard = agent.locks().lock(name).await;
-    let running = driver::is_up(agent.driver(), name)
+    let name = InstanceName::parse(name).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+    let _guard = agent.locks().lock(name.as_str()).await;
+    let running = driver::is_up(agent.driver(), &name)
         .await
         .map_err(internal)?;
     let here = Here {
         agent,
         instance: &instance,
+        name: &name,
         running,
     };
     match op {
@@ -71,13 +74,14 @@ pub async fn operate(
 struct Here<'a> {
     agent: &'a Agent,
     instance: &'a Instance,
+    name: &'a InstanceName,
     /// Whether the runtime reports it running or frozen.
     running: bool,
 }
 
 impl Here<'_> {
-    fn name(&self) -> &str {
-        &self.instance.name
+    fn name(&self) -> &InstanceName {
+        self.name
     }
 
     fn conflict(&self, why: &str) -> ApiError {
@@ -133,7 +137,7 @@ impl Here<'_> {
             return Err(internal(e));
         }
         report(self.agent, self.name(), None).await;
-        show(self.agent, self.name())
+        show(self.agent, self.name().as_str())
     }
 
     async fn stop(&self, stateful: bool, force: bool) -> Result<ApiReply, ApiError> {
@@ -162,13 +166,21 @@ impl Here<'_> {
             agent.driver().stop(name, force).await.map_err(internal)?;
         }
         observe(agent, name, ObservedState::Stopped, None, stateful).await;
-        show(agent, name)
+        show(agent, name.as_str())
     }
 
-    async fn snapshot_create(&self, snapshot: &str, stateful: bool) -> Result<ApiReply, ApiError> {
+    async fn snapshot_create(
+        &self,
+        snapshot: &SnapshotName,
+        stateful: bool,
+    ) -> Result<ApiReply, ApiError> {
         let (agent, name) = (self.agent, self.name());
-        validate_name(snapshot)?;
-        if self.instance.snapshots.iter().any(|s| s.name == snapshot) {
+        if self
+            .instance
+            .snapshots
+            .iter()
+            .any(|s| s.name == snapshot.as_str())
+        {
             return Err(self.conflict(&format!("already has a snapshot named '{snapshot}'")));
         }
         if stateful && !self.running {
@@ -187,23 +199,23 @@ impl Here<'_> {
             created_ms: now_ms(),
         };
         let added = InstanceCommand::AddSnapshot {
-            name: name.into(),
+            name: name.to_string(),
             snapshot: record,
         };
         if let Err(e) = commit(agent, added).await {
             agent.driver().delete_snapshot(name, snapshot).await;
             return Err(e);
         }
-        show(agent, name)
+        show(agent, name.as_str())
     }
 
-    async fn snapshot_restore(&self, snapshot: &str) -> Result<ApiReply, ApiError> {
+    async fn snapshot_restore(&self, snapshot: &SnapshotName) -> Result<ApiReply, ApiError> {
         let (agent, name) = (self.agent, self.name());
         let record = self
             .instance
             .snapshots
             .iter()
-            .find(|s| s.name == snapshot)
+            .find(|s| s.name == snapshot.as_str())
             .ok_or_else(|| {
                 err(
                     ErrorKind::NotFound,
@@ -218,7 +230,7 @@ impl Here<'_> {
                 .reset_to_snapshot(name, snapshot)
                 .await
                 .map_err(internal)?;
-            return show(agent, name);
+            return show(agent, name.as_str());
         }
         self.set_desired(DesiredState::Running).await?;
         let restored = agent
@@ -228,15 +240,15 @@ impl Here<'_> {
         self.reported(restored).await
     }
 
-    async fn snapshot_delete(&self, snapshot: &str) -> Result<ApiReply, ApiError> {
+    async fn snapshot_delete(&self, snapshot: &SnapshotName) -> Result<ApiReply, ApiError> {
         let (agent, name) = (self.agent, self.name());
         let removed = InstanceCommand::RemoveSnapshot {
-            name: name.into(),
+            name: name.to_string(),
             snapshot: snapshot.to_string(),
         };
         commit(agent, removed).await?;
         agent.driver().delete_snapshot(name, snapshot).await;
-        show(agent, name)
+        show(agent, name.as_str())
     }
 
     async fn delete(&self, force: bool) -> Result<ApiReply, ApiError> {
@@ -247,7 +259,13 @@ impl Here<'_> {
         if self.running {
             agent.driver().stop(name, true).await.map_err(internal)?;
         }
-        commit(agent, InstanceCommand::Delete { name: name.into() }).await?;
+        commit(
+            agent,
+            InstanceCommand::Delete {
+                name: name.to_string(),
+            },
+        )
+        .await?;
         agent.driver().remove(name).await.map_err(internal)?;
         Ok(ApiReply::Done)
     }

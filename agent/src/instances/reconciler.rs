@@ -6,17 +6,21 @@ use std::time::Duration;
 
 use super::reconcile::{self, Action};
 use super::report::{observe, report};
+use crate::api::names::InstanceName;
 use crate::node::Agent;
 
-async fn reconcile_one(agent: &Agent, name: &str) {
-    let _guard = agent.locks().lock(name).await;
-    let Some(instance) = agent.state().read(|s| s.instances.get(name).cloned()) else {
+async fn reconcile_one(agent: &Agent, name: &InstanceName) {
+    let _guard = agent.locks().lock(name.as_str()).await;
+    let Some(instance) = agent
+        .state()
+        .read(|s| s.instances.get(name.as_str()).cloned())
+    else {
         return;
     };
     let status = match agent.driver().status(name).await {
         Ok(s) => s.map(|s| s.state),
         Err(e) => {
-            tracing::warn!(instance = name, "cannot ask the runtime: {e}");
+            tracing::warn!(instance = %name, "cannot ask the runtime: {e}");
             return;
         }
     };
@@ -29,7 +33,7 @@ async fn reconcile_one(agent: &Agent, name: &str) {
             }
         }
         Action::Start | Action::Restore => {
-            tracing::info!(instance = name, ?action, "starting instance");
+            tracing::info!(instance = %name, ?action, "starting instance");
             let result = if action == Action::Restore {
                 agent.driver().restore(name).await
             } else {
@@ -38,9 +42,9 @@ async fn reconcile_one(agent: &Agent, name: &str) {
             report(agent, name, result.err().map(|e| e.to_string())).await;
         }
         Action::Stop => {
-            tracing::info!(instance = name, "stopping instance that should not run");
+            tracing::info!(instance = %name, "stopping instance that should not run");
             if let Err(e) = agent.driver().stop(name, false).await {
-                tracing::warn!(instance = name, "stop failed: {e}");
+                tracing::warn!(instance = %name, "stop failed: {e}");
             }
         }
     }
@@ -50,11 +54,11 @@ async fn reconcile_one(agent: &Agent, name: &str) {
 pub async fn run(agent: Arc<Agent>) {
     let mut changes = agent.state().subscribe();
     loop {
-        let owned: Vec<String> = agent.state().read(|s| {
+        let owned: Vec<InstanceName> = agent.state().read(|s| {
             s.instances
                 .values()
                 .filter(|i| i.owner == agent.id())
-                .map(|i| i.name.clone())
+                .filter_map(|i| InstanceName::parse(&i.name).ok())
                 .collect()
         });
         for name in owned {

@@ -5,23 +5,24 @@
 use ferry_raft::{Baseline, InstanceCommand, ObservedState};
 
 use super::commit;
+use crate::api::names::InstanceName;
 use crate::clock::now_ms;
 use crate::driver::RunState;
 use crate::node::Agent;
 
 pub async fn observe(
     agent: &Agent,
-    name: &str,
+    name: &InstanceName,
     observed: ObservedState,
     detail: Option<String>,
     checkpointed: bool,
 ) {
     let epoch = agent
         .state()
-        .read(|s| s.instances.get(name).map(|i| i.epoch));
+        .read(|s| s.instances.get(name.as_str()).map(|i| i.epoch));
     let Some(epoch) = epoch else { return };
     let cmd = InstanceCommand::Observe {
-        name: name.into(),
+        name: name.to_string(),
         node: agent.id(),
         epoch,
         observed,
@@ -29,13 +30,13 @@ pub async fn observe(
         checkpointed,
     };
     if let Err(e) = commit(agent, cmd).await {
-        tracing::warn!(instance = name, "could not report state: {e}");
+        tracing::warn!(instance = %name, "could not report state: {e}");
     }
 }
 
 /// Report what runs after a start or restore (or its error), with the
 /// baseline of this host and the filesystems mounted inside.
-pub async fn report(agent: &Agent, name: &str, error: Option<String>) {
+pub async fn report(agent: &Agent, name: &InstanceName, error: Option<String>) {
     let status = agent.driver().status(name).await.ok().flatten();
     match (status, error) {
         (Some(s), None) if s.state == RunState::Running => {
@@ -50,10 +51,10 @@ pub async fn report(agent: &Agent, name: &str, error: Option<String>) {
     }
 }
 
-async fn record_baseline(agent: &Agent, name: &str, pid: u32) {
+async fn record_baseline(agent: &Agent, name: &InstanceName, pid: u32) {
     let Some((facts, epoch)) = agent.state().read(|s| {
         let facts = s.members.get(&agent.id()).and_then(|m| m.facts.clone());
-        Some((facts, s.instances.get(name)?.epoch))
+        Some((facts, s.instances.get(name.as_str())?.epoch))
     }) else {
         return;
     };
@@ -74,12 +75,12 @@ async fn record_baseline(agent: &Agent, name: &str, pid: u32) {
         recorded_ms: now_ms(),
     };
     let cmd = InstanceCommand::RecordBaseline {
-        name: name.into(),
+        name: name.to_string(),
         node: agent.id(),
         epoch,
         baseline,
     };
     if let Err(e) = commit(agent, cmd).await {
-        tracing::warn!(instance = name, "could not record baseline: {e}");
+        tracing::warn!(instance = %name, "could not record baseline: {e}");
     }
 }

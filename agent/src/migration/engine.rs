@@ -14,6 +14,7 @@ use ferry_raft::{CheckResult, Command, CommandResult, Job, JobCommand, JobId, Mo
 
 use super::plan::{self, LocalCopy, Role, Step};
 use super::{source, target};
+use crate::api::names::InstanceName;
 use crate::clock::now_ms;
 use crate::driver;
 use crate::node::Agent;
@@ -106,7 +107,11 @@ pub async fn run(agent: Arc<Agent>) {
     let mut last_sweep: Option<Instant> = None;
     loop {
         for job in my_jobs(&agent) {
-            if job.phase.is_terminal() && !agent.driver().has_files(&job.instance) {
+            let Ok(name) = InstanceName::parse(&job.instance) else {
+                tracing::warn!(job = job.id, "job names an invalid instance; skipped");
+                continue;
+            };
+            if job.phase.is_terminal() && !agent.driver().has_files(&name) {
                 continue;
             }
             if !lock(&busy).insert(job.id) {
@@ -140,11 +145,11 @@ pub async fn run(agent: Arc<Agent>) {
 /// on this host, once the instance runs here or is not ours.
 async fn sweep_staging(agent: &Agent) {
     let me = agent.id();
-    let ended: BTreeSet<String> = agent.state().read(|s| {
+    let ended: BTreeSet<InstanceName> = agent.state().read(|s| {
         s.jobs
             .values()
             .filter(|j| j.phase.is_terminal() && (j.source == me || j.target == me))
-            .map(|j| j.instance.clone())
+            .filter_map(|j| InstanceName::parse(&j.instance).ok())
             .collect()
     });
     for name in ended {
@@ -152,11 +157,11 @@ async fn sweep_staging(agent: &Agent) {
         if !staging.exists() {
             continue;
         }
-        let _guard = agent.locks().lock(&name).await;
+        let _guard = agent.locks().lock(name.as_str()).await;
         // Under the lock: a move that starts now waits for it.
         let Some((busy, owner_is_me)) = agent.state().read(|s| {
             s.instances
-                .get(&name)
+                .get(name.as_str())
                 .map(|i| (i.job.is_some(), i.owner == me))
         }) else {
             continue;
@@ -213,12 +218,15 @@ async fn drive(agent: &Agent, job: &Job) -> bool {
     } else {
         Role::Target
     };
-    let _guard = agent.locks().lock(&job.instance).await;
+    let Ok(name) = InstanceName::parse(&job.instance) else {
+        return false;
+    };
+    let _guard = agent.locks().lock(name.as_str()).await;
     // Re-read under the lock: the phase may have moved while we waited.
     let Some(job) = agent.state().read(|s| s.jobs.get(&job.id).cloned()) else {
         return false;
     };
-    let local = driver::local_copy(agent.driver(), &job.instance).await;
+    let local = driver::local_copy(agent.driver(), &name).await;
     let step = plan::step(&job, role, local);
     if step != Step::Wait {
         tracing::info!(job = job.id, phase = %job.phase.name(), ?role, ?local, ?step, "job step");
@@ -227,18 +235,24 @@ async fn drive(agent: &Agent, job: &Job) -> bool {
         step,
         Step::Wait | Step::DiscardReceived | Step::DeleteSourceCopy
     );
-    if let Some(proposal) = act(agent, &job, step, local).await {
+    if let Some(proposal) = act(agent, &job, &name, step, local).await {
         advance(agent, &job, proposal).await;
     }
     acted
 }
 
 /// Carry `step` out on this host; what to propose next, if anything.
-async fn act(agent: &Agent, job: &Job, step: Step, local: LocalCopy) -> Option<Proposal> {
+async fn act(
+    agent: &Agent,
+    job: &Job,
+    name: &InstanceName,
+    step: Step,
+    local: LocalCopy,
+) -> Option<Proposal> {
     match step {
         Step::Wait => None,
         Step::BeginChecks => Some(Proposal::to(Phase::Checking)),
-        Step::RunChecks => Some(source::run_checks(agent, job).await),
+        Step::RunChecks => Some(source::run_checks(agent, job, name).await),
         Step::Abort => Some(Proposal::failed(
             Phase::RollingBack,
             "aborted by the operator",
@@ -259,12 +273,12 @@ async fn act(agent: &Agent, job: &Job, step: Step, local: LocalCopy) -> Option<P
             Err(e) => transfer_failed(job, e),
         }),
         Step::Switch => Some(Proposal::to(Phase::Switched)),
-        Step::RestoreHeld => Some(target::restore(agent, job, local).await),
-        Step::ThawAndFinish => target::finish(agent, job).await,
-        Step::ThawSource => Some(source::thaw(agent, job).await),
-        Step::FinishRollback => Some(source::finish_rollback(agent, job, local).await),
+        Step::RestoreHeld => Some(target::restore(agent, job, name, local).await),
+        Step::ThawAndFinish => target::finish(agent, job, name).await,
+        Step::ThawSource => Some(source::thaw(agent, name).await),
+        Step::FinishRollback => Some(source::finish_rollback(agent, job, name, local).await),
         Step::DiscardReceived | Step::DeleteSourceCopy => {
-            discard(agent, job).await;
+            discard(agent, job, name).await;
             None
         }
     }
@@ -276,11 +290,12 @@ fn transfer_failed(job: &Job, e: super::error::MoveError) -> Proposal {
 }
 
 /// Delete this host's copy of an instance that is no longer ours.
-async fn discard(agent: &Agent, job: &Job) {
-    let name = &job.instance;
-    let ours = agent
-        .state()
-        .read(|s| s.instances.get(name).is_some_and(|i| i.owner == agent.id()));
+async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
+    let ours = agent.state().read(|s| {
+        s.instances
+            .get(name.as_str())
+            .is_some_and(|i| i.owner == agent.id())
+    });
     if !ours {
         if let Err(e) = agent.driver().remove(name).await {
             tracing::warn!(job = job.id, "cleanup failed: {e}");

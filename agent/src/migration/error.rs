@@ -1,6 +1,9 @@
 //! What can go wrong in a move, carried to the job's error text.
 
+use ferry_raft::Job;
 use ferry_transport::frame::FrameError;
+
+use crate::api::names::{InstanceName, NameError};
 
 use crate::driver::DriverError;
 use crate::node::peers::PeerError;
@@ -34,4 +37,12 @@ pub enum MoveError {
     NotAMember(ferry_raft::NodeId),
     #[error("could not record the frozen phase")]
     NotRecorded,
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// The job's instance as a validated name (apply validates every name at
+/// `Create`, so this fails only for a corrupted state).
+pub fn instance_name(job: &Job) -> Result<InstanceName, MoveError> {
+    Ok(InstanceName::parse(&job.instance)?)
 }

@@ -7,8 +7,9 @@ use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
 use super::compat;
 use super::engine::Proposal;
-use super::error::MoveError;
+use super::error::{instance_name, MoveError};
 use super::plan::{self, LocalCopy};
+use crate::api::names::InstanceName;
 use crate::api::transfer::{FinalHeader, PushAck, TransferPart, TransferRequest};
 use crate::api::Request;
 use crate::driver::RunState;
@@ -36,8 +37,8 @@ pub async fn open(
 
 /// Checking: the report from the replicated facts; Preparing if it
 /// passes, else RollingBack naming every failed check.
-pub async fn run_checks(agent: &Agent, job: &Job) -> Proposal {
-    let rootfs = agent.driver().rootfs(&job.instance);
+pub async fn run_checks(agent: &Agent, job: &Job, name: &InstanceName) -> Proposal {
+    let rootfs = agent.driver().rootfs(name);
     let disk = tokio::task::spawn_blocking(move || tree::size_of(&rootfs))
         .await
         .unwrap_or(0);
@@ -70,7 +71,7 @@ pub async fn run_checks(agent: &Agent, job: &Job) -> Proposal {
 /// allows it; returns the note for the job. Called with the instance's
 /// host lock held.
 pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
-    let name = job.instance.as_str();
+    let name = &instance_name(job)?;
     let driver = agent.driver();
     // Re-read: the freeze is allowed only while we still own the instance
     // and nobody asked to roll back.
@@ -110,12 +111,12 @@ async fn send_final(
     (send, recv): &mut Channel,
     note: Option<String>,
 ) -> Result<(), MoveError> {
-    let driver = agent.driver();
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
     write_frame(send, &FinalHeader::Frozen { note }).await?;
     if job.options.stateful {
-        tree::send(send, recv, &driver.images(&job.instance), false).await?;
+        tree::send(send, recv, &driver.images(name), false).await?;
     }
-    tree::send(send, recv, &driver.rootfs(&job.instance), true).await?;
+    tree::send(send, recv, &driver.rootfs(name), true).await?;
     Ok(())
 }
 
@@ -138,14 +139,15 @@ pub async fn serve(
     part: TransferPart,
     channel: &mut Channel,
 ) -> Result<(), MoveError> {
-    let rootfs = agent.driver().rootfs(&job.instance);
+    let name = instance_name(job)?;
+    let rootfs = agent.driver().rootfs(&name);
     match part {
         TransferPart::Rootfs => {
             tree::send(&mut channel.0, &mut channel.1, &rootfs, false).await?;
             Ok(())
         }
         _ => {
-            let _guard = agent.locks().lock(&job.instance).await;
+            let _guard = agent.locks().lock(name.as_str()).await;
             freeze_and_send(agent, job, channel).await
         }
     }
@@ -157,7 +159,7 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
     let target_name = agent
         .member_name(job.target)
         .ok_or(MoveError::NotAMember(job.target))?;
-    let rootfs = agent.driver().rootfs(&job.instance);
+    let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let (mut send, mut recv) = open(agent, job, job.target, TransferPart::PushRootfs).await?;
     tree::send(&mut send, &mut recv, &rootfs, false).await?;
     let _ = send.finish();
@@ -184,8 +186,8 @@ async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), MoveEr
 
 /// Rolling back with a frozen copy: thaw it. A copy that cannot thaw stays
 /// stopped with its final dump.
-pub async fn thaw(agent: &Agent, job: &Job) -> Proposal {
-    match agent.driver().thaw(&job.instance).await {
+pub async fn thaw(agent: &Agent, name: &InstanceName) -> Proposal {
+    match agent.driver().thaw(name).await {
         Ok(()) => Proposal::to(Phase::RolledBack),
         Err(e) => Proposal::failed(
             Phase::RolledBack,
@@ -198,9 +200,14 @@ pub async fn thaw(agent: &Agent, job: &Job) -> Proposal {
 
 /// Rolling back with nothing to thaw: a stateless move of a running
 /// instance starts it again.
-pub async fn finish_rollback(agent: &Agent, job: &Job, local: LocalCopy) -> Proposal {
+pub async fn finish_rollback(
+    agent: &Agent,
+    job: &Job,
+    name: &InstanceName,
+    local: LocalCopy,
+) -> Proposal {
     if !job.options.stateful && job.was_running && local != LocalCopy::Running {
-        if let Err(e) = agent.driver().start(&job.instance).await {
+        if let Err(e) = agent.driver().start(name).await {
             tracing::warn!(job = job.id, "restart after rollback failed: {e}");
         }
     }

@@ -7,9 +7,10 @@ use ferry_raft::{InstanceSpec, Job, MoveStats, Phase};
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
 use super::engine::{self, Proposal};
-use super::error::MoveError;
+use super::error::{instance_name, MoveError};
 use super::plan::LocalCopy;
 use super::source;
+use crate::api::names::InstanceName;
 use crate::api::transfer::{FinalHeader, PushAck, TransferPart};
 use crate::clock::now_ms;
 use crate::node::peers::Channel;
@@ -32,7 +33,7 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
 }
 
 async fn pull_parts(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
-    let rootfs = agent.driver().rootfs(&job.instance);
+    let rootfs = agent.driver().rootfs(&instance_name(job)?);
     // Filesystem pre-sync while the instance runs.
     let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Rootfs).await?;
     let counter = agent.transfers().stage(job.id, "rootfs");
@@ -54,7 +55,7 @@ async fn receive_final(
     (send, recv): &mut Channel,
     rootfs_bytes: u64,
 ) -> Result<Option<String>, MoveError> {
-    let driver = agent.driver();
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
     let note = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
         FinalHeader::Frozen { note } => note,
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
@@ -62,18 +63,18 @@ async fn receive_final(
     let mut bytes = rootfs_bytes;
     if job.options.stateful {
         let counter = agent.transfers().stage(job.id, "memory images");
-        let images = driver.images(&job.instance);
+        let images = driver.images(name);
         bytes += tree::receive_counted(send, recv, &images, false, &counter)
             .await?
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
-    let rootfs = driver.rootfs(&job.instance);
+    let rootfs = driver.rootfs(name);
     bytes += tree::receive_counted(send, recv, &rootfs, true, &counter)
         .await?
         .bytes;
     driver
-        .configure(&job.instance, &spec(agent, job)?, job.options.stateful)
+        .configure(name, &spec(agent, job)?, job.options.stateful)
         .await?;
     agent.transfers().received(job.id, bytes);
     Ok(note)
@@ -87,10 +88,11 @@ pub async fn serve_push(
     part: TransferPart,
     channel: &mut Channel,
 ) -> Result<(), MoveError> {
-    let _guard = agent.locks().lock(&job.instance).await;
+    let name = instance_name(job)?;
+    let _guard = agent.locks().lock(name.as_str()).await;
     let received = if matches!(part, TransferPart::PushRootfs) {
         let counter = agent.transfers().stage(job.id, "rootfs");
-        let rootfs = agent.driver().rootfs(&job.instance);
+        let rootfs = agent.driver().rootfs(&name);
         tree::receive_counted(&mut channel.0, &mut channel.1, &rootfs, false, &counter)
             .await
             .map(|t| agent.transfers().received(job.id, t.bytes))
@@ -125,8 +127,7 @@ pub async fn serve_push(
 
 /// Switched: restore held stopped (unless a held copy is here already),
 /// then Restored; a failed restore switches back.
-pub async fn restore(agent: &Agent, job: &Job, local: LocalCopy) -> Proposal {
-    let name = &job.instance;
+pub async fn restore(agent: &Agent, job: &Job, name: &InstanceName, local: LocalCopy) -> Proposal {
     let result = if !job.options.stateful || local == LocalCopy::Frozen {
         Ok(())
     } else {
@@ -154,8 +155,7 @@ pub async fn restore(agent: &Agent, job: &Job, local: LocalCopy) -> Proposal {
 /// Restored: thaw the held copy (stateful) or start it (stateless, if it
 /// was running), then Done with the move's figures. A failed thaw is
 /// retried: Restored is committed, the instance is ours and held.
-pub async fn finish(agent: &Agent, job: &Job) -> Option<Proposal> {
-    let name = &job.instance;
+pub async fn finish(agent: &Agent, job: &Job, name: &InstanceName) -> Option<Proposal> {
     let result = async {
         let spec = spec(agent, job)?;
         if job.options.stateful {

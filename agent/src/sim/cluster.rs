@@ -11,6 +11,7 @@ use ferry_raft::{Job, JobId, ObservedState, TransferMode};
 use super::fake_driver::{FakeDriver, World};
 use crate::api::instances::LaunchRequest;
 use crate::api::jobs::MoveRequest;
+use crate::api::names::InstanceName;
 use crate::api::ApiReply;
 use crate::datadir::DataDir;
 use crate::identity::{self, IdentityOptions};
@@ -117,7 +118,7 @@ impl Sim {
         std::fs::write(rootfs.join("etc/hostname"), name).expect("rootfs file");
         std::fs::write(rootfs.join("data"), vec![7u8; 300_000]).expect("rootfs file");
         let request = LaunchRequest {
-            name: name.into(),
+            name: InstanceName::parse(name).expect("instance name"),
             rootfs: rootfs.display().to_string(),
             target: Some(target.into()),
             memory_bytes: None,

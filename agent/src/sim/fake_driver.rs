@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
+use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, RunState, Status};
 
 /// What one host holds of an instance, as its runtime would report it.
@@ -127,27 +128,27 @@ impl FakeDriver {
         }
     }
 
-    fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    fn dir(&self, name: &InstanceName) -> PathBuf {
+        self.root.join(name.as_str())
     }
 
-    fn check(&self, op: &str, name: &str) -> Result<(), DriverError> {
-        self.world.injected(&self.host, op, name)
+    fn check(&self, op: &str, name: &InstanceName) -> Result<(), DriverError> {
+        self.world.injected(&self.host, op, name.as_str())
     }
 
-    fn copy(&self, name: &str) -> Option<Copy> {
-        self.world.copy(&self.host, name)
+    fn copy(&self, name: &InstanceName) -> Option<Copy> {
+        self.world.copy(&self.host, name.as_str())
     }
 
-    fn set(&self, name: &str, copy: Option<Copy>) {
-        self.world.set(&self.host, name, copy);
+    fn set(&self, name: &InstanceName, copy: Option<Copy>) {
+        self.world.set(&self.host, name.as_str(), copy);
     }
 
     /// `op` moves the copy from one of `from` to `to`.
     fn transition(
         &self,
         op: &str,
-        name: &str,
+        name: &InstanceName,
         from: &[Copy],
         to: Option<Copy>,
     ) -> Result<(), DriverError> {
@@ -167,7 +168,7 @@ impl FakeDriver {
 
 #[async_trait]
 impl Driver for FakeDriver {
-    async fn status(&self, name: &str) -> Result<Option<Status>, DriverError> {
+    async fn status(&self, name: &InstanceName) -> Result<Option<Status>, DriverError> {
         Ok(self.copy(name).map(|c| Status {
             state: match c {
                 Copy::Running | Copy::Held => RunState::Running,
@@ -177,27 +178,27 @@ impl Driver for FakeDriver {
         }))
     }
 
-    fn has_files(&self, name: &str) -> bool {
+    fn has_files(&self, name: &InstanceName) -> bool {
         self.dir(name).exists()
     }
 
-    fn is_held(&self, name: &str) -> bool {
+    fn is_held(&self, name: &InstanceName) -> bool {
         self.copy(name) == Some(Copy::Held)
     }
 
-    fn rootfs(&self, name: &str) -> PathBuf {
+    fn rootfs(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).join("rootfs")
     }
 
-    fn images(&self, name: &str) -> PathBuf {
+    fn images(&self, name: &InstanceName) -> PathBuf {
         self.staging(name).join("images")
     }
 
-    fn staging(&self, name: &str) -> PathBuf {
+    fn staging(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).join("staging")
     }
 
-    async fn import_rootfs(&self, name: &str, source: &Path) -> Result<(), DriverError> {
+    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
         self.check("import_rootfs", name)?;
         let _ = std::fs::remove_dir_all(self.dir(name));
         self.stage_rootfs(source, &self.rootfs(name)).await
@@ -209,7 +210,7 @@ impl Driver for FakeDriver {
 
     async fn configure(
         &self,
-        name: &str,
+        name: &InstanceName,
         _spec: &InstanceSpec,
         held: bool,
     ) -> Result<(), DriverError> {
@@ -219,7 +220,7 @@ impl Driver for FakeDriver {
             .map_err(io_error("cannot write", &path))
     }
 
-    async fn start(&self, name: &str) -> Result<(), DriverError> {
+    async fn start(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.check("start", name)?;
         match self.copy(name) {
             None => {
@@ -233,50 +234,59 @@ impl Driver for FakeDriver {
         }
     }
 
-    async fn restore(&self, name: &str) -> Result<(), DriverError> {
+    async fn restore(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.start(name).await
     }
 
-    async fn stop(&self, name: &str, _force: bool) -> Result<(), DriverError> {
+    async fn stop(&self, name: &InstanceName, _force: bool) -> Result<(), DriverError> {
         self.check("stop", name)?;
         self.set(name, None);
         Ok(())
     }
 
-    async fn checkpoint_stop(&self, name: &str) -> Result<(), DriverError> {
+    async fn checkpoint_stop(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.transition("checkpoint_stop", name, &[Copy::Running], None)
     }
 
-    async fn discard_checkpoint(&self, _name: &str) {}
+    async fn discard_checkpoint(&self, _name: &InstanceName) {}
 
-    async fn snapshot(&self, name: &str, _snap: &str, _stateful: bool) -> Result<(), DriverError> {
+    async fn snapshot(
+        &self,
+        name: &InstanceName,
+        _snap: &SnapshotName,
+        _stateful: bool,
+    ) -> Result<(), DriverError> {
         self.check("snapshot", name)
     }
 
     async fn restore_snapshot(
         &self,
-        name: &str,
-        _snap: &str,
+        name: &InstanceName,
+        _snap: &SnapshotName,
         _stateful: bool,
     ) -> Result<(), DriverError> {
         self.check("restore_snapshot", name)
     }
 
-    async fn reset_to_snapshot(&self, name: &str, _snap: &str) -> Result<(), DriverError> {
+    async fn reset_to_snapshot(
+        &self,
+        name: &InstanceName,
+        _snap: &SnapshotName,
+    ) -> Result<(), DriverError> {
         self.check("reset_to_snapshot", name)
     }
 
-    async fn delete_snapshot(&self, _name: &str, _snap: &str) {}
+    async fn delete_snapshot(&self, _name: &InstanceName, _snap: &SnapshotName) {}
 
-    async fn freeze(&self, name: &str) -> Result<(), DriverError> {
+    async fn freeze(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.transition("freeze", name, &[Copy::Running], Some(Copy::Paused))
     }
 
-    async fn thaw(&self, name: &str) -> Result<(), DriverError> {
+    async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.transition("thaw", name, &[Copy::Paused], Some(Copy::Running))
     }
 
-    async fn dump_frozen(&self, name: &str) -> Result<(), DriverError> {
+    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.check("dump_frozen", name)?;
         if self.copy(name) != Some(Copy::Paused) {
             return Err(DriverError::Runtime(format!(
@@ -286,13 +296,17 @@ impl Driver for FakeDriver {
         let images = self.images(name);
         std::fs::create_dir_all(&images).map_err(io_error("cannot create", &images))?;
         let memory = images.join("memory.img");
-        std::fs::write(&memory, name).map_err(io_error("cannot write", &memory))
+        std::fs::write(&memory, name.as_str()).map_err(io_error("cannot write", &memory))
     }
 
-    async fn restore_held(&self, name: &str, _spec: &InstanceSpec) -> Result<(), DriverError> {
+    async fn restore_held(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
         self.check("restore_held", name)?;
         let memory = self.images(name).join("memory.img");
-        if std::fs::read_to_string(&memory).ok().as_deref() != Some(name) {
+        if std::fs::read_to_string(&memory).ok().as_deref() != Some(name.as_str()) {
             return Err(DriverError::Runtime(format!(
                 "no memory image of '{name}' arrived"
             )));
@@ -301,20 +315,24 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
-    async fn release_held(&self, name: &str, _spec: &InstanceSpec) -> Result<(), DriverError> {
+    async fn release_held(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
         self.transition("release_held", name, &[Copy::Held], Some(Copy::Running))?;
         let _ = std::fs::remove_dir_all(self.staging(name));
         Ok(())
     }
 
-    async fn remove(&self, name: &str) -> Result<(), DriverError> {
+    async fn remove(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.check("remove", name)?;
         self.set(name, None);
         let _ = std::fs::remove_dir_all(self.dir(name));
         Ok(())
     }
 
-    async fn exec(&self, name: &str, _argv: &[String]) -> Result<ExecOutput, DriverError> {
+    async fn exec(&self, name: &InstanceName, _argv: &[String]) -> Result<ExecOutput, DriverError> {
         self.check("exec", name)?;
         Ok(ExecOutput::default())
     }

@@ -4,5 +4,6 @@
 
 pub mod cluster;
 pub mod fake_driver;
+mod launches;
 mod moves;
 pub mod net;

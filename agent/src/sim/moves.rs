@@ -9,6 +9,7 @@ use ferry_raft::{Phase, TransferMode};
 
 use super::cluster::{wait_for, Sim};
 use super::fake_driver::Copy;
+use crate::api::names::InstanceName;
 
 /// One move and what it must end as.
 struct Case {
@@ -171,7 +172,9 @@ async fn run_case(sim: Arc<Sim>, case: &'static Case) {
     assert_eq!(owned, Some((owner, None)), "{name}: owner and job");
     let other_agent = sim.agent(other).clone();
     wait_for(20, &format!("{name}: nothing left on {other}"), || {
-        !other_agent.driver().has_files(name)
+        !other_agent
+            .driver()
+            .has_files(&InstanceName::parse(name).expect("name"))
     })
     .await;
 }

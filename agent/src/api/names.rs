@@ -1,0 +1,3 @@
+//! Validated names (see `ferry_raft::names`), re-exported for the wire types.
+
+pub use ferry_raft::names::*;
