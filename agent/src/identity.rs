@@ -2,10 +2,12 @@
 //! cluster (bootstrap), or a join by token; and the member side of a join
 //! (checking the token in apply, signing the joiner's certificate).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use ferry_raft::{ClusterConfig, Command, CommandResult, NodeId};
+use ferry_raft::{ClusterConfig, Command, CommandResult, NodeId, Rejection};
 use ferry_transport::endpoint::{Endpoint, Expect};
 use ferry_transport::pki::{self, ClusterCa, Credentials, Identity};
 use ferry_transport::rpc::Pool;
@@ -13,6 +15,7 @@ use ferry_transport::rpc::Pool;
 use crate::api::{parse_addr, ApiError, ErrorKind, JoinAccepted, JoinRequest, Request, Response};
 use crate::clock::now_ms;
 use crate::datadir::{DataDir, DataDirError, NodeConfig};
+use crate::node::write::rejected;
 use crate::node::write::WRITE_DEADLINE;
 use crate::node::{commit, Agent};
 use crate::token::{JoinToken, TokenError};
@@ -245,37 +248,118 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::BadRequest, message)
 }
 
-/// A member's side of a join: the token is checked in apply (single use,
-/// expiry, revocation, bound name); the certificate goes out only once
+/// After this many failed joins from one address within [`JOIN_WINDOW`],
+/// its joins are refused before any work.
+const MAX_FAILED_JOINS: u32 = 5;
+const JOIN_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered at most; past it, the oldest windows are dropped.
+const JOIN_LIMITER_ENTRIES: usize = 4096;
+/// A token created a moment ago may not be applied here yet.
+const TOKEN_CATCH_UP: Duration = Duration::from_secs(2);
+
+/// Failed joins per source address.
+#[derive(Default)]
+pub struct JoinLimiter {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl JoinLimiter {
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let mut failures = self.failures();
+        match failures.get(&ip) {
+            Some((_, since)) if since.elapsed() >= JOIN_WINDOW => {
+                failures.remove(&ip);
+                true
+            }
+            Some((count, _)) => *count < MAX_FAILED_JOINS,
+            None => true,
+        }
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut failures = self.failures();
+        if failures.len() >= JOIN_LIMITER_ENTRIES {
+            failures.retain(|_, (_, since)| since.elapsed() < JOIN_WINDOW);
+        }
+        let entry = failures.entry(ip).or_insert((0, Instant::now()));
+        entry.0 += 1;
+    }
+}
+
+/// A member's side of a join, from `from`: refused at once after too many
+/// failures from that address; the token (single use, expiry, revocation,
+/// bound name, secret) is checked before any certificate is signed or any
+/// entry proposed, and again in apply; the certificate goes out only once
 /// `JoinMember` committed.
-pub async fn handle_join(agent: &Agent, join: JoinRequest) -> Result<JoinAccepted, ApiError> {
+pub async fn handle_join(
+    agent: &Agent,
+    joins: &JoinLimiter,
+    from: SocketAddr,
+    join: JoinRequest,
+) -> Result<JoinAccepted, ApiError> {
+    if !joins.allowed(from.ip()) {
+        return Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            format!(
+                "too many failed joins from {}; wait a minute and check the token",
+                from.ip()
+            ),
+        ));
+    }
+    let result = join_checked(agent, join).await;
+    if let Err(e) = &result {
+        tracing::warn!(from = %from, "refused join: {e}");
+        joins.failed(from.ip());
+    }
+    result
+}
+
+/// The token as this member's state knows it, waiting briefly for one
+/// created a moment ago elsewhere.
+async fn check_token(agent: &Agent, name: &str, secret_hash: &str) -> Result<(), ApiError> {
+    let check = || {
+        agent
+            .state()
+            .read(|s| s.check_join(name, secret_hash, now_ms()))
+    };
+    let mut changes = agent.state().subscribe();
+    let deadline = tokio::time::Instant::now() + TOKEN_CATCH_UP;
+    loop {
+        match check() {
+            Err(Rejection::NoToken(_)) if tokio::time::Instant::now() < deadline => {
+                let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+            }
+            Err(rejection) => return Err(rejected(rejection)),
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+async fn join_checked(agent: &Agent, join: JoinRequest) -> Result<JoinAccepted, ApiError> {
     pki::validate_node_name(&join.name).map_err(|e| bad_request(e.to_string()))?;
     parse_addr(&join.addr)?;
+    let secret_hash = pki::sha256_hex(join.secret.as_bytes());
+    check_token(agent, &join.name, &secret_hash).await?;
     let serial = pki::new_serial();
-    // Signing has no side effect; the certificate is handed out only once
-    // the token is consumed.
+    // The certificate is handed out only once the token is consumed.
     let cert_pem = agent
         .ca()
         .sign_csr(&join.csr_pem, &Identity::Node(join.name.clone()), &serial)
         .map_err(|e| bad_request(format!("bad certificate request: {e}")))?;
-    let result = commit(
-        agent,
-        Command::JoinMember {
-            name: join.name.clone(),
-            secret_hash: pki::sha256_hex(join.secret.as_bytes()),
-            addr: join.addr.clone(),
-            cert_serial: serial.clone(),
-            now_ms: now_ms(),
-        },
-    )
-    .await;
-    let id = match result {
-        Ok(CommandResult::Joined { id }) => id,
-        Ok(_) => return Err(ApiError::new(ErrorKind::Internal, "join was not recorded")),
-        Err(e) => {
-            tracing::warn!(name = %join.name, "refused join: {e}");
-            return Err(e);
-        }
+    let joined = Command::JoinMember {
+        name: join.name.clone(),
+        secret_hash,
+        addr: join.addr.clone(),
+        cert_serial: serial.clone(),
+        now_ms: now_ms(),
+    };
+    let id = match commit(agent, joined).await? {
+        CommandResult::Joined { id } => id,
+        _ => return Err(ApiError::new(ErrorKind::Internal, "join was not recorded")),
     };
     tracing::info!(name = %join.name, id, "member joined");
     Ok(JoinAccepted {

@@ -13,13 +13,22 @@ use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind, Request, Response};
 use crate::node::Agent;
 use crate::{identity, instances, membership, migration};
 
+/// A request frame from a caller without a certificate (a joiner) may
+/// be at most this large: a join request is a name, a secret, an address
+/// and a CSR.
+const ANONYMOUS_FRAME_CAP: usize = 64 * 1024;
+
 pub struct AgentService {
     agent: Arc<Agent>,
+    joins: identity::JoinLimiter,
 }
 
 impl AgentService {
     pub fn new(agent: Arc<Agent>) -> Self {
-        AgentService { agent }
+        AgentService {
+            agent,
+            joins: identity::JoinLimiter::default(),
+        }
     }
 }
 
@@ -45,7 +54,7 @@ impl Service for AgentService {
     async fn handle(&self, peer: Arc<Peer>, request: Request) -> Response {
         let agent = &self.agent;
         if let Request::Join(join) = request {
-            return match identity::handle_join(agent, join).await {
+            return match identity::handle_join(agent, &self.joins, peer.addr, join).await {
                 Ok(accepted) => Response::Joined(accepted),
                 Err(e) => Response::Error(e),
             };
@@ -90,6 +99,13 @@ impl Service for AgentService {
 
     fn wants_datagrams(&self) -> bool {
         true
+    }
+
+    fn frame_cap(&self, peer: &Peer) -> usize {
+        match peer.cert {
+            Some(_) => ferry_transport::frame::MAX_FRAME,
+            None => ANONYMOUS_FRAME_CAP,
+        }
     }
 
     /// Gossip: only from certified, unrevoked members of this cluster.

@@ -276,3 +276,104 @@ fn oversized_frames_and_random_packets_do_not_hurt_the_agent() -> Result<()> {
     cluster.token(0, "after-garbage", "1h")?;
     Ok(())
 }
+
+/// The leader's last log index, from `cluster show`.
+fn log_index(cluster: &Cluster) -> Result<u64> {
+    let show = cluster.ferry_json(0, &["cluster", "show", "n1"])?;
+    show["raft"]["last_log_index"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no raft index in {show}"))
+}
+
+/// A join with the right name and a wrong secret, from this process.
+async fn bad_join(addr: &str, ca_fingerprint: &str, name: &str) -> Result<String> {
+    let (csr_pem, _key) = pki::generate_csr(&Identity::Node(name.into()))?;
+    let request = Request::Join(ferry_agent::api::JoinRequest {
+        name: name.into(),
+        secret: "not-the-secret".into(),
+        addr: "127.0.0.1:9".into(),
+        csr_pem,
+    });
+    let endpoint = client(None)?;
+    let expect = Expect::CaFingerprint(ca_fingerprint.into());
+    match ask(&endpoint, addr, expect, &request).await? {
+        Response::Error(e) => Ok(e.message),
+        other => bail!("a bad join got {other:?}"),
+    }
+}
+
+#[test]
+fn anonymous_floods_and_failed_joins_cost_the_cluster_nothing() -> Result<()> {
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    cluster.wait_converged(&["n1"], CONVERGE)?;
+    let addr = cluster.agents[0].addr()?;
+    let token = JoinToken::decode(&cluster.token(0, "j1", "1h")?)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+
+    // The token is checked before anything is signed or proposed: a wrong
+    // secret adds nothing to the log.
+    wait_for("facts published", CONVERGE, || {
+        let before = log_index(&cluster)?;
+        let message = runtime.block_on(bad_join(&addr, &token.ca_fingerprint, "j1"))?;
+        assert!(message.contains("does not match"), "{message}");
+        let after = log_index(&cluster)?;
+        if after != before {
+            bail!("log moved {before} -> {after} (facts being published?)");
+        }
+        Ok(())
+    })?;
+    // Failed joins from one address are cut off after a few.
+    let mut cut_off = None;
+    for attempt in 0..10 {
+        let message = runtime.block_on(bad_join(&addr, &token.ca_fingerprint, "j1"))?;
+        if message.contains("too many failed joins") {
+            cut_off = Some(attempt);
+            break;
+        }
+    }
+    assert!(cut_off.is_some(), "failed joins were never rate-limited");
+
+    // A flood of anonymous connections: oversized frames, frames that
+    // never finish, streams that send nothing; all held open.
+    let held = runtime.block_on(async {
+        let endpoint = client(None)?;
+        let mut held = Vec::new();
+        for i in 0..100u32 {
+            let conn = endpoint
+                .connect(
+                    addr.parse()?,
+                    &Expect::CaFingerprint(token.ca_fingerprint.clone()),
+                )
+                .await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            match i % 3 {
+                0 => {
+                    // More than an anonymous caller may send.
+                    send.write_all(&(1u32 << 20).to_be_bytes()).await?;
+                    let reply = ferry_transport::frame::read_frame(&mut recv, 1 << 20);
+                    let reply: Response =
+                        tokio::time::timeout(Duration::from_secs(5), reply).await??;
+                    match reply {
+                        Response::Error(e) => assert!(e.message.contains("exceeds"), "{e}"),
+                        other => bail!("an oversized anonymous frame got {other:?}"),
+                    }
+                }
+                1 => send.write_all(&100u32.to_be_bytes()).await?,
+                _ => {}
+            }
+            held.push((conn, send, recv));
+        }
+        anyhow::Ok((endpoint, held))
+    })?;
+    // The cluster serves a write in its usual time meanwhile.
+    let started = std::time::Instant::now();
+    cluster.token(0, "after-flood", "1h")?;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a write took {:?} during the flood",
+        started.elapsed()
+    );
+    drop(held);
+    Ok(())
+}

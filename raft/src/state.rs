@@ -177,14 +177,11 @@ impl ClusterState {
         Ok(CommandResult::Done)
     }
 
-    fn join_member(
-        &mut self,
-        name: &str,
-        secret_hash: &str,
-        addr: &str,
-        cert_serial: &str,
-        now_ms: u64,
-    ) -> Result<CommandResult, Rejection> {
+    /// Whether a join of `name` with a secret of this hash would be taken
+    /// at `now_ms`: the token exists for that name, is unused, unrevoked and
+    /// unexpired, and the secret matches. Apply checks it; members check it
+    /// before signing anything.
+    pub fn check_join(&self, name: &str, secret_hash: &str, now_ms: u64) -> Result<(), Rejection> {
         if self.member_by_name(name).is_some() {
             return Err(Rejection::NameTaken(name.to_string()));
         }
@@ -204,6 +201,18 @@ impl ClusterState {
         if token.secret_hash != secret_hash {
             return Err(Rejection::TokenMismatch(name.to_string()));
         }
+        Ok(())
+    }
+
+    fn join_member(
+        &mut self,
+        name: &str,
+        secret_hash: &str,
+        addr: &str,
+        cert_serial: &str,
+        now_ms: u64,
+    ) -> Result<CommandResult, Rejection> {
+        self.check_join(name, secret_hash, now_ms)?;
         // Validated: from here on nothing fails.
         if let Some(token) = self.tokens.get_mut(name) {
             token.used = true;

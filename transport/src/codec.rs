@@ -25,9 +25,16 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decode a value that must span all of `bytes`: trailing data means the
 /// sender and receiver disagree on the type, which must not pass silently.
+/// The most a decoded value may claim: a frame's cap with room for
+/// bookkeeping.
+pub const DECODE_LIMIT: usize = 2 * crate::frame::MAX_FRAME;
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(CodecError::Decode)?;
+    // The limit bounds what a decoded value may claim (a length prefix
+    // announcing a huge vector), not just the input's size.
+    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, config).map_err(CodecError::Decode)?;
     if used != bytes.len() {
         return Err(CodecError::TrailingBytes {
             used,

@@ -184,12 +184,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Concurrent request streams one connection may have open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 fn transport_config() -> Arc<TransportConfig> {
     let mut config = TransportConfig::default();
     config
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(MAX_IDLE_MS))))
-        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        // Each stream is a task on the server: a peer gets this many at once.
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
     Arc::new(config)
 }
 

@@ -123,6 +123,12 @@ pub trait Service: Send + Sync + 'static {
         async {}
     }
 
+    /// The largest request frame this peer may send. A caller without a
+    /// certificate (a joiner) gets less: it may only ask to join.
+    fn frame_cap(&self, _peer: &Peer) -> usize {
+        MAX_FRAME
+    }
+
     /// Whether this service reads unreliable datagrams (gossip) from its
     /// peers' connections.
     fn wants_datagrams(&self) -> bool {
@@ -133,6 +139,9 @@ pub trait Service: Send + Sync + 'static {
     /// hand the data on (e.g. into a bounded channel), never block.
     fn handle_datagram(&self, _peer: &Arc<Peer>, _data: bytes::Bytes) {}
 }
+
+/// A request's first frame must arrive within this.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshake failures are logged at warn once per remote address: a
 /// stranger (another cluster, a scanner) retrying must not flood the log.
@@ -255,7 +264,18 @@ async fn serve_stream<S: Service>(
     service: Arc<S>,
     log: Arc<ConnLog>,
 ) {
-    let response = match read_frame::<S::Request>(&mut recv, MAX_FRAME).await {
+    let cap = service.frame_cap(&peer);
+    let first = tokio::time::timeout(
+        REQUEST_READ_TIMEOUT,
+        read_frame::<S::Request>(&mut recv, cap),
+    );
+    let Ok(first) = first.await else {
+        // A peer that opens a stream and sends nothing holds no task long.
+        debug!(peer = %peer.addr, "no request within {REQUEST_READ_TIMEOUT:?}; stream dropped");
+        let _ = recv.stop(VarInt::from_u32(BAD_FRAME_CODE));
+        return;
+    };
+    let response = match first {
         Ok(request) if service.wants_stream(&request) => {
             service.handle_stream(peer, request, send, recv).await;
             return;

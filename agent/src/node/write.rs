@@ -144,7 +144,7 @@ impl Agent {
 }
 
 /// A state-machine refusal as the caller sees it.
-fn rejected(rejection: Rejection) -> ApiError {
+pub fn rejected(rejection: Rejection) -> ApiError {
     let kind = match rejection {
         Rejection::NoToken(_) | Rejection::NoMember(_) => ErrorKind::NotFound,
         Rejection::NameTaken(_)

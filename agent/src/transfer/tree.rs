@@ -92,6 +92,19 @@ pub enum TreeError {
     Protocol(String),
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("the peer sent nothing for {}s", .0.as_secs())]
+    Stalled(std::time::Duration),
+}
+
+/// A peer that stops sending in the middle of a tree fails the transfer
+/// after this (the connection's keep-alives would keep it open forever).
+const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Frame, TreeError> {
+    tokio::time::timeout(FRAME_TIMEOUT, read_frame::<Frame>(recv, MAX_FRAME))
+        .await
+        .map_err(|_| TreeError::Stalled(FRAME_TIMEOUT))?
+        .map_err(TreeError::from)
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TreeError + 'a {
@@ -243,7 +256,7 @@ pub async fn send(
     let entries = blocking(move || scan(&owned)).await?;
     let wanted: Option<BTreeSet<String>> = if delta {
         write_frame(send, &Frame::Manifest(entries.clone())).await?;
-        match read_frame::<Frame>(recv, MAX_FRAME).await? {
+        match next_frame(recv).await? {
             Frame::Want(paths) => Some(paths.into_iter().collect()),
             other => return Err(TreeError::Protocol(format!("expected Want, got {other:?}"))),
         }
@@ -364,7 +377,7 @@ pub async fn receive_counted(
     let mut total = Transferred::default();
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
     loop {
-        let entry = match read_frame::<Frame>(recv, MAX_FRAME).await? {
+        let entry = match next_frame(recv).await? {
             Frame::Entry(entry) => entry,
             Frame::End { files, bytes } => {
                 if (files, bytes) != (total.files, total.bytes) {
@@ -439,7 +452,7 @@ async fn answer_manifest(
     recv: &mut quinn::RecvStream,
     root: &Path,
 ) -> Result<(), TreeError> {
-    let source = match read_frame::<Frame>(recv, MAX_FRAME).await? {
+    let source = match next_frame(recv).await? {
         Frame::Manifest(entries) => entries,
         other => {
             return Err(TreeError::Protocol(format!(
@@ -477,7 +490,7 @@ async fn receive_file(
     let mut context = Context::new(&SHA256);
     let mut received = 0u64;
     let sent = loop {
-        match read_frame::<Frame>(recv, MAX_FRAME).await? {
+        match next_frame(recv).await? {
             Frame::Chunk(bytes) => {
                 received += bytes.len() as u64;
                 progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
