@@ -29,9 +29,20 @@ pub struct LaunchArgs {
     /// Return without waiting for the instance to run.
     #[arg(long)]
     detach: bool,
+    /// `default`: a seccomp filter refusing module loading, kexec, reboot,
+    /// swap, mounts, keyrings, BPF, perf and the like, and a limit of 4096
+    /// processes; `unconfined`: no seccomp filter.
+    #[arg(long, value_enum, default_value_t = SecurityProfile::Default)]
+    security_profile: SecurityProfile,
     /// The command to run, after '--'.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecurityProfile {
+    Default,
+    Unconfined,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +182,7 @@ fn print_detail(d: &InstanceDetail) {
         println!("memory:    {} MiB", m >> 20);
     }
     println!("rootfs:    {}", d.rootfs_source);
+    println!("security:  {}", d.security_profile);
     if d.checkpointed {
         println!("memory state kept by a stateful stop; 'ferry start' restores it");
     }
@@ -228,6 +240,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         target: args.target,
         memory_bytes: args.memory,
         command: args.command,
+        unconfined: args.security_profile == SecurityProfile::Unconfined,
     };
     let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
         return Err(unexpected());

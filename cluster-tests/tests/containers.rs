@@ -310,3 +310,84 @@ fn stateful_stop_without_usable_criu_says_so_and_keeps_running() -> Result<()> {
     assert_eq!(cluster.running_copies("c1"), 1);
     Ok(())
 }
+
+#[test]
+fn containers_are_confined_by_default_and_exec_output_is_capped_while_read() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    cluster.wait_converged(&["n1"], CONVERGE)?;
+    let rootfs = busybox_rootfs(cluster.root())?
+        .to_string_lossy()
+        .into_owned();
+    for (name, profile) in [("confined", "default"), ("free", "unconfined")] {
+        cluster.ferry_ok(
+            0,
+            &[
+                "launch",
+                name,
+                "--rootfs",
+                &rootfs,
+                "--security-profile",
+                profile,
+                "--",
+                "sleep",
+                "1000",
+            ],
+        )?;
+        let show = cluster.ferry_json(0, &["show", name])?;
+        assert_eq!(show["security_profile"], profile, "{show}");
+    }
+    let seccomp = |name: &str| -> Result<String> {
+        let out = cluster.ferry_ok(
+            0,
+            &["exec", name, "--", "grep", "Seccomp:", "/proc/self/status"],
+        )?;
+        Ok(out
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string())
+    };
+    assert_eq!(seccomp("confined")?, "2", "a seccomp filter in force");
+    assert_eq!(seccomp("free")?, "0", "no filter when unconfined");
+    // A process limit, and files only root can read.
+    let data_dir = &cluster.agents[0].data_dir;
+    let pids_max = glob_one("/sys/fs/cgroup/pids", "confined/pids.max")?;
+    assert_eq!(std::fs::read_to_string(&pids_max)?.trim(), "4096");
+    for dir in [
+        data_dir.join("instances"),
+        data_dir.join("instances/confined"),
+    ] {
+        let mode = std::fs::metadata(&dir)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+    }
+    // A command that prints without end: exec returns with the first MiB.
+    let started = std::time::Instant::now();
+    let out = cluster.ferry(0, &["exec", "confined", "--", "yes"]);
+    assert_eq!(out.stdout.len(), 1 << 20);
+    assert!(
+        started.elapsed() < CONVERGE,
+        "exec took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// The one `<parent>/<agent cgroup>/<leaf>` that exists.
+fn glob_one(parent: &str, leaf: &str) -> Result<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(parent)? {
+        let path = entry?.path().join(leaf);
+        if path.exists() {
+            found.push(path);
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        other => bail!("expected one {parent}/*/{leaf}, found {other:?}"),
+    }
+}

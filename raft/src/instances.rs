@@ -29,6 +29,9 @@ pub struct InstanceSpec {
     pub memory_bytes: Option<u64>,
     /// Where the rootfs came from, for display; the bundle lives on the owner.
     pub rootfs_source: String,
+    /// Runs without the default seccomp filter (`--security-profile
+    /// unconfined`).
+    pub unconfined: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,8 @@ pub struct LaunchRequest {
     pub target: Option<String>,
     pub memory_bytes: Option<u64>,
     pub command: Vec<String>,
+    /// Without the default seccomp filter.
+    pub unconfined: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -21,6 +23,7 @@ pub struct UploadRequest {
     pub name: InstanceName,
     pub command: Vec<String>,
     pub memory_bytes: Option<u64>,
+    pub unconfined: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +65,8 @@ pub struct InstanceView {
 pub struct InstanceDetail {
     pub view: InstanceView,
     pub desired: String,
+    /// "default" (seccomp filter, pids limit) or "unconfined".
+    pub security_profile: String,
     pub detail: Option<String>,
     pub checkpointed: bool,
     pub command: Vec<String>,

@@ -84,6 +84,8 @@ pub struct BundleConfig<'a> {
     /// A CRIU configuration file runc hands to CRIU on restore (used with
     /// `leave-stopped` to restore a migrated instance held stopped).
     pub criu_config: Option<&'a Path>,
+    /// Without the default seccomp filter (`--security-profile unconfined`).
+    pub unconfined: bool,
 }
 
 pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
@@ -119,16 +121,22 @@ pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
             "/{}/{}",
             config.cgroup_parent, config.name
         ))));
+        let mut resources = LinuxResourcesBuilder::default();
+        resources = resources.pids(super::confine::pids_limit().map_err(BundleError::Spec)?);
         if let Some(limit) = config.memory_bytes {
             let memory = LinuxMemoryBuilder::default()
                 .limit(limit as i64)
                 .build()
                 .map_err(|e| BundleError::Spec(e.to_string()))?;
-            let resources = LinuxResourcesBuilder::default()
-                .memory(memory)
-                .build()
-                .map_err(|e| BundleError::Spec(e.to_string()))?;
-            linux.set_resources(Some(resources));
+            resources = resources.memory(memory);
+        }
+        let resources = resources
+            .build()
+            .map_err(|e| BundleError::Spec(e.to_string()))?;
+        linux.set_resources(Some(resources));
+        if !config.unconfined {
+            let seccomp = super::confine::default_seccomp().map_err(BundleError::Spec)?;
+            linux.set_seccomp(Some(seccomp));
         }
     }
     Ok(spec)
@@ -196,6 +204,56 @@ pub fn import_rootfs(source: &Path, dest: &Path) -> Result<(), BundleError> {
 mod tests {
     use super::*;
 
+    fn config(unconfined: bool) -> serde_json::Value {
+        let command = vec!["true".to_string()];
+        let spec = spec(&BundleConfig {
+            name: "c1",
+            command: &command,
+            memory_bytes: None,
+            cgroup_parent: "ferry-n1",
+            criu_config: None,
+            unconfined,
+        })
+        .unwrap();
+        serde_json::to_value(&spec).unwrap()
+    }
+
+    #[test]
+    fn a_container_is_confined_by_default_and_unconfined_only_on_request() {
+        let json = config(false);
+        let seccomp = &json["linux"]["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ALLOW");
+        let denied: Vec<&str> = seccomp["syscalls"][0]["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect();
+        for must in [
+            "init_module",
+            "kexec_load",
+            "reboot",
+            "swapon",
+            "mount",
+            "keyctl",
+            "bpf",
+            "perf_event_open",
+        ] {
+            assert!(denied.contains(&must), "{must} not denied");
+        }
+        assert_eq!(seccomp["syscalls"][0]["action"], "SCMP_ACT_ERRNO");
+        assert_eq!(
+            json["linux"]["resources"]["pids"]["limit"],
+            super::super::confine::PIDS_LIMIT
+        );
+        let json = config(true);
+        assert!(json["linux"]["seccomp"].is_null());
+        assert_eq!(
+            json["linux"]["resources"]["pids"]["limit"],
+            super::super::confine::PIDS_LIMIT
+        );
+    }
+
     #[test]
     fn config_has_the_command_limits_namespaces_and_own_cgroup() {
         let command = vec!["sh".to_string(), "-c".to_string(), "true".to_string()];
@@ -205,6 +263,7 @@ mod tests {
             memory_bytes: Some(64 << 20),
             cgroup_parent: "ferry-n1",
             criu_config: None,
+            unconfined: false,
         })
         .unwrap();
         let json = serde_json::to_value(&spec).unwrap();

@@ -3,6 +3,7 @@
 //! state root and cgroup parent; memory state through CRIU (runc drives
 //! it).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -123,8 +124,17 @@ impl Host {
                 memory_bytes: spec.memory_bytes,
                 cgroup_parent: &self.cgroup_parent,
                 criu_config: held.then_some(criu_config.as_path()),
+                unconfined: spec.unconfined,
             },
         )?;
+        // Only root reads an instance's files (its rootfs, memory images,
+        // console log) from the host.
+        for dir in [self.data_dir.join("instances"), dir.root().to_path_buf()] {
+            let private = std::fs::Permissions::from_mode(0o700);
+            tokio::fs::set_permissions(&dir, private)
+                .await
+                .map_err(|e| file_error("cannot restrict", &dir, e))?;
+        }
         Ok(())
     }
 

@@ -2,5 +2,6 @@
 //! memory state through CRIU. `host::Host` implements `driver::Driver`.
 
 mod bundle;
+mod confine;
 pub mod host;
 mod runc;

@@ -301,27 +301,48 @@ impl Runc {
         Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
     }
 
+    /// Run `argv` in the container. Each output stream is read up to
+    /// [`MAX_EXEC_OUTPUT`] while it arrives; then the pipe is closed, so a
+    /// command printing without end gets EPIPE instead of filling memory.
     pub async fn exec(
         &self,
         id: &str,
         argv: &[String],
         log: &Path,
     ) -> Result<ExecOutput, RuncError> {
-        let output = self
+        use tokio::io::AsyncReadExt;
+        let mut child = self
             .command(log)
             .args(["exec", id])
             .args(argv)
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .output()
-            .await
+            .kill_on_drop(true)
+            .spawn()
             .map_err(RuncError::Spawn)?;
-        let mut stdout = output.stdout;
-        let mut stderr = output.stderr;
-        stdout.truncate(MAX_EXEC_OUTPUT);
-        stderr.truncate(MAX_EXEC_OUTPUT);
+        let capped = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| async move {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe
+                    .take(MAX_EXEC_OUTPUT as u64)
+                    .read_to_end(&mut out)
+                    .await;
+            }
+            out
+        };
+        let stdout = child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+        let (stdout, stderr) = tokio::join!(capped(stdout), capped(stderr));
+        let status = child.wait().await.map_err(RuncError::Spawn)?;
         Ok(ExecOutput {
-            code: output.status.code().unwrap_or(-1),
+            code: status.code().unwrap_or(-1),
             stdout,
             stderr,
         })

@@ -45,10 +45,11 @@ fn place(agent: &Agent, target: Option<&str>) -> Result<NodeId, ApiError> {
     })
 }
 
-fn spec_of(command: &[String], memory_bytes: Option<u64>) -> InstanceSpec {
+fn spec_of(command: &[String], memory_bytes: Option<u64>, unconfined: bool) -> InstanceSpec {
     InstanceSpec {
         command: command.to_vec(),
         memory_bytes,
+        unconfined,
         ..Default::default()
     }
 }
@@ -69,7 +70,7 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
         )
     })?;
     let owner = place(agent, req.target.as_deref())?;
-    let spec = spec_of(&req.command, req.memory_bytes);
+    let spec = spec_of(&req.command, req.memory_bytes, req.unconfined);
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -166,6 +167,7 @@ async fn upload(
         name: req.name.clone(),
         command: req.command.clone(),
         memory_bytes: req.memory_bytes,
+        unconfined: req.unconfined,
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
@@ -219,7 +221,7 @@ pub async fn receive_upload(
             let why = format!("receiving the rootfs failed: {e}");
             return Err(err(ErrorKind::BadRequest, why));
         }
-        let spec = spec_of(&req.command, req.memory_bytes);
+        let spec = spec_of(&req.command, req.memory_bytes, req.unconfined);
         prepare_local(agent, name, &spec, None).await
     }
     .await;

@@ -76,6 +76,12 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
             DesiredState::Stopped => "stopped",
         }
         .into(),
+        security_profile: if i.spec.unconfined {
+            "unconfined"
+        } else {
+            "default"
+        }
+        .into(),
         detail: i.detail.clone(),
         checkpointed: i.checkpointed,
         command: i.spec.command.clone(),

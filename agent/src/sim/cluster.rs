@@ -123,6 +123,7 @@ impl Sim {
             target: Some(target.into()),
             memory_bytes: None,
             command: vec!["sleep".into(), "1000".into()],
+            unconfined: false,
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await
