@@ -40,6 +40,9 @@ pub struct AgentOptions {
     /// The leader rolls back (or switches back) a migration job whose phase
     /// has not moved for this long.
     pub job_phase_timeout: Duration,
+    /// What each container's console.log keeps at most (as much again in
+    /// console.log.1).
+    pub console_log_max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +83,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         voters: opts.voters,
     };
     let (config, seeds) = identity::establish(&dir, &identity_opts).await?;
-    let driver: Arc<dyn Driver> = Arc::new(Host::new(dir.root(), &config.name));
+    let host = Host::new(dir.root(), &config.name, opts.console_log_max_bytes);
+    let driver: Arc<dyn Driver> = Arc::new(host);
     let agent = start(dir, config, seeds, &opts, driver).await?;
     wait_for_shutdown(agent).await
 }

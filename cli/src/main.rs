@@ -52,6 +52,14 @@ enum Commands {
     /// Migration jobs.
     #[command(subcommand)]
     Job(jobs::JobCommand),
+    /// (Internal) copy a container's output from stdin to its console log,
+    /// capped and rotated; started by the agent for each container.
+    #[command(hide = true)]
+    ConsoleLogger {
+        #[arg(long)]
+        max_bytes: u64,
+        path: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -90,6 +98,10 @@ struct AgentArgs {
     /// for this long; the leader's setting applies.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = output::parse_duration)]
     job_phase_timeout: Duration,
+    /// What each container's console.log keeps at most before it rotates
+    /// to console.log.1, e.g. 8M.
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = instances::parse_size)]
+    console_log_max: u64,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -193,6 +205,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Commands::ConsoleLogger { max_bytes, path } = &cli.command {
+        // Plain blocking I/O, no runtime: it only copies stdin to a file.
+        return match ferry_agent::run_console_logger(std::io::stdin().lock(), path, *max_bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: console logger for {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     // One crypto provider for the whole process; the transport also passes
     // it explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -233,6 +255,7 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Job(command) => {
             jobs::run_job(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
         }
+        Commands::ConsoleLogger { .. } => Ok(()),
     }
 }
 
@@ -267,6 +290,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         },
         heal_after: args.heal_after,
         job_phase_timeout: args.job_phase_timeout,
+        console_log_max_bytes: args.console_log_max,
     })
     .await?;
     Ok(())

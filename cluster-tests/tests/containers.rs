@@ -312,17 +312,38 @@ fn stateful_stop_without_usable_criu_says_so_and_keeps_running() -> Result<()> {
 }
 
 #[test]
-fn containers_are_confined_by_default_and_exec_output_is_capped_while_read() -> Result<()> {
+fn containers_are_confined_by_default_and_their_output_is_capped() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if !require_container_runtime() {
         return Ok(());
     }
     let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--console-log-max".into(), "4M".into()];
     cluster.bootstrap("n1", 3)?;
     cluster.wait_converged(&["n1"], CONVERGE)?;
     let rootfs = busybox_rootfs(cluster.root())?
         .to_string_lossy()
         .into_owned();
+    // 10 MB of output, then quiet: the console log keeps its cap.
+    let chatty = "head -c 10000000 /dev/zero | tr '\\0' x; sleep 1000";
+    cluster.ferry_ok(
+        0,
+        &[
+            "launch", "chatty", "--rootfs", &rootfs, "--", "sh", "-c", chatty,
+        ],
+    )?;
+    let dir = cluster.agents[0].data_dir.join("instances/chatty");
+    let (console, older) = (dir.join("console.log"), dir.join("console.log.1"));
+    wait_for("10 MB through the console logger", CONVERGE, || {
+        let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let (now, before) = (len(&console), len(&older));
+        // 10 MB through a 4 MiB cap: console.log.1 full, console.log the rest.
+        if before == 4 << 20 && now == 10_000_000 - 2 * (4 << 20) {
+            Ok(())
+        } else {
+            bail!("console.log {now} bytes, console.log.1 {before} bytes")
+        }
+    })?;
     for (name, profile) in [("confined", "default"), ("free", "unconfined")] {
         cluster.ferry_ok(
             0,

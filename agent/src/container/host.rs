@@ -64,9 +64,9 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(data_dir: &Path, node_name: &str) -> Self {
+    pub fn new(data_dir: &Path, node_name: &str, console_max_bytes: u64) -> Self {
         Host {
-            runc: Runc::new(data_dir.join("runc")),
+            runc: Runc::new(data_dir.join("runc"), console_max_bytes),
             data_dir: data_dir.to_path_buf(),
             cgroup_parent: cgroup_parent(data_dir, node_name),
         }

@@ -3,5 +3,6 @@
 
 mod bundle;
 mod confine;
-pub mod host;
+pub mod console;
+pub(crate) mod host;
 mod runc;

@@ -64,11 +64,16 @@ fn parse_status(status: &str) -> Status {
 #[derive(Clone, Debug)]
 pub struct Runc {
     root: PathBuf,
+    /// What each container's `console.log` keeps at most.
+    console_max_bytes: u64,
 }
 
 impl Runc {
-    pub fn new(root: PathBuf) -> Self {
-        Runc { root }
+    pub fn new(root: PathBuf, console_max_bytes: u64) -> Self {
+        Runc {
+            root,
+            console_max_bytes,
+        }
     }
 
     fn command(&self, log: &Path) -> Command {
@@ -144,26 +149,27 @@ impl Runc {
             .map(|(_, state)| state))
     }
 
-    /// The container's stdout and stderr: a pipe to a `cat` in its own
-    /// process group that appends to `console.log` beside the runc log.
+    /// The container's stdout and stderr: a pipe to a logger in its own
+    /// process group (`ferry console-logger`, see `console.rs`) that
+    /// appends to `console.log` beside the runc log, capped and rotated.
     /// Not the file itself: CRIU cannot dump a host file opened outside the
     /// container's mounts, while a pipe it records and runc reconnects on
-    /// restore. The logger outlives the agent (own process group).
-    fn console(log: &Path) -> Result<(Stdio, Stdio), RuncError> {
+    /// restore. The logger outlives the agent.
+    fn console(&self, log: &Path) -> Result<(Stdio, Stdio), RuncError> {
         let console_log = log.with_file_name("console.log");
         let fail = |source| RuncError::File {
             path: console_log.clone(),
             source,
         };
         let (reader, writer) = std::io::pipe().map_err(fail)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&console_log)
-            .map_err(fail)?;
-        Command::new("cat")
+        let ferry = std::env::current_exe().map_err(fail)?;
+        Command::new(ferry)
+            .arg("console-logger")
+            .arg("--max-bytes")
+            .arg(self.console_max_bytes.to_string())
+            .arg(&console_log)
             .stdin(reader)
-            .stdout(file)
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .kill_on_drop(false)
@@ -191,7 +197,7 @@ impl Runc {
         log: &Path,
         mut cmd: Command,
     ) -> Result<(), RuncError> {
-        let (out, err) = Self::console(log)?;
+        let (out, err) = self.console(log)?;
         let status = cmd
             .stdout(out)
             .stderr(err)

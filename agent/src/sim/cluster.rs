@@ -36,6 +36,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         gossip: Default::default(),
         heal_after: Duration::from_secs(600),
         job_phase_timeout: Duration::from_secs(30),
+        console_log_max_bytes: 8 << 20,
     }
 }
 
