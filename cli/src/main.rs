@@ -133,7 +133,8 @@ enum ClusterCommand {
     /// Remove a member from the cluster and revoke its certificate.
     Remove {
         name: String,
-        /// Remove it even if it cannot be reached.
+        /// Remove it even if it cannot be reached or still owns instances
+        /// (they are marked lost; 'ferry delete' drops their records).
         #[arg(long)]
         force: bool,
     },

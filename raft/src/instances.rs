@@ -54,6 +54,10 @@ pub enum ObservedState {
     Frozen,
     Migrating,
     Error,
+    /// Its owner was removed from the cluster (`cluster remove --force`):
+    /// nothing runs it; `ferry delete` drops the record. Last: variants are
+    /// encoded by position.
+    Lost,
 }
 
 impl ObservedState {
@@ -65,6 +69,7 @@ impl ObservedState {
             ObservedState::Frozen => "frozen",
             ObservedState::Migrating => "migrating",
             ObservedState::Error => "error",
+            ObservedState::Lost => "lost",
         }
     }
 }

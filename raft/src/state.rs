@@ -110,6 +110,15 @@ impl ClusterState {
             }
             Command::RemoveMember { id } => {
                 let member = self.members.remove(id).ok_or(Rejection::NoMember(*id))?;
+                // What it owned is lost with it, visibly; never run elsewhere
+                // without its files.
+                for instance in self.instances.values_mut().filter(|i| i.owner == *id) {
+                    instance.observed = crate::instances::ObservedState::Lost;
+                    instance.detail = Some(format!(
+                        "its owner {} was removed from the cluster; 'ferry delete {}' drops the record",
+                        member.name, instance.name
+                    ));
+                }
                 if !self.is_revoked(&member.cert_serial) {
                     self.revoked_serials.push(member.cert_serial);
                 }

@@ -31,6 +31,9 @@ pub async fn operate(
         .state()
         .read(|s| s.instances.get(name).cloned())
         .ok_or_else(|| no_instance(name))?;
+    if instance.observed == ObservedState::Lost {
+        return lost(agent, &instance, op).await;
+    }
     if instance.owner != agent.id() {
         if forwarded {
             return Err(err(
@@ -269,6 +272,22 @@ impl Here<'_> {
         agent.driver().remove(name).await.map_err(internal)?;
         Ok(ApiReply::Done)
     }
+}
+
+/// An instance whose owner was removed: only its record is left, and only
+/// `delete` applies.
+async fn lost(agent: &Agent, instance: &Instance, op: InstanceOp) -> Result<ApiReply, ApiError> {
+    let name = &instance.name;
+    if !matches!(op, InstanceOp::Delete { .. }) {
+        return Err(err(
+            ErrorKind::Conflict,
+            format!(
+                "instance '{name}' was lost with its owner; 'ferry delete {name}' drops the record"
+            ),
+        ));
+    }
+    commit(agent, InstanceCommand::Delete { name: name.clone() }).await?;
+    Ok(ApiReply::Done)
 }
 
 async fn forward(agent: &Agent, instance: &Instance, op: InstanceOp) -> Result<ApiReply, ApiError> {

@@ -201,6 +201,22 @@ pub async fn remove_member(
             format!("'{name}' is the last member; a cluster cannot remove its last member"),
         ));
     }
+    let owned: Vec<String> = agent.state().read(|s| {
+        s.instances
+            .values()
+            .filter(|i| i.owner == member.id)
+            .map(|i| i.name.clone())
+            .collect()
+    });
+    if !owned.is_empty() && !force {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!(
+                "'{name}' still owns {}; move them away first ('ferry move NAME --target NODE'), or pass --force to remove it anyway and mark them lost",
+                owned.join(", ")
+            ),
+        ));
+    }
     let reachable = ping(agent, &member).await;
     if !reachable && !force {
         return Err(ApiError::new(

@@ -7,3 +7,4 @@ pub mod fake_driver;
 mod launches;
 mod moves;
 pub mod net;
+mod removal;
