@@ -25,9 +25,9 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decode a value that must span all of `bytes`: trailing data means the
 /// sender and receiver disagree on the type, which must not pass silently.
-/// The most a decoded value may claim: a frame's cap with room for
-/// bookkeeping.
-pub const DECODE_LIMIT: usize = 2 * crate::frame::MAX_FRAME;
+/// The most a decoded value may claim: twice a frame's cap (16 MiB, see
+/// `frame::MAX_FRAME`), room for bookkeeping.
+pub const DECODE_LIMIT: usize = 32 * 1024 * 1024;
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     // The limit bounds what a decoded value may claim (a length prefix

@@ -98,3 +98,11 @@ pub async fn read_frame<T: DeserializeOwned>(
         .map_err(|e| FrameError::Io(StreamError::Read(e)))?;
     codec::decode(&payload).map_err(FrameError::Malformed)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_whole_frame_decodes_within_the_codec_limit() {
+        assert!(super::MAX_FRAME * 2 <= crate::codec::DECODE_LIMIT);
+    }
+}
