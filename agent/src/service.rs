@@ -36,15 +36,37 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Unauthorized, message)
 }
 
-/// Whether `cert` is a node certificate of this cluster, not revoked.
+/// Whether `cert` is a node certificate of this cluster, not revoked, and
+/// the one recorded for its member.
 fn member_cert<'a>(agent: &Agent, cert: Option<&'a PeerCert>) -> Option<&'a str> {
     let cert = cert?;
     match &cert.identity {
-        Identity::Node(name) if !agent.state().read(|s| s.is_revoked(&cert.serial)) => {
+        Identity::Node(name)
+            if !agent.state().read(|s| s.is_revoked(&cert.serial))
+                && not_pinned(agent, cert).is_none() =>
+        {
             Some(name.as_str())
         }
         _ => None,
     }
+}
+
+/// Why a node certificate is not the one the member table records for its
+/// name (one the CA signed for that name later, by a member gone rogue, is
+/// refused); `None` when it is, or when the member is not known here yet.
+fn not_pinned(agent: &Agent, cert: &PeerCert) -> Option<String> {
+    let Identity::Node(name) = &cert.identity else {
+        return None;
+    };
+    let recorded = agent
+        .state()
+        .read(|s| s.member_by_name(name).map(|m| m.cert_serial.clone()))?;
+    (recorded != cert.serial).then(|| {
+        format!(
+            "certificate {} is not the one recorded for member '{name}'",
+            cert.serial
+        )
+    })
 }
 
 impl Service for AgentService {
@@ -70,6 +92,10 @@ impl Service for AgentService {
                 "certificate {} was revoked (its member was removed)",
                 cert.serial
             )));
+        }
+        if let Some(why) = not_pinned(agent, cert) {
+            tracing::warn!(peer = %peer.addr, "refused: {why}");
+            return Response::Error(unauthorized(why));
         }
         match request {
             Request::Join(_) => {
@@ -121,6 +147,10 @@ impl Service for AgentService {
         };
         if self.agent.state().read(|s| s.is_revoked(&cert.serial)) {
             gossip.refuse(name, "certificate revoked (member removed)");
+            return;
+        }
+        if let Some(why) = not_pinned(&self.agent, cert) {
+            gossip.refuse(name, &why);
             return;
         }
         match self.agent.member_id(name) {

@@ -137,6 +137,7 @@ fn foreign_missing_and_misused_certificates_are_refused() -> Result<()> {
     let addr = cluster.agents[0].addr()?;
     let n2_dir = ferry_agent::datadir::DataDir::new(&cluster.agents[1].data_dir);
     let n2_creds = n2_dir.load_credentials("node")?;
+    let n1_dir = cluster.agents[0].data_dir.clone();
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -179,6 +180,29 @@ fn foreign_missing_and_misused_certificates_are_refused() -> Result<()> {
         }
         let wrong = ask(&endpoint, &addr, Expect::Node("n2".into()), &Request::Ping).await;
         assert!(wrong.is_err(), "server name not checked");
+
+        // A certificate the cluster CA signed for n2's name that is not the
+        // one recorded for n2 (minted by a member gone rogue) is refused.
+        let ca = ferry_agent::datadir::DataDir::new(&n1_dir).load_ca()?;
+        let minted = ca.issue(&Identity::Node("n2".into()), &pki::new_serial())?;
+        let rogue = client(Some(&minted))?;
+        match ask(
+            &rogue,
+            &addr,
+            Expect::Node("n1".into()),
+            &Request::Api(ApiRequest::ClusterList),
+        )
+        .await?
+        {
+            Response::Error(e) => {
+                assert!(
+                    e.message.contains("not the one recorded for member 'n2'"),
+                    "{}",
+                    e.message
+                )
+            }
+            other => bail!("a minted certificate got {other:?}"),
+        }
 
         // n2's certificate speaking Raft as node 1 is refused.
         let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 1), None);

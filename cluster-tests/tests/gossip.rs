@@ -170,6 +170,7 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
     let dir = DataDir::new(&cluster.agents[0].data_dir);
     let ca = dir.load_ca()?;
     let admin = dir.load_credentials("admin")?;
+    let n2_dir = cluster.agents[1].data_dir.clone();
 
     // Not even QUIC.
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -203,19 +204,27 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
         for _ in 0..50 {
             admin_conn.send_datagram(bytes_of(b"admin gossip"))?;
         }
-        // A certificate of this cluster for member n2's name, sending junk
-        // (a broken or hostile member).
+        // A certificate of this cluster for member n2's name but not the
+        // one recorded for n2 (minted by a member gone rogue).
         let impostor = ca.issue(&Identity::Node("n2".into()), &new_serial())?;
         let client = Endpoint::client("127.0.0.1:0".parse()?, Some(&impostor))?;
         let conn = client.connect(addr, &Expect::AnyNode).await?;
         for _ in 0..50 {
             conn.send_datagram(bytes_of(&[0xff; 64]))?;
         }
-        anyhow::Ok((admin_client, admin_conn, client, conn, foreign_addr))
+        // n2's own certificate sending junk (a broken member).
+        let n2 = DataDir::new(&n2_dir).load_credentials("node")?;
+        let broken = Endpoint::client("127.0.0.1:0".parse()?, Some(&n2))?;
+        let broken_conn = broken.connect(addr, &Expect::AnyNode).await?;
+        for _ in 0..50 {
+            broken_conn.send_datagram(bytes_of(&[0xff; 64]))?;
+        }
+        let held = (admin_client, admin_conn, client, conn, broken, broken_conn);
+        anyhow::Ok((held, foreign_addr))
     })?;
     // Only this stranger's address: agents of tests running beside this
     // one may knock on a reused port too.
-    let stranger = format!("peer={}", open.4);
+    let stranger = format!("peer={}", open.1);
     let from_stranger = |text: &str| {
         text.lines()
             .filter(|l| l.contains("handshake failed") && l.ends_with(&stranger))
@@ -229,7 +238,11 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
         if from_stranger(&text) == 0 {
             bail!("no 'handshake failed' from the stranger yet");
         }
-        for needle in ["not a node certificate", "gossip from member 2 dropped"] {
+        for needle in [
+            "not a node certificate",
+            "not the one recorded for member 'n2'",
+            "gossip from member 2 dropped",
+        ] {
             if count(&text, needle) == 0 {
                 bail!("no '{needle}' yet");
             }
@@ -239,6 +252,7 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
     let text = log();
     assert_eq!(from_stranger(&text), 1, "logged once per sender");
     assert_eq!(count(&text, "not a node certificate"), 1);
+    assert_eq!(count(&text, "not the one recorded for member 'n2'"), 1);
     assert_eq!(count(&text, "gossip from member 2 dropped"), 1);
     // Nobody crashed and gossip still works.
     cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
