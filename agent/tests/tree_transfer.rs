@@ -69,6 +69,70 @@ fn same_tree(a: &Path, b: &Path) {
     }
 }
 
+/// A receiving endpoint writing into `dest`, and a pool to reach it.
+fn pair(
+    dest: PathBuf,
+) -> (
+    Pool,
+    std::net::SocketAddr,
+    Expect,
+    mpsc::UnboundedReceiver<Result<Transferred, String>>,
+) {
+    let ca = ClusterCa::generate().unwrap();
+    let server_creds = ca
+        .issue(&Identity::Node("target".into()), &new_serial())
+        .unwrap();
+    let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &server_creds).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let (done, results) = mpsc::unbounded_channel();
+    tokio::spawn(serve(endpoint, Arc::new(Receiver { dest, done })));
+    let client_creds = ca
+        .issue(&Identity::Node("source".into()), &new_serial())
+        .unwrap();
+    let pool = Pool::new(Endpoint::bind("127.0.0.1:0".parse().unwrap(), &client_creds).unwrap());
+    (pool, addr, Expect::Node("target".into()), results)
+}
+
+#[tokio::test]
+async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let dest_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    write(src, "etc/shadow", b"root:old");
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, first_pass) = tree::send(&mut send, &mut recv, src, false, None)
+        .await
+        .unwrap();
+    results.recv().await.unwrap().unwrap();
+    // What a running container can do: another file in its place, same
+    // size, mode and mtime (it cannot set the ctime, or keep the inode).
+    let path = src.join("etc/shadow");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(src.join("etc/shadow.new"), b"root:new").unwrap();
+    std::fs::rename(src.join("etc/shadow.new"), &path).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (sent, _) = tree::send(&mut send, &mut recv, src, true, Some(&first_pass))
+        .await
+        .unwrap();
+    results.recv().await.unwrap().unwrap();
+    assert_eq!(sent.files, 1, "the replaced file travels again");
+    assert_eq!(std::fs::read(dest.join("etc/shadow")).unwrap(), b"root:new");
+}
+
 #[tokio::test]
 async fn full_then_delta_makes_an_exact_copy() {
     let ca = ClusterCa::generate().unwrap();
@@ -104,7 +168,9 @@ async fn full_then_delta_makes_an_exact_copy() {
         .open_stream(addr, &expect, &false, Duration::from_secs(5))
         .await
         .unwrap();
-    let sent = tree::send(&mut send, &mut recv, src, false).await.unwrap();
+    let (sent, first_pass) = tree::send(&mut send, &mut recv, src, false, None)
+        .await
+        .unwrap();
     let received = results.recv().await.unwrap().unwrap();
     assert_eq!(sent, received);
     assert_eq!(sent.files, 3);
@@ -118,10 +184,73 @@ async fn full_then_delta_makes_an_exact_copy() {
         .open_stream(addr, &expect, &true, Duration::from_secs(5))
         .await
         .unwrap();
-    let sent = tree::send(&mut send, &mut recv, src, true).await.unwrap();
+    let (sent, _) = tree::send(&mut send, &mut recv, src, true, Some(&first_pass))
+        .await
+        .unwrap();
     let received = results.recv().await.unwrap().unwrap();
     assert_eq!(sent, received);
     assert_eq!(sent.files, 2, "only the changed and the new file travel");
     assert!(sent.bytes < 100);
     same_tree(src, &dest);
+}
+
+/// `tree`'s frames as a hostile sender writes them: the same variants in
+/// the same order (only the ones it sends carry real payloads).
+#[derive(serde::Serialize)]
+#[allow(dead_code)]
+enum HostileFrame {
+    Manifest(()),
+    Want(()),
+    Entry(tree::Entry),
+    Chunk(()),
+    FileEnd(()),
+    End { files: u64, bytes: u64 },
+}
+
+fn entry(path: &str, kind: tree::EntryKind, mode: u32) -> tree::Entry {
+    tree::Entry {
+        path: path.into(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        ino: 0,
+        ctime_ns: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_sender_swapping_a_directory_for_a_symlink_changes_nothing_outside_the_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let (mut send, _recv) = pool
+        .open_stream(addr, &expect, &false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let target = outside.path().to_string_lossy().into_owned();
+    for frame in [
+        HostileFrame::Entry(entry("a", tree::EntryKind::Dir, 0o777)),
+        HostileFrame::Entry(entry("a", tree::EntryKind::Symlink { target }, 0o777)),
+        HostileFrame::End { files: 0, bytes: 0 },
+    ] {
+        ferry_transport::frame::write_frame(&mut send, &frame)
+            .await
+            .unwrap();
+    }
+    let _ = results.recv().await.unwrap();
+    let mode = std::fs::metadata(outside.path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o755, "the directory outside the root was changed");
+    assert!(std::fs::symlink_metadata(dest.join("a"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }

@@ -171,7 +171,7 @@ async fn upload(
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
-        tree::send(&mut send, &mut recv, &send_root, false)
+        tree::send(&mut send, &mut recv, &send_root, false, None)
             .await
             .map_err(|e| {
                 err(

@@ -114,9 +114,10 @@ async fn send_final(
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     write_frame(send, &FinalHeader::Frozen { note }).await?;
     if job.options.stateful {
-        tree::send(send, recv, &driver.images(name), false).await?;
+        tree::send(send, recv, &driver.images(name), false, None).await?;
     }
-    tree::send(send, recv, &driver.rootfs(name), true).await?;
+    let first_pass = agent.transfers().take_stamps(job.id);
+    tree::send(send, recv, &driver.rootfs(name), true, first_pass.as_ref()).await?;
     Ok(())
 }
 
@@ -143,7 +144,9 @@ pub async fn serve(
     let rootfs = agent.driver().rootfs(&name);
     match part {
         TransferPart::Rootfs => {
-            tree::send(&mut channel.0, &mut channel.1, &rootfs, false).await?;
+            let (_, stamps) =
+                tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
+            agent.transfers().remember_stamps(job.id, stamps);
             Ok(())
         }
         _ => {
@@ -161,7 +164,8 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
         .ok_or(MoveError::NotAMember(job.target))?;
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let (mut send, mut recv) = open(agent, job, job.target, TransferPart::PushRootfs).await?;
-    tree::send(&mut send, &mut recv, &rootfs, false).await?;
+    let (_, stamps) = tree::send(&mut send, &mut recv, &rootfs, false, None).await?;
+    agent.transfers().remember_stamps(job.id, stamps);
     let _ = send.finish();
     pushed(&mut recv, &target_name).await?;
     let mut channel = open(agent, job, job.target, TransferPart::PushFinal).await?;

@@ -9,6 +9,7 @@ use ferry_raft::JobId;
 
 use crate::api::jobs::TransferProgress;
 use crate::clock::now_ms;
+use crate::transfer::tree::Stamps;
 
 /// Live figures of the transfers this agent receives, for `job show`, and
 /// the ones the target reports when the job is done.
@@ -20,6 +21,9 @@ pub struct Transfers {
     froze_at: Mutex<HashMap<JobId, u64>>,
     /// Bytes received in all.
     bytes: Mutex<HashMap<JobId, u64>>,
+    /// On the source: what the first pass of each job's rootfs saw, for
+    /// its final pass.
+    stamps: Mutex<HashMap<JobId, Stamps>>,
 }
 
 impl Transfers {
@@ -54,6 +58,18 @@ impl Transfers {
         let froze = lock(&self.froze_at).remove(&job);
         let bytes = lock(&self.bytes).remove(&job).unwrap_or(0);
         (froze.map_or(0, |t| now.saturating_sub(t)), bytes)
+    }
+
+    /// The source sent `job`'s rootfs once; its final pass compares with
+    /// these.
+    pub fn remember_stamps(&self, job: JobId, stamps: Stamps) {
+        lock(&self.stamps).insert(job, stamps);
+    }
+
+    /// The first pass's stamps of `job`, taken out (none after a restart of
+    /// the source: then every file counts as changed).
+    pub fn take_stamps(&self, job: JobId) -> Option<Stamps> {
+        lock(&self.stamps).remove(&job)
     }
 
     pub fn get(&self, job: JobId) -> Option<TransferProgress> {

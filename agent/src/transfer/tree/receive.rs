@@ -1,0 +1,249 @@
+//! The receiving side of a tree. The sender is untrusted: paths stay
+//! relative and below no symlink, files are created new (never opened
+//! through a link), and modes, owners and times go on by file descriptor,
+//! so an entry the sender replaced by a symlink changes nothing outside
+//! the root.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_transport::frame::write_frame;
+use ring::digest::{Context, SHA256};
+
+use super::{
+    beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
+    sha256_hex, Entry, EntryKind, Frame, Transferred, TreeError,
+};
+
+fn system_time(ns: i128) -> std::time::SystemTime {
+    let secs = ns.div_euclid(1_000_000_000);
+    let nanos = ns.rem_euclid(1_000_000_000) as u32;
+    match u64::try_from(secs) {
+        Ok(secs) => std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
+        Err(_) => std::time::UNIX_EPOCH,
+    }
+}
+
+/// Owner, mode and (files) mtime of an entry, through its open descriptor.
+fn apply_by_fd(file: &std::fs::File, path: &Path, entry: &Entry) -> Result<(), TreeError> {
+    std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid)).map_err(io("chown", path))?;
+    file.set_permissions(std::fs::Permissions::from_mode(entry.mode))
+        .map_err(io("chmod", path))?;
+    if let EntryKind::File { .. } = entry.kind {
+        file.set_modified(system_time(entry.mtime_ns))
+            .map_err(io("set mtime", path))?;
+    }
+    Ok(())
+}
+
+/// Receive a tree into `root` (created if missing). With `delta`, answer
+/// the sender's manifest with what `root` lacks and delete what the sender
+/// no longer has.
+pub async fn receive(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+    delta: bool,
+) -> Result<Transferred, TreeError> {
+    receive_counted(send, recv, root, delta, &AtomicU64::new(0)).await
+}
+
+/// [`receive`], adding every file byte to `progress` as it arrives.
+pub async fn receive_counted(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+    delta: bool,
+    progress: &AtomicU64,
+) -> Result<Transferred, TreeError> {
+    let owned = root.to_path_buf();
+    let root_fd = blocking(move || {
+        std::fs::create_dir_all(&owned).map_err(io("create", &owned))?;
+        beneath::root(&owned)
+            .map(Arc::new)
+            .map_err(io("open", &owned))
+    })
+    .await?;
+    if delta {
+        answer_manifest(send, recv, root).await?;
+    }
+    let mut total = Transferred::default();
+    let mut dirs: Vec<Entry> = Vec::new();
+    loop {
+        let entry = match next_frame(recv).await? {
+            Frame::Entry(entry) => entry,
+            Frame::End { files, bytes } => {
+                if (files, bytes) != (total.files, total.bytes) {
+                    return Err(TreeError::Protocol(format!(
+                        "sender counted {files} files / {bytes} bytes, received {} / {}",
+                        total.files, total.bytes
+                    )));
+                }
+                break;
+            }
+            other => {
+                return Err(TreeError::Protocol(format!(
+                    "expected Entry, got {other:?}"
+                )))
+            }
+        };
+        let rel = safe_relative(&entry.path)?;
+        let path = root.join(&rel);
+        let owned_root = root.to_path_buf();
+        match entry.kind.clone() {
+            EntryKind::Dir => {
+                blocking(move || {
+                    check_parents(&owned_root, &rel)?;
+                    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+                        remove_any(&path)?;
+                    }
+                    std::fs::create_dir_all(&path).map_err(io("mkdir", &path))
+                })
+                .await?;
+                // Directory modes and owners last: a read-only directory
+                // must still receive its children.
+                dirs.push(entry);
+            }
+            EntryKind::Symlink { target } => {
+                blocking(move || {
+                    check_parents(&owned_root, &rel)?;
+                    remove_any(&path)?;
+                    std::os::unix::fs::symlink(&target, &path).map_err(io("symlink", &path))?;
+                    // lchown: the link itself; a link has no mode of its own.
+                    std::os::unix::fs::lchown(&path, Some(entry.uid), Some(entry.gid))
+                        .map_err(io("chown", &path))
+                })
+                .await?;
+            }
+            EntryKind::File { size } => {
+                let at = path.clone();
+                let file = blocking(move || {
+                    check_parents(&owned_root, &rel)?;
+                    remove_any(&at)?;
+                    // New, never through whatever was at the path.
+                    std::fs::File::options()
+                        .write(true)
+                        .create_new(true)
+                        .open(&at)
+                        .map_err(io("create", &at))
+                })
+                .await?;
+                let received = receive_file(recv, file, path, entry, size, progress).await?;
+                total.files += 1;
+                total.bytes += received;
+            }
+        }
+    }
+    blocking(move || apply_dirs(&root_fd, &dirs)).await?;
+    Ok(total)
+}
+
+/// Directory owners and modes, deepest first, each through a descriptor
+/// opened beneath the root; a directory the sender replaced since (by a
+/// symlink, say) is left alone.
+fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry]) -> Result<(), TreeError> {
+    for entry in dirs.iter().rev() {
+        let rel = Path::new(&entry.path);
+        if let Some(dir) = beneath::dir(root_fd, rel).map_err(io("open", rel))? {
+            apply_by_fd(&dir, rel, entry)?;
+        }
+    }
+    Ok(())
+}
+
+/// Delta: read the sender's manifest, delete what it no longer has, and
+/// ask for what `root` lacks or holds differently, and for whatever the
+/// sender says moved since the first pass.
+async fn answer_manifest(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+) -> Result<(), TreeError> {
+    let (source, changed) = match next_frame(recv).await? {
+        Frame::Manifest { entries, changed } => (entries, changed),
+        other => {
+            return Err(TreeError::Protocol(format!(
+                "expected Manifest, got {other:?}"
+            )))
+        }
+    };
+    for e in &source {
+        safe_relative(&e.path)?;
+    }
+    let owned = root.to_path_buf();
+    let want = blocking(move || {
+        let local = scan(&owned)?;
+        let (want, remove) = diff(&source, &local);
+        for path in &remove {
+            remove_any(&owned.join(safe_relative(path)?))?;
+        }
+        let mut want: BTreeSet<String> = want.into_iter().collect();
+        let known: BTreeSet<&str> = source.iter().map(|e| e.path.as_str()).collect();
+        want.extend(changed.into_iter().filter(|p| known.contains(p.as_str())));
+        Ok(want.into_iter().collect::<Vec<_>>())
+    })
+    .await?;
+    write_frame(send, &Frame::Want(want)).await?;
+    Ok(())
+}
+
+/// One file's chunks into `file` (created at `path`), checked against the
+/// announced size and the sender's SHA-256, then synced, its metadata set
+/// through the same descriptor; its byte count.
+async fn receive_file(
+    recv: &mut quinn::RecvStream,
+    mut file: std::fs::File,
+    path: PathBuf,
+    entry: Entry,
+    size: u64,
+    progress: &AtomicU64,
+) -> Result<u64, TreeError> {
+    let mut context = Context::new(&SHA256);
+    let mut received = 0u64;
+    let sent = loop {
+        match next_frame(recv).await? {
+            Frame::Chunk(bytes) => {
+                received += bytes.len() as u64;
+                progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if received > size {
+                    return Err(TreeError::Protocol(format!(
+                        "{} is longer than the announced {size} bytes",
+                        entry.path
+                    )));
+                }
+                context.update(&bytes);
+                let at = path.clone();
+                file = blocking(move || {
+                    file.write_all(&bytes).map_err(io("write", &at))?;
+                    Ok(file)
+                })
+                .await?;
+            }
+            Frame::FileEnd { sha256 } => break sha256,
+            other => {
+                return Err(TreeError::Protocol(format!(
+                    "expected Chunk, got {other:?}"
+                )))
+            }
+        }
+    };
+    let got = sha256_hex(context);
+    if got != sent {
+        return Err(TreeError::Checksum {
+            path: entry.path.clone(),
+            sent,
+            received: got,
+        });
+    }
+    blocking(move || {
+        file.sync_all().map_err(io("sync", &path))?;
+        apply_by_fd(&file, &path, &entry)
+    })
+    .await?;
+    Ok(received)
+}
