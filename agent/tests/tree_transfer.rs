@@ -203,8 +203,13 @@ enum HostileFrame {
     Want(()),
     Entry(tree::Entry),
     Chunk(()),
+    Hole(()),
     FileEnd(()),
-    End { files: u64, bytes: u64 },
+    End {
+        files: u64,
+        bytes: u64,
+        root: tree::Entry,
+    },
 }
 
 fn entry(path: &str, kind: tree::EntryKind, mode: u32) -> tree::Entry {
@@ -217,6 +222,7 @@ fn entry(path: &str, kind: tree::EntryKind, mode: u32) -> tree::Entry {
         mtime_ns: 0,
         ino: 0,
         ctime_ns: 0,
+        xattrs: Vec::new(),
     }
 }
 
@@ -236,7 +242,11 @@ async fn a_sender_swapping_a_directory_for_a_symlink_changes_nothing_outside_the
     for frame in [
         HostileFrame::Entry(entry("a", tree::EntryKind::Dir, 0o777)),
         HostileFrame::Entry(entry("a", tree::EntryKind::Symlink { target }, 0o777)),
-        HostileFrame::End { files: 0, bytes: 0 },
+        HostileFrame::End {
+            files: 0,
+            bytes: 0,
+            root: entry("", tree::EntryKind::Dir, 0o755),
+        },
     ] {
         ferry_transport::frame::write_frame(&mut send, &frame)
             .await
@@ -253,4 +263,142 @@ async fn a_sender_swapping_a_directory_for_a_symlink_changes_nothing_outside_the
         .unwrap()
         .file_type()
         .is_symlink());
+}
+
+/// Root is needed for owners, device nodes and file capabilities; under
+/// CI its absence fails the test, elsewhere it is skipped, saying why.
+fn running_as_root() -> bool {
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI=true: this test needs root (owners, device nodes, file capabilities)"
+    );
+    eprintln!("skipped: needs root (owners, device nodes, file capabilities)");
+    false
+}
+
+/// `security.capability` granting cap_net_bind_service, effective.
+fn capability() -> Vec<u8> {
+    [0x0200_0001u32, 1 << 10, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rootfs_arrives_as_it_was() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if !running_as_root() {
+        return;
+    }
+    let source_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    std::fs::set_permissions(src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    write(src, "bin/ping", b"an ELF, say");
+    std::fs::hard_link(src.join("bin/ping"), src.join("bin/ping6")).unwrap();
+    let flags = rustix::fs::XattrFlags::empty();
+    rustix::fs::setxattr(
+        src.join("bin/ping"),
+        "security.capability",
+        &capability(),
+        flags,
+    )
+    .unwrap();
+    rustix::fs::setxattr(src.join("bin/ping"), "user.origin", b"debian", flags).unwrap();
+    std::fs::create_dir_all(src.join("dev")).unwrap();
+    let node = |name: &str, kind, dev| {
+        let mode = rustix::fs::Mode::from_raw_mode(0o620);
+        rustix::fs::mknodat(rustix::fs::CWD, src.join(name), kind, mode, dev).unwrap();
+        // Past the umask.
+        std::fs::set_permissions(src.join(name), std::fs::Permissions::from_mode(0o620)).unwrap();
+    };
+    node(
+        "dev/null",
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::makedev(1, 3),
+    );
+    node("dev/fifo", rustix::fs::FileType::Fifo, 0);
+    drop(std::os::unix::net::UnixListener::bind(src.join("dev/log")).unwrap());
+    // 64 MiB with 4 KiB of data in the middle.
+    let sparse = std::fs::File::create(src.join("var/sparse")).unwrap_or_else(|_| {
+        std::fs::create_dir_all(src.join("var")).unwrap();
+        std::fs::File::create(src.join("var/sparse")).unwrap()
+    });
+    sparse.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, &[9u8; 4096], 32 << 20).unwrap();
+    drop(sparse);
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::open(src.join("dev"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (sent, _) = tree::send(&mut send, &mut recv, src, false, None)
+        .await
+        .unwrap();
+    results.recv().await.unwrap().unwrap();
+    same_tree(src, &dest);
+
+    let meta = |p: &str| std::fs::symlink_metadata(dest.join(p)).unwrap();
+    assert_eq!(
+        meta("").permissions().mode() & 0o777,
+        0o750,
+        "root dir mode"
+    );
+    assert_eq!(
+        meta("bin/ping").ino(),
+        meta("bin/ping6").ino(),
+        "hard link kept"
+    );
+    assert_eq!(
+        sent.files, 2,
+        "a hard link is not sent twice (ping, sparse)"
+    );
+    let mut value = [0u8; 64];
+    let n =
+        rustix::fs::getxattr(dest.join("bin/ping"), "security.capability", &mut value[..]).unwrap();
+    assert_eq!(&value[..n], &capability()[..], "file capability kept");
+    let n = rustix::fs::getxattr(dest.join("bin/ping"), "user.origin", &mut value[..]).unwrap();
+    assert_eq!(&value[..n], b"debian");
+    assert!(meta("dev/null").file_type().is_char_device());
+    assert_eq!(meta("dev/null").rdev(), rustix::fs::makedev(1, 3));
+    assert_eq!(meta("dev/null").permissions().mode() & 0o777, 0o620);
+    assert!(meta("dev/fifo").file_type().is_fifo());
+    assert!(meta("dev/log").file_type().is_socket());
+    assert_eq!(meta("var/sparse").len(), 64 << 20);
+    assert!(meta("var/sparse").blocks() * 512 < 1 << 20, "holes kept");
+    assert_eq!(sent.bytes, 4096 + 11, "only data travels");
+    assert_eq!(meta("dev").modified().unwrap(), old, "directory mtime kept");
+}
+
+#[tokio::test]
+async fn a_tree_of_many_files_goes_in_manifest_parts() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    for i in 0..2500 {
+        write(src, &format!("d{}/f{i}", i % 7), b"");
+    }
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    for delta in [false, true] {
+        let (mut send, mut recv) = pool
+            .open_stream(addr, &expect, &delta, Duration::from_secs(5))
+            .await
+            .unwrap();
+        tree::send(&mut send, &mut recv, src, delta, None)
+            .await
+            .unwrap();
+        results.recv().await.unwrap().unwrap();
+    }
+    same_tree(src, &dest);
 }

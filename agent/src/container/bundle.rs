@@ -145,9 +145,18 @@ pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
 pub fn write_config(dir: &InstanceDir, config: &BundleConfig<'_>) -> Result<(), BundleError> {
     let bundle = dir.bundle();
     std::fs::create_dir_all(&bundle).map_err(|e| io_err("create", &bundle, e))?;
+    let path = bundle.join("config.json");
     spec(config)?
-        .save(bundle.join("config.json"))
-        .map_err(|e| BundleError::Spec(e.to_string()))
+        .save(&path)
+        .map_err(|e| BundleError::Spec(e.to_string()))?;
+    // On disk before the phase that relies on it (a restore, a switch)
+    // commits: the file and its name in the directory.
+    for synced in [&path, &bundle] {
+        std::fs::File::open(synced)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err("sync", synced, e))?;
+    }
+    Ok(())
 }
 
 /// Replace `dest` with an exact copy of the directory `source` (blocking).

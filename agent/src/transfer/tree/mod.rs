@@ -12,13 +12,14 @@
 
 mod beneath;
 mod receive;
+mod scan;
 mod send;
 
 pub use receive::{receive, receive_counted};
+pub use scan::scan;
 pub use send::send;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use ferry_transport::frame::{read_frame, FrameError, MAX_FRAME};
@@ -28,8 +29,30 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
     Dir,
-    File { size: u64 },
-    Symlink { target: String },
+    File {
+        size: u64,
+    },
+    Symlink {
+        target: String,
+    },
+    /// Another name of the file at `target` (sent before it in the tree).
+    Hardlink {
+        target: String,
+    },
+    Device {
+        block: bool,
+        rdev: u64,
+    },
+    Fifo,
+    Socket,
+}
+
+/// An extended attribute (`user.*`, `security.capability`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 /// One entry of a tree, relative to its root.
@@ -45,6 +68,7 @@ pub struct Entry {
     /// with the receiver's (its own differ).
     pub ino: u64,
     pub ctime_ns: i128,
+    pub xattrs: Vec<Xattr>,
 }
 
 /// What the sender saw of each entry at a first pass: inode and ctime. A
@@ -70,40 +94,54 @@ impl Stamps {
 }
 
 impl Entry {
-    /// Same kind, size, target, mode and owner; mtimes count for files
-    /// only (a directory's changes as children arrive).
+    /// Same kind, size, target, mode, owner and extended attributes;
+    /// mtimes count for files only (a directory's changes as children
+    /// arrive).
     pub fn matches(&self, other: &Entry) -> bool {
         self.path == other.path
             && self.kind == other.kind
             && self.mode == other.mode
             && self.uid == other.uid
             && self.gid == other.gid
+            && self.xattrs == other.xattrs
             && (!matches!(self.kind, EntryKind::File { .. }) || self.mtime_ns == other.mtime_ns)
     }
 }
 
+/// Entries (or paths) per manifest frame: a tree of millions of files goes
+/// in many frames, each far below the frame cap.
+const MANIFEST_PART: usize = 2_000;
+
 #[derive(Debug, Serialize, Deserialize)]
 enum Frame {
-    /// The sender's whole manifest (delta method), answered by a `Want`;
-    /// `changed`: paths to send whatever the receiver holds (moved since
-    /// the first pass).
+    /// Part of the sender's manifest (delta method), answered by `Want`
+    /// parts once the `last` one arrived; `changed`: paths to send whatever
+    /// the receiver holds (moved since the first pass).
     Manifest {
         entries: Vec<Entry>,
         changed: Vec<String>,
+        last: bool,
     },
-    Want(Vec<String>),
+    Want {
+        paths: Vec<String>,
+        last: bool,
+    },
     Entry(Entry),
     // As bytes, not a sequence of u8: serde's default costs ~35x more to
     // encode and decode (measured: 280 ms vs 8 ms per 64 MiB, release).
     Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// This many bytes of a sparse file's hole (zeros, not stored).
+    Hole(u64),
     /// End of the current file, with its SHA-256.
     FileEnd {
         sha256: String,
     },
-    /// End of the tree: totals to check against what arrived.
+    /// End of the tree: totals to check against what arrived, and the
+    /// root directory's own owner, mode and times.
     End {
         files: u64,
         bytes: u64,
+        root: Box<Entry>,
     },
 }
 
@@ -158,51 +196,6 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Tr
 pub struct Transferred {
     pub files: u64,
     pub bytes: u64,
-}
-
-/// The entries of the tree at `root`, parents before children. Special
-/// files (devices, fifos, sockets) are left out: runc makes /dev itself.
-pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
-    let mut entries = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let mut children: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(io("read", &dir))?
-            .collect::<Result<_, _>>()
-            .map_err(io("read", &dir))?;
-        children.sort_by_key(|c| c.file_name());
-        for child in children {
-            let path = child.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
-            let rel_path = rel.join(child.file_name());
-            let kind = if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).map_err(io("readlink", &path))?;
-                EntryKind::Symlink {
-                    target: target.to_string_lossy().into_owned(),
-                }
-            } else if meta.is_dir() {
-                stack.push(rel_path.clone());
-                EntryKind::Dir
-            } else if meta.is_file() {
-                EntryKind::File { size: meta.len() }
-            } else {
-                continue;
-            };
-            entries.push(Entry {
-                path: rel_path.to_string_lossy().into_owned(),
-                kind,
-                mode: meta.mode() & 0o7777,
-                uid: meta.uid(),
-                gid: meta.gid(),
-                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-                ino: meta.ino(),
-                ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
-            });
-        }
-    }
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(entries)
 }
 
 /// Bytes of file content under `root` (0 if it cannot be read).
@@ -267,6 +260,13 @@ fn check_parents(root: &Path, rel: &Path) -> Result<(), TreeError> {
     Ok(())
 }
 
+/// A hole of `len` bytes in a file's checksum (both sides hash the same
+/// stream: data as it comes, each hole as a marker and its length).
+fn hash_hole(context: &mut Context, len: u64) {
+    context.update(b"\0hole\0");
+    context.update(&len.to_le_bytes());
+}
+
 fn sha256_hex(context: Context) -> String {
     context
         .finish()
@@ -306,6 +306,7 @@ mod tests {
             mtime_ns,
             ino: 1,
             ctime_ns: 1,
+            xattrs: Vec::new(),
         }
     }
 

@@ -17,7 +17,7 @@ use ring::digest::{Context, SHA256};
 
 use super::{
     beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
-    sha256_hex, Entry, EntryKind, Frame, Transferred, TreeError,
+    sha256_hex, Entry, EntryKind, Frame, Transferred, TreeError, MANIFEST_PART,
 };
 
 fn system_time(ns: i128) -> std::time::SystemTime {
@@ -29,16 +29,73 @@ fn system_time(ns: i128) -> std::time::SystemTime {
     }
 }
 
-/// Owner, mode and (files) mtime of an entry, through its open descriptor.
+/// Owner, mode, extended attributes and mtime of an entry, through its
+/// open descriptor. In this order: a chown clears file capabilities, and
+/// setting attributes must not move the mtime again.
 fn apply_by_fd(file: &std::fs::File, path: &Path, entry: &Entry) -> Result<(), TreeError> {
     std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid)).map_err(io("chown", path))?;
     file.set_permissions(std::fs::Permissions::from_mode(entry.mode))
         .map_err(io("chmod", path))?;
-    if let EntryKind::File { .. } = entry.kind {
-        file.set_modified(system_time(entry.mtime_ns))
-            .map_err(io("set mtime", path))?;
+    for x in &entry.xattrs {
+        rustix::fs::fsetxattr(
+            file,
+            x.name.as_str(),
+            &x.value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| io("set xattr", path)(e.into()))?;
+    }
+    file.set_modified(system_time(entry.mtime_ns))
+        .map_err(io("set mtime", path))?;
+    Ok(())
+}
+
+/// The same for what cannot be opened safely (links, device nodes, FIFOs,
+/// sockets): by path, right after this receiver made it, never following
+/// the last component.
+fn apply_by_path(path: &Path, entry: &Entry) -> Result<(), TreeError> {
+    std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid)).map_err(io("chown", path))?;
+    if !matches!(entry.kind, EntryKind::Symlink { .. }) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode))
+            .map_err(io("chmod", path))?;
+    }
+    for x in &entry.xattrs {
+        rustix::fs::lsetxattr(
+            path,
+            x.name.as_str(),
+            &x.value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| io("set xattr", path)(e.into()))?;
     }
     Ok(())
+}
+
+/// A device node, FIFO or socket at `path`.
+fn make_node(path: &Path, entry: &Entry) -> Result<(), TreeError> {
+    use rustix::fs::{FileType, Mode};
+    let (file_type, dev) = match entry.kind {
+        EntryKind::Device { block: true, rdev } => (FileType::BlockDevice, rdev),
+        EntryKind::Device { block: false, rdev } => (FileType::CharacterDevice, rdev),
+        EntryKind::Fifo => (FileType::Fifo, 0),
+        EntryKind::Socket => (FileType::Socket, 0),
+        _ => return Err(TreeError::Protocol(format!("{} is not a node", entry.path))),
+    };
+    let mode = Mode::from_raw_mode(entry.mode & 0o777);
+    rustix::fs::mknodat(rustix::fs::CWD, path, file_type, mode, dev)
+        .map_err(|e| io("mknod", path)(e.into()))
+}
+
+/// Another name for a file this tree already has.
+fn make_hardlink(root: &Path, path: &Path, target: &str) -> Result<(), TreeError> {
+    let rel = safe_relative(target)?;
+    check_parents(root, &rel)?;
+    let original = root.join(&rel);
+    // Never a link to a symlink (or through one): only to a plain file.
+    if !std::fs::symlink_metadata(&original).is_ok_and(|m| m.is_file()) {
+        return Err(TreeError::UnsafePath(target.to_string()));
+    }
+    std::fs::hard_link(&original, path).map_err(io("link", path))
 }
 
 /// Receive a tree into `root` (created if missing). With `delta`, answer
@@ -77,13 +134,20 @@ pub async fn receive_counted(
     loop {
         let entry = match next_frame(recv).await? {
             Frame::Entry(entry) => entry,
-            Frame::End { files, bytes } => {
+            Frame::End { files, bytes, root } => {
                 if (files, bytes) != (total.files, total.bytes) {
                     return Err(TreeError::Protocol(format!(
                         "sender counted {files} files / {bytes} bytes, received {} / {}",
                         total.files, total.bytes
                     )));
                 }
+                dirs.insert(
+                    0,
+                    Entry {
+                        path: String::new(),
+                        ..*root
+                    },
+                );
                 break;
             }
             other => {
@@ -114,9 +178,24 @@ pub async fn receive_counted(
                     check_parents(&owned_root, &rel)?;
                     remove_any(&path)?;
                     std::os::unix::fs::symlink(&target, &path).map_err(io("symlink", &path))?;
-                    // lchown: the link itself; a link has no mode of its own.
-                    std::os::unix::fs::lchown(&path, Some(entry.uid), Some(entry.gid))
-                        .map_err(io("chown", &path))
+                    apply_by_path(&path, &entry)
+                })
+                .await?;
+            }
+            EntryKind::Hardlink { target } => {
+                blocking(move || {
+                    check_parents(&owned_root, &rel)?;
+                    remove_any(&path)?;
+                    make_hardlink(&owned_root, &path, &target)
+                })
+                .await?;
+            }
+            EntryKind::Device { .. } | EntryKind::Fifo | EntryKind::Socket => {
+                blocking(move || {
+                    check_parents(&owned_root, &rel)?;
+                    remove_any(&path)?;
+                    make_node(&path, &entry)?;
+                    apply_by_path(&path, &entry)
                 })
                 .await?;
             }
@@ -143,14 +222,23 @@ pub async fn receive_counted(
     Ok(total)
 }
 
-/// Directory owners and modes, deepest first, each through a descriptor
-/// opened beneath the root; a directory the sender replaced since (by a
-/// symlink, say) is left alone.
+/// Directory owners, modes, attributes and mtimes, deepest first (the root,
+/// path "", last), each through a descriptor opened beneath the root and
+/// synced; a directory the sender replaced since (by a symlink, say) is
+/// left alone.
 fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry]) -> Result<(), TreeError> {
     for entry in dirs.iter().rev() {
         let rel = Path::new(&entry.path);
-        if let Some(dir) = beneath::dir(root_fd, rel).map_err(io("open", rel))? {
+        let dir = if entry.path.is_empty() {
+            Some(std::fs::File::from(
+                root_fd.try_clone().map_err(io("open", rel))?,
+            ))
+        } else {
+            beneath::dir(root_fd, rel).map_err(io("open", rel))?
+        };
+        if let Some(dir) = dir {
             apply_by_fd(&dir, rel, entry)?;
+            dir.sync_all().map_err(io("sync", rel))?;
         }
     }
     Ok(())
@@ -164,14 +252,27 @@ async fn answer_manifest(
     recv: &mut quinn::RecvStream,
     root: &Path,
 ) -> Result<(), TreeError> {
-    let (source, changed) = match next_frame(recv).await? {
-        Frame::Manifest { entries, changed } => (entries, changed),
-        other => {
-            return Err(TreeError::Protocol(format!(
-                "expected Manifest, got {other:?}"
-            )))
+    let (mut source, mut changed) = (Vec::new(), Vec::new());
+    loop {
+        match next_frame(recv).await? {
+            Frame::Manifest {
+                entries,
+                changed: moved,
+                last,
+            } => {
+                source.extend(entries);
+                changed.extend(moved);
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(TreeError::Protocol(format!(
+                    "expected Manifest, got {other:?}"
+                )))
+            }
         }
-    };
+    }
     for e in &source {
         safe_relative(&e.path)?;
     }
@@ -188,7 +289,13 @@ async fn answer_manifest(
         Ok(want.into_iter().collect::<Vec<_>>())
     })
     .await?;
-    write_frame(send, &Frame::Want(want)).await?;
+    let parts: Vec<&[String]> = want.chunks(MANIFEST_PART).collect();
+    let count = parts.len().max(1);
+    for i in 0..count {
+        let paths = parts.get(i).map_or_else(Vec::new, |p| p.to_vec());
+        let last = i + 1 == count;
+        write_frame(send, &Frame::Want { paths, last }).await?;
+    }
     Ok(())
 }
 
@@ -204,11 +311,13 @@ async fn receive_file(
     progress: &AtomicU64,
 ) -> Result<u64, TreeError> {
     let mut context = Context::new(&SHA256);
-    let mut received = 0u64;
+    // All of the file so far, and its data without holes.
+    let (mut received, mut data) = (0u64, 0u64);
     let sent = loop {
         match next_frame(recv).await? {
             Frame::Chunk(bytes) => {
                 received += bytes.len() as u64;
+                data += bytes.len() as u64;
                 progress.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 if received > size {
                     return Err(TreeError::Protocol(format!(
@@ -220,6 +329,26 @@ async fn receive_file(
                 let at = path.clone();
                 file = blocking(move || {
                     file.write_all(&bytes).map_err(io("write", &at))?;
+                    Ok(file)
+                })
+                .await?;
+            }
+            Frame::Hole(len) => {
+                received = received.saturating_add(len);
+                if received > size {
+                    return Err(TreeError::Protocol(format!(
+                        "{} is longer than the announced {size} bytes",
+                        entry.path
+                    )));
+                }
+                super::hash_hole(&mut context, len);
+                let at = path.clone();
+                file = blocking(move || {
+                    use std::io::Seek;
+                    let skip = i64::try_from(len)
+                        .map_err(|_| TreeError::Protocol("hole too large".into()))?;
+                    file.seek(std::io::SeekFrom::Current(skip))
+                        .map_err(io("seek", &at))?;
                     Ok(file)
                 })
                 .await?;
@@ -240,10 +369,13 @@ async fn receive_file(
             received: got,
         });
     }
+    let holes = received - data;
     blocking(move || {
+        // A trailing hole has no data after it to set the length.
+        file.set_len(received).map_err(io("truncate", &path))?;
         file.sync_all().map_err(io("sync", &path))?;
         apply_by_fd(&file, &path, &entry)
     })
     .await?;
-    Ok(received)
+    Ok(received - holes)
 }

@@ -1,0 +1,133 @@
+//! Reading a tree: every entry below the root, parents before children,
+//! with what makes a root filesystem work: owners, modes, times, extended
+//! attributes (file capabilities among them), hard links, device nodes,
+//! FIFOs and sockets.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::{io, Entry, EntryKind, TreeError, Xattr};
+
+fn ns(secs: i64, nsec: i64) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
+}
+
+/// Extended attributes of `path` itself (not what a symlink points to);
+/// none where the filesystem keeps none.
+fn xattrs_of(path: &Path) -> Vec<Xattr> {
+    let mut names = vec![0u8; 64 * 1024];
+    let Ok(len) = rustix::fs::llistxattr(path, &mut names[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let mut value = vec![0u8; 64 * 1024];
+        if let Ok(n) = rustix::fs::lgetxattr(path, name, &mut value[..]) {
+            value.truncate(n);
+            out.push(Xattr {
+                name: name.to_string(),
+                value,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// An entry for `rel` (at `path`) from its metadata, the link target read
+/// where it is one; `None` for what a tree does not carry.
+fn entry_of(path: &Path, rel: &Path, meta: &Metadata) -> Result<Option<Entry>, TreeError> {
+    let file_type = meta.file_type();
+    let kind = if file_type.is_symlink() {
+        let target = std::fs::read_link(path).map_err(io("readlink", path))?;
+        EntryKind::Symlink {
+            target: target.to_string_lossy().into_owned(),
+        }
+    } else if file_type.is_dir() {
+        EntryKind::Dir
+    } else if file_type.is_file() {
+        EntryKind::File { size: meta.len() }
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        EntryKind::Device {
+            block: file_type.is_block_device(),
+            rdev: meta.rdev(),
+        }
+    } else if file_type.is_fifo() {
+        EntryKind::Fifo
+    } else if file_type.is_socket() {
+        EntryKind::Socket
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Entry {
+        path: rel.to_string_lossy().into_owned(),
+        kind,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        ino: meta.ino(),
+        ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        xattrs: xattrs_of(path),
+    }))
+}
+
+/// The root directory's own entry (path "").
+pub fn root_entry(root: &Path) -> Result<Entry, TreeError> {
+    let meta = std::fs::symlink_metadata(root).map_err(io("stat", root))?;
+    entry_of(root, Path::new(""), &meta)?
+        .filter(|e| e.kind == EntryKind::Dir)
+        .ok_or_else(|| TreeError::UnsafePath(root.display().to_string()))
+}
+
+/// The entries of the tree at `root`, sorted by path (parents before
+/// children). The second and later names of a file with several come as
+/// [`EntryKind::Hardlink`] to the first.
+pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
+    let mut entries = Vec::new();
+    let mut links: Vec<(usize, (u64, u64))> = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let children: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(io("read", &dir))?
+            .collect::<Result<_, _>>()
+            .map_err(io("read", &dir))?;
+        for child in children {
+            let path = child.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
+            let rel_path = rel.join(child.file_name());
+            let Some(entry) = entry_of(&path, &rel_path, &meta)? else {
+                continue;
+            };
+            if entry.kind == EntryKind::Dir {
+                stack.push(rel_path);
+            } else if meta.is_file() && meta.nlink() > 1 {
+                links.push((entries.len(), (meta.dev(), meta.ino())));
+            }
+            entries.push(entry);
+        }
+    }
+    // The first name (by path) of each linked file carries it.
+    links.sort_by(|a, b| entries[a.0].path.cmp(&entries[b.0].path));
+    let mut first: HashMap<(u64, u64), String> = HashMap::new();
+    for (index, key) in links {
+        match first.get(&key) {
+            Some(target) => {
+                entries[index].kind = EntryKind::Hardlink {
+                    target: target.clone(),
+                }
+            }
+            None => {
+                first.insert(key, entries[index].path.clone());
+            }
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
