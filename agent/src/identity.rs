@@ -405,3 +405,48 @@ pub async fn ensure_bootstrap_records(agent: Arc<Agent>, serial: String) {
         }
     }
 }
+
+/// Record the admin client certificate in this agent's data dir with its
+/// member, so that removing the member revokes it too; retried until
+/// committed, harmless when already recorded.
+pub async fn record_admin_cert(agent: Arc<Agent>) {
+    let serial = match agent
+        .data_dir()
+        .load_credentials("admin")
+        .map_err(|e| e.to_string())
+        .and_then(|c| pki::serial_of_pem(&c.cert_pem).map_err(|e| e.to_string()))
+    {
+        Ok(serial) => serial,
+        Err(e) => {
+            tracing::warn!("cannot read this agent's admin certificate: {e}");
+            return;
+        }
+    };
+    let mut changes = agent.state().subscribe();
+    loop {
+        let recorded = agent.state().read(|s| {
+            s.members
+                .get(&agent.id())
+                .map(|m| m.admin_serials.contains(&serial))
+        });
+        match recorded {
+            Some(true) => return,
+            // Our member record is not applied here yet.
+            None => {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(false) => {
+                let command = Command::RecordAdminCert {
+                    id: agent.id(),
+                    serial: serial.clone(),
+                };
+                if let Err(e) = agent.write(command).await {
+                    tracing::warn!("admin certificate not recorded yet: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}

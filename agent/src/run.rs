@@ -167,6 +167,7 @@ pub(crate) async fn start(
     }
     tokio::spawn(crate::membership::leader_loop(agent.clone()));
     tokio::spawn(crate::membership::publish_facts(agent.clone()));
+    tokio::spawn(identity::record_admin_cert(agent.clone()));
     tokio::spawn(crate::instances::reconciler::run(agent.clone()));
     tokio::spawn(crate::migration::run(agent.clone()));
 

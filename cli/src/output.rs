@@ -66,6 +66,10 @@ pub fn member_json(detail: &MemberDetail) -> serde_json::Value {
                 serde_json::to_value(facts).unwrap_or_default(),
             );
         }
+        object.insert(
+            "admin_certificates".into(),
+            serde_json::to_value(&detail.admin_certificates).unwrap_or_default(),
+        );
         if let Some(raft) = &detail.raft {
             object.insert(
                 "raft".into(),

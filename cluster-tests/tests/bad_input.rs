@@ -401,3 +401,68 @@ fn anonymous_floods_and_failed_joins_cost_the_cluster_nothing() -> Result<()> {
     drop(held);
     Ok(())
 }
+
+#[test]
+fn a_removed_members_node_and_admin_certificates_are_refused_everywhere() -> Result<()> {
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    cluster.join("n2", 0)?;
+    cluster.join("n3", 0)?;
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    let n3 = ferry_agent::datadir::DataDir::new(&cluster.agents[2].data_dir);
+    let (node, admin) = (n3.load_credentials("node")?, n3.load_credentials("admin")?);
+    let admin_serial = pki::serial_of_pem(&admin.cert_pem)?;
+    wait_for("n3's admin certificate recorded", CONVERGE, || {
+        let show = cluster.ferry_json(0, &["cluster", "show", "n3"])?;
+        match show["admin_certificates"].as_array() {
+            Some(serials) if serials.iter().any(|s| s == admin_serial.as_str()) => Ok(()),
+            _ => bail!("not yet: {show}"),
+        }
+    })?;
+    cluster.ferry_ok(0, &["cluster", "remove", "n3"])?;
+    let addr = cluster.agents[0].addr()?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Held open (with the runtime) until the refusal is logged.
+    let _conn = runtime.block_on(async {
+        for (what, creds) in [("admin", &admin), ("node", &node)] {
+            let endpoint = client(Some(creds))?;
+            let reply = ask(
+                &endpoint,
+                &addr,
+                Expect::AnyNode,
+                &Request::Api(ApiRequest::ClusterList),
+            )
+            .await;
+            match reply {
+                Ok(Response::Error(e)) => assert!(e.message.contains("revoked"), "{what}: {e}"),
+                other => bail!("n3's {what} certificate got {other:?}"),
+            }
+        }
+        // Raft from the removed member.
+        let endpoint = client(Some(&node))?;
+        let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 3), None);
+        let request = Request::Raft(ferry_raft::network::RaftRequest::Vote(vote));
+        match ask(&endpoint, &addr, Expect::AnyNode, &request).await? {
+            Response::Error(e) => assert!(e.message.contains("revoked"), "{e}"),
+            other => bail!("raft from a removed member got {other:?}"),
+        }
+        // Gossip from the removed member.
+        let conn = endpoint.connect(addr.parse()?, &Expect::AnyNode).await?;
+        for _ in 0..20 {
+            conn.send_datagram(bytes::Bytes::from_static(b"still here"))?;
+        }
+        anyhow::Ok(conn)
+    })?;
+    wait_for("n3's gossip refused", CONVERGE, || {
+        let log = std::fs::read_to_string(cluster.agents[0].log_path())?;
+        if log.contains("certificate revoked (member removed)") {
+            Ok(())
+        } else {
+            bail!("no refusal logged yet")
+        }
+    })?;
+    // The rest of the cluster still commits.
+    cluster.token(0, "after-removal", "1h")?;
+    Ok(())
+}

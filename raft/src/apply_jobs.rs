@@ -165,18 +165,11 @@ impl ClusterState {
 mod tests {
     use super::*;
     use crate::instances::{DesiredState, InstanceCommand, InstanceKind, InstanceSpec};
-    use crate::model::{Command, Member, MemberState, Rejection};
+    use crate::model::{Command, Member, Rejection};
 
     fn member(id: NodeId) -> Member {
-        Member {
-            id,
-            name: format!("n{id}"),
-            addr: format!("127.0.0.1:{}", 7000 + id),
-            state: MemberState::Online,
-            cert_serial: format!("{id:02x}"),
-            joined_ms: 0,
-            facts: None,
-        }
+        let addr = format!("127.0.0.1:{}", 7000 + id);
+        Member::online(id, &format!("n{id}"), &addr, &format!("{id:02x}"), 0)
     }
 
     /// Three members; instance c1 running on node 1.

@@ -81,6 +81,9 @@ pub struct Member {
     pub cert_serial: String,
     pub joined_ms: u64,
     pub facts: Option<HostFacts>,
+    /// Serials of the admin client certificates this member's agent issued
+    /// (for the CLI on its host); revoked with the member.
+    pub admin_serials: Vec<String>,
 }
 
 impl Member {
@@ -94,6 +97,7 @@ impl Member {
             cert_serial: cert_serial.to_string(),
             joined_ms: now_ms,
             facts: None,
+            admin_serials: Vec::new(),
         }
     }
 }
@@ -200,6 +204,12 @@ pub enum Command {
     Once {
         request: RequestId,
         command: Box<Command>,
+    },
+    /// Member `id`'s agent issued an admin client certificate. Last:
+    /// variants are encoded by position.
+    RecordAdminCert {
+        id: NodeId,
+        serial: String,
     },
 }
 

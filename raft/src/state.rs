@@ -35,6 +35,9 @@ impl JoinToken {
     }
 }
 
+/// Admin certificates remembered per member.
+const MAX_ADMIN_SERIALS: usize = 16;
+
 impl ClusterState {
     /// Apply one committed command. Deterministic; a `Rejected` result
     /// means the state was left untouched.
@@ -119,8 +122,11 @@ impl ClusterState {
                         member.name, instance.name
                     ));
                 }
-                if !self.is_revoked(&member.cert_serial) {
-                    self.revoked_serials.push(member.cert_serial);
+                let serials = std::iter::once(member.cert_serial).chain(member.admin_serials);
+                for serial in serials {
+                    if !self.is_revoked(&serial) {
+                        self.revoked_serials.push(serial);
+                    }
                 }
                 self.removed_members.insert(*id);
                 Ok(CommandResult::Done)
@@ -131,6 +137,17 @@ impl ClusterState {
                     .get_mut(name)
                     .ok_or_else(|| Rejection::NoToken(name.clone()))?;
                 token.revoked = true;
+                Ok(CommandResult::Done)
+            }
+            Command::RecordAdminCert { id, serial } => {
+                let member = self.members.get_mut(id).ok_or(Rejection::NoMember(*id))?;
+                if !member.admin_serials.contains(serial) {
+                    // A few are enough: one per data dir; a bounded list.
+                    if member.admin_serials.len() >= MAX_ADMIN_SERIALS {
+                        member.admin_serials.remove(0);
+                    }
+                    member.admin_serials.push(serial.clone());
+                }
                 Ok(CommandResult::Done)
             }
             Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
@@ -314,6 +331,27 @@ mod tests {
         let before = s.clone();
         assert_eq!(s.apply(cmd), CommandResult::Rejected(want));
         assert_eq!(*s, before, "a rejected command changed the state");
+    }
+
+    #[test]
+    fn removing_a_member_revokes_its_node_and_admin_certificates() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::AddMember {
+            id: 2,
+            name: "n2".into(),
+            addr: "127.0.0.1:2".into(),
+            cert_serial: "aa".into(),
+            now_ms: 1,
+        });
+        let record = Command::RecordAdminCert {
+            id: 2,
+            serial: "bb".into(),
+        };
+        assert_eq!(s.apply(&record), CommandResult::Done);
+        s.apply(&record);
+        assert_eq!(s.members[&2].admin_serials, ["bb"], "recorded once");
+        s.apply(&Command::RemoveMember { id: 2 });
+        assert!(s.is_revoked("aa") && s.is_revoked("bb"));
     }
 
     #[test]

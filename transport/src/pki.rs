@@ -376,6 +376,18 @@ pub fn fingerprint_of_pem(cert_pem: &str) -> Result<String, PkiError> {
     Ok(sha256_hex(&cert_der_from_pem(cert_pem, "certificate")?))
 }
 
+/// The serial of the first certificate in `cert_pem`, as [`PeerCert`]
+/// reports it.
+pub fn serial_of_pem(cert_pem: &str) -> Result<String, PkiError> {
+    let der = cert_der_from_pem(cert_pem, "certificate")?;
+    PeerCert::from_der(&der)
+        .map(|c| c.serial)
+        .ok_or_else(|| PkiError::BadPem {
+            what: "certificate",
+            detail: "no ferry identity in it".into(),
+        })
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }

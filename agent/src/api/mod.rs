@@ -166,6 +166,8 @@ pub struct MemberDetail {
     pub raft: Option<RaftStatus>,
     /// Load facts heard through gossip.
     pub load: Option<LoadView>,
+    /// Serials of the admin certificates its agent issued (revoked with it).
+    pub admin_certificates: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

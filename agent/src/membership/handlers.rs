@@ -68,9 +68,14 @@ pub fn show_member(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
         .into_iter()
         .find(|v| v.name == name)
         .ok_or_else(|| no_member(name))?;
-    let facts = agent
-        .state()
-        .read(|s| s.members.get(&view.id).and_then(|m| m.facts.clone()));
+    let (facts, admin_certificates) = agent.state().read(|s| {
+        let member = s.members.get(&view.id);
+        let facts = member.and_then(|m| m.facts.clone());
+        (
+            facts,
+            member.map(|m| m.admin_serials.clone()).unwrap_or_default(),
+        )
+    });
     let raft = (view.id == agent.id()).then(|| raft_status(agent));
     let load = agent.gossip().load(view.id).map(|(l, age)| LoadView {
         memory_free_bytes: l.memory_free_bytes,
@@ -84,6 +89,7 @@ pub fn show_member(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
         facts,
         raft,
         load,
+        admin_certificates,
     })))
 }
 
