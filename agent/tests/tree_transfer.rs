@@ -93,6 +93,27 @@ fn pair(
     (pool, addr, Expect::Node("target".into()), results)
 }
 
+/// One pass of `src` to the receiver behind `pool`; what was sent.
+async fn pass(
+    to: &(Pool, std::net::SocketAddr, Expect),
+    results: &mut mpsc::UnboundedReceiver<Result<Transferred, String>>,
+    src: &Path,
+    delta: bool,
+    since: Option<&tree::Stamps>,
+) -> (Transferred, tree::Stamps) {
+    let (pool, addr, expect) = to;
+    let (mut send, mut recv) = pool
+        .open_stream(*addr, expect, &delta, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sent = tree::send(&mut send, &mut recv, src, delta, since)
+        .await
+        .unwrap();
+    let received = results.recv().await.unwrap().unwrap();
+    assert_eq!(sent.0, received);
+    sent
+}
+
 #[tokio::test]
 async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
     let source_dir = tempfile::tempdir().unwrap();
@@ -101,14 +122,8 @@ async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
     write(src, "etc/shadow", b"root:old");
     let dest = dest_dir.path().join("rootfs");
     let (pool, addr, expect, mut results) = pair(dest.clone());
-    let (mut send, mut recv) = pool
-        .open_stream(addr, &expect, &false, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (_, first_pass) = tree::send(&mut send, &mut recv, src, false, None)
-        .await
-        .unwrap();
-    results.recv().await.unwrap().unwrap();
+    let to = (pool, addr, expect);
+    let (_, first_pass) = pass(&to, &mut results, src, false, None).await;
     // What a running container can do: another file in its place, same
     // size, mode and mtime (it cannot set the ctime, or keep the inode).
     let path = src.join("etc/shadow");
@@ -121,14 +136,7 @@ async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
         .unwrap()
         .set_modified(mtime)
         .unwrap();
-    let (mut send, mut recv) = pool
-        .open_stream(addr, &expect, &true, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (sent, _) = tree::send(&mut send, &mut recv, src, true, Some(&first_pass))
-        .await
-        .unwrap();
-    results.recv().await.unwrap().unwrap();
+    let (sent, _) = pass(&to, &mut results, src, true, Some(&first_pass)).await;
     assert_eq!(sent.files, 1, "the replaced file travels again");
     assert_eq!(std::fs::read(dest.join("etc/shadow")).unwrap(), b"root:new");
 }
