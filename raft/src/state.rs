@@ -139,20 +139,22 @@ impl ClusterState {
                 token.revoked = true;
                 Ok(CommandResult::Done)
             }
-            Command::RecordAdminCert { id, serial } => {
-                let member = self.members.get_mut(id).ok_or(Rejection::NoMember(*id))?;
-                if !member.admin_serials.contains(serial) {
-                    // A few are enough: one per data dir; a bounded list.
-                    if member.admin_serials.len() >= MAX_ADMIN_SERIALS {
-                        member.admin_serials.remove(0);
-                    }
-                    member.admin_serials.push(serial.clone());
-                }
-                Ok(CommandResult::Done)
-            }
+            Command::RecordAdminCert { id, serial } => self.record_admin_cert(*id, serial),
             Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
             Command::Job(cmd) => Ok(self.apply_job(cmd)?),
         }
+    }
+
+    fn record_admin_cert(&mut self, id: NodeId, serial: &str) -> Result<CommandResult, Rejection> {
+        let member = self.members.get_mut(&id).ok_or(Rejection::NoMember(id))?;
+        if !member.admin_serials.iter().any(|s| s == serial) {
+            // One per data dir is the usual; the list stays bounded.
+            if member.admin_serials.len() >= MAX_ADMIN_SERIALS {
+                member.admin_serials.remove(0);
+            }
+            member.admin_serials.push(serial.to_string());
+        }
+        Ok(CommandResult::Done)
     }
 
     fn add_member(

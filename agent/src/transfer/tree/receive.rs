@@ -98,6 +98,27 @@ fn make_hardlink(root: &Path, path: &Path, target: &str) -> Result<(), TreeError
     std::fs::hard_link(&original, path).map_err(io("link", path))
 }
 
+/// Make a directory, link or node entry at `path` (`rel` below `root`),
+/// replacing what was there; never below a symlink.
+fn place(root: &Path, rel: &Path, path: &Path, entry: &Entry) -> Result<(), TreeError> {
+    check_parents(root, rel)?;
+    if let EntryKind::Dir = entry.kind {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+            remove_any(path)?;
+        }
+        return std::fs::create_dir_all(path).map_err(io("mkdir", path));
+    }
+    remove_any(path)?;
+    match &entry.kind {
+        EntryKind::Symlink { target } => {
+            std::os::unix::fs::symlink(target, path).map_err(io("symlink", path))?
+        }
+        EntryKind::Hardlink { target } => return make_hardlink(root, path, target),
+        _ => make_node(path, entry)?,
+    }
+    apply_by_path(path, entry)
+}
+
 /// Receive a tree into `root` (created if missing). With `delta`, answer
 /// the sender's manifest with what `root` lacks and delete what the sender
 /// no longer has.
@@ -160,45 +181,6 @@ pub async fn receive_counted(
         let path = root.join(&rel);
         let owned_root = root.to_path_buf();
         match entry.kind.clone() {
-            EntryKind::Dir => {
-                blocking(move || {
-                    check_parents(&owned_root, &rel)?;
-                    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
-                        remove_any(&path)?;
-                    }
-                    std::fs::create_dir_all(&path).map_err(io("mkdir", &path))
-                })
-                .await?;
-                // Directory modes and owners last: a read-only directory
-                // must still receive its children.
-                dirs.push(entry);
-            }
-            EntryKind::Symlink { target } => {
-                blocking(move || {
-                    check_parents(&owned_root, &rel)?;
-                    remove_any(&path)?;
-                    std::os::unix::fs::symlink(&target, &path).map_err(io("symlink", &path))?;
-                    apply_by_path(&path, &entry)
-                })
-                .await?;
-            }
-            EntryKind::Hardlink { target } => {
-                blocking(move || {
-                    check_parents(&owned_root, &rel)?;
-                    remove_any(&path)?;
-                    make_hardlink(&owned_root, &path, &target)
-                })
-                .await?;
-            }
-            EntryKind::Device { .. } | EntryKind::Fifo | EntryKind::Socket => {
-                blocking(move || {
-                    check_parents(&owned_root, &rel)?;
-                    remove_any(&path)?;
-                    make_node(&path, &entry)?;
-                    apply_by_path(&path, &entry)
-                })
-                .await?;
-            }
             EntryKind::File { size } => {
                 let at = path.clone();
                 let file = blocking(move || {
@@ -216,6 +198,14 @@ pub async fn receive_counted(
                 total.files += 1;
                 total.bytes += received;
             }
+            EntryKind::Dir => {
+                let dir = entry.clone();
+                blocking(move || place(&owned_root, &rel, &path, &dir)).await?;
+                // Directory modes and owners last: a read-only directory
+                // must still receive its children.
+                dirs.push(entry);
+            }
+            _ => blocking(move || place(&owned_root, &rel, &path, &entry)).await?,
         }
     }
     blocking(move || apply_dirs(&root_fd, &dirs)).await?;
