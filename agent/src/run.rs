@@ -101,7 +101,10 @@ async fn open_raft(
         .map_err(raft_error)??;
     let state = sm_store.state();
     let raft_config = ferry_raft::raft_config(opts.snapshot_every).map_err(raft_error)?;
-    let network = Network::new(RaftClient { pool: pool.clone() });
+    let network = Network::new(RaftClient {
+        pool: pool.clone(),
+        state: state.clone(),
+    });
     let raft = Raft::new(config.id, raft_config, network, log_store, sm_store)
         .await
         .map_err(raft_error)?;

@@ -143,6 +143,9 @@ impl TlsRejection {
 pub enum Expect {
     /// Exactly this node name, chained to our CA.
     Node(String),
+    /// Exactly this node name and certificate serial (the one the member
+    /// table records for it), chained to our CA.
+    Member { name: String, serial: String },
     /// Any node certificate chained to our CA.
     AnyNode,
     /// A joiner without the CA yet: the server chain must contain a CA cert
@@ -347,7 +350,9 @@ impl Endpoint {
     ) -> Result<quinn::Connection, TransportError> {
         let config = self.client_config(addr, expect)?;
         let sni = match expect {
-            Expect::Node(name) => Identity::Node(name.clone()).dns_name()?,
+            Expect::Node(name) | Expect::Member { name, .. } => {
+                Identity::Node(name.clone()).dns_name()?
+            }
             Expect::AnyNode | Expect::CaFingerprint(_) => ANY_NODE_SNI.to_string(),
         };
         let connecting = self
@@ -377,7 +382,12 @@ impl Endpoint {
         let mode = match expect {
             Expect::Node(name) => {
                 validate_node_name(name)?;
-                Mode::Name(webpki()?, Identity::Node(name.clone()).dns_name()?)
+                Mode::Name(webpki()?, Identity::Node(name.clone()).dns_name()?, None)
+            }
+            Expect::Member { name, serial } => {
+                validate_node_name(name)?;
+                let dns = Identity::Node(name.clone()).dns_name()?;
+                Mode::Name(webpki()?, dns, Some(serial.clone()))
             }
             Expect::AnyNode => Mode::AnyNode(webpki()?),
             Expect::CaFingerprint(fingerprint) => {

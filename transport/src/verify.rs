@@ -12,8 +12,9 @@ use crate::pki::{dns_names, sha256_hex, Identity};
 
 #[derive(Debug)]
 pub(crate) enum Mode {
-    /// Exactly this SAN DNS name, chained to the roots.
-    Name(Arc<WebPkiServerVerifier>, String),
+    /// Exactly this SAN DNS name, chained to the roots, and with a serial
+    /// given, exactly that certificate.
+    Name(Arc<WebPkiServerVerifier>, String, Option<String>),
     /// Any node name, chained to the roots.
     AnyNode(Arc<WebPkiServerVerifier>),
     /// The chain must carry a CA with this SHA-256 (lowercase hex); that CA
@@ -50,6 +51,22 @@ fn node_dns_name(end_entity: &CertificateDer<'_>) -> Result<String, Error> {
     name.ok_or(Error::InvalidCertificate(CertificateError::NotValidForName))
 }
 
+/// The server's certificate must be the one recorded for the member: a
+/// certificate the CA signed later for the same name (a member gone rogue)
+/// is refused.
+fn check_serial(end_entity: &CertificateDer<'_>, serial: &str, dns: &str) -> Result<(), Error> {
+    let got = crate::pki::PeerCert::from_der(end_entity)
+        .map(|c| c.serial)
+        .ok_or(Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    if got == serial {
+        Ok(())
+    } else {
+        Err(Error::General(format!(
+            "the server's certificate {got} is not the one recorded for {dns} ({serial})"
+        )))
+    }
+}
+
 fn server_name(dns: String) -> Result<ServerName<'static>, Error> {
     ServerName::try_from(dns)
         .map_err(|_| Error::InvalidCertificate(CertificateError::NotValidForName))
@@ -67,7 +84,12 @@ impl ServerCertVerifier for FerryServerVerifier {
         // The name the caller passed to connect is ignored: the mode is the
         // single source of what this connection must reach.
         let (inner, expected) = match &self.mode {
-            Mode::Name(inner, dns) => (inner.clone(), dns.clone()),
+            Mode::Name(inner, dns, serial) => {
+                if let Some(serial) = serial {
+                    check_serial(end_entity, serial, dns)?;
+                }
+                (inner.clone(), dns.clone())
+            }
             Mode::AnyNode(inner) => (inner.clone(), node_dns_name(end_entity)?),
             Mode::CaFingerprint(fingerprint) => {
                 let ca = intermediates

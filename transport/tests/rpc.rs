@@ -252,6 +252,36 @@ async fn expecting_another_node_name_fails_the_handshake() {
     assert_eq!(a.service.calls(), 0);
 }
 
+#[tokio::test]
+async fn expecting_a_members_recorded_certificate_refuses_another_with_its_name() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a_creds, a_serial) = node(&ca, "a");
+    let (b_creds, _) = node(&ca, "b");
+    let a = start(&a_creds, localhost());
+    let pool = Pool::new(Endpoint::client(localhost(), Some(&b_creds)).unwrap());
+    let recorded = Expect::Member {
+        name: "a".into(),
+        serial: a_serial,
+    };
+    let reply = pool
+        .call::<_, Reply>(a.addr, &recorded, &"x".to_string(), TIMEOUT)
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Echo { .. }));
+    // A certificate the same CA signed for "a" later is not a's.
+    let other = Expect::Member {
+        name: "a".into(),
+        serial: new_serial(),
+    };
+    let err = pool
+        .call::<_, Reply>(a.addr, &other, &"x".to_string(), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Rejected { .. }), "{err}");
+    assert!(err.to_string().contains("not the one recorded"), "{err}");
+    assert_eq!(a.service.calls(), 1);
+}
+
 /// Node a, and a client with a node certificate of another cluster that
 /// trusts a's CA by fingerprint, so that only a can refuse it.
 fn server_and_intruder() -> (Server, Endpoint, Expect) {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_raft::NodeId;
-use ferry_transport::endpoint::Expect;
 use foca::{AccumulatingRuntime, Codec, Foca, Incarnation, Member, OwnedNotification, State};
 use rand::SeedableRng;
 
@@ -303,11 +302,11 @@ impl Task {
             let Some(name) = self.agent.member_name(to.node) else {
                 continue;
             };
-            if let Err(e) = self
-                .agent
-                .pool()
-                .send_datagram(to.addr, &Expect::Node(name), data)
-            {
+            if let Err(e) = self.agent.pool().send_datagram(
+                to.addr,
+                &self.agent.expect_member(to.node, &name),
+                data,
+            ) {
                 tracing::trace!("gossip to {}: {e}", to.node);
             }
         }

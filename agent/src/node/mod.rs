@@ -189,6 +189,13 @@ impl Agent {
         let _ = self.shutdown.send(Some(reason));
     }
 
+    /// What member `id` must present when we connect to it (`name` from
+    /// Raft or gossip): its recorded certificate once the member table
+    /// knows it, else the name alone (our log is behind).
+    pub fn expect_member(&self, id: NodeId, name: &str) -> ferry_transport::endpoint::Expect {
+        expect_member(&self.state, id, name)
+    }
+
     /// Names of members by id, from the applied state and the join seeds.
     pub fn member_name(&self, id: NodeId) -> Option<String> {
         self.state
@@ -207,5 +214,28 @@ impl Agent {
                     .find(|(_, n)| n.as_str() == name)
                     .map(|(id, _)| *id)
             })
+    }
+}
+
+/// [`Agent::expect_member`] from a state handle alone (the Raft client
+/// has no node handle).
+pub fn expect_member(
+    state: &StateHandle,
+    id: NodeId,
+    name: &str,
+) -> ferry_transport::endpoint::Expect {
+    use ferry_transport::endpoint::Expect;
+    let serial = state.read(|s| {
+        s.members
+            .get(&id)
+            .filter(|m| m.name == name)
+            .map(|m| m.cert_serial.clone())
+    });
+    match serial {
+        Some(serial) => Expect::Member {
+            name: name.to_string(),
+            serial,
+        },
+        None => Expect::Node(name.to_string()),
     }
 }

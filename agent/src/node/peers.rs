@@ -11,10 +11,12 @@ use ferry_transport::endpoint::Expect;
 use super::Agent;
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind, Request, Response};
 
-/// A member as a peer: its certificate name and address.
+/// A member as a peer: its certificate name and serial, and its address.
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub name: String,
+    /// The serial the member table records: only that certificate answers.
+    pub serial: String,
     pub addr: SocketAddr,
 }
 
@@ -42,6 +44,14 @@ impl From<PeerError> for ApiError {
 }
 
 impl Peer {
+    /// What the peer's server certificate must be.
+    pub fn expect(&self) -> Expect {
+        Expect::Member {
+            name: self.name.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+
     fn unreachable(&self, e: impl std::fmt::Display) -> PeerError {
         PeerError::Unreachable {
             name: self.name.clone(),
@@ -60,6 +70,7 @@ impl Agent {
                 let m = s.members.get(&id)?;
                 Some(Peer {
                     name: m.name.clone(),
+                    serial: m.cert_serial.clone(),
                     addr: m.addr.parse().ok()?,
                 })
             })
@@ -74,12 +85,7 @@ impl Agent {
         timeout: Duration,
     ) -> Result<Response, PeerError> {
         self.pool
-            .call::<Request, Response>(
-                peer.addr,
-                &Expect::Node(peer.name.clone()),
-                request,
-                timeout,
-            )
+            .call::<Request, Response>(peer.addr, &peer.expect(), request, timeout)
             .await
             .map_err(|e| peer.unreachable(e))
     }
@@ -109,12 +115,7 @@ impl Agent {
         timeout: Duration,
     ) -> Result<Channel, PeerError> {
         self.pool
-            .open_stream(
-                peer.addr,
-                &Expect::Node(peer.name.clone()),
-                request,
-                timeout,
-            )
+            .open_stream(peer.addr, &peer.expect(), request, timeout)
             .await
             .map_err(|e| peer.unreachable(e))
     }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_raft::network::{RaftReply, RaftRequest, RaftRpcClient, RaftRpcFailure};
+use ferry_raft::store::StateHandle;
 use ferry_raft::{Node, NodeId};
-use ferry_transport::endpoint::Expect;
 use ferry_transport::rpc::Pool;
 
 use crate::api::{Request, Response};
@@ -17,12 +17,14 @@ const RAFT_RPC_MIN_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct RaftClient {
     pub pool: Pool,
+    /// For the certificate each member must present.
+    pub state: StateHandle,
 }
 
 impl RaftRpcClient for RaftClient {
     async fn send(
         &self,
-        _target: NodeId,
+        target: NodeId,
         node: &Node,
         request: RaftRequest,
         timeout: Duration,
@@ -31,7 +33,7 @@ impl RaftRpcClient for RaftClient {
             .addr
             .parse()
             .map_err(|_| RaftRpcFailure::Failed(format!("bad address {}", node.addr)))?;
-        let expect = Expect::Node(node.name.clone());
+        let expect = super::expect_member(&self.state, target, &node.name);
         let pool = self.pool.clone();
         // openraft drops this future after its heartbeat interval; in a task
         // of its own the call (and a first TLS handshake) runs to the end,

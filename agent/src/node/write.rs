@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use ferry_raft::store::StateHandle;
 use ferry_raft::{Command, CommandResult, Node, NodeId, Raft, Rejection};
-use ferry_transport::endpoint::Expect;
 use ferry_transport::pki;
 use ferry_transport::rpc::Pool;
 use openraft::error::{ClientWriteError, RaftError};
@@ -23,23 +23,26 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 pub trait Forwarder: Send + Sync {
     fn forward(
         &self,
+        leader_id: NodeId,
         leader: &Node,
         command: &Command,
     ) -> impl std::future::Future<Output = Result<(CommandResult, u64), ApiError>> + Send;
 }
 
-/// Forwards over the agent's QUIC connection pool.
-pub struct PoolForwarder<'a>(pub &'a Pool);
+/// Forwards over the agent's QUIC connection pool, to the leader's
+/// recorded certificate.
+pub struct PoolForwarder<'a>(pub &'a Pool, pub &'a StateHandle);
 
 impl Forwarder for PoolForwarder<'_> {
     async fn forward(
         &self,
+        leader_id: NodeId,
         leader: &Node,
         command: &Command,
     ) -> Result<(CommandResult, u64), ApiError> {
         let addr = parse_addr(&leader.addr)?;
         let request = Request::Api(ApiRequest::Write(command.clone()));
-        let expect = Expect::Node(leader.name.clone());
+        let expect = super::expect_member(self.1, leader_id, &leader.name);
         match self
             .0
             .call::<Request, Response>(addr, &expect, &request, WRITE_DEADLINE)
@@ -93,7 +96,7 @@ pub async fn write_indexed(
                         let mut metrics = raft.metrics();
                         let moved = metrics.wait_for(|m| m.current_leader != Some(leader));
                         tokio::select! {
-                            result = forwarder.forward(&node, &command) => match result {
+                            result = forwarder.forward(leader, &node, &command) => match result {
                                 Ok(result) => return Ok(result),
                                 Err(e) if e.kind == ErrorKind::Unavailable => last = e.message,
                                 Err(e) => return Err(e),
@@ -139,7 +142,13 @@ impl Agent {
     /// [`Agent::write`] without waiting for the local apply; also returns
     /// the entry's log index.
     pub async fn write_indexed(&self, command: Command) -> Result<(CommandResult, u64), ApiError> {
-        write_indexed(&self.raft, self.id, &PoolForwarder(&self.pool), command).await
+        write_indexed(
+            &self.raft,
+            self.id,
+            &PoolForwarder(&self.pool, &self.state),
+            command,
+        )
+        .await
     }
 }
 

@@ -110,6 +110,7 @@ fn node_id(name: &str) -> Option<NodeId> {
 impl Forwarder for MemForwarder {
     async fn forward(
         &self,
+        _leader_id: NodeId,
         leader: &Node,
         command: &Command,
     ) -> Result<(CommandResult, u64), ApiError> {
