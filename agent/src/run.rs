@@ -43,6 +43,8 @@ pub struct AgentOptions {
     /// What each container's console.log keeps at most (as much again in
     /// console.log.1).
     pub console_log_max_bytes: u64,
+    /// Every runc and CRIU call ends within this, or is killed.
+    pub runtime_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         voters: opts.voters,
     };
     let (config, seeds) = identity::establish(&dir, &identity_opts).await?;
-    let host = Host::new(dir.root(), &config.name, opts.console_log_max_bytes);
+    let host = Host::new(
+        dir.root(),
+        &config.name,
+        opts.console_log_max_bytes,
+        opts.runtime_timeout,
+    );
     let driver: Arc<dyn Driver> = Arc::new(host);
     let agent = start(dir, config, seeds, &opts, driver).await?;
     wait_for_shutdown(agent).await

@@ -102,6 +102,10 @@ struct AgentArgs {
     /// to console.log.1, e.g. 8M.
     #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = instances::parse_size)]
     console_log_max: u64,
+    /// Every runc and CRIU call (start, checkpoint, restore, exec, ...)
+    /// must end within this, or it is killed and the operation fails.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = output::parse_duration)]
+    runtime_timeout: Duration,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -292,6 +296,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         heal_after: args.heal_after,
         job_phase_timeout: args.job_phase_timeout,
         console_log_max_bytes: args.console_log_max,
+        runtime_timeout: args.runtime_timeout,
     })
     .await?;
     Ok(())

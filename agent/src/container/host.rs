@@ -59,14 +59,22 @@ async fn create_dirs(dirs: &[PathBuf]) -> Result<(), RuncError> {
 /// The container side of one agent.
 pub struct Host {
     runc: Runc,
+    /// Every runtime call ends within this, or is killed.
+    timeout: Duration,
     data_dir: PathBuf,
     cgroup_parent: String,
 }
 
 impl Host {
-    pub fn new(data_dir: &Path, node_name: &str, console_max_bytes: u64) -> Self {
+    pub fn new(
+        data_dir: &Path,
+        node_name: &str,
+        console_max_bytes: u64,
+        timeout: Duration,
+    ) -> Self {
         Host {
-            runc: Runc::new(data_dir.join("runc"), console_max_bytes),
+            runc: Runc::new(data_dir.join("runc"), console_max_bytes, timeout),
+            timeout,
             data_dir: data_dir.to_path_buf(),
             cgroup_parent: cgroup_parent(data_dir, node_name),
         }
@@ -412,10 +420,11 @@ impl Driver for Host {
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         for pid in self.runc.pids(name.as_str(), &dir.runc_log()).await? {
-            let _ = tokio::process::Command::new("kill")
+            let signal = tokio::process::Command::new("kill")
                 .args(["-CONT", &pid.to_string()])
-                .status()
-                .await;
+                .kill_on_drop(true)
+                .status();
+            let _ = tokio::time::timeout(self.timeout, signal).await;
         }
         // Later restores of this instance must not come back held.
         self.write_config(name, spec, false).await?;
@@ -462,11 +471,13 @@ impl Driver for Host {
     }
 
     async fn precopy_unavailable(&self) -> Option<String> {
-        let tracked = tokio::process::Command::new("criu")
+        let check = tokio::process::Command::new("criu")
             .args(["check", "--feature", "mem_dirty_track"])
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let tracked = tokio::time::timeout(self.timeout, check)
             .await
-            .is_ok_and(|o| o.status.success());
+            .is_ok_and(|o| o.is_ok_and(|o| o.status.success()));
         (!tracked).then(|| {
             "this kernel does not track dirty memory ('criu check --feature mem_dirty_track' fails)"
                 .to_string()

@@ -24,6 +24,13 @@ pub enum RuncError {
         message: String,
         log: PathBuf,
     },
+    #[error("runc {op} of '{id}' did not finish within {}s and was killed (see {}); raise --runtime-timeout if the host is only slow", .after.as_secs(), .log.display())]
+    TimedOut {
+        op: &'static str,
+        id: String,
+        after: std::time::Duration,
+        log: PathBuf,
+    },
     #[error("cannot prepare {path}: {source}")]
     File {
         path: PathBuf,
@@ -63,27 +70,55 @@ fn parse_status(status: &str) -> Status {
 
 #[derive(Clone, Debug)]
 pub struct Runc {
+    /// The runc binary (`runc` on PATH).
+    binary: PathBuf,
     root: PathBuf,
     /// What each container's `console.log` keeps at most.
     console_max_bytes: u64,
+    /// Every runc call (and the CRIU work it drives) ends within this, or
+    /// is killed.
+    timeout: std::time::Duration,
 }
 
 impl Runc {
-    pub fn new(root: PathBuf, console_max_bytes: u64) -> Self {
+    pub fn new(root: PathBuf, console_max_bytes: u64, timeout: std::time::Duration) -> Self {
         Runc {
+            binary: PathBuf::from("runc"),
             root,
             console_max_bytes,
+            timeout,
+        }
+    }
+
+    /// `fut` (a runc child with `kill_on_drop`) within the timeout; the
+    /// child is killed when it is exceeded.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        id: &str,
+        log: &Path,
+        fut: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, RuncError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(RuncError::Spawn),
+            Err(_) => Err(RuncError::TimedOut {
+                op,
+                id: id.to_string(),
+                after: self.timeout,
+                log: log.to_path_buf(),
+            }),
         }
     }
 
     fn command(&self, log: &Path) -> Command {
-        let mut cmd = Command::new("runc");
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("--root")
             .arg(&self.root)
             .arg("--log")
             .arg(log)
             .stdin(Stdio::null())
-            .kill_on_drop(false);
+            // Dropped only when its timeout passed: then it must end.
+            .kill_on_drop(true);
         cmd
     }
 
@@ -94,12 +129,8 @@ impl Runc {
         log: &Path,
         mut cmd: Command,
     ) -> Result<std::process::Output, RuncError> {
-        let output = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(RuncError::Spawn)?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let output = self.bounded(op, id, log, cmd.output()).await?;
         if output.status.success() {
             return Ok(output);
         }
@@ -198,12 +229,8 @@ impl Runc {
         mut cmd: Command,
     ) -> Result<(), RuncError> {
         let (out, err) = self.console(log)?;
-        let status = cmd
-            .stdout(out)
-            .stderr(err)
-            .status()
-            .await
-            .map_err(RuncError::Spawn)?;
+        cmd.stdout(out).stderr(err);
+        let status = self.bounded(op, id, log, cmd.status()).await?;
         if status.success() {
             Ok(())
         } else {
@@ -345,8 +372,11 @@ impl Runc {
             .stderr
             .take()
             .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
-        let (stdout, stderr) = tokio::join!(capped(stdout), capped(stderr));
-        let status = child.wait().await.map_err(RuncError::Spawn)?;
+        let finished = async {
+            let (stdout, stderr) = tokio::join!(capped(stdout), capped(stderr));
+            Ok((stdout, stderr, child.wait().await?))
+        };
+        let (stdout, stderr, status) = self.bounded("exec", id, log, finished).await?;
         Ok(ExecOutput {
             code: status.code().unwrap_or(-1),
             stdout,
@@ -357,6 +387,36 @@ impl Runc {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn a_hung_runc_is_killed_at_the_timeout_and_the_error_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in for a runc that hangs (say, on a stuck CRIU).
+        let hung = dir.path().join("runc");
+        std::fs::write(&hung, "#!/bin/sh\nsleep 60\n").unwrap();
+        std::fs::set_permissions(&hung, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runc = Runc {
+            binary: hung,
+            ..Runc::new(
+                dir.path().join("root"),
+                1 << 20,
+                std::time::Duration::from_millis(300),
+            )
+        };
+        let started = std::time::Instant::now();
+        let err = runc
+            .pause("c1", &dir.path().join("runc.log"))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(
+            matches!(err, RuncError::TimedOut { op: "pause", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--runtime-timeout"), "{err}");
+    }
+
     use super::*;
 
     #[test]

@@ -37,6 +37,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         heal_after: Duration::from_secs(600),
         job_phase_timeout: Duration::from_secs(30),
         console_log_max_bytes: 8 << 20,
+        runtime_timeout: Duration::from_secs(300),
     }
 }
 
