@@ -234,6 +234,28 @@ fn bad_moves_get_one_clear_line() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_move_to_a_dead_member_is_refused_even_as_a_dry_run() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = cluster_with_counter(Cluster::new())?;
+    cluster.kill(2);
+    cluster.wait_liveness("n3", "dead", CONVERGE)?;
+    for args in [
+        &["move", "c1", "--target", "n3", "--dry-run"][..],
+        &["move", "c1", "--target", "n3"][..],
+    ] {
+        let err = cluster.ferry_err(0, args)?;
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("'n3' is dead"), "{args:?}: {err}");
+    }
+    let jobs = cluster.ferry_json(0, &["job", "list"])?;
+    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs}");
+    assert_eq!(cluster.running_copies("c1"), 1);
+    Ok(())
+}
+
 /// Wait until job 1 is in one of `phases`; returns the phase seen.
 fn wait_phase(cluster: &Cluster, phases: &[&str]) -> Result<String> {
     wait_for(&format!("job 1 in {phases:?}"), CONVERGE, || {

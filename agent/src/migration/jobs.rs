@@ -74,6 +74,16 @@ pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiR
             ),
         ));
     }
+    // A dry run that passed every check for a dead target would mislead.
+    if !agent.member_alive(target) {
+        return Err(ApiError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "member '{}' is dead by gossip ('ferry cluster list' shows it); a move to it cannot run",
+                request.target
+            ),
+        ));
+    }
     let stateful = request.stateful.unwrap_or(running);
     if request.dry_run {
         let report = agent
