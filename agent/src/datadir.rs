@@ -82,14 +82,38 @@ impl DataDir {
     }
 
     pub fn save_ca(&self, ca: &ClusterCa) -> Result<(), DataDirError> {
-        write_file(&self.tls("ca.pem"), ca.cert_pem().as_bytes(), false)?;
-        write_file(&self.tls("ca.key"), ca.key_pem().as_bytes(), true)
+        self.save_ca_cert(ca.cert_pem())?;
+        self.save_ca_key(ca.key_pem())
     }
 
-    pub fn load_ca(&self) -> Result<ClusterCa, DataDirError> {
+    /// The CA certificate (every member) and its key, which only voters
+    /// keep (`None` when this member holds none).
+    pub fn load_ca(&self) -> Result<(String, Option<String>), DataDirError> {
         let cert = read_string(&self.tls("ca.pem"))?;
-        let key = read_string(&self.tls("ca.key"))?;
-        ClusterCa::from_pem(&cert, &key).map_err(|e| err("parse", &self.tls("ca.pem"), e))
+        let key_path = self.tls("ca.key");
+        match std::fs::read_to_string(&key_path) {
+            Ok(key) => Ok((cert, Some(key))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((cert, None)),
+            Err(e) => Err(err("read", &key_path, e)),
+        }
+    }
+
+    pub fn save_ca_cert(&self, cert_pem: &str) -> Result<(), DataDirError> {
+        write_file(&self.tls("ca.pem"), cert_pem.as_bytes(), false)
+    }
+
+    pub fn save_ca_key(&self, key_pem: &str) -> Result<(), DataDirError> {
+        write_file(&self.tls("ca.key"), key_pem.as_bytes(), true)
+    }
+
+    /// Forget the CA key (this member is no longer a voter); absent is fine.
+    pub fn remove_ca_key(&self) -> Result<(), DataDirError> {
+        let path = self.tls("ca.key");
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err("remove", &path, e)),
+        }
     }
 
     /// `which` is "node" or "admin".

@@ -22,7 +22,7 @@ use crate::driver::Driver;
 use crate::gossip::handle::Gossip;
 use crate::gossip::GossipConfig;
 use crate::identity::{self, IdentityError, IdentityOptions};
-use crate::node::{Agent, Parts, RaftClient, Tuning};
+use crate::node::{Agent, Keyring, Parts, RaftClient, Tuning};
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -130,11 +130,9 @@ pub(crate) async fn start(
         .parse()
         .map_err(|_| AgentError::Usage(format!("bad address in node.json: {}", config.addr)))?;
     let creds = dir.load_credentials("node")?;
-    let ca = dir.load_ca()?;
-    if !dir.root().join("tls/admin.pem").exists() {
-        let admin = ca.issue(&Identity::Admin, &pki::new_serial())?;
-        dir.save_credentials("admin", &admin)?;
-    }
+    let (ca_pem, ca_key) = dir.load_ca()?;
+    let keyring = Keyring::new(&ca_pem, ca_key.as_deref())?;
+    ensure_admin_credentials(&dir, &keyring)?;
     let endpoint = Endpoint::bind(addr, &creds).map_err(|e| AgentError::Bind {
         addr,
         reason: e.to_string(),
@@ -153,7 +151,7 @@ pub(crate) async fn start(
         raft: raft.clone(),
         state,
         pool,
-        ca,
+        keyring,
         seeds,
         driver,
         gossip,
@@ -178,6 +176,7 @@ pub(crate) async fn start(
     tokio::spawn(crate::membership::leader_loop(agent.clone()));
     tokio::spawn(crate::membership::publish_facts(agent.clone()));
     tokio::spawn(identity::record_admin_cert(agent.clone()));
+    tokio::spawn(identity::keep_ca_key(agent.clone()));
     tokio::spawn(crate::instances::reconciler::run(agent.clone()));
     tokio::spawn(crate::migration::run(agent.clone()));
 
@@ -192,6 +191,25 @@ pub(crate) async fn start(
         dir.root().display()
     );
     Ok(agent)
+}
+
+/// The CLI's certificate on this host: a joiner got it with its join; a
+/// member holding the CA key makes a missing one.
+fn ensure_admin_credentials(dir: &DataDir, keyring: &Keyring) -> Result<(), AgentError> {
+    if dir.root().join("tls/admin.pem").exists() {
+        return Ok(());
+    }
+    match keyring.signer() {
+        Some(ca) => {
+            let admin = ca.issue(&Identity::Admin, &pki::new_serial())?;
+            dir.save_credentials("admin", &admin)?;
+        }
+        None => tracing::warn!(
+            "no admin certificate in {}/tls and this member holds no CA key (only voters do): the CLI cannot reach this agent; rejoin with a new token to get one",
+            dir.root().display()
+        ),
+    }
+    Ok(())
 }
 
 /// The bootstrap node makes itself the first voter, once.
@@ -220,7 +238,10 @@ async fn wait_for_shutdown(agent: Arc<Agent>) -> Result<(), AgentError> {
     let _ = agent.raft().shutdown().await;
     agent.pool().endpoint().close();
     match reason {
-        Some(why) => Err(AgentError::Removed(why)),
+        Some(why) => {
+            identity::forget_ca_key(&agent, "this member was removed");
+            Err(AgentError::Removed(why))
+        }
         None => Ok(()),
     }
 }

@@ -245,6 +245,11 @@ async fn handle_api(
             Ok(ApiReply::Written { result, index })
         }
         ApiRequest::Removed if from_member => Ok(cluster::removed_notice(agent)),
+        ApiRequest::ForwardedJoin(join) if from_member => identity::signed_join(agent, join).await,
+        ApiRequest::CaKey => match &cert.identity {
+            Identity::Node(name) => identity::hand_over_ca_key(agent, name),
+            _ => Err(unauthorized("only voters hold the CA key")),
+        },
         ApiRequest::Move(request) => jobs::start_move(agent, request).await,
         ApiRequest::JobList => Ok(jobs::list(agent)),
         ApiRequest::JobShow { id } => jobs::show(agent, id).await,
@@ -258,7 +263,7 @@ async fn handle_api(
             op,
             forwarded,
         } => instances::ops::operate(agent, &name, op, forwarded).await,
-        ApiRequest::Write(_) | ApiRequest::Removed => {
+        ApiRequest::Write(_) | ApiRequest::Removed | ApiRequest::ForwardedJoin(_) => {
             Err(unauthorized("only members may send internal requests"))
         }
     }

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("gossip::identity", 0),
     ("gossip::news", 0),
     ("gossip::suspicion", 0),
+    ("identity::duty", 0),
     ("instances::reconcile", 0),
     ("membership::plan", 0),
     ("migration::compat", 0),

@@ -137,6 +137,14 @@ pub const COUNTER: &[&str] = &[
     "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done",
 ];
 
+/// The cluster CA with its key, from the data dir of a voter (a test that
+/// mints certificates plays a member gone rogue).
+pub fn voter_ca(data_dir: &Path) -> Result<ferry_transport::pki::ClusterCa> {
+    let (cert, key) = ferry_agent::datadir::DataDir::new(data_dir).load_ca()?;
+    let key = key.with_context(|| format!("{} holds no CA key", data_dir.display()))?;
+    Ok(ferry_transport::pki::ClusterCa::from_pem(&cert, &key)?)
+}
+
 /// Poll `check` until it yields a value or `timeout` passes; the error
 /// names what was awaited and the last reason it was not there yet.
 pub fn wait_for<T>(

@@ -183,7 +183,7 @@ fn foreign_missing_and_misused_certificates_are_refused() -> Result<()> {
 
         // A certificate the cluster CA signed for n2's name that is not the
         // one recorded for n2 (minted by a member gone rogue) is refused.
-        let ca = ferry_agent::datadir::DataDir::new(&n1_dir).load_ca()?;
+        let ca = cluster_tests::voter_ca(&n1_dir)?;
         let minted = ca.issue(&Identity::Node("n2".into()), &pki::new_serial())?;
         let rogue = client(Some(&minted))?;
         match ask(
@@ -316,7 +316,8 @@ async fn bad_join(addr: &str, ca_fingerprint: &str, name: &str) -> Result<String
         name: name.into(),
         secret: "not-the-secret".into(),
         addr: "127.0.0.1:9".into(),
-        csr_pem,
+        csr_pem: csr_pem.clone(),
+        admin_csr_pem: csr_pem,
     });
     let endpoint = client(None)?;
     let expect = Expect::CaFingerprint(ca_fingerprint.into());

@@ -149,6 +149,14 @@ fn learners_join_and_removing_a_voter_promotes_a_learner() -> Result<()> {
     })?;
     assert_eq!(roles["n4"], "learner");
     assert_eq!(roles["n5"], "learner");
+    let keys: Vec<_> = (cluster.agents.iter())
+        .map(|a| a.data_dir.join("tls/ca.key"))
+        .collect();
+    let ca_key = |i: usize| keys[i].clone();
+    for i in 0..5 {
+        // Only voters hold the CA key; learners got theirs signed by one.
+        assert_eq!(ca_key(i).exists(), i < 3, "CA key on {}", i + 1);
+    }
 
     // Remove a voter that is not the one we ask through.
     cluster.ferry_ok(0, &["cluster", "remove", "n2"])?;
@@ -164,6 +172,16 @@ fn learners_join_and_removing_a_voter_promotes_a_learner() -> Result<()> {
             Ok(())
         } else {
             bail!("roles {roles:?}")
+        }
+    })?;
+    assert!(!ca_key(1).exists(), "the removed member kept the CA key");
+    wait_for("the promoted learner holding the CA key", CONVERGE, || {
+        let v = cluster.voters(0)?;
+        let promoted = if v.contains(&"n4".into()) { 3 } else { 4 };
+        if ca_key(promoted).exists() {
+            Ok(())
+        } else {
+            bail!("no CA key on n{} yet", promoted + 1)
         }
     })?;
     // The cluster still commits writes.

@@ -168,7 +168,7 @@ fn datagrams_from_strangers_are_dropped_logged_once_and_agents_keep_running() ->
     let cluster = cluster_of(&["n1", "n2", "n3"])?;
     let addr: std::net::SocketAddr = cluster.agents[0].addr()?.parse()?;
     let dir = DataDir::new(&cluster.agents[0].data_dir);
-    let ca = dir.load_ca()?;
+    let ca = cluster_tests::voter_ca(&cluster.agents[0].data_dir)?;
     let admin = dir.load_credentials("admin")?;
     let n2_dir = cluster.agents[1].data_dir.clone();
 

@@ -48,6 +48,9 @@ pub struct JoinRequest {
     pub addr: String,
     /// PEM certificate signing request; only its public key is used.
     pub csr_pem: String,
+    /// The same for the admin certificate the CLI on the joiner's host
+    /// uses.
+    pub admin_csr_pem: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,9 +59,10 @@ pub struct JoinAccepted {
     pub cert_pem: String,
     pub cert_serial: String,
     pub ca_pem: String,
-    /// Every member can sign joiners' certificates, so every member holds
-    /// the CA key (see ARCHITECTURE.md, "Trust").
-    pub ca_key_pem: String,
+    /// Signed by a voter and recorded with the member, like the node
+    /// certificate. The CA key itself never goes to a joiner: only voters
+    /// hold it (see ARCHITECTURE.md, "Trust").
+    pub admin_cert_pem: String,
     /// Known members, so the joiner can check Raft senders' identities
     /// before its log has caught up.
     pub members: Vec<(NodeId, String)>,
@@ -86,6 +90,11 @@ pub enum ApiRequest {
     Write(Command),
     /// Sent to a member that was removed, so it stops serving.
     Removed,
+    /// A join that reached a member without the CA key, passed on to a
+    /// voter once the token checked out there.
+    ForwardedJoin(JoinRequest),
+    /// The CA key, for a member that just became a voter.
+    CaKey,
     Move(jobs::MoveRequest),
     Launch(instances::LaunchRequest),
     InstanceList,
@@ -139,6 +148,11 @@ pub enum ApiReply {
         stdout: Vec<u8>,
         #[serde(with = "serde_bytes")]
         stderr: Vec<u8>,
+    },
+    /// A forwarded join, accepted by a voter.
+    Joined(Box<JoinAccepted>),
+    CaKey {
+        key_pem: String,
     },
 }
 

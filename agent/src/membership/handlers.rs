@@ -166,7 +166,7 @@ pub async fn create_token(
     let token = JoinToken {
         name,
         secret,
-        ca_fingerprint: agent.ca().fingerprint(),
+        ca_fingerprint: agent.keyring().fingerprint(),
         addrs,
     };
     Ok(ApiReply::Token {

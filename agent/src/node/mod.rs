@@ -3,6 +3,7 @@
 //! (`write.rs`) and peer calls (`peers.rs`) every feature uses. It starts
 //! nothing: `run.rs` builds it and spawns the loops.
 
+mod keyring;
 mod locks;
 pub mod peers;
 mod raft_client;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use ferry_raft::store::StateHandle;
 use ferry_raft::{NodeId, Raft};
-use ferry_transport::pki::ClusterCa;
 use ferry_transport::rpc::Pool;
 use tokio::sync::watch;
 
@@ -24,6 +24,7 @@ use crate::driver::Driver;
 use crate::gossip::handle::Gossip;
 use crate::transfer::progress::Transfers;
 
+pub use keyring::Keyring;
 pub use locks::InstanceLocks;
 pub use raft_client::RaftClient;
 pub use write::commit;
@@ -48,7 +49,7 @@ pub struct Parts {
     pub raft: Raft,
     pub state: StateHandle,
     pub pool: Pool,
-    pub ca: ClusterCa,
+    pub keyring: Keyring,
     /// Names of members known from the join answer.
     pub seeds: Vec<(NodeId, String)>,
     pub driver: Arc<dyn Driver>,
@@ -65,7 +66,8 @@ pub struct Agent {
     raft: Raft,
     state: StateHandle,
     pool: Pool,
-    ca: ClusterCa,
+    /// The CA certificate, and its key while this member is a voter.
+    keyring: Keyring,
     /// Names of members known from the join answer, for checking Raft
     /// senders before our own log has caught up.
     seed_names: Mutex<BTreeMap<NodeId, String>>,
@@ -88,7 +90,7 @@ impl Agent {
             raft: parts.raft,
             state: parts.state,
             pool: parts.pool,
-            ca: parts.ca,
+            keyring: parts.keyring,
             seed_names: Mutex::new(parts.seeds.into_iter().collect()),
             driver: parts.driver,
             locks: InstanceLocks::default(),
@@ -128,8 +130,8 @@ impl Agent {
         &self.pool
     }
 
-    pub fn ca(&self) -> &ClusterCa {
-        &self.ca
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     /// The host runtime of this agent's instances.

@@ -60,6 +60,14 @@ impl Peer {
     }
 }
 
+fn api_reply(peer: &Peer, response: Response) -> Result<ApiReply, PeerError> {
+    match response {
+        Response::Api(reply) => Ok(reply),
+        Response::Error(e) => Err(PeerError::Refused(e)),
+        _ => Err(PeerError::Unexpected(peer.name.clone())),
+    }
+}
+
 pub type Channel = (quinn::SendStream, quinn::RecvStream);
 
 impl Agent {
@@ -97,14 +105,50 @@ impl Agent {
         request: ApiRequest,
         timeout: Duration,
     ) -> Result<ApiReply, PeerError> {
-        match self
+        let response = self
             .call_peer(peer, &Request::Api(request), timeout)
-            .await?
-        {
-            Response::Api(reply) => Ok(reply),
-            Response::Error(e) => Err(PeerError::Refused(e)),
-            _ => Err(PeerError::Unexpected(peer.name.clone())),
+            .await?;
+        api_reply(peer, response)
+    }
+
+    /// The voters of the Raft membership as this node sees it, the leader
+    /// first, this node left out.
+    pub fn voter_peers(&self) -> Vec<Peer> {
+        let (leader, voters): (Option<NodeId>, Vec<NodeId>) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let voters = m.membership_config.membership().voter_ids().collect();
+            (m.current_leader, voters)
+        };
+        let mut ids: Vec<NodeId> = leader.filter(|l| voters.contains(l)).into_iter().collect();
+        ids.extend(voters.into_iter().filter(|v| Some(*v) != leader));
+        ids.into_iter()
+            .filter(|id| *id != self.id)
+            .filter_map(|id| self.peer(id).ok())
+            .collect()
+    }
+
+    /// An API request to the voters in turn (see [`Agent::voter_peers`])
+    /// until one answers without an error; the last error otherwise.
+    pub async fn call_voters(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<ApiReply, PeerError> {
+        let mut last = PeerError::Refused(ApiError::new(
+            ErrorKind::Unavailable,
+            "no other voter is known yet; try again once the cluster has a leader",
+        ));
+        for peer in self.voter_peers() {
+            match self.call_peer(&peer, request, timeout).await {
+                Ok(response) => match api_reply(&peer, response) {
+                    Ok(reply) => return Ok(reply),
+                    Err(e) => last = e,
+                },
+                Err(e) => last = e,
+            }
         }
+        Err(last)
     }
 
     /// A channel to `peer` whose first frame is `request`.

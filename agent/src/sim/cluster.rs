@@ -54,48 +54,35 @@ pub async fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 impl Sim {
-    /// `n` members, `n1` bootstrapped, the others joined by token.
+    /// `n` members, `n1` bootstrapped, the others joined by token; three
+    /// voters.
     pub async fn start(n: usize) -> Sim {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let world = World::default();
-        let mut agents: Vec<Arc<Agent>> = Vec::new();
+        Sim::start_with(n, 3).await
+    }
+
+    /// `n` members of a cluster that keeps `voters` voters.
+    pub async fn start_with(n: usize, voters: u8) -> Sim {
+        let mut sim = Sim {
+            world: World::default(),
+            agents: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
         for i in 1..=n {
             let name = format!("n{i}");
-            let data = dir.path().join(&name);
-            let mut opts = options(&data);
-            opts.name = Some(name.clone());
-            if i == 1 {
-                opts.bootstrap = true;
-            } else {
-                let token =
-                    match crate::membership::handlers::create_token(&agents[0], name.clone(), 600)
-                        .await
-                    {
-                        Ok(ApiReply::Token { token }) => token,
-                        other => panic!("token for {name}: {other:?}"),
-                    };
-                opts.join = Some(token);
-            }
-            let id_opts = IdentityOptions {
-                name: opts.name.clone(),
-                listen: opts.listen,
-                bootstrap: opts.bootstrap,
-                join: opts.join.clone(),
-                voters: opts.voters,
+            let token = match i {
+                1 => None,
+                _ => Some(sim.token(&name).await),
             };
-            let data_dir = DataDir::new(&data);
-            let (config, seeds) = identity::establish(&data_dir, &id_opts)
-                .await
-                .expect("identity");
-            let driver = Arc::new(FakeDriver::new(&name, &data.join("fake-host"), &world));
-            let agent = run::start(data_dir, config, seeds, &opts, driver)
-                .await
-                .expect("agent");
-            agents.push(agent);
+            sim.add(&name, token, voters).await;
         }
-        let sim = Sim { world, agents, dir };
-        let n = sim.agents.len();
-        for agent in &sim.agents {
+        sim.settled().await;
+        sim
+    }
+
+    /// Wait until every member knows every member and its facts.
+    pub async fn settled(&self) {
+        let n = self.agents.len();
+        for agent in &self.agents {
             wait_for(30, "every member with its facts, everywhere", || {
                 agent
                     .state()
@@ -103,7 +90,41 @@ impl Sim {
             })
             .await;
         }
-        sim
+    }
+
+    /// A join token for `name`, created on the first member.
+    pub async fn token(&self, name: &str) -> String {
+        match crate::membership::handlers::create_token(&self.agents[0], name.into(), 600).await {
+            Ok(ApiReply::Token { token }) => token,
+            other => panic!("token for {name}: {other:?}"),
+        }
+    }
+
+    /// Start member `name`: it bootstraps without a token, joins with one.
+    pub async fn add(&mut self, name: &str, join: Option<String>, voters: u8) -> Arc<Agent> {
+        let data = self.dir.path().join(name);
+        let mut opts = options(&data);
+        opts.name = Some(name.to_string());
+        opts.bootstrap = join.is_none();
+        opts.join = join;
+        opts.voters = voters;
+        let id_opts = IdentityOptions {
+            name: opts.name.clone(),
+            listen: opts.listen,
+            bootstrap: opts.bootstrap,
+            join: opts.join.clone(),
+            voters: opts.voters,
+        };
+        let data_dir = DataDir::new(&data);
+        let (config, seeds) = identity::establish(&data_dir, &id_opts)
+            .await
+            .expect("identity");
+        let driver = Arc::new(FakeDriver::new(name, &data.join("fake-host"), &self.world));
+        let agent = run::start(data_dir, config, seeds, &opts, driver)
+            .await
+            .expect("agent");
+        self.agents.push(agent.clone());
+        agent
     }
 
     pub fn agent(&self, name: &str) -> &Arc<Agent> {

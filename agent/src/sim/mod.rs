@@ -8,3 +8,4 @@ mod launches;
 mod moves;
 pub mod net;
 mod removal;
+mod trust;
