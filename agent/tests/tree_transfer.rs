@@ -410,3 +410,41 @@ async fn a_tree_of_many_files_goes_in_manifest_parts() {
     }
     same_tree(src, &dest);
 }
+
+#[tokio::test]
+async fn a_side_that_fails_tells_the_other_why() {
+    let dest_dir = tempfile::tempdir().unwrap();
+    // The receiver cannot make its root: a file is in the way.
+    let blocked = dest_dir.path().join("blocked");
+    std::fs::write(&blocked, b"in the way").unwrap();
+    let (pool, addr, expect, mut results) = pair(blocked);
+    let src = tempfile::tempdir().unwrap();
+    write(src.path(), "a", b"data");
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sent = tree::send(&mut send, &mut recv, src.path(), true, None).await;
+    let receiver = results.recv().await.unwrap().unwrap_err();
+    let sender = sent.unwrap_err().to_string();
+    assert!(sender.contains("the other side failed: create"), "{sender}");
+    assert!(receiver.starts_with("create"), "{receiver}");
+
+    // The sender's tree is gone: the receiver hears why, not just that
+    // the stream ended.
+    let dest_dir = tempfile::tempdir().unwrap();
+    let (pool, addr, expect, mut results) = pair(dest_dir.path().join("copy"));
+    let missing = src.path().join("gone");
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sent = tree::send(&mut send, &mut recv, &missing, false, None).await;
+    let _ = send.finish();
+    assert!(sent.is_err());
+    let receiver = results.recv().await.unwrap().unwrap_err();
+    assert!(
+        receiver.contains("the other side failed: stat"),
+        "{receiver}"
+    );
+}

@@ -119,6 +119,79 @@ fn live_move_keeps_memory_and_files_back_and_forth() -> Result<()> {
     Ok(())
 }
 
+/// Every regular file under `dir` (symlinks not followed) whose bytes
+/// contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Result<Vec<std::path::PathBuf>> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                let bytes = std::fs::read(entry.path())?;
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(entry.path());
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[test]
+fn a_container_swapping_a_file_for_a_host_symlink_during_a_move_gets_nothing_from_the_host(
+) -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    // Ballast makes the first pass long enough for many swaps.
+    let cluster = cluster_with_counter_and_ballast(Cluster::new(), 16)?;
+    let secret = format!("HOST-SECRET-{}", std::process::id());
+    let host_file = cluster.root().join("host-secret");
+    std::fs::write(&host_file, &secret)?;
+    // Inside the container the link dangles; a sender that followed it on
+    // the host would read the host's file. Bounded: 20000 swaps at most.
+    let swapper = format!(
+        "i=0; while [ $i -lt 20000 ]; do echo plain > /swap.new; mv /swap.new /swap; \
+         ln -s {0} /swap.lnk; mv /swap.lnk /swap; mkdir -p /d; ln -sfn {0} /d/inner; \
+         i=$((i+1)); done",
+        host_file.display()
+    );
+    let background = format!("sh -c '{swapper}' </dev/null >/dev/null 2>&1 &");
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", &background])?;
+    wait_for("the swapping to start", CONVERGE, || {
+        let out = cluster.ferry_ok(0, &["exec", "c1", "--", "ls", "-l", "/d"])?;
+        if out.contains("inner") {
+            Ok(())
+        } else {
+            bail!("no /d/inner yet: {out}")
+        }
+    })?;
+    let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3"])?;
+    assert!(out.contains("downtime"), "{out}");
+    assert_eq!(owner(&cluster)?, "n3");
+    // The swapping went on there; stopped, the tree holds still.
+    cluster.ferry_ok(0, &["stop", "c1"])?;
+    let received = cluster.agents[2].data_dir.join("instances/c1");
+    let leaked = files_containing(&received, secret.as_bytes())?;
+    assert!(
+        leaked.is_empty(),
+        "host file content reached the target: {leaked:?}"
+    );
+    // What arrived is the container's own: a plain file or the link itself.
+    let swap = received.join("bundle/rootfs/swap");
+    let meta = std::fs::symlink_metadata(&swap)?;
+    if meta.file_type().is_symlink() {
+        assert_eq!(std::fs::read_link(&swap)?, host_file);
+    } else {
+        assert_eq!(std::fs::read_to_string(&swap)?, "plain\n");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_target_missing_a_cpu_flag_syscall_or_filesystem_is_refused_before_any_transfer() -> Result<()>
 {

@@ -22,7 +22,7 @@ pub use send::send;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
-use ferry_transport::frame::{read_frame, FrameError, MAX_FRAME};
+use ferry_transport::frame::{read_frame, write_frame, FrameError, MAX_FRAME};
 use ring::digest::Context;
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +143,8 @@ enum Frame {
         bytes: u64,
         root: Box<Entry>,
     },
+    /// The other side gave up, and why (instead of a bare end of stream).
+    Failed(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +172,19 @@ pub enum TreeError {
     Task(String),
     #[error("the peer sent nothing for {}s", .0.as_secs())]
     Stalled(std::time::Duration),
+    #[error("the other side failed: {0}")]
+    PeerFailed(String),
+}
+
+impl TreeError {
+    /// A failure of this side, which the peer cannot know about unless it
+    /// is told.
+    fn is_local(&self) -> bool {
+        !matches!(
+            self,
+            TreeError::Frame(_) | TreeError::Stalled(_) | TreeError::PeerFailed(_)
+        )
+    }
 }
 
 /// A peer that stops sending in the middle of a tree fails the transfer
@@ -177,10 +192,27 @@ pub enum TreeError {
 const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Frame, TreeError> {
-    tokio::time::timeout(FRAME_TIMEOUT, read_frame::<Frame>(recv, MAX_FRAME))
+    let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame::<Frame>(recv, MAX_FRAME))
         .await
-        .map_err(|_| TreeError::Stalled(FRAME_TIMEOUT))?
-        .map_err(TreeError::from)
+        .map_err(|_| TreeError::Stalled(FRAME_TIMEOUT))??;
+    match frame {
+        Frame::Failed(reason) => Err(TreeError::PeerFailed(reason)),
+        frame => Ok(frame),
+    }
+}
+
+/// Pass `result` on, first telling the peer why this side failed, so its
+/// error names the cause too (best effort: a broken stream reaches nobody).
+async fn tell_peer<T>(
+    send: &mut quinn::SendStream,
+    result: Result<T, TreeError>,
+) -> Result<T, TreeError> {
+    if let Err(e) = &result {
+        if e.is_local() {
+            let _ = write_frame(send, &Frame::Failed(e.to_string())).await;
+        }
+    }
+    result
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TreeError + 'a {

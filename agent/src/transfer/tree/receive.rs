@@ -17,7 +17,7 @@ use ring::digest::{Context, SHA256};
 
 use super::{
     beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
-    sha256_hex, Entry, EntryKind, Frame, Transferred, TreeError, MANIFEST_PART,
+    sha256_hex, tell_peer, Entry, EntryKind, Frame, Transferred, TreeError, MANIFEST_PART,
 };
 
 fn system_time(ns: i128) -> std::time::SystemTime {
@@ -133,6 +133,17 @@ pub async fn receive(
 
 /// [`receive`], adding every file byte to `progress` as it arrives.
 pub async fn receive_counted(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+    delta: bool,
+    progress: &AtomicU64,
+) -> Result<Transferred, TreeError> {
+    let result = receive_tree(send, recv, root, delta, progress).await;
+    tell_peer(send, result).await
+}
+
+async fn receive_tree(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,

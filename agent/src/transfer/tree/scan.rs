@@ -39,12 +39,24 @@ fn xattrs_of(path: &Path) -> Vec<Xattr> {
     out
 }
 
+/// Whether `e` says the entry went away (or a directory turned into
+/// something else) while a live tree was scanned: it is then not part of
+/// this pass, and a pass over the frozen tree sees what is there.
+fn vanished(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+}
+
 /// An entry for `rel` (at `path`) from its metadata, the link target read
 /// where it is one; `None` for what a tree does not carry.
 fn entry_of(path: &Path, rel: &Path, meta: &Metadata) -> Result<Option<Entry>, TreeError> {
     let file_type = meta.file_type();
     let kind = if file_type.is_symlink() {
-        let target = std::fs::read_link(path).map_err(io("readlink", path))?;
+        let target = match std::fs::read_link(path) {
+            Ok(target) => target,
+            Err(e) if vanished(&e) => return Ok(None),
+            Err(e) => return Err(io("readlink", path)(e)),
+        };
         EntryKind::Symlink {
             target: target.to_string_lossy().into_owned(),
         }
@@ -94,13 +106,19 @@ pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let children: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(io("read", &dir))?
-            .collect::<Result<_, _>>()
-            .map_err(io("read", &dir))?;
+        let children = match std::fs::read_dir(&dir).and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        {
+            Ok(children) => children,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(io("read", &dir)(e)),
+        };
         for child in children {
             let path = child.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(io("stat", &path)(e)),
+            };
             let rel_path = rel.join(child.file_name());
             let Some(entry) = entry_of(&path, &rel_path, &meta)? else {
                 continue;

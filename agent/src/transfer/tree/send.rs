@@ -9,8 +9,8 @@ use ferry_transport::frame::write_frame;
 use ring::digest::{Context, SHA256};
 
 use super::{
-    beneath, blocking, io, next_frame, sha256_hex, Entry, EntryKind, Frame, Stamps, Transferred,
-    TreeError, MANIFEST_PART,
+    beneath, blocking, io, next_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame, Stamps,
+    Transferred, TreeError, MANIFEST_PART,
 };
 
 /// File content travels in chunks of this size.
@@ -23,6 +23,17 @@ const CHUNK: usize = 1 << 20;
 /// changed under it (a symlink now, or gone): the final pass sends it as
 /// it then is.
 pub async fn send(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    root: &Path,
+    delta: bool,
+    since: Option<&Stamps>,
+) -> Result<(Transferred, Stamps), TreeError> {
+    let result = send_tree(send, recv, root, delta, since).await;
+    tell_peer(send, result).await
+}
+
+async fn send_tree(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
