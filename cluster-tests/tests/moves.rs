@@ -193,6 +193,27 @@ fn a_container_swapping_a_file_for_a_host_symlink_during_a_move_gets_nothing_fro
 }
 
 #[test]
+fn a_move_between_hosts_whose_clocks_are_minutes_off_completes() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    // The source runs ten minutes ahead, the target ten behind; the
+    // leader's deadlines (60 s a phase) must not see their phases as
+    // twenty minutes old, nor as not yet begun.
+    let mut cluster = Cluster::new();
+    let offset = |ms: &str| vec![("FERRY_TEST_CLOCK_OFFSET_MS".to_string(), ms.to_string())];
+    cluster.env_for.insert("n2".into(), offset("600000"));
+    cluster.env_for.insert("n3".into(), offset("-600000"));
+    let cluster = cluster_with_counter(cluster)?;
+    let before = cluster.counter(0, "c1")?;
+    let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3"])?;
+    assert!(out.contains("downtime"), "{out}");
+    assert_eq!(owner(&cluster)?, "n3");
+    assert!(cluster.counter(0, "c1")? >= before, "the counter restarted");
+    Ok(())
+}
+
+#[test]
 fn a_target_missing_a_cpu_flag_syscall_or_filesystem_is_refused_before_any_transfer() -> Result<()>
 {
     if !require_container_runtime() {

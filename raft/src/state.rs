@@ -16,10 +16,21 @@ pub const BOOTSTRAP_NODE_ID: NodeId = 1;
 /// `CreateToken` prunes it.
 pub const DEAD_TOKEN_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// A token's expiry comes from the clock of the member that created it and
+/// is checked against the clock of the member that signs the join; a token
+/// is honoured this long past its expiry so that hosts whose clocks are
+/// this far apart still admit a fresh joiner.
+pub const TOKEN_CLOCK_SKEW_MS: u64 = 2 * 60 * 1000;
+
 impl JoinToken {
     /// Whether the token can still admit its member at `now_ms`.
     pub fn is_valid_at(&self, now_ms: u64) -> bool {
-        !self.used && !self.revoked && now_ms < self.expires_ms
+        !self.used && !self.revoked && !self.expired_at(now_ms)
+    }
+
+    /// Past its expiry at `now_ms`, with [`TOKEN_CLOCK_SKEW_MS`] of grace.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_ms.saturating_add(TOKEN_CLOCK_SKEW_MS)
     }
 
     /// Whether the token has certainly been dead for more than
@@ -223,7 +234,7 @@ impl ClusterState {
         if token.used {
             return Err(Rejection::TokenUsed(name.to_string()));
         }
-        if now_ms >= token.expires_ms {
+        if token.expired_at(now_ms) {
             return Err(Rejection::TokenExpired(name.to_string()));
         }
         if token.secret_hash != secret_hash {
@@ -534,10 +545,11 @@ mod tests {
     }
 
     #[test]
-    fn token_expiry_boundary_last_valid_millisecond_is_before_expires_ms() {
+    fn token_expiry_boundary_last_valid_millisecond_is_before_expires_ms_plus_the_skew() {
         let mut s = bootstrapped();
-        let expires = T0 + HOUR;
-        // At expires_ms the token is already expired.
+        // A signer whose clock runs up to the skew ahead of the creator's
+        // still admits; at expires_ms + skew the token is expired.
+        let expires = T0 + HOUR + TOKEN_CLOCK_SKEW_MS;
         assert_rejected_unchanged(
             &mut s,
             &join("beta", "s3cret", expires),
@@ -666,7 +678,7 @@ mod tests {
                     s.apply(&Command::RemoveMember { id: 2 });
                     T0 + 2
                 }
-                _ => T0 + HOUR,
+                _ => T0 + HOUR + TOKEN_CLOCK_SKEW_MS,
             };
             assert_eq!(
                 s.apply(&token("beta", "fresh", now, now + HOUR)),

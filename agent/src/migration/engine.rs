@@ -105,6 +105,7 @@ pub async fn run(agent: Arc<Agent>) {
     let busy: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
     let mut changes = agent.state().subscribe();
     let mut last_sweep: Option<Instant> = None;
+    let mut phase_clock = PhaseClock::default();
     loop {
         for job in my_jobs(&agent) {
             let Ok(name) = InstanceName::parse(&job.instance) else {
@@ -129,7 +130,7 @@ pub async fn run(agent: Arc<Agent>) {
                 lock(&busy).remove(&job.id);
             });
         }
-        supervise(&agent).await;
+        supervise(&agent, &mut phase_clock).await;
         if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
             last_sweep = Some(Instant::now());
             sweep_staging(&agent).await;
@@ -176,9 +177,39 @@ async fn sweep_staging(agent: &Agent) {
     }
 }
 
+/// When this node first saw each active job in its current phase, on its
+/// own monotonic clock: phase deadlines never compare two hosts' clocks.
+/// A new leader starts counting when it takes over, so a deadline can run
+/// up to one phase timeout longer across a failover, never shorter.
+#[derive(Default)]
+pub struct PhaseClock {
+    seen: HashMap<JobId, (Phase, Instant)>,
+}
+
+impl PhaseClock {
+    /// How long `job` has been in its phase as far as this node saw.
+    pub fn stuck_ms(&mut self, job: &Job) -> u64 {
+        let entry = self
+            .seen
+            .entry(job.id)
+            .or_insert((job.phase, Instant::now()));
+        if entry.0 != job.phase {
+            *entry = (job.phase, Instant::now());
+        }
+        u64::try_from(entry.1.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Forget every job not in `active`.
+    fn retain(&mut self, active: &[Job]) {
+        self.seen.retain(|id, _| active.iter().any(|j| j.id == *id));
+    }
+}
+
 /// The leader rolls back jobs whose phase overran or whose participant died.
-async fn supervise(agent: &Agent) {
+async fn supervise(agent: &Agent, clock: &mut PhaseClock) {
     if !agent.is_leader() {
+        // A leader-to-be counts from when it takes over.
+        clock.retain(&[]);
         return;
     }
     let active: Vec<Job> = agent.state().read(|s| {
@@ -188,6 +219,7 @@ async fn supervise(agent: &Agent) {
             .cloned()
             .collect()
     });
+    clock.retain(&active);
     let timeout_ms =
         u64::try_from(agent.tuning().job_phase_timeout.as_millis()).unwrap_or(u64::MAX);
     for job in active {
@@ -195,7 +227,7 @@ async fn supervise(agent: &Agent) {
             .into_iter()
             .map(|id| (id, agent.member_alive(id)))
             .collect();
-        let intervention = plan::supervise(&job, now_ms(), timeout_ms, |id| {
+        let intervention = plan::supervise(&job, clock.stuck_ms(&job), timeout_ms, |id| {
             alive.get(&id).copied().unwrap_or(false)
         });
         if let Some(i) = intervention {
@@ -231,12 +263,17 @@ async fn drive(agent: &Agent, job: &Job) -> bool {
     if step != Step::Wait {
         tracing::info!(job = job.id, phase = %job.phase.name(), ?role, ?local, ?step, "job step");
     }
+    // Steps that only repeat a proposal or clean up wait for the next
+    // tick or change instead of spinning.
     let acted = !matches!(
         step,
-        Step::Wait | Step::DiscardReceived | Step::DeleteSourceCopy
+        Step::Wait | Step::DiscardReceived | Step::DeleteSourceCopy | Step::ProposeDone
     );
     if let Some(proposal) = act(agent, &job, &name, step, local).await {
-        advance(agent, &job, proposal).await;
+        let ended = proposal.to.is_terminal();
+        if advance(agent, &job, proposal).await && ended {
+            agent.transfers().forget(job.id);
+        }
     }
     acted
 }
@@ -275,6 +312,7 @@ async fn act(
         Step::Switch => Some(Proposal::to(Phase::Switched)),
         Step::RestoreHeld => Some(target::restore(agent, job, name, local).await),
         Step::ThawAndFinish => target::finish(agent, job, name).await,
+        Step::ProposeDone => Some(target::done(agent, job)),
         Step::ThawSource => Some(source::thaw(agent, name).await),
         Step::FinishRollback => Some(source::finish_rollback(agent, job, name, local).await),
         Step::DiscardReceived | Step::DeleteSourceCopy => {
@@ -300,5 +338,56 @@ async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
         if let Err(e) = agent.driver().remove(name).await {
             tracing::warn!(job = job.id, "cleanup failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_raft::{JobKind, MoveOptions};
+
+    fn job(phase: Phase, phase_ms: u64) -> Job {
+        Job {
+            id: 7,
+            kind: JobKind::Migrate,
+            instance: "c1".into(),
+            source: 1,
+            target: 2,
+            phase,
+            options: MoveOptions::default(),
+            was_running: true,
+            report: Vec::new(),
+            error: None,
+            notes: Vec::new(),
+            stats: None,
+            created_ms: 0,
+            phase_ms,
+            abort_requested: false,
+        }
+    }
+
+    #[test]
+    fn phase_deadlines_count_from_when_this_node_saw_the_phase_not_the_proposers_clock() {
+        let mut clock = PhaseClock::default();
+        // A proposer whose clock is an hour behind (or ahead): the phase
+        // is new here all the same.
+        for phase_ms in [0, now_ms() + 3_600_000] {
+            let j = job(Phase::Preparing, phase_ms);
+            assert!(clock.stuck_ms(&j) < 1_000);
+            assert_eq!(
+                plan::supervise(&j, clock.stuck_ms(&j), 60_000, |_| true),
+                None
+            );
+        }
+        let first = clock.seen[&7].1;
+        let moved = job(Phase::Frozen, 0);
+        clock.stuck_ms(&moved);
+        let (phase, since) = clock.seen[&7];
+        assert!(
+            phase == Phase::Frozen && since >= first,
+            "a new phase restarts the count"
+        );
+        clock.retain(&[]);
+        assert!(clock.seen.is_empty());
     }
 }

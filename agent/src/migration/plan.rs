@@ -51,6 +51,10 @@ pub enum Step {
     RestoreHeld,
     /// Target, Restored: thaw the held copy and propose Done.
     ThawAndFinish,
+    /// Target, Restored, its copy already running (thawed, but `Done` did
+    /// not commit: cut off, or restarted): propose Done again, every tick,
+    /// until it commits; the source's paused copy waits for it.
+    ProposeDone,
     /// Source, rolling back with a frozen copy: thaw it, propose RolledBack.
     ThawSource,
     /// Source, rolling back with nothing to thaw (it was stopped, or it
@@ -86,6 +90,7 @@ pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
         // Also with a held copy already there: the target may have crashed
         // between restoring and proposing Restored.
         (Role::Target, Switched) if local != LocalCopy::Running => Step::RestoreHeld,
+        (Role::Target, Restored) if local == LocalCopy::Running => Step::ProposeDone,
         (Role::Target, Restored) if local == LocalCopy::Frozen || !job.options.stateful => {
             Step::ThawAndFinish
         }
@@ -125,14 +130,16 @@ pub struct Intervention {
 }
 
 /// Roll a stuck job back through the same compare-and-set the participants
-/// use. `alive` tells whether a node is reachable (gossip liveness).
+/// use. `stuck_ms`: how long the supervising leader has seen the job in its
+/// phase, on its own monotonic clock (never a proposer's wall clock, which
+/// may be minutes off). `alive` tells whether a node is reachable (gossip
+/// liveness).
 pub fn supervise(
     job: &Job,
-    now_ms: u64,
+    stuck_ms: u64,
     phase_timeout_ms: u64,
     alive: impl Fn(NodeId) -> bool,
 ) -> Option<Intervention> {
-    let stuck_ms = now_ms.saturating_sub(job.phase_ms);
     let overdue = stuck_ms > phase_timeout_ms;
     let intervene = |to: Phase, reason: String| {
         Some(Intervention {
@@ -309,6 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn a_target_that_runs_the_copy_proposes_done_until_it_commits() {
+        for stateful in [true, false] {
+            let mut j = job(Phase::Restored);
+            j.options.stateful = stateful;
+            assert_eq!(
+                step(&j, Role::Target, LocalCopy::Running),
+                Step::ProposeDone,
+                "stateful {stateful}"
+            );
+        }
+        // Never before the restore committed.
+        every_case(|j, copy| {
+            if step(j, Role::Target, copy) == Step::ProposeDone {
+                assert_eq!(j.phase, Phase::Restored);
+            }
+        });
+    }
+
+    #[test]
     fn source_that_was_stopped_stays_stopped_on_rollback() {
         let mut j = job(Phase::RollingBack);
         j.was_running = false;
@@ -394,15 +420,15 @@ mod tests {
     #[test]
     fn a_dead_target_before_the_switch_rolls_back() {
         let j = job(Phase::Frozen);
-        let i = supervise(&j, 1_500, 60_000, |n| n != 2).unwrap();
+        let i = supervise(&j, 500, 60_000, |n| n != 2).unwrap();
         assert_eq!((i.from, i.to), (Phase::Frozen, Phase::RollingBack));
     }
 
     #[test]
     fn an_overdue_restore_switches_back_but_restored_is_never_undone() {
         let j = job(Phase::Switched);
-        assert_eq!(supervise(&j, 2_000, 60_000, |_| true), None);
-        let i = supervise(&j, 100_000, 60_000, |_| true).unwrap();
+        assert_eq!(supervise(&j, 1_000, 60_000, |_| true), None);
+        let i = supervise(&j, 99_000, 60_000, |_| true).unwrap();
         assert_eq!(i.to, Phase::SwitchingBack);
         for phase in [
             Phase::Restored,
@@ -412,7 +438,7 @@ mod tests {
             Phase::SwitchingBack,
         ] {
             assert_eq!(
-                supervise(&job(phase), 1_000_000, 60_000, |_| false),
+                supervise(&job(phase), 999_000, 60_000, |_| false),
                 None,
                 "{phase:?}"
             );
@@ -425,8 +451,8 @@ mod tests {
         // back for that alone (the source cannot hear it), only at the
         // deadline; the source thaws once it sees RollingBack.
         let j = job(Phase::Frozen);
-        assert_eq!(supervise(&j, 2_000, 60_000, |n| n != 1), None);
-        let i = supervise(&j, 100_000, 60_000, |n| n != 1).unwrap();
+        assert_eq!(supervise(&j, 1_000, 60_000, |n| n != 1), None);
+        let i = supervise(&j, 99_000, 60_000, |n| n != 1).unwrap();
         assert_eq!(i.to, Phase::RollingBack);
     }
 }

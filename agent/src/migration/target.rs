@@ -171,16 +171,22 @@ pub async fn finish(agent: &Agent, job: &Job, name: &InstanceName) -> Option<Pro
         tracing::warn!(job = job.id, "thaw failed: {e}");
         return None;
     }
+    Some(done(agent, job))
+}
+
+/// `Done` with the move's figures; proposed again, with the same figures,
+/// for as long as it does not commit.
+pub fn done(agent: &Agent, job: &Job) -> Proposal {
     let now = now_ms();
-    let (downtime_ms, bytes) = agent.transfers().take_figures(job.id, now);
+    let (downtime_ms, bytes) = agent.transfers().figures(job.id, now);
     let stats = MoveStats {
         downtime_ms,
         total_ms: now.saturating_sub(job.created_ms),
         bytes,
         iterations: 0,
     };
-    Some(Proposal {
+    Proposal {
         stats: Some(stats),
         ..Proposal::to(Phase::Done)
-    })
+    }
 }

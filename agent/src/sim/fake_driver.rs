@@ -322,7 +322,9 @@ impl Driver for FakeDriver {
     ) -> Result<(), DriverError> {
         self.transition("release_held", name, &[Copy::Held], Some(Copy::Running))?;
         let _ = std::fs::remove_dir_all(self.staging(name));
-        Ok(())
+        // "released": the copy runs, but the agent never gets to propose
+        // Done (cut off from the cluster, or it crashed right here).
+        self.check("released", name)
     }
 
     async fn remove(&self, name: &InstanceName) -> Result<(), DriverError> {

@@ -120,6 +120,15 @@ const CASES: &[Case] = &[
         error: None,
     },
     Case {
+        instance: "done-lost-after-thaw",
+        mode: PULL,
+        stateful: None,
+        failures: &[("n2", "released", 1)],
+        phase: Phase::Done,
+        survivor: ("n2", Copy::Running),
+        error: None,
+    },
+    Case {
         instance: "source-cannot-thaw",
         mode: PULL,
         stateful: None,

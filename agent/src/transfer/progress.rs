@@ -19,6 +19,8 @@ pub struct Transfers {
     /// When the source froze (wall clock ms, as the target saw it), for the
     /// downtime figure.
     froze_at: Mutex<HashMap<JobId, u64>>,
+    /// When the target's copy first ran (the end of the downtime).
+    thawed_at: Mutex<HashMap<JobId, u64>>,
     /// Bytes received in all.
     bytes: Mutex<HashMap<JobId, u64>>,
     /// On the source: what the first pass of each job's rootfs saw, for
@@ -53,11 +55,23 @@ impl Transfers {
         lock(&self.bytes).get(&job).copied().unwrap_or(0)
     }
 
-    /// (downtime ms, bytes) for `job`, taken out.
-    pub fn take_figures(&self, job: JobId, now: u64) -> (u64, u64) {
-        let froze = lock(&self.froze_at).remove(&job);
-        let bytes = lock(&self.bytes).remove(&job).unwrap_or(0);
-        (froze.map_or(0, |t| now.saturating_sub(t)), bytes)
+    /// (downtime ms, bytes) for `job`, the downtime ending at the first
+    /// call (`now`, when the copy runs): a `Done` proposed again after a
+    /// lost one reports the same figures.
+    pub fn figures(&self, job: JobId, now: u64) -> (u64, u64) {
+        let thawed = *lock(&self.thawed_at).entry(job).or_insert(now);
+        let froze = lock(&self.froze_at).get(&job).copied();
+        let bytes = lock(&self.bytes).get(&job).copied().unwrap_or(0);
+        (froze.map_or(0, |t| thawed.saturating_sub(t)), bytes)
+    }
+
+    /// Drop every figure of `job` (it ended).
+    pub fn forget(&self, job: JobId) {
+        lock(&self.jobs).remove(&job);
+        lock(&self.froze_at).remove(&job);
+        lock(&self.thawed_at).remove(&job);
+        lock(&self.bytes).remove(&job);
+        lock(&self.stamps).remove(&job);
     }
 
     /// The source sent `job`'s rootfs once; its final pass compares with
