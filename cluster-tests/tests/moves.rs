@@ -214,6 +214,50 @@ fn a_move_between_hosts_whose_clocks_are_minutes_off_completes() -> Result<()> {
 }
 
 #[test]
+fn a_failed_criu_dump_puts_criu_s_reason_in_the_job_and_the_instance_runs_on() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    // An established TCP connection inside the container: CRIU refuses
+    // to dump it without --tcp-established, which ferry does not pass
+    // (yet: the networking issue changes that, and this test with it).
+    let talk = "(sleep 300 | nc -l -p 5000) </dev/null >/dev/null 2>&1 & \
+                sleep 1; (sleep 300 | nc 127.0.0.1 5000) </dev/null >/dev/null 2>&1 &";
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", talk])?;
+    wait_for("an established connection", CONVERGE, || {
+        let tcp = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/proc/net/tcp"])?;
+        // Column 4 is the state; 01 is ESTABLISHED.
+        let established = tcp
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(3) == Some("01"));
+        if established {
+            Ok(())
+        } else {
+            bail!("no established connection yet: {tcp}")
+        }
+    })?;
+    let err = cluster.ferry_err(0, &["move", "c1", "--target", "n3"])?;
+    assert!(err.contains("CRIU says:"), "{err}");
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    assert_eq!(job["phase"], "RolledBack", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("tcp-established"), "{error}");
+    let kept = cluster.agents[1]
+        .data_dir
+        .join("instances/c1/criu-checkpoint.log");
+    assert!(error.contains(&kept.display().to_string()), "{error}");
+    // The sweep of staging areas runs every 10 s; the kept log is not in
+    // one.
+    cluster.wait_running(None)?;
+    let before = cluster.counter(0, "c1")?;
+    cluster.wait_counter("c1", before + 1)?;
+    assert!(std::fs::read_to_string(&kept)?.contains("Error"));
+    Ok(())
+}
+
+#[test]
 fn a_target_missing_a_cpu_flag_syscall_or_filesystem_is_refused_before_any_transfer() -> Result<()>
 {
     if !require_container_runtime() {

@@ -38,6 +38,74 @@ pub enum RuncError {
     },
 }
 
+/// CRIU `Error` lines put in an error message, at most.
+const CRIU_REASONS: usize = 3;
+
+/// CRIU's own reasons (its `Error (file:line): ...` lines, first ones
+/// first: the first is usually the cause), without timestamps.
+fn criu_errors(log_text: &str) -> Vec<String> {
+    let mut reasons: Vec<String> = Vec::new();
+    for line in log_text.lines() {
+        let Some(at) = line.find("Error (") else {
+            continue;
+        };
+        let rest = &line[at..];
+        let reason = rest.split_once("): ").map_or(rest, |(_, r)| r).trim();
+        if !reason.is_empty() && !reasons.iter().any(|r| r == reason) {
+            reasons.push(reason.to_string());
+        }
+        if reasons.len() == CRIU_REASONS {
+            break;
+        }
+    }
+    reasons
+}
+
+/// A failed dump or restore with CRIU's reasons from `criu_log` added, and
+/// that log copied beside the runc log (`criu-dump.log`, `criu-restore.log`):
+/// the work dir it was in goes with the staging area.
+fn with_criu_reasons(error: RuncError, criu_log: &Path, runc_log: &Path) -> RuncError {
+    let RuncError::Failed {
+        op,
+        id,
+        message,
+        log,
+    } = error
+    else {
+        return error;
+    };
+    let Ok(text) = std::fs::read_to_string(criu_log) else {
+        return RuncError::Failed {
+            op,
+            id,
+            message,
+            log,
+        };
+    };
+    let kept = runc_log.with_file_name(format!("criu-{op}.log"));
+    let kept_note = match std::fs::copy(criu_log, &kept) {
+        Ok(_) => kept.display().to_string(),
+        Err(_) => criu_log.display().to_string(),
+    };
+    let reasons = criu_errors(&text);
+    let criu = match reasons.is_empty() {
+        true => "no Error line".to_string(),
+        false => reasons.join("; "),
+    };
+    // runc's own last line then only names the log in the work dir,
+    // which goes with the staging area.
+    let message = match message.starts_with("log file:") {
+        true => "CRIU failed".to_string(),
+        false => message,
+    };
+    RuncError::Failed {
+        op,
+        id,
+        message: format!("{message}; CRIU says: {criu} (CRIU log: {kept_note})"),
+        log,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
     Running,
@@ -303,7 +371,8 @@ impl Runc {
             cmd.arg("--leave-running");
         }
         cmd.arg(id);
-        self.run("checkpoint", id, log, cmd).await.map(|_| ())
+        let result = self.run("checkpoint", id, log, cmd).await.map(|_| ());
+        result.map_err(|e| with_criu_reasons(e, &work.join("dump.log"), log))
     }
 
     /// CRIU restore through runc, detached.
@@ -323,7 +392,8 @@ impl Runc {
             .arg("--bundle")
             .arg(bundle)
             .arg(id);
-        self.detached("restore", id, log, cmd).await
+        let result = self.detached("restore", id, log, cmd).await;
+        result.map_err(|e| with_criu_reasons(e, &work.join("restore.log"), log))
     }
 
     /// Pids of every process in the container.
@@ -418,6 +488,53 @@ mod tests {
     }
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_dump_names_criu_s_own_reasons_and_keeps_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in for runc whose CRIU fails the way CRIU does: reasons
+        // in dump.log in the work dir, runc's own line on stderr.
+        let fake = dir.path().join("runc");
+        let script = r#"#!/bin/sh
+while [ "$1" != "--work-path" ]; do shift; done
+cat > "$2/dump.log" <<'LOG'
+(00.001) Warn  (criu/kerndat.c:1): something harmless
+(00.120) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established option.
+(00.121) Error (criu/cr-dump.c:1791): Dumping FAILED.
+LOG
+echo 'criu failed: type NOTIFY errno 0 path= ignored' >&2
+exit 1
+"#;
+        std::fs::write(&fake, script).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runc = Runc {
+            binary: fake,
+            ..Runc::new(
+                dir.path().join("root"),
+                1 << 20,
+                std::time::Duration::from_secs(10),
+            )
+        };
+        let (images, work) = (dir.path().join("images"), dir.path().join("work"));
+        std::fs::create_dir_all(&work).unwrap();
+        let log = dir.path().join("runc.log");
+        let err = runc
+            .checkpoint("c1", &images, &work, true, &log)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CRIU says: inet: Connected TCP socket, consider using --tcp-established option.; Dumping FAILED."),
+            "{err}"
+        );
+        assert!(!err.contains("harmless"), "{err}");
+        let kept = dir.path().join("criu-checkpoint.log");
+        assert!(err.contains(&kept.display().to_string()), "{err}");
+        std::fs::remove_dir_all(&work).unwrap();
+        assert!(std::fs::read_to_string(&kept)
+            .unwrap()
+            .contains("Dumping FAILED"));
+    }
 
     #[test]
     fn runc_statuses_map_to_three_states() {
