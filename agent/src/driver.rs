@@ -72,6 +72,9 @@ pub trait Driver: Send + Sync {
     fn images(&self, name: &InstanceName) -> PathBuf;
     /// A move's staging area of `name` (images, restore configs).
     fn staging(&self, name: &InstanceName) -> PathBuf;
+    /// Whether `name` has the memory state of a stateful stop (or of a
+    /// final dump kept after a failed thaw) to restore from.
+    fn has_checkpoint(&self, name: &InstanceName) -> bool;
 
     /// Replace `name`'s files with the rootfs at `source` (a directory or
     /// a tar archive).
@@ -125,6 +128,10 @@ pub trait Driver: Send + Sync {
     /// Final dump of a frozen instance into [`Driver::images`]; it stays
     /// frozen, so a rollback can thaw it.
     async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError>;
+    /// A frozen copy that cannot thaw: end it without letting it run (its
+    /// state is all in the final dump) and make the final dump its
+    /// checkpoint, so [`Driver::restore`] brings it back from there.
+    async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Restore from [`Driver::images`] with every task held stopped; marked
     /// held before it starts.
     async fn restore_held(

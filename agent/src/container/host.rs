@@ -176,7 +176,8 @@ impl Host {
         let Some(state) = self.state(name).await? else {
             return Ok(());
         };
-        if state.status == RuncStatus::Paused {
+        // A forced stop does not let a paused copy run again first.
+        if state.status == RuncStatus::Paused && !force {
             self.runc.resume(name.as_str(), &log).await?;
         }
         if !force {
@@ -225,6 +226,10 @@ impl Driver for Host {
 
     fn staging(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).migration()
+    }
+
+    fn has_checkpoint(&self, name: &InstanceName) -> bool {
+        self.dir(name).checkpoint().join("inventory.img").exists()
     }
 
     async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
@@ -381,6 +386,28 @@ impl Driver for Host {
             .runc
             .checkpoint(name.as_str(), &images, &work, true, &dir.runc_log())
             .await?)
+    }
+
+    async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let images = self.images(name);
+        if !images.join("inventory.img").exists() {
+            return Err(DriverError::Runtime(format!(
+                "no final dump of '{name}' in {}",
+                images.display()
+            )));
+        }
+        self.stop_container(name, true).await?;
+        let checkpoint = dir.checkpoint();
+        let _ = tokio::fs::remove_dir_all(&checkpoint).await;
+        tokio::fs::rename(&images, &checkpoint)
+            .await
+            .map_err(|source| RuncError::File {
+                path: checkpoint.clone(),
+                source,
+            })?;
+        let _ = tokio::fs::remove_dir_all(dir.migration()).await;
+        Ok(())
     }
 
     /// The bundle's config names a CRIU config with `leave-stopped`.

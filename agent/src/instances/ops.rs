@@ -118,7 +118,7 @@ impl Here<'_> {
 
     async fn start(&self) -> Result<ApiReply, ApiError> {
         if self.running {
-            return Err(self.conflict("is already running"));
+            return self.thaw_leftover().await;
         }
         self.set_desired(DesiredState::Running).await?;
         let driver = self.agent.driver();
@@ -128,6 +128,27 @@ impl Here<'_> {
             driver.start(self.name()).await
         };
         self.reported(started).await
+    }
+
+    /// Start of an instance the runtime reports up: a copy left paused (a
+    /// move that could neither thaw it nor keep its final dump) is thawed;
+    /// a running one is refused.
+    async fn thaw_leftover(&self) -> Result<ApiReply, ApiError> {
+        let driver = self.agent.driver();
+        let state = driver.status(self.name()).await.map_err(internal)?;
+        let paused = state.is_some_and(|s| s.state == driver::RunState::Paused);
+        if !paused {
+            return Err(self.conflict("is already running"));
+        }
+        tracing::info!(instance = %self.name(), "thawing a paused leftover");
+        let thawed = driver.thaw(self.name()).await.map_err(|e| {
+            driver::DriverError::Runtime(format!(
+                "'{}' is paused and cannot thaw ({e}); 'ferry stop --force {}' ends it",
+                self.name(),
+                self.name()
+            ))
+        });
+        self.reported(thawed).await
     }
 
     /// Report what runs after a start or restore; its error, if any.

@@ -313,8 +313,8 @@ async fn act(
         Step::RestoreHeld => Some(target::restore(agent, job, name, local).await),
         Step::ThawAndFinish => target::finish(agent, job, name).await,
         Step::ProposeDone => Some(target::done(agent, job)),
-        Step::ThawSource => Some(source::thaw(agent, name).await),
-        Step::FinishRollback => Some(source::finish_rollback(agent, job, name, local).await),
+        Step::ThawSource => source::thaw(agent, name).await,
+        Step::FinishRollback => source::finish_rollback(agent, job, name, local).await,
         Step::DiscardReceived | Step::DeleteSourceCopy => {
             discard(agent, job, name).await;
             None

@@ -74,8 +74,11 @@ pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
         (Role::Source, p) if p.before_switch() && job.abort_requested => Step::Abort,
         (Role::Source, Pending) => Step::BeginChecks,
         (Role::Source, Checking) => Step::RunChecks,
+        // A frozen copy here was frozen by this move (ferry never leaves
+        // one paused otherwise): thaw it, whatever the job recorded about
+        // the instance when it was created.
         (Role::Source, RollingBack | SwitchingBack) => match local {
-            LocalCopy::Frozen if job.was_running => Step::ThawSource,
+            LocalCopy::Frozen => Step::ThawSource,
             _ => Step::FinishRollback,
         },
         (Role::Source, Done) if local != LocalCopy::Absent => Step::DeleteSourceCopy,
@@ -335,17 +338,17 @@ mod tests {
     }
 
     #[test]
-    fn source_that_was_stopped_stays_stopped_on_rollback() {
-        let mut j = job(Phase::RollingBack);
-        j.was_running = false;
-        assert_eq!(
-            step(&j, Role::Source, LocalCopy::Frozen),
-            Step::FinishRollback
-        );
-        assert_eq!(
-            step(&j, Role::Source, LocalCopy::Stopped),
-            Step::FinishRollback
-        );
+    fn a_rollback_thaws_what_the_host_froze_not_what_the_job_recorded() {
+        for was_running in [false, true] {
+            let mut j = job(Phase::RollingBack);
+            j.was_running = was_running;
+            // Frozen here means this move froze it: it ran at the freeze.
+            assert_eq!(step(&j, Role::Source, LocalCopy::Frozen), Step::ThawSource);
+            assert_eq!(
+                step(&j, Role::Source, LocalCopy::Stopped),
+                Step::FinishRollback
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! final dump, never a kill), sending the final state (pull: on the
 //! target's request; push: on its own), and rolling back.
 
-use ferry_raft::{Job, Phase};
+use ferry_raft::{Command, InstanceCommand, Job, ObservedState, Phase};
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
 use super::compat;
@@ -14,7 +14,7 @@ use crate::api::transfer::{FinalHeader, PushAck, TransferPart, TransferRequest};
 use crate::api::Request;
 use crate::driver::RunState;
 use crate::node::peers::Channel;
-use crate::node::Agent;
+use crate::node::{commit, Agent};
 use crate::transfer::tree;
 
 /// A transfer channel's first frame must arrive within this.
@@ -188,32 +188,75 @@ async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), MoveEr
     }
 }
 
-/// Rolling back with a frozen copy: thaw it. A copy that cannot thaw stays
-/// stopped with its final dump.
-pub async fn thaw(agent: &Agent, name: &InstanceName) -> Proposal {
-    match agent.driver().thaw(name).await {
-        Ok(()) => Proposal::to(Phase::RolledBack),
-        Err(e) => Proposal::failed(
+/// Rolling back with a frozen copy: thaw it. A copy that cannot thaw is
+/// ended without running again and its final dump becomes its checkpoint,
+/// recorded before the rollback commits, so the owner's reconciler
+/// restores it from there (DESIGN rule 4, as `ferry start` would). `None`
+/// (try again) while that record does not commit.
+pub async fn thaw(agent: &Agent, name: &InstanceName) -> Option<Proposal> {
+    let driver = agent.driver();
+    let Err(e) = driver.thaw(name).await else {
+        return Some(Proposal::to(Phase::RolledBack));
+    };
+    tracing::warn!(instance = %name, "the source could not thaw: {e}");
+    if let Err(kept) = driver.keep_final_dump(name).await {
+        return Some(Proposal::failed(
             Phase::RolledBack,
-            format!(
-                "the source could not thaw ({e}); the instance stays stopped with its final dump"
-            ),
-        ),
+            format!("the source could not thaw ({e}) nor keep its final dump ({kept}); the instance stays paused: 'ferry delete --force' or fix the host and 'ferry start'"),
+        ));
     }
+    record_kept_dump(agent, name).await.ok()?;
+    Some(Proposal::failed(
+        Phase::RolledBack,
+        format!("the source could not thaw ({e}); it is restored from its final dump instead"),
+    ))
+}
+
+/// Tell the cluster the instance is stopped with a checkpoint (its final
+/// dump), before the rollback commits: otherwise the reconciler would
+/// start it afresh.
+async fn record_kept_dump(agent: &Agent, name: &InstanceName) -> Result<(), ()> {
+    let epoch = agent
+        .state()
+        .read(|s| s.instances.get(name.as_str()).map(|i| i.epoch))
+        .ok_or(())?;
+    let observe = InstanceCommand::Observe {
+        name: name.to_string(),
+        node: agent.id(),
+        epoch,
+        observed: ObservedState::Stopped,
+        detail: Some("could not thaw after a rollback; restored from its final dump".into()),
+        checkpointed: true,
+    };
+    commit(agent, Command::Instance(observe))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::warn!(instance = %name, "kept final dump not recorded yet: {e}");
+        })
 }
 
 /// Rolling back with nothing to thaw: a stateless move of a running
-/// instance starts it again.
+/// instance starts it again. A final dump kept after a failed thaw whose
+/// record did not commit is recorded first.
 pub async fn finish_rollback(
     agent: &Agent,
     job: &Job,
     name: &InstanceName,
     local: LocalCopy,
-) -> Proposal {
+) -> Option<Proposal> {
+    let recorded = agent.state().read(|s| {
+        s.instances
+            .get(name.as_str())
+            .is_some_and(|i| i.checkpointed)
+    });
+    if job.options.stateful && agent.driver().has_checkpoint(name) && !recorded {
+        record_kept_dump(agent, name).await.ok()?;
+    }
     if !job.options.stateful && job.was_running && local != LocalCopy::Running {
         if let Err(e) = agent.driver().start(name).await {
             tracing::warn!(job = job.id, "restart after rollback failed: {e}");
         }
     }
-    Proposal::to(Phase::RolledBack)
+    Some(Proposal::to(Phase::RolledBack))
 }

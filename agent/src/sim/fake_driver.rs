@@ -198,6 +198,10 @@ impl Driver for FakeDriver {
         self.dir(name).join("staging")
     }
 
+    fn has_checkpoint(&self, name: &InstanceName) -> bool {
+        self.dir(name).join("checkpoint").exists()
+    }
+
     async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
         self.check("import_rootfs", name)?;
         let _ = std::fs::remove_dir_all(self.dir(name));
@@ -284,6 +288,13 @@ impl Driver for FakeDriver {
 
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.transition("thaw", name, &[Copy::Paused], Some(Copy::Running))
+    }
+
+    async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
+        self.transition("keep_final_dump", name, &[Copy::Paused], None)?;
+        let checkpoint = self.dir(name).join("checkpoint");
+        std::fs::rename(self.images(name), &checkpoint)
+            .map_err(io_error("cannot keep", &checkpoint))
     }
 
     async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {

@@ -134,8 +134,9 @@ const CASES: &[Case] = &[
         stateful: None,
         failures: &[("n2", "restore_held", 9), ("n1", "thaw", 9)],
         phase: Phase::RolledBack,
-        survivor: ("n1", Copy::Paused),
-        error: Some("could not thaw"),
+        // Restored from its final dump (DESIGN rule 4).
+        survivor: ("n1", Copy::Running),
+        error: Some("restored from its final dump"),
     },
     Case {
         instance: "stateless-start-fails",
