@@ -34,9 +34,20 @@ pub struct LaunchArgs {
     /// processes; `unconfined`: no seccomp filter.
     #[arg(long, value_enum, default_value_t = SecurityProfile::Default)]
     security_profile: SecurityProfile,
+    /// When the process ends on its own (exit, crash, host restart):
+    /// `always` starts it again (waiting 1 s, doubling to 60 s between
+    /// quick restarts), `never` leaves it stopped.
+    #[arg(long, value_enum, default_value_t = Restart::Always)]
+    restart: Restart,
     /// The command to run, after '--'.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Restart {
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -183,6 +194,10 @@ fn print_detail(d: &InstanceDetail) {
     }
     println!("rootfs:    {}", d.rootfs_source);
     println!("security:  {}", d.security_profile);
+    match (&d.last_restart, d.restarts) {
+        (Some(why), n) => println!("restart:   {} ({n} restarts; last: {why})", d.restart),
+        (None, _) => println!("restart:   {}", d.restart),
+    }
     if d.checkpointed {
         println!("memory state kept by a stateful stop; 'ferry start' restores it");
     }
@@ -241,6 +256,10 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         memory_bytes: args.memory,
         command: args.command,
         unconfined: args.security_profile == SecurityProfile::Unconfined,
+        restart: match args.restart {
+            Restart::Always => ferry_raft::RestartPolicy::Always,
+            Restart::Never => ferry_raft::RestartPolicy::Never,
+        },
     };
     let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
         return Err(unexpected());

@@ -214,6 +214,19 @@ impl AgentProc {
             .collect()
     }
 
+    /// The host pid of container `id`'s first process, while it runs.
+    pub fn container_pid(&self, id: &str) -> Option<u32> {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(self.data_dir.join("runc"))
+            .args(["state", id])
+            .output()
+            .ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let pid = u32::try_from(state["pid"].as_u64()?).ok()?;
+        (state["status"] == "running" && pid > 0).then_some(pid)
+    }
+
     /// runc's status of container `id` on this agent ("paused" while frozen).
     pub fn container_status(&self, id: &str) -> Option<String> {
         self.containers()

@@ -412,3 +412,90 @@ fn glob_one(parent: &str, leaf: &str) -> Result<std::path::PathBuf> {
         other => bail!("expected one {parent}/*/{leaf}, found {other:?}"),
     }
 }
+
+/// SIGKILL to container `id`'s first process on agent `i`, from the host.
+fn kill_container(cluster: &Cluster, i: usize, id: &str) -> Result<()> {
+    let Some(pid) = cluster.agents[i].container_pid(id) else {
+        bail!("{id} is not running on {}", cluster.agents[i].name);
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    assert!(status.success(), "kill -9 {pid}");
+    Ok(())
+}
+
+fn show(cluster: &Cluster, name: &str) -> Result<serde_json::Value> {
+    cluster.ferry_json(0, &["show", name])
+}
+
+/// Whether `name` runs again after `times` restarts, the last for `why`.
+fn restarted(cluster: &Cluster, name: &str, times: u64, why: &str) -> Result<()> {
+    let s = show(cluster, name)?;
+    if s["state"] == "running"
+        && s["restarts"].as_u64() == Some(times)
+        && s["last_restart"].as_str().is_some_and(|r| r.contains(why))
+    {
+        Ok(())
+    } else {
+        bail!("not restarted {times} times yet: {s}")
+    }
+}
+
+#[test]
+fn an_ended_process_is_restarted_by_policy_and_after_a_host_restart() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.bootstrap("n1", 3)?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    cluster.launch_counter("c1", "n1", &rootfs)?;
+    let root = rootfs.to_string_lossy().into_owned();
+    cluster.ferry_ok(
+        0,
+        &[
+            "launch",
+            "once",
+            "--rootfs",
+            &root,
+            "--restart",
+            "never",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    )?;
+    // The process dies: `always` (the default) starts it again, `never`
+    // leaves it stopped, saying so.
+    kill_container(&cluster, 0, "c1")?;
+    kill_container(&cluster, 0, "once")?;
+    wait_for("c1 restarted", CONVERGE, || {
+        restarted(&cluster, "c1", 1, "its process ended")
+    })?;
+    wait_for("once reported stopped", CONVERGE, || {
+        let s = show(&cluster, "once")?;
+        if s["state"] == "stopped" && s["restarts"] == 0 {
+            Ok(())
+        } else {
+            bail!("{s}")
+        }
+    })?;
+    let text = cluster.ferry_ok(0, &["show", "c1"])?;
+    assert!(
+        text.contains("restart:   always (1 restarts; last: its process ended)"),
+        "{text}"
+    );
+
+    // The host restarts: the agent and every container die; the agent
+    // comes back and runs c1 again, once.
+    cluster.kill(0);
+    kill_container(&cluster, 0, "c1")?;
+    cluster.restart(0)?;
+    wait_for("c1 back after the host restart", CONVERGE, || {
+        restarted(&cluster, "c1", 2, "host or agent restart")
+    })?;
+    assert_eq!(cluster.running_copies("c1"), 1);
+    assert_eq!(show(&cluster, "once")?["state"], "stopped");
+    Ok(())
+}

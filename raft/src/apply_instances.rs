@@ -30,6 +30,8 @@ impl Instance {
             snapshots: Vec::new(),
             created_ms: now_ms,
             job: None,
+            restarts: 0,
+            last_restart: None,
         }
     }
 }
@@ -109,6 +111,16 @@ impl ClusterState {
             InstanceCommand::Delete { name } => {
                 self.idle_instance_mut(name)?;
                 self.instances.remove(name);
+            }
+            InstanceCommand::Restarted {
+                name,
+                node,
+                epoch,
+                reason,
+            } => {
+                let instance = self.owned_instance_mut(name, *node, *epoch)?;
+                instance.restarts = instance.restarts.saturating_add(1);
+                instance.last_restart = Some(reason.clone());
             }
         }
         Ok(CommandResult::Done)
@@ -221,6 +233,31 @@ mod tests {
             rejected(&mut s, &snapshot),
             InstanceRejection::BadName(_)
         ));
+    }
+
+    #[test]
+    fn only_the_owner_records_a_restart_and_the_count_grows() {
+        let mut s = ClusterState::default();
+        s.apply(&create("c1", 2));
+        let restarted = |node| {
+            Command::Instance(InstanceCommand::Restarted {
+                name: "c1".into(),
+                node,
+                epoch: 1,
+                reason: "it exited".into(),
+            })
+        };
+        assert!(matches!(
+            rejected(&mut s, &restarted(3)),
+            InstanceRejection::NotOwner { .. }
+        ));
+        assert_eq!(s.apply(&restarted(2)), CommandResult::Done);
+        assert_eq!(s.apply(&restarted(2)), CommandResult::Done);
+        let i = &s.instances["c1"];
+        assert_eq!(
+            (i.restarts, i.last_restart.as_deref()),
+            (2, Some("it exited"))
+        );
     }
 
     #[test]

@@ -32,6 +32,29 @@ pub struct InstanceSpec {
     /// Runs without the default seccomp filter (`--security-profile
     /// unconfined`).
     pub unconfined: bool,
+    /// What the owner does when the process ends without ferry ending it.
+    pub restart: RestartPolicy,
+}
+
+/// `--restart`: what the owner does when the instance's process ends on its
+/// own (it exited or crashed, or the host restarted under it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// Start it again, with a growing delay between restarts.
+    #[default]
+    Always,
+    /// Leave it stopped (reported as such).
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::Never => "never",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +143,10 @@ pub struct Instance {
     pub created_ms: u64,
     /// The active job (migration) holding the instance, if any.
     pub job: Option<JobId>,
+    /// Times the owner started it again after it ended on its own, and why
+    /// the last time.
+    pub restarts: u32,
+    pub last_restart: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +189,14 @@ pub enum InstanceCommand {
     },
     Delete {
         name: String,
+    },
+    /// The owner started the instance again after it ended on its own
+    /// (`reason`); only from the owner at the current epoch.
+    Restarted {
+        name: String,
+        node: NodeId,
+        epoch: u64,
+        reason: String,
     },
 }
 

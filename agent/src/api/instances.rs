@@ -16,6 +16,7 @@ pub struct LaunchRequest {
     pub command: Vec<String>,
     /// Without the default seccomp filter.
     pub unconfined: bool,
+    pub restart: ferry_raft::RestartPolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -24,6 +25,7 @@ pub struct UploadRequest {
     pub command: Vec<String>,
     pub memory_bytes: Option<u64>,
     pub unconfined: bool,
+    pub restart: ferry_raft::RestartPolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,6 +69,10 @@ pub struct InstanceDetail {
     pub desired: String,
     /// "default" (seccomp filter, pids limit) or "unconfined".
     pub security_profile: String,
+    /// "always" or "never", with how many restarts and why the last.
+    pub restart: String,
+    pub restarts: u32,
+    pub last_restart: Option<String>,
     pub detail: Option<String>,
     pub checkpointed: bool,
     pub command: Vec<String>,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_raft::{
-    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState,
+    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState, RestartPolicy,
 };
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
@@ -45,11 +45,17 @@ fn place(agent: &Agent, target: Option<&str>) -> Result<NodeId, ApiError> {
     })
 }
 
-fn spec_of(command: &[String], memory_bytes: Option<u64>, unconfined: bool) -> InstanceSpec {
+fn spec_of(
+    command: &[String],
+    memory_bytes: Option<u64>,
+    unconfined: bool,
+    restart: RestartPolicy,
+) -> InstanceSpec {
     InstanceSpec {
         command: command.to_vec(),
         memory_bytes,
         unconfined,
+        restart,
         ..Default::default()
     }
 }
@@ -70,7 +76,7 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
         )
     })?;
     let owner = place(agent, req.target.as_deref())?;
-    let spec = spec_of(&req.command, req.memory_bytes, req.unconfined);
+    let spec = spec_of(&req.command, req.memory_bytes, req.unconfined, req.restart);
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -168,6 +174,7 @@ async fn upload(
         command: req.command.clone(),
         memory_bytes: req.memory_bytes,
         unconfined: req.unconfined,
+        restart: req.restart,
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
@@ -221,7 +228,7 @@ pub async fn receive_upload(
             let why = format!("receiving the rootfs failed: {e}");
             return Err(err(ErrorKind::BadRequest, why));
         }
-        let spec = spec_of(&req.command, req.memory_bytes, req.unconfined);
+        let spec = spec_of(&req.command, req.memory_bytes, req.unconfined, req.restart);
         prepare_local(agent, name, &spec, None).await
     }
     .await;

@@ -76,6 +76,9 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
             DesiredState::Stopped => "stopped",
         }
         .into(),
+        restart: i.spec.restart.as_str().into(),
+        restarts: i.restarts,
+        last_restart: i.last_restart.clone(),
         security_profile: if i.spec.unconfined {
             "unconfined"
         } else {

@@ -4,7 +4,9 @@
 //! instance's host lock, which operator actions share, so it never races a
 //! stop or a checkpoint.
 
-use ferry_raft::{DesiredState, Instance, NodeId, ObservedState};
+use std::time::Duration;
+
+use ferry_raft::{DesiredState, Instance, NodeId, ObservedState, RestartPolicy};
 
 use crate::driver::RunState;
 
@@ -18,6 +20,32 @@ pub enum Action {
     /// Stop it: desired stopped but it runs (e.g. the agent died between
     /// committing a stop and doing it).
     Stop,
+    /// Its process ended without ferry ending it (exit, crash, or the host
+    /// restarted under it) and its policy is `always`: start it again once
+    /// its restart delay passed.
+    Restart,
+}
+
+/// A run at least this long resets the restart delay.
+pub const STABLE_RUN: Duration = Duration::from_secs(60);
+/// The longest wait between restarts.
+pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
+
+/// How long to wait before the restart that follows `quick` restarts in a
+/// row (each run shorter than [`STABLE_RUN`]): 1 s, doubling, at most
+/// [`MAX_RESTART_DELAY`].
+pub fn restart_delay(quick: u32) -> Duration {
+    let secs = 1u64.checked_shl(quick.min(16)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_RESTART_DELAY)
+}
+
+/// Quick restarts in a row after a run of `ran_for`.
+pub fn quick_restarts(before: u32, ran_for: Duration) -> u32 {
+    if ran_for >= STABLE_RUN {
+        0
+    } else {
+        before.saturating_add(1)
+    }
 }
 
 /// What the owner should do for `instance`, and what to report.
@@ -43,6 +71,10 @@ pub fn decide(
         }
         (DesiredState::Running, None) if instance.checkpointed => (Action::Restore, None),
         (DesiredState::Running, None) => (Action::Start, None),
+        (DesiredState::Running, Some(RunState::Stopped)) => match instance.spec.restart {
+            RestartPolicy::Always => (Action::Restart, None),
+            RestartPolicy::Never => (Action::Nothing, Some(ObservedState::Stopped)),
+        },
         (DesiredState::Stopped, Some(RunState::Running | RunState::Paused)) => (Action::Stop, None),
         _ => (Action::Nothing, Some(observed)),
     }
@@ -68,15 +100,49 @@ mod tests {
             snapshots: Vec::new(),
             created_ms: 0,
             job: None,
+            restarts: 0,
+            last_restart: None,
         }
     }
 
     #[test]
     fn never_starts_a_second_copy_when_the_runtime_reports_one() {
         let i = instance(DesiredState::Running, ObservedState::Pending);
-        for status in [RunState::Running, RunState::Paused, RunState::Stopped] {
+        for status in [RunState::Running, RunState::Paused] {
             assert_eq!(decide(&i, 1, Some(status)).0, Action::Nothing, "{status:?}");
         }
+    }
+
+    #[test]
+    fn an_ended_process_is_restarted_only_with_policy_always() {
+        let mut i = instance(DesiredState::Running, ObservedState::Running);
+        assert_eq!(decide(&i, 1, Some(RunState::Stopped)).0, Action::Restart);
+        i.spec.restart = RestartPolicy::Never;
+        assert_eq!(
+            decide(&i, 1, Some(RunState::Stopped)),
+            (Action::Nothing, Some(ObservedState::Stopped))
+        );
+        // Stopped on purpose, or moving: never restarted.
+        let mut stopped = instance(DesiredState::Stopped, ObservedState::Stopped);
+        assert_eq!(
+            decide(&stopped, 1, Some(RunState::Stopped)).0,
+            Action::Nothing
+        );
+        stopped.desired = DesiredState::Running;
+        stopped.job = Some(3);
+        assert_eq!(
+            decide(&stopped, 1, Some(RunState::Stopped)).0,
+            Action::Nothing
+        );
+    }
+
+    #[test]
+    fn restarts_back_off_and_a_stable_run_resets_the_delay() {
+        let delays: Vec<u64> = (0..8).map(|n| restart_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(restart_delay(u32::MAX), MAX_RESTART_DELAY);
+        assert_eq!(quick_restarts(5, Duration::from_secs(3)), 6);
+        assert_eq!(quick_restarts(5, STABLE_RUN), 0);
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl Sim {
             memory_bytes: None,
             command: vec!["sleep".into(), "1000".into()],
             unconfined: false,
+            restart: Default::default(),
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await
