@@ -45,6 +45,8 @@ pub struct AgentOptions {
     pub console_log_max_bytes: u64,
     /// Every runc and CRIU call ends within this, or is killed.
     pub runtime_timeout: Duration,
+    /// Bytes of the data dir's filesystem instance data may not use.
+    pub disk_reserve_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum AgentError {
         "this member was removed from the cluster; to rejoin, wipe {0} and join with a new token"
     )]
     Removed(String),
+    #[error("the raft store failed ({reason}), so this agent stopped serving; free space (or fix the disk) under {dir} and start it again: it catches up from the others")]
+    StoreFailed { reason: String, dir: String },
 }
 
 fn raft_error(e: impl std::fmt::Display) -> AgentError {
@@ -159,6 +163,7 @@ pub(crate) async fn start(
             voters: config.voters,
             heal_after: opts.heal_after,
             job_phase_timeout: opts.job_phase_timeout,
+            disk_reserve_bytes: opts.disk_reserve_bytes,
         },
     });
     tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));
@@ -229,10 +234,25 @@ async fn initialize(raft: &Raft, config: &NodeConfig) -> Result<(), AgentError> 
 async fn wait_for_shutdown(agent: Arc<Agent>) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Raft(format!("cannot watch SIGTERM: {e}")))?;
+    let mut metrics = agent.raft().metrics();
     let reason = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         _ = sigterm.recv() => None,
         reason = agent.stopped() => reason,
+        failed = metrics.wait_for(|m| m.running_state.is_err()) => {
+            // Raft stopped for good (a storage error: ENOSPC, EIO): an
+            // agent without it must not live on looking healthy.
+            let reason = match failed.as_deref().map(|m| &m.running_state) {
+                Ok(Err(fatal)) => fatal.to_string(),
+                _ => "raft stopped".to_string(),
+            };
+            tracing::error!("raft failed: {reason}; stopping");
+            agent.pool().endpoint().close();
+            return Err(AgentError::StoreFailed {
+                reason,
+                dir: agent.data_dir().root().display().to_string(),
+            });
+        }
     };
     tracing::info!("shutting down");
     let _ = agent.raft().shutdown().await;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_agent::transfer::space::Reserve;
 use ferry_agent::transfer::tree::{self, Transferred};
 use ferry_transport::endpoint::{Endpoint, Expect};
 use ferry_transport::frame::FrameError;
@@ -17,6 +18,8 @@ use tokio::sync::mpsc;
 /// Receives a tree into `dest` for each channel opened with `delta` flag.
 struct Receiver {
     dest: PathBuf,
+    /// The disk reserve the receiver keeps, if any.
+    reserve: Option<Reserve>,
     done: mpsc::UnboundedSender<Result<Transferred, String>>,
 }
 
@@ -39,7 +42,11 @@ impl Service for Receiver {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let result = tree::receive(&mut send, &mut recv, &self.dest, delta).await;
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let reserve = self.reserve.as_ref();
+        let result =
+            tree::receive_counted(&mut send, &mut recv, &self.dest, delta, &progress, reserve)
+                .await;
         let _ = send.finish();
         let _ = self.done.send(result.map_err(|e| e.to_string()));
     }
@@ -78,6 +85,19 @@ fn pair(
     Expect,
     mpsc::UnboundedReceiver<Result<Transferred, String>>,
 ) {
+    pair_keeping(dest, None)
+}
+
+/// As [`pair`], the receiver keeping `reserve` free.
+fn pair_keeping(
+    dest: PathBuf,
+    reserve: Option<Reserve>,
+) -> (
+    Pool,
+    std::net::SocketAddr,
+    Expect,
+    mpsc::UnboundedReceiver<Result<Transferred, String>>,
+) {
     let ca = ClusterCa::generate().unwrap();
     let server_creds = ca
         .issue(&Identity::Node("target".into()), &new_serial())
@@ -85,7 +105,14 @@ fn pair(
     let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &server_creds).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let (done, results) = mpsc::unbounded_channel();
-    tokio::spawn(serve(endpoint, Arc::new(Receiver { dest, done })));
+    tokio::spawn(serve(
+        endpoint,
+        Arc::new(Receiver {
+            dest,
+            reserve,
+            done,
+        }),
+    ));
     let client_creds = ca
         .issue(&Identity::Node("source".into()), &new_serial())
         .unwrap();
@@ -163,6 +190,7 @@ async fn full_then_delta_makes_an_exact_copy() {
         endpoint,
         Arc::new(Receiver {
             dest: dest.clone(),
+            reserve: None,
             done,
         }),
     ));
@@ -447,4 +475,29 @@ async fn a_side_that_fails_tells_the_other_why() {
         receiver.contains("the other side failed: stat"),
         "{receiver}"
     );
+}
+
+#[tokio::test]
+async fn a_file_that_would_cross_the_disk_reserve_is_refused_before_it_is_written() {
+    let dest_dir = tempfile::tempdir().unwrap();
+    let free = Reserve::new(dest_dir.path(), 0).free().unwrap();
+    // A reserve that leaves 1 MiB of room: a 4 MiB file does not fit.
+    let reserve = Reserve::new(dest_dir.path(), free.saturating_sub(1 << 20));
+    let copy = dest_dir.path().join("copy");
+    let (pool, addr, expect, mut results) = pair_keeping(copy.clone(), Some(reserve));
+    let src = tempfile::tempdir().unwrap();
+    write(src.path(), "small", b"fits");
+    write(src.path(), "big", &vec![7u8; 4 << 20]);
+    let (mut send, mut recv) = pool
+        .open_stream(addr, &expect, &false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The sender may finish before it hears why: the receiver's error is
+    // what counts.
+    let _ = tree::send(&mut send, &mut recv, src.path(), false, None).await;
+    let _ = send.finish();
+    let receiver = results.recv().await.unwrap().unwrap_err();
+    assert!(receiver.contains("receiving big needs 4 MiB"), "{receiver}");
+    assert!(receiver.contains("--disk-reserve"), "{receiver}");
+    assert!(!copy.join("big").exists(), "the file was created");
 }

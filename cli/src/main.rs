@@ -106,6 +106,11 @@ struct AgentArgs {
     /// must end within this, or it is killed and the operation fails.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = output::parse_duration)]
     runtime_timeout: Duration,
+    /// Disk space on the data dir's filesystem that instance data
+    /// (launches, incoming moves) may not use, so the Raft log always has
+    /// room, e.g. 1G.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = instances::parse_size)]
+    disk_reserve: u64,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -297,6 +302,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         job_phase_timeout: args.job_phase_timeout,
         console_log_max_bytes: args.console_log_max,
         runtime_timeout: args.runtime_timeout,
+        disk_reserve_bytes: args.disk_reserve,
     })
     .await?;
     Ok(())

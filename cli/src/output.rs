@@ -108,11 +108,12 @@ pub fn print_member_detail(detail: &MemberDetail) -> Result<()> {
         None => println!("load:      not heard through gossip yet"),
         Some(l) => {
             println!(
-                "load:      {:.2} {:.2} {:.2}, {} MiB free, {} running, agent {} ({:.1}s ago)",
+                "load:      {:.2} {:.2} {:.2}, {} MiB memory free, {} MiB disk free above the reserve, {} running, agent {} ({:.1}s ago)",
                 l.load_average.first().copied().unwrap_or_default(),
                 l.load_average.get(1).copied().unwrap_or_default(),
                 l.load_average.get(2).copied().unwrap_or_default(),
                 l.memory_free_bytes / (1 << 20),
+                l.disk_room_bytes / (1 << 20),
                 l.running_instances,
                 l.agent_version,
                 l.age_ms as f64 / 1000.0

@@ -137,6 +137,23 @@ pub const COUNTER: &[&str] = &[
     "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done",
 ];
 
+/// Run a host tool the harness needs (iptables, mount); its stderr in the
+/// error when it fails.
+pub fn run_tool(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program} (install it with scripts/install-deps.sh)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The cluster CA with its key, from the data dir of a voter (a test that
 /// mints certificates plays a member gone rogue).
 pub fn voter_ca(data_dir: &Path) -> Result<ferry_transport::pki::ClusterCa> {

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 /// Chains of this test process are named `PREFIX<pid>-<port>`.
 const PREFIX: &str = "FERRY-T-";
@@ -19,19 +19,9 @@ pub struct Partition {
 }
 
 fn iptables(args: &[&str]) -> Result<()> {
-    let out = Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .output()
-        .context("run iptables (install it with scripts/install-deps.sh)")?;
-    if !out.status.success() {
-        bail!(
-            "iptables {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let mut all = vec!["-w"];
+    all.extend_from_slice(args);
+    crate::run_tool("iptables", &all)
 }
 
 fn remove_chain(chain: &str) {

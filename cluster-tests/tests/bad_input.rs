@@ -26,7 +26,7 @@ fn one_line(text: &str) -> &str {
 /// Try to start a joining agent; it must exit non-zero. Returns its stderr.
 fn failed_join(cluster: &Cluster, name: &str, token: &str) -> Result<String> {
     let dir = cluster.root().join(format!("{name}-rejected"));
-    let out = std::process::Command::new(cluster_tests::ferry_bin())
+    let mut child = std::process::Command::new(cluster_tests::ferry_bin())
         .arg("--data-dir")
         .arg(&dir)
         .args([
@@ -41,7 +41,21 @@ fn failed_join(cluster: &Cluster, name: &str, token: &str) -> Result<String> {
             token,
         ])
         .stdin(std::process::Stdio::null())
-        .output()?;
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // A join that is wrongly accepted leaves an agent running: bounded.
+    let exited = wait_for(&format!("the join of {name} to fail"), CONVERGE, || {
+        child
+            .try_wait()?
+            .ok_or_else(|| anyhow::anyhow!("still running"))
+    });
+    if exited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("join of {name} succeeded (the agent kept running) but should have failed");
+    }
+    let out = child.wait_with_output()?;
     if out.status.success() {
         bail!("join of {name} succeeded but should have failed");
     }

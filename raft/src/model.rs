@@ -111,6 +111,8 @@ pub struct JoinToken {
     pub secret_hash: String,
     pub created_ms: u64,
     pub expires_ms: u64,
+    /// The member whose clock set `created_ms` and `expires_ms`.
+    pub created_by: NodeId,
     pub used: bool,
     pub revoked: bool,
 }
@@ -179,6 +181,8 @@ pub enum Command {
         addr: String,
         cert_serial: String,
         now_ms: u64,
+        /// The member whose clock stamped `now_ms` (the signer).
+        by: NodeId,
     },
     UpdateFacts {
         id: NodeId,
@@ -193,6 +197,8 @@ pub enum Command {
         secret_hash: String,
         now_ms: u64,
         expires_ms: u64,
+        /// The member whose clock stamped both times.
+        by: NodeId,
     },
     RevokeToken {
         name: String,

@@ -16,21 +16,28 @@ pub const BOOTSTRAP_NODE_ID: NodeId = 1;
 /// `CreateToken` prunes it.
 pub const DEAD_TOKEN_RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
 
-/// A token's expiry comes from the clock of the member that created it and
-/// is checked against the clock of the member that signs the join; a token
-/// is honoured this long past its expiry so that hosts whose clocks are
-/// this far apart still admit a fresh joiner.
+/// A token's expiry comes from the clock of the member that created it;
+/// checked against another member's clock (the signer of a join), it is
+/// honoured this long past its expiry, so hosts whose clocks are this far
+/// apart still admit a fresh joiner. Against its creator's own clock it
+/// expires exactly.
 pub const TOKEN_CLOCK_SKEW_MS: u64 = 2 * 60 * 1000;
 
 impl JoinToken {
-    /// Whether the token can still admit its member at `now_ms`.
-    pub fn is_valid_at(&self, now_ms: u64) -> bool {
-        !self.used && !self.revoked && !self.expired_at(now_ms)
+    /// Whether the token can still admit its member at `now_ms` on the
+    /// clock of member `by`.
+    pub fn is_valid_at(&self, now_ms: u64, by: NodeId) -> bool {
+        !self.used && !self.revoked && !self.expired_at(now_ms, by)
     }
 
-    /// Past its expiry at `now_ms`, with [`TOKEN_CLOCK_SKEW_MS`] of grace.
-    pub fn expired_at(&self, now_ms: u64) -> bool {
-        now_ms >= self.expires_ms.saturating_add(TOKEN_CLOCK_SKEW_MS)
+    /// Past its expiry at `now_ms` on the clock of member `by`.
+    pub fn expired_at(&self, now_ms: u64, by: NodeId) -> bool {
+        let grace = if by == self.created_by {
+            0
+        } else {
+            TOKEN_CLOCK_SKEW_MS
+        };
+        now_ms >= self.expires_ms.saturating_add(grace)
     }
 
     /// Whether the token has certainly been dead for more than
@@ -41,7 +48,7 @@ impl JoinToken {
     /// already dead), so a token dies at the latest at `expires_ms`: a dead
     /// token is pruned once `now_ms > expires_ms + 24h`.
     fn is_prunable_at(&self, now_ms: u64) -> bool {
-        !self.is_valid_at(now_ms)
+        !self.is_valid_at(now_ms, self.created_by)
             && now_ms.saturating_sub(self.expires_ms) > DEAD_TOKEN_RETENTION_MS
     }
 }
@@ -109,14 +116,16 @@ impl ClusterState {
                 secret_hash,
                 now_ms,
                 expires_ms,
-            } => self.create_token(name, secret_hash, *now_ms, *expires_ms),
+                by,
+            } => self.create_token(name, secret_hash, (*now_ms, *by), *expires_ms),
             Command::JoinMember {
                 name,
                 secret_hash,
                 addr,
                 cert_serial,
                 now_ms,
-            } => self.join_member(name, secret_hash, addr, cert_serial, *now_ms),
+                by,
+            } => self.join_member(name, secret_hash, addr, cert_serial, (*now_ms, *by)),
             Command::UpdateFacts { id, facts } => {
                 let member = self.members.get_mut(id).ok_or(Rejection::NoMember(*id))?;
                 member.facts = Some(HostFacts::clone(facts));
@@ -183,17 +192,18 @@ impl ClusterState {
         CommandResult::Done
     }
 
+    /// `now`: the time and the member whose clock it is.
     fn create_token(
         &mut self,
         name: &str,
         secret_hash: &str,
-        now_ms: u64,
+        (now_ms, by): (u64, NodeId),
         expires_ms: u64,
     ) -> Result<CommandResult, Rejection> {
         if self.member_by_name(name).is_some() {
             return Err(Rejection::NameTaken(name.to_string()));
         }
-        if let Some(existing) = self.tokens.get(name).filter(|t| t.is_valid_at(now_ms)) {
+        if let Some(existing) = self.tokens.get(name).filter(|t| t.is_valid_at(now_ms, by)) {
             // The same secret is the same request committed twice
             // (a forward retried after a lost reply): done already.
             if existing.secret_hash == secret_hash {
@@ -209,6 +219,7 @@ impl ClusterState {
                 secret_hash: secret_hash.to_string(),
                 created_ms: now_ms,
                 expires_ms,
+                created_by: by,
                 used: false,
                 revoked: false,
             },
@@ -217,10 +228,15 @@ impl ClusterState {
     }
 
     /// Whether a join of `name` with a secret of this hash would be taken
-    /// at `now_ms`: the token exists for that name, is unused, unrevoked and
-    /// unexpired, and the secret matches. Apply checks it; members check it
-    /// before signing anything.
-    pub fn check_join(&self, name: &str, secret_hash: &str, now_ms: u64) -> Result<(), Rejection> {
+    /// at `now_ms` on the clock of member `by`: the token exists for that
+    /// name, is unused, unrevoked and unexpired, and the secret matches.
+    /// Apply checks it; members check it before signing anything.
+    pub fn check_join(
+        &self,
+        name: &str,
+        secret_hash: &str,
+        (now_ms, by): (u64, NodeId),
+    ) -> Result<(), Rejection> {
         if self.member_by_name(name).is_some() {
             return Err(Rejection::NameTaken(name.to_string()));
         }
@@ -234,7 +250,7 @@ impl ClusterState {
         if token.used {
             return Err(Rejection::TokenUsed(name.to_string()));
         }
-        if token.expired_at(now_ms) {
+        if token.expired_at(now_ms, by) {
             return Err(Rejection::TokenExpired(name.to_string()));
         }
         if token.secret_hash != secret_hash {
@@ -249,9 +265,9 @@ impl ClusterState {
         secret_hash: &str,
         addr: &str,
         cert_serial: &str,
-        now_ms: u64,
+        (now_ms, by): (u64, NodeId),
     ) -> Result<CommandResult, Rejection> {
-        self.check_join(name, secret_hash, now_ms)?;
+        self.check_join(name, secret_hash, (now_ms, by))?;
         // Validated: from here on nothing fails.
         if let Some(token) = self.tokens.get_mut(name) {
             token.used = true;
@@ -301,16 +317,23 @@ mod tests {
             secret_hash: secret.into(),
             now_ms,
             expires_ms,
+            by: BOOTSTRAP_NODE_ID,
         }
     }
 
+    /// A join signed on the clock of the token's creator.
     fn join(name: &str, secret: &str, now_ms: u64) -> Command {
+        join_signed_by(name, secret, now_ms, BOOTSTRAP_NODE_ID)
+    }
+
+    fn join_signed_by(name: &str, secret: &str, now_ms: u64, by: NodeId) -> Command {
         Command::JoinMember {
             name: name.into(),
             secret_hash: secret.into(),
             addr: format!("{name}:7000"),
             cert_serial: format!("serial-{name}"),
             now_ms,
+            by,
         }
     }
 
@@ -468,6 +491,7 @@ mod tests {
                 secret_hash: "x".into(),
                 created_ms: T0,
                 expires_ms: T0 + HOUR,
+                created_by: BOOTSTRAP_NODE_ID,
                 used: false,
                 revoked: false,
             },
@@ -545,11 +569,27 @@ mod tests {
     }
 
     #[test]
-    fn token_expiry_boundary_last_valid_millisecond_is_before_expires_ms_plus_the_skew() {
+    fn a_signer_other_than_the_creator_has_the_stated_clock_skew_of_grace() {
         let mut s = bootstrapped();
-        // A signer whose clock runs up to the skew ahead of the creator's
-        // still admits; at expires_ms + skew the token is expired.
+        // Another member's clock may run up to the skew ahead of the
+        // creator's: it still admits, and at expires_ms + skew no longer.
         let expires = T0 + HOUR + TOKEN_CLOCK_SKEW_MS;
+        assert_rejected_unchanged(
+            &mut s,
+            &join_signed_by("beta", "s3cret", expires, 2),
+            Rejection::TokenExpired("beta".into()),
+        );
+        assert_eq!(
+            s.apply(&join_signed_by("beta", "s3cret", expires - 1, 2)),
+            CommandResult::Joined { id: 2 }
+        );
+    }
+
+    #[test]
+    fn token_expiry_boundary_last_valid_millisecond_is_before_expires_ms() {
+        let mut s = bootstrapped();
+        // On its creator's own clock the token expires exactly.
+        let expires = T0 + HOUR;
         assert_rejected_unchanged(
             &mut s,
             &join("beta", "s3cret", expires),
@@ -678,7 +718,7 @@ mod tests {
                     s.apply(&Command::RemoveMember { id: 2 });
                     T0 + 2
                 }
-                _ => T0 + HOUR + TOKEN_CLOCK_SKEW_MS,
+                _ => T0 + HOUR,
             };
             assert_eq!(
                 s.apply(&token("beta", "fresh", now, now + HOUR)),

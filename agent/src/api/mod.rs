@@ -187,6 +187,8 @@ pub struct MemberDetail {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadView {
     pub memory_free_bytes: u64,
+    /// Free disk above the member's `--disk-reserve`.
+    pub disk_room_bytes: u64,
     /// 1, 5 and 15 minute load averages.
     pub load_average: Vec<f32>,
     pub running_instances: u32,

@@ -23,6 +23,9 @@ pub struct LoadFacts {
     pub started_ms: u64,
     pub seq: u64,
     pub memory_free_bytes: u64,
+    /// Free disk on the data dir's filesystem above the agent's reserve:
+    /// what instance data may still take there.
+    pub disk_room_bytes: u64,
     /// 1, 5 and 15 minute load averages.
     pub load_average: [f32; 3],
     pub running_instances: u32,
@@ -182,6 +185,7 @@ mod tests {
             started_ms,
             seq,
             memory_free_bytes: 1,
+            disk_room_bytes: 1,
             load_average: [0.0; 3],
             running_instances: 0,
             agent_version: "test".into(),

@@ -263,6 +263,10 @@ impl Task {
         let (memory_free_bytes, load_average) = tokio::task::spawn_blocking(read_proc_load)
             .await
             .unwrap_or((0, [0.0; 3]));
+        let reserve = self.agent.reserve();
+        let disk_room_bytes = tokio::task::spawn_blocking(move || reserve.room().unwrap_or(0))
+            .await
+            .unwrap_or(0);
         let me = self.agent.id();
         let running_instances = self.agent.state().read(|s| {
             s.instances
@@ -278,6 +282,7 @@ impl Task {
             started_ms: self.started_ms,
             seq: self.seq,
             memory_free_bytes,
+            disk_room_bytes,
             load_average,
             running_instances: u32::try_from(running_instances).unwrap_or(u32::MAX),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -97,7 +97,7 @@ async fn check_token(agent: &Agent, name: &str, secret_hash: &str) -> Result<(),
     let check = || {
         agent
             .state()
-            .read(|s| s.check_join(name, secret_hash, now_ms()))
+            .read(|s| s.check_join(name, secret_hash, (now_ms(), agent.id())))
     };
     let mut changes = agent.state().subscribe();
     let deadline = tokio::time::Instant::now() + TOKEN_CATCH_UP;
@@ -184,6 +184,7 @@ async fn sign_and_commit(
         addr: join.addr.clone(),
         cert_serial: serial.clone(),
         now_ms: now_ms(),
+        by: agent.id(),
     };
     let id = match commit(agent, joined).await? {
         CommandResult::Joined { id } => id,

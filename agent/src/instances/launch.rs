@@ -129,6 +129,7 @@ async fn prepare_local(
     let driver = agent.driver();
     let result = async {
         if let Some(source) = source {
+            room_for(agent, name, source).await?;
             driver
                 .import_rootfs(name, source)
                 .await
@@ -141,6 +142,22 @@ async fn prepare_local(
         let _ = driver.remove(name).await;
     }
     result
+}
+
+/// Refuse a rootfs whose size (a directory's files, or a tar archive's
+/// length) would cross this host's disk reserve.
+async fn room_for(agent: &Agent, name: &InstanceName, source: &Path) -> Result<(), ApiError> {
+    let owned = source.to_path_buf();
+    let size = tokio::task::spawn_blocking(move || match std::fs::metadata(&owned) {
+        Ok(m) if m.is_file() => m.len(),
+        _ => tree::size_of(&owned),
+    })
+    .await
+    .unwrap_or(0);
+    agent
+        .reserve()
+        .check(size, &format!("the rootfs of {name}"))
+        .map_err(|e| err(ErrorKind::Unavailable, e.to_string()))
 }
 
 /// Send the rootfs to a remote owner over a channel, checksummed.
@@ -178,14 +195,14 @@ async fn upload(
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
-        tree::send(&mut send, &mut recv, &send_root, false, None)
-            .await
-            .map_err(|e| {
-                err(
-                    ErrorKind::Unavailable,
-                    format!("sending the rootfs to {} failed: {e}", peer.name),
-                )
-            })?;
+        if let Err(e) = tree::send(&mut send, &mut recv, &send_root, false, None).await {
+            let why = match tree::peer_failure(&mut recv).await {
+                Some(reason) => reason,
+                None => e.to_string(),
+            };
+            let why = format!("sending the rootfs to {} failed: {why}", peer.name);
+            return Err(err(ErrorKind::Unavailable, why));
+        }
         let _ = send.finish();
         match read_frame::<Response>(&mut recv, MAX_FRAME).await {
             Ok(Response::Api(_)) => Ok(()),
@@ -222,7 +239,17 @@ pub async fn receive_upload(
         let _guard = agent.locks().lock(name.as_str()).await;
         let rootfs = agent.driver().rootfs(name);
         let _ = agent.driver().remove(name).await;
-        let received = tree::receive(&mut send, &mut recv, &rootfs, false).await;
+        let reserve = agent.reserve();
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let received = tree::receive_counted(
+            &mut send,
+            &mut recv,
+            &rootfs,
+            false,
+            &progress,
+            Some(&reserve),
+        )
+        .await;
         if let Err(e) = received {
             let _ = agent.driver().remove(name).await;
             let why = format!("receiving the rootfs failed: {e}");

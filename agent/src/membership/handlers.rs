@@ -79,6 +79,7 @@ pub fn show_member(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
     let raft = (view.id == agent.id()).then(|| raft_status(agent));
     let load = agent.gossip().load(view.id).map(|(l, age)| LoadView {
         memory_free_bytes: l.memory_free_bytes,
+        disk_room_bytes: l.disk_room_bytes,
         load_average: l.load_average.to_vec(),
         running_instances: l.running_instances,
         agent_version: l.agent_version,
@@ -117,7 +118,8 @@ pub fn token_views(agent: &Agent) -> Vec<TokenView> {
                     "revoked"
                 } else if t.used {
                     "used"
-                } else if now >= t.expires_ms {
+                } else if t.expired_at(now, agent.id()) {
+                    // As a join signed here would find it.
                     "expired"
                 } else {
                     "valid"
@@ -149,6 +151,7 @@ pub async fn create_token(
             secret_hash: pki::sha256_hex(secret.as_bytes()),
             now_ms: now,
             expires_ms: now + ttl_secs * 1000,
+            by: agent.id(),
         },
     )
     .await?;

@@ -20,7 +20,8 @@ pub struct Needs {
     pub target_free_memory_bytes: Option<u64>,
     /// Bytes the rootfs (and dump) will take on the target.
     pub disk_bytes: u64,
-    /// Free disk on the target's data dir, if known.
+    /// Free disk on the target's data dir above its `--disk-reserve`, if
+    /// known (gossip).
     pub target_free_disk_bytes: Option<u64>,
 }
 
@@ -138,7 +139,7 @@ fn disk_item(target: &HostFacts, needs: &Needs) -> CheckResult {
             "disk",
             free >= needs.disk_bytes,
             format!(
-                "needs {} MiB, target has {} MiB free",
+                "needs {} MiB, target has {} MiB free above its --disk-reserve",
                 needs.disk_bytes >> 20,
                 free >> 20
             ),
@@ -205,13 +206,15 @@ pub fn baseline_or_source(baseline: Option<&Baseline>, source: &HostFacts) -> Ba
 }
 
 /// The compatibility report for moving `instance` to `target`, from the
-/// replicated facts. `disk_bytes` is what the source knows the move needs.
+/// replicated facts. `disk_bytes` is what the source knows the move needs,
+/// `target_room` the target's free disk above its reserve (from gossip).
 pub fn report(
     s: &ClusterState,
     instance: &str,
     target: u64,
     stateful: bool,
     disk_bytes: u64,
+    target_room: Option<u64>,
 ) -> Result<Vec<CheckResult>, ApiError> {
     {
         let inst = s
@@ -236,7 +239,7 @@ pub fn report(
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
             disk_bytes,
-            target_free_disk_bytes: None,
+            target_free_disk_bytes: target_room,
         };
         Ok(check(&baseline, &source, &target, &needs))
     }

@@ -307,7 +307,12 @@ async fn act(
                 note,
                 ..Proposal::to(Phase::Frozen)
             },
-            Err(e) => transfer_failed(job, e),
+            Err(e) => {
+                // What arrived goes now, not once RollingBack commits: a
+                // disk it filled must not keep this agent from writing.
+                discard(agent, job, name).await;
+                transfer_failed(job, e)
+            }
         }),
         Step::Switch => Some(Proposal::to(Phase::Switched)),
         Step::RestoreHeld => Some(target::restore(agent, job, name, local).await),
@@ -327,8 +332,9 @@ fn transfer_failed(job: &Job, e: super::error::MoveError) -> Proposal {
     Proposal::failed(Phase::RollingBack, format!("transfer failed: {e}"))
 }
 
-/// Delete this host's copy of an instance that is no longer ours.
-async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
+/// Delete this host's copy of an instance that is no longer (or not yet)
+/// ours.
+pub(super) async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
     let ours = agent.state().read(|s| {
         s.instances
             .get(name.as_str())

@@ -88,7 +88,7 @@ pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiR
     if request.dry_run {
         let report = agent
             .state()
-            .read(|s| compat::report(s, &request.instance, target, stateful, 0))?;
+            .read(|s| compat::report(s, &request.instance, target, stateful, 0, None))?;
         return Ok(ApiReply::Report(report));
     }
     let options = MoveOptions {

@@ -39,12 +39,25 @@ pub async fn open(
 /// passes, else RollingBack naming every failed check.
 pub async fn run_checks(agent: &Agent, job: &Job, name: &InstanceName) -> Proposal {
     let rootfs = agent.driver().rootfs(name);
-    let disk = tokio::task::spawn_blocking(move || tree::size_of(&rootfs))
+    let rootfs_bytes = tokio::task::spawn_blocking(move || tree::size_of(&rootfs))
         .await
         .unwrap_or(0);
-    let report = agent
-        .state()
-        .read(|s| compat::report(s, &job.instance, job.target, job.options.stateful, disk));
+    let disk = disk_needed(agent, job, rootfs_bytes);
+    let room = agent
+        .gossip()
+        .load(job.target)
+        .filter(|(_, age)| *age < FRESH_LOAD)
+        .map(|(load, _)| load.disk_room_bytes);
+    let report = agent.state().read(|s| {
+        compat::report(
+            s,
+            &job.instance,
+            job.target,
+            job.options.stateful,
+            disk,
+            room,
+        )
+    });
     let report = report.unwrap_or_else(|e| {
         vec![ferry_raft::CheckResult {
             check: "facts".into(),
@@ -65,6 +78,31 @@ pub async fn run_checks(agent: &Agent, job: &Job, name: &InstanceName) -> Propos
     };
     proposal.report = Some(report);
     proposal
+}
+
+/// Gossip figures older than this do not count as the target's free disk.
+const FRESH_LOAD: std::time::Duration = std::time::Duration::from_secs(30);
+/// Room a move keeps free beyond what it sends (directories, configs,
+/// logs, CRIU work files).
+const DISK_MARGIN: u64 = 64 << 20;
+
+/// What the move writes on the target: the rootfs, the memory images (at
+/// most the memory limit, when one is set) and a margin.
+fn disk_needed(agent: &Agent, job: &Job, rootfs_bytes: u64) -> u64 {
+    let images = match job.options.stateful {
+        true => agent
+            .state()
+            .read(|s| {
+                s.instances
+                    .get(&job.instance)
+                    .and_then(|i| i.spec.memory_bytes)
+            })
+            .unwrap_or(0),
+        false => 0,
+    };
+    rootfs_bytes
+        .saturating_add(images)
+        .saturating_add(DISK_MARGIN)
 }
 
 /// Pause and dump (stateful) or stop (stateless), only while the job still

@@ -37,7 +37,16 @@ async fn pull_parts(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
     // Filesystem pre-sync while the instance runs.
     let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Rootfs).await?;
     let counter = agent.transfers().stage(job.id, "rootfs");
-    let full = tree::receive_counted(&mut send, &mut recv, &rootfs, false, &counter).await?;
+    let reserve = agent.reserve();
+    let full = tree::receive_counted(
+        &mut send,
+        &mut recv,
+        &rootfs,
+        false,
+        &counter,
+        Some(&reserve),
+    )
+    .await?;
     let _ = send.finish();
     // Final: the source freezes and dumps; images and rootfs delta follow.
     agent.transfers().froze(job.id);
@@ -56,6 +65,7 @@ async fn receive_final(
     rootfs_bytes: u64,
 ) -> Result<Option<String>, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
+    let reserve = agent.reserve();
     let note = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
         FinalHeader::Frozen { note } => note,
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
@@ -64,13 +74,13 @@ async fn receive_final(
     if job.options.stateful {
         let counter = agent.transfers().stage(job.id, "memory images");
         let images = driver.images(name);
-        bytes += tree::receive_counted(send, recv, &images, false, &counter)
+        bytes += tree::receive_counted(send, recv, &images, false, &counter, Some(&reserve))
             .await?
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
     let rootfs = driver.rootfs(name);
-    bytes += tree::receive_counted(send, recv, &rootfs, true, &counter)
+    bytes += tree::receive_counted(send, recv, &rootfs, true, &counter, Some(&reserve))
         .await?
         .bytes;
     driver
@@ -93,10 +103,18 @@ pub async fn serve_push(
     let received = if matches!(part, TransferPart::PushRootfs) {
         let counter = agent.transfers().stage(job.id, "rootfs");
         let rootfs = agent.driver().rootfs(&name);
-        tree::receive_counted(&mut channel.0, &mut channel.1, &rootfs, false, &counter)
-            .await
-            .map(|t| agent.transfers().received(job.id, t.bytes))
-            .map_err(MoveError::from)
+        let reserve = agent.reserve();
+        tree::receive_counted(
+            &mut channel.0,
+            &mut channel.1,
+            &rootfs,
+            false,
+            &counter,
+            Some(&reserve),
+        )
+        .await
+        .map(|t| agent.transfers().received(job.id, t.bytes))
+        .map_err(MoveError::from)
     } else {
         agent.transfers().froze(job.id);
         let rootfs_bytes = agent.transfers().received_so_far(job.id);
@@ -117,6 +135,13 @@ pub async fn serve_push(
             Err(e) => Err(e),
         }
     };
+    if received
+        .as_ref()
+        .is_err_and(|e| !matches!(e, MoveError::NotRecorded))
+    {
+        // A failed receive: what arrived goes now (see engine::act).
+        engine::discard(agent, job, &name).await;
+    }
     let ack = match &received {
         Ok(()) => PushAck::Received,
         Err(e) => PushAck::Failed(e.to_string()),

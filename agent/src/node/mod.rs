@@ -38,6 +38,8 @@ pub struct Tuning {
     pub heal_after: Duration,
     /// The leader rolls back a job whose phase has not moved for this long.
     pub job_phase_timeout: Duration,
+    /// Bytes of the data dir's filesystem instance data may not use.
+    pub disk_reserve_bytes: u64,
 }
 
 /// Everything a node handle is made of.
@@ -132,6 +134,11 @@ impl Agent {
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// The disk reserve instance data written here must respect.
+    pub fn reserve(&self) -> crate::transfer::space::Reserve {
+        crate::transfer::space::Reserve::new(self.data_dir.root(), self.tuning.disk_reserve_bytes)
     }
 
     /// The host runtime of this agent's instances.

@@ -38,6 +38,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         job_phase_timeout: Duration::from_secs(30),
         console_log_max_bytes: 8 << 20,
         runtime_timeout: Duration::from_secs(300),
+        disk_reserve_bytes: 0,
     }
 }
 

@@ -2,4 +2,5 @@
 //! and counting what arrives.
 
 pub(crate) mod progress;
+pub mod space;
 pub mod tree;

@@ -100,6 +100,7 @@ fn bootstrap_log() -> Vec<Entry> {
                 secret_hash: "h".into(),
                 now_ms: T0,
                 expires_ms: T0 + 60_000,
+                by: 1,
             },
         ),
         normal(
@@ -111,6 +112,7 @@ fn bootstrap_log() -> Vec<Entry> {
                 addr: "10.0.0.2:7000".into(),
                 cert_serial: "02".into(),
                 now_ms: T0 + 1,
+                by: 1,
             },
         ),
     ]
@@ -161,6 +163,7 @@ async fn apply_returns_results_in_order_and_publishes_whole_batches() {
             addr: "x".into(),
             cert_serial: "03".into(),
             now_ms: T0 + 2,
+            by: 1,
         },
     );
     let results = sm.apply([again]).await.unwrap();

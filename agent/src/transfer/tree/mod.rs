@@ -174,6 +174,8 @@ pub enum TreeError {
     Stalled(std::time::Duration),
     #[error("the other side failed: {0}")]
     PeerFailed(String),
+    #[error(transparent)]
+    Space(#[from] crate::transfer::space::SpaceError),
 }
 
 impl TreeError {
@@ -198,6 +200,17 @@ async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Frame, TreeError> {
     match frame {
         Frame::Failed(reason) => Err(TreeError::PeerFailed(reason)),
         frame => Ok(frame),
+    }
+}
+
+/// Why the other side gave up, if it said so: for a sender whose writes
+/// failed because the receiver stopped reading (a sender without a delta
+/// reads nothing while it sends).
+pub async fn peer_failure(recv: &mut quinn::RecvStream) -> Option<String> {
+    let wait = std::time::Duration::from_secs(5);
+    match tokio::time::timeout(wait, read_frame::<Frame>(recv, MAX_FRAME)).await {
+        Ok(Ok(Frame::Failed(reason))) => Some(reason),
+        _ => None,
     }
 }
 

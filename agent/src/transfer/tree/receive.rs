@@ -15,6 +15,8 @@ use std::sync::Arc;
 use ferry_transport::frame::write_frame;
 use ring::digest::{Context, SHA256};
 
+use crate::transfer::space::Reserve;
+
 use super::{
     beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
     sha256_hex, tell_peer, Entry, EntryKind, Frame, Transferred, TreeError, MANIFEST_PART,
@@ -128,18 +130,21 @@ pub async fn receive(
     root: &Path,
     delta: bool,
 ) -> Result<Transferred, TreeError> {
-    receive_counted(send, recv, root, delta, &AtomicU64::new(0)).await
+    receive_counted(send, recv, root, delta, &AtomicU64::new(0), None).await
 }
 
-/// [`receive`], adding every file byte to `progress` as it arrives.
+/// [`receive`], adding every file byte to `progress` as it arrives; with
+/// `reserve`, a file that would cross the disk reserve is refused before
+/// it is created.
 pub async fn receive_counted(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
     delta: bool,
     progress: &AtomicU64,
+    reserve: Option<&Reserve>,
 ) -> Result<Transferred, TreeError> {
-    let result = receive_tree(send, recv, root, delta, progress).await;
+    let result = receive_tree(send, recv, root, delta, progress, reserve).await;
     tell_peer(send, result).await
 }
 
@@ -149,6 +154,7 @@ async fn receive_tree(
     root: &Path,
     delta: bool,
     progress: &AtomicU64,
+    reserve: Option<&Reserve>,
 ) -> Result<Transferred, TreeError> {
     let owned = root.to_path_buf();
     let root_fd = blocking(move || {
@@ -193,6 +199,9 @@ async fn receive_tree(
         let owned_root = root.to_path_buf();
         match entry.kind.clone() {
             EntryKind::File { size } => {
+                if let Some(reserve) = reserve {
+                    reserve.check(size, &format!("receiving {}", entry.path))?;
+                }
                 let at = path.clone();
                 let file = blocking(move || {
                     check_parents(&owned_root, &rel)?;
