@@ -159,19 +159,51 @@ pub fn write_config(dir: &InstanceDir, config: &BundleConfig<'_>) -> Result<(), 
     Ok(())
 }
 
-/// Replace `dest` with an exact copy of the directory `source` (blocking).
-pub fn copy_tree(source: &Path, dest: &Path) -> Result<(), BundleError> {
+/// Run `cmd` (blocking) until it ends or `timeout` passes; then it is
+/// killed and the error says so.
+fn run_bounded(
+    mut cmd: std::process::Command,
+    source: &Path,
+    timeout: std::time::Duration,
+) -> Result<std::process::ExitStatus, BundleError> {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| io_err("copy", source, e))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| io_err("copy", source, e))? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = format!(
+                "not done within {}s and stopped; raise --runtime-timeout for large trees",
+                timeout.as_secs()
+            );
+            return Err(io_err("copy", source, why));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Replace `dest` with an exact copy of the directory `source` (blocking),
+/// within `timeout`.
+pub fn copy_tree(
+    source: &Path,
+    dest: &Path,
+    timeout: std::time::Duration,
+) -> Result<(), BundleError> {
     if dest.exists() {
         std::fs::remove_dir_all(dest).map_err(|e| io_err("remove", dest, e))?;
     }
     std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
-    let status = std::process::Command::new("cp")
-        .arg("-a")
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-a")
         .arg(format!("{}/.", source.display()))
-        .arg(dest)
-        .status()
-        .map_err(|e| io_err("copy", source, e))?;
-    if status.success() {
+        .arg(dest);
+    if run_bounded(cp, source, timeout)?.success() {
         Ok(())
     } else {
         Err(io_err("copy", source, "cp -a failed"))
@@ -179,27 +211,31 @@ pub fn copy_tree(source: &Path, dest: &Path) -> Result<(), BundleError> {
 }
 
 /// Copy a rootfs directory, or unpack a tar archive, into `dest` (blocking;
-/// call from spawn_blocking). `cp -a` and `tar` keep owners, modes, links
-/// and special files exactly.
-pub fn import_rootfs(source: &Path, dest: &Path) -> Result<(), BundleError> {
+/// call from spawn_blocking), within `timeout`. `cp -a` and `tar` keep
+/// owners, modes, links and special files exactly.
+pub fn import_rootfs(
+    source: &Path,
+    dest: &Path,
+    timeout: std::time::Duration,
+) -> Result<(), BundleError> {
     let meta = std::fs::metadata(source).map_err(|e| io_err("read", source, e))?;
     std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
-    let status = if meta.is_dir() {
-        std::process::Command::new("cp")
-            .arg("-a")
+    let cmd = if meta.is_dir() {
+        let mut cp = std::process::Command::new("cp");
+        cp.arg("-a")
             .arg(format!("{}/.", source.display()))
-            .arg(dest)
-            .status()
+            .arg(dest);
+        cp
     } else {
-        std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(source)
-            .arg("-C")
-            .arg(dest)
-            .status()
+        let mut tar = std::process::Command::new("tar");
+        tar.arg("-xf").arg(source).arg("-C").arg(dest);
+        tar
+    };
+    let status = run_bounded(cmd, source, timeout);
+    if status.as_ref().is_err() {
+        let _ = std::fs::remove_dir_all(dest);
     }
-    .map_err(|e| io_err("copy", source, e))?;
-    if status.success() {
+    if status?.success() {
         Ok(())
     } else {
         let _ = std::fs::remove_dir_all(dest);
@@ -212,6 +248,23 @@ pub fn import_rootfs(source: &Path, dest: &Path) -> Result<(), BundleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_that_does_not_end_in_time_is_killed_and_says_so() {
+        let mut hung = std::process::Command::new("sleep");
+        hung.arg("30");
+        let started = std::time::Instant::now();
+        let err = run_bounded(
+            hung,
+            Path::new("/src"),
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(err.contains("not done within 0s"), "{err}");
+        assert!(err.contains("--runtime-timeout"), "{err}");
+    }
 
     fn config(unconfined: bool) -> serde_json::Value {
         let command = vec!["true".to_string()];

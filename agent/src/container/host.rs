@@ -239,8 +239,8 @@ impl Driver for Host {
     }
 
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {
-        let (source, dest) = (source.to_path_buf(), dest.to_path_buf());
-        tokio::task::spawn_blocking(move || bundle::import_rootfs(&source, &dest))
+        let (source, dest, timeout) = (source.to_path_buf(), dest.to_path_buf(), self.timeout);
+        tokio::task::spawn_blocking(move || bundle::import_rootfs(&source, &dest, timeout))
             .await
             .map_err(|e| DriverError::Runtime(e.to_string()))?
             .map_err(|e| DriverError::BadInput(e.to_string()))
@@ -313,7 +313,7 @@ impl Driver for Host {
                     .checkpoint(name.as_str(), &images, &dir.criu_work(), true, &log)
                     .await?;
             }
-            copy_dir(dir.rootfs(), target.join("rootfs")).await
+            copy_dir(dir.rootfs(), target.join("rootfs"), self.timeout).await
         }
         .await;
         if running {
@@ -335,9 +335,9 @@ impl Driver for Host {
         let dir = self.dir(name);
         let source = dir.snapshot(snap);
         self.stop_container(name, true).await?;
-        copy_dir(source.join("rootfs"), dir.rootfs()).await?;
+        copy_dir(source.join("rootfs"), dir.rootfs(), self.timeout).await?;
         if stateful {
-            copy_dir(source.join("checkpoint"), dir.checkpoint()).await?;
+            copy_dir(source.join("checkpoint"), dir.checkpoint(), self.timeout).await?;
             Ok(self.restore_checkpoint(name).await?)
         } else {
             let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
@@ -351,7 +351,12 @@ impl Driver for Host {
         snap: &SnapshotName,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        Ok(copy_dir(dir.snapshot(snap).join("rootfs"), dir.rootfs()).await?)
+        Ok(copy_dir(
+            dir.snapshot(snap).join("rootfs"),
+            dir.rootfs(),
+            self.timeout,
+        )
+        .await?)
     }
 
     async fn delete_snapshot(&self, name: &InstanceName, snap: &SnapshotName) {
@@ -519,9 +524,9 @@ impl Driver for Host {
     }
 }
 
-async fn copy_dir(source: PathBuf, dest: PathBuf) -> Result<(), RuncError> {
+async fn copy_dir(source: PathBuf, dest: PathBuf, timeout: Duration) -> Result<(), RuncError> {
     let at = dest.clone();
-    tokio::task::spawn_blocking(move || bundle::copy_tree(&source, &dest))
+    tokio::task::spawn_blocking(move || bundle::copy_tree(&source, &dest, timeout))
         .await
         .map_err(|e| RuncError::File {
             path: at.clone(),
