@@ -21,6 +21,7 @@ pub mod datadir;
 pub mod driver;
 pub mod facts;
 mod gossip;
+pub mod hooks;
 mod identity;
 mod instances;
 mod membership;

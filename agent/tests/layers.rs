@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("datadir", 0),
     ("driver", 0),
     ("facts", 0),
+    ("hooks", 0),
     ("token", 0),
     ("transfer", 0),
     ("gossip::codec", 0),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod faults;
 pub mod partition;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built

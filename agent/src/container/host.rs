@@ -380,6 +380,9 @@ impl Driver for Host {
     /// `runc checkpoint --leave-running` of the paused container: it stays
     /// paused (never killed).
     async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
+        if crate::hooks::criu_fails(&self.data_dir, "dump") {
+            return Err(DriverError::Runtime("CRIU dump failed (test hook)".into()));
+        }
         let dir = self.dir(name);
         let images = self.images(name);
         let work = dir.migration().join("work");
@@ -422,6 +425,11 @@ impl Driver for Host {
         spec: &InstanceSpec,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
+        if crate::hooks::criu_fails(&self.data_dir, "restore") {
+            return Err(DriverError::Runtime(
+                "CRIU restore failed (test hook)".into(),
+            ));
+        }
         self.write_config(name, spec, true).await?;
         // Marked before the restore: a copy that exists here is held until
         // the marker goes after the thaw.

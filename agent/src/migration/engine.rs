@@ -262,6 +262,7 @@ async fn drive(agent: &Agent, job: &Job) -> bool {
     let step = plan::step(&job, role, local);
     if step != Step::Wait {
         tracing::info!(job = job.id, phase = %job.phase.name(), ?role, ?local, ?step, "job step");
+        crate::hooks::hold_at(agent.data_dir().root(), &job.phase.name()).await;
     }
     // Steps that only repeat a proposal or clean up wait for the next
     // tick or change instead of spinning.

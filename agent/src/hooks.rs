@@ -1,0 +1,49 @@
+//! Fault-injection points for the fault matrix (`cluster-tests`), present
+//! only in a test build (cargo feature `test-hooks`); in the binary users
+//! run every function here does nothing, so no production check can be
+//! weakened through them.
+//!
+//! - `FERRY_TEST_HOLD_AT=PHASE`: before acting on a job in that phase, the
+//!   engine waits while the file `hold` exists in the agent's data dir.
+//! - the file `fail-dump` (`fail-restore`) in the data dir makes the next
+//!   CRIU dump (restore) of a move fail, as a failing CRIU would.
+
+use std::path::Path;
+
+/// The variable naming the phase a test build holds jobs at.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+pub const HOLD_AT_ENV: &str = "FERRY_TEST_HOLD_AT";
+
+/// Wait, at most five minutes, while this phase is held (test builds).
+#[cfg(feature = "test-hooks")]
+pub async fn hold_at(data_dir: &Path, phase: &str) {
+    if std::env::var(HOLD_AT_ENV).ok().as_deref() != Some(phase) {
+        return;
+    }
+    let hold = data_dir.join("hold");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    if hold.exists() {
+        tracing::warn!(phase, "test build: holding the job here");
+    }
+    while hold.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+pub async fn hold_at(_data_dir: &Path, _phase: &str) {}
+
+/// Whether a test asked CRIU's `op` ("dump", "restore") to fail here.
+#[cfg(feature = "test-hooks")]
+pub fn criu_fails(data_dir: &Path, op: &str) -> bool {
+    let asked = data_dir.join(format!("fail-{op}")).exists();
+    if asked {
+        tracing::warn!(op, "test build: failing CRIU on request");
+    }
+    asked
+}
+
+#[cfg(not(feature = "test-hooks"))]
+pub fn criu_fails(_data_dir: &Path, _op: &str) -> bool {
+    false
+}
