@@ -254,6 +254,7 @@ async fn handle_api(
         ApiRequest::JobList => Ok(jobs::list(agent)),
         ApiRequest::JobShow { id } => jobs::show(agent, id).await,
         ApiRequest::JobProgress { id } => Ok(ApiReply::Progress(agent.transfers().get(id))),
+        ApiRequest::JobTargetRuns { id } if from_member => jobs::target_runs(agent, id).await,
         ApiRequest::JobAbort { id } => jobs::abort(agent, id).await,
         ApiRequest::Launch(request) => instances::launch::launch(agent, request).await,
         ApiRequest::InstanceList => Ok(instances::list(agent)),
@@ -263,7 +264,10 @@ async fn handle_api(
             op,
             forwarded,
         } => instances::ops::operate(agent, &name, op, forwarded).await,
-        ApiRequest::Write(_) | ApiRequest::Removed | ApiRequest::ForwardedJoin(_) => {
+        ApiRequest::Write(_)
+        | ApiRequest::Removed
+        | ApiRequest::ForwardedJoin(_)
+        | ApiRequest::JobTargetRuns { .. } => {
             Err(unauthorized("only members may send internal requests"))
         }
     }

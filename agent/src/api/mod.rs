@@ -119,6 +119,12 @@ pub enum ApiRequest {
     JobProgress {
         id: ferry_raft::JobId,
     },
+    /// Whether the asked agent runs its copy of the job's instance (the
+    /// supervisor finishing a job whose target's `Done` was lost; members
+    /// only).
+    JobTargetRuns {
+        id: ferry_raft::JobId,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,6 +155,8 @@ pub enum ApiReply {
         #[serde(with = "serde_bytes")]
         stderr: Vec<u8>,
     },
+    /// Answer to `JobTargetRuns`.
+    Runs(bool),
     /// A forwarded join, accepted by a voter.
     Joined(Box<JoinAccepted>),
     CaKey {

@@ -227,7 +227,12 @@ async fn supervise(agent: &Agent, clock: &mut PhaseClock) {
             .into_iter()
             .map(|id| (id, agent.member_alive(id)))
             .collect();
-        let intervention = plan::supervise(&job, clock.stuck_ms(&job), timeout_ms, |id| {
+        let stuck_ms = clock.stuck_ms(&job);
+        if plan::ask_target_to_finish(&job, stuck_ms, timeout_ms) {
+            finish_for_target(agent, &job).await;
+            continue;
+        }
+        let intervention = plan::supervise(&job, stuck_ms, timeout_ms, |id| {
             alive.get(&id).copied().unwrap_or(false)
         });
         if let Some(i) = intervention {
@@ -240,6 +245,31 @@ async fn supervise(agent: &Agent, clock: &mut PhaseClock) {
             );
             advance(agent, &job, Proposal::failed(i.to, i.reason)).await;
         }
+    }
+}
+
+/// The supervisor's question to the target of a job stuck at Restored.
+const TARGET_RUNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A job stuck at Restored whose target runs its copy (it thawed, its
+/// `Done` was lost): propose Done for it. A target that does not answer
+/// or holds its copy still is left to finish itself.
+async fn finish_for_target(agent: &Agent, job: &Job) {
+    let Ok(peer) = agent.peer(job.target) else {
+        return;
+    };
+    let request = crate::api::ApiRequest::JobTargetRuns { id: job.id };
+    let runs = agent.call_api(&peer, request, TARGET_RUNS_TIMEOUT).await;
+    if let Ok(crate::api::ApiReply::Runs(true)) = runs {
+        tracing::warn!(
+            job = job.id,
+            "supervisor: the target runs the instance; proposing Done"
+        );
+        let done = Proposal {
+            note: Some("Done proposed by the supervisor: the target ran it".into()),
+            ..Proposal::to(Phase::Done)
+        };
+        advance(agent, job, done).await;
     }
 }
 

@@ -8,6 +8,7 @@ use ferry_raft::{
 
 use super::compat;
 use crate::api::jobs::{JobView, MoveRequest, TransferProgress};
+use crate::api::names::InstanceName;
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind};
 use crate::clock::now_ms;
 use crate::node::Agent;
@@ -138,6 +139,20 @@ async fn progress(agent: &Agent, job: &Job) -> Option<TransferProgress> {
         Ok(ApiReply::Progress(progress)) => progress,
         _ => None,
     }
+}
+
+/// Whether this agent runs (not holds) its copy of job `id`'s instance.
+pub async fn target_runs(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
+    let job = agent
+        .state()
+        .read(|s| s.jobs.get(&id).cloned())
+        .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no job {id}")))?;
+    let name = InstanceName::parse(&job.instance)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, e.to_string()))?;
+    let local = crate::driver::local_copy(agent.driver(), &name).await;
+    Ok(ApiReply::Runs(
+        job.target == agent.id() && local == super::plan::LocalCopy::Running,
+    ))
 }
 
 /// `job show` waits this long at most for the target's live figures.

@@ -185,6 +185,14 @@ pub fn supervise(
     None
 }
 
+/// Whether the supervisor asks the target of `job` if its copy runs, and
+/// proposes Done when it does: only at Restored (the target may already
+/// run the instance, so nothing but Done is ever proposed there) and only
+/// past the deadline (the target's own Done did not commit).
+pub fn ask_target_to_finish(job: &Job, stuck_ms: u64, phase_timeout_ms: u64) -> bool {
+    job.phase == Phase::Restored && stuck_ms > phase_timeout_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +453,19 @@ mod tests {
                 None,
                 "{phase:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_supervisor_finishes_only_an_overdue_restored_job() {
+        for phase in PHASES {
+            let j = job(phase);
+            assert_eq!(
+                ask_target_to_finish(&j, 61_000, 60_000),
+                phase == Phase::Restored,
+                "{phase:?}"
+            );
+            assert!(!ask_target_to_finish(&j, 59_000, 60_000), "{phase:?}");
         }
     }
 

@@ -170,7 +170,7 @@ pub enum TreeError {
     Protocol(String),
     #[error("background task failed: {0}")]
     Task(String),
-    #[error("the peer sent nothing for {}s", .0.as_secs())]
+    #[error("the peer neither sent nor took anything for {}s", .0.as_secs())]
     Stalled(std::time::Duration),
     #[error("the other side failed: {0}")]
     PeerFailed(String),
@@ -192,6 +192,16 @@ impl TreeError {
 /// A peer that stops sending in the middle of a tree fails the transfer
 /// after this (the connection's keep-alives would keep it open forever).
 const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One frame out, within [`FRAME_TIMEOUT`]: a peer that stops reading
+/// (flow control) fails the transfer instead of holding this side (and the
+/// instance lock it may hold) forever.
+async fn send_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), TreeError> {
+    tokio::time::timeout(FRAME_TIMEOUT, write_frame(send, frame))
+        .await
+        .map_err(|_| TreeError::Stalled(FRAME_TIMEOUT))??;
+    Ok(())
+}
 
 async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Frame, TreeError> {
     let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame::<Frame>(recv, MAX_FRAME))
@@ -222,7 +232,7 @@ async fn tell_peer<T>(
 ) -> Result<T, TreeError> {
     if let Err(e) = &result {
         if e.is_local() {
-            let _ = write_frame(send, &Frame::Failed(e.to_string())).await;
+            let _ = send_frame(send, &Frame::Failed(e.to_string())).await;
         }
     }
     result

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ferry_transport::frame::write_frame;
 use ring::digest::{Context, SHA256};
 
 use crate::transfer::space::Reserve;
 
 use super::{
     beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
-    sha256_hex, tell_peer, Entry, EntryKind, Frame, Transferred, TreeError, MANIFEST_PART,
+    send_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame, Transferred, TreeError,
+    MANIFEST_PART,
 };
 
 fn system_time(ns: i128) -> std::time::SystemTime {
@@ -304,7 +304,7 @@ async fn answer_manifest(
     for i in 0..count {
         let paths = parts.get(i).map_or_else(Vec::new, |p| p.to_vec());
         let last = i + 1 == count;
-        write_frame(send, &Frame::Want { paths, last }).await?;
+        send_frame(send, &Frame::Want { paths, last }).await?;
     }
     Ok(())
 }

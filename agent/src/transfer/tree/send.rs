@@ -5,12 +5,11 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry_transport::frame::write_frame;
 use ring::digest::{Context, SHA256};
 
 use super::{
-    beneath, blocking, io, next_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame, Stamps,
-    Transferred, TreeError, MANIFEST_PART,
+    beneath, blocking, io, next_frame, send_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame,
+    Stamps, Transferred, TreeError, MANIFEST_PART,
 };
 
 /// File content travels in chunks of this size.
@@ -60,7 +59,7 @@ async fn send_tree(
             continue;
         }
         let EntryKind::File { .. } = entry.kind else {
-            write_frame(send, &Frame::Entry(entry)).await?;
+            send_frame(send, &Frame::Entry(entry)).await?;
             continue;
         };
         let Some(file) = open_file(&root_fd, root, &entry).await? else {
@@ -72,7 +71,7 @@ async fn send_tree(
             }
             continue;
         };
-        write_frame(send, &Frame::Entry(entry.clone())).await?;
+        send_frame(send, &Frame::Entry(entry.clone())).await?;
         total.bytes += send_content(send, file, root, &entry).await?;
         total.files += 1;
     }
@@ -81,7 +80,7 @@ async fn send_tree(
         bytes: total.bytes,
         root: Box::new(root_entry),
     };
-    write_frame(send, &end).await?;
+    send_frame(send, &end).await?;
     Ok((total, stamps))
 }
 
@@ -107,7 +106,7 @@ async fn offer(
             changed,
             last: i + 1 == count,
         };
-        write_frame(send, &frame).await?;
+        send_frame(send, &frame).await?;
     }
     let mut wanted = BTreeSet::new();
     loop {
@@ -168,7 +167,7 @@ async fn send_content(
             .unwrap_or((size, size));
         if start > pos {
             super::hash_hole(&mut context, start - pos);
-            write_frame(send, &Frame::Hole(start - pos)).await?;
+            send_frame(send, &Frame::Hole(start - pos)).await?;
             pos = start;
         }
         while pos < end {
@@ -190,12 +189,12 @@ async fn send_content(
             pos += chunk.len() as u64;
             context.update(&chunk);
             sent += chunk.len() as u64;
-            write_frame(send, &Frame::Chunk(chunk)).await?;
+            send_frame(send, &Frame::Chunk(chunk)).await?;
         }
     }
     let end = Frame::FileEnd {
         sha256: sha256_hex(context),
     };
-    write_frame(send, &end).await?;
+    send_frame(send, &end).await?;
     Ok(sent)
 }
