@@ -449,6 +449,7 @@ fn an_ended_process_is_restarted_by_policy_and_after_a_host_restart() -> Result<
     }
     let mut cluster = Cluster::new();
     cluster.bootstrap("n1", 3)?;
+    cluster.wait_converged(&["n1"], CONVERGE)?;
     let rootfs = busybox_rootfs(cluster.root())?;
     cluster.launch_counter("c1", "n1", &rootfs)?;
     let root = rootfs.to_string_lossy().into_owned();
