@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::partition::Partition;
-use crate::{busybox_rootfs, run_tool, wait_for, Cluster};
+use crate::{busybox_rootfs, pseudo_random, run_tool, wait_for, Cluster};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -212,37 +212,12 @@ pub fn run_cell(when: When, fault: Fault) -> Result<Outcome> {
 /// n1 (the leader), n2 and n3, facts in, the counter on n2 (with 48 MiB of
 /// ballast when the transfer must last).
 fn three_with_counter(cluster: &mut Cluster, ballast: bool) -> Result<()> {
-    cluster.bootstrap("n1", 3)?;
-    cluster.join("n2", 0)?;
-    cluster.join("n3", 0)?;
-    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
-    for name in ["n1", "n2", "n3"] {
-        wait_for(&format!("facts of {name}"), CONVERGE, || {
-            let show = cluster.ferry_json(0, &["cluster", "show", name])?;
-            if show["facts"].is_null() || show["load"].is_null() {
-                bail!("no facts yet")
-            }
-            Ok(())
-        })?;
-    }
+    cluster.start_three()?;
     let rootfs = busybox_rootfs(cluster.root())?;
     if ballast {
         std::fs::write(rootfs.join("ballast"), pseudo_random(48 << 20))?;
     }
     cluster.launch_counter_holding("c1", "n2", &rootfs, 16)
-}
-
-/// Bytes that do not compress or dedupe.
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    data
 }
 
 /// The `hold` file in every agent's data dir, when the moment is a phase.

@@ -138,6 +138,19 @@ pub const COUNTER: &[&str] = &[
     "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done",
 ];
 
+/// `len` bytes that neither compress nor dedupe (rootfs ballast).
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
+}
+
 /// Run a host tool the harness needs (iptables, mount); its stderr in the
 /// error when it fails.
 pub fn run_tool(program: &str, args: &[&str]) -> Result<()> {
@@ -330,6 +343,26 @@ impl Cluster {
 
     pub fn root(&self) -> &Path {
         self.root.path()
+    }
+
+    /// n1 (bootstrapped, the leader), n2 and n3 joined through it, every
+    /// member's facts and gossip load figures in, so moves can be checked.
+    pub fn start_three(&mut self) -> Result<()> {
+        let converge = Duration::from_secs(30);
+        self.bootstrap("n1", 3)?;
+        self.join("n2", 0)?;
+        self.join("n3", 0)?;
+        self.wait_converged(&["n1", "n2", "n3"], converge)?;
+        for name in ["n1", "n2", "n3"] {
+            wait_for(&format!("facts of {name}"), converge, || {
+                let show = self.ferry_json(0, &["cluster", "show", name])?;
+                if show["facts"].is_null() || show["load"].is_null() {
+                    bail!("no facts yet")
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Start the first member; returns its index.

@@ -34,32 +34,12 @@ fn cluster_with_counter_sized(
     memory_mib: usize,
 ) -> Result<Cluster> {
     let mut cluster = cluster;
-    cluster.bootstrap("n1", 3)?;
-    cluster.join("n2", 0)?;
-    cluster.join("n3", 0)?;
-    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
     // Facts of every member must be in before checks can run.
-    for name in ["n1", "n2", "n3"] {
-        wait_for(&format!("facts of {name}"), CONVERGE, || {
-            let show = cluster.ferry_json(0, &["cluster", "show", name])?;
-            if show["facts"].is_null() {
-                bail!("no facts yet")
-            } else {
-                Ok(())
-            }
-        })?;
-    }
+    cluster.start_three()?;
     let rootfs = busybox_rootfs(cluster.root())?;
     if ballast_mib > 0 {
-        let mut data = vec![0u8; ballast_mib << 20];
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for chunk in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-        std::fs::write(rootfs.join("ballast"), data)?;
+        let ballast = cluster_tests::pseudo_random(ballast_mib << 20);
+        std::fs::write(rootfs.join("ballast"), ballast)?;
     }
     cluster.launch_counter_holding("c1", "n2", &rootfs, memory_mib)?;
     Ok(cluster)

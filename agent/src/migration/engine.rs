@@ -381,25 +381,12 @@ pub(super) async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_raft::{JobKind, MoveOptions};
 
     fn job(phase: Phase, phase_ms: u64) -> Job {
         Job {
             id: 7,
-            kind: JobKind::Migrate,
-            instance: "c1".into(),
-            source: 1,
-            target: 2,
-            phase,
-            options: MoveOptions::default(),
-            was_running: true,
-            report: Vec::new(),
-            error: None,
-            notes: Vec::new(),
-            stats: None,
-            created_ms: 0,
             phase_ms,
-            abort_requested: false,
+            ..plan::tests::job(phase)
         }
     }
 

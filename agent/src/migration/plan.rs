@@ -194,7 +194,7 @@ pub fn ask_target_to_finish(job: &Job, stuck_ms: u64, phase_timeout_ms: u64) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ferry_raft::{JobKind, MoveOptions, TransferMode};
 
@@ -218,7 +218,8 @@ mod tests {
         LocalCopy::Stopped,
     ];
 
-    fn job(phase: Phase) -> Job {
+    /// A pull move of c1 from node 1 to node 2 in `phase`.
+    pub(crate) fn job(phase: Phase) -> Job {
         Job {
             id: 1,
             kind: JobKind::Migrate,
