@@ -117,13 +117,22 @@ impl ClusterState {
                 node,
                 epoch,
                 reason,
-            } => {
-                let instance = self.owned_instance_mut(name, *node, *epoch)?;
-                instance.restarts = instance.restarts.saturating_add(1);
-                instance.last_restart = Some(reason.clone());
-            }
+            } => self.record_restart(name, *node, *epoch, reason)?,
         }
         Ok(CommandResult::Done)
+    }
+
+    fn record_restart(
+        &mut self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+        reason: &str,
+    ) -> Result<(), InstanceRejection> {
+        let instance = self.owned_instance_mut(name, node, epoch)?;
+        instance.restarts = instance.restarts.saturating_add(1);
+        instance.last_restart = Some(reason.to_string());
+        Ok(())
     }
 
     fn instance_mut(&mut self, name: &str) -> Result<&mut Instance, InstanceRejection> {

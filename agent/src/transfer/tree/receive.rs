@@ -38,17 +38,42 @@ fn apply_by_fd(file: &std::fs::File, path: &Path, entry: &Entry) -> Result<(), T
     std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid)).map_err(io("chown", path))?;
     file.set_permissions(std::fs::Permissions::from_mode(entry.mode))
         .map_err(io("chmod", path))?;
-    for x in &entry.xattrs {
-        rustix::fs::fsetxattr(
-            file,
-            x.name.as_str(),
-            &x.value,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .map_err(|e| io("set xattr", path)(e.into()))?;
-    }
+    set_xattrs(entry, path, |name, value| {
+        rustix::fs::fsetxattr(file, name, value, rustix::fs::XattrFlags::empty())
+    })?;
     file.set_modified(system_time(entry.mtime_ns))
         .map_err(io("set mtime", path))?;
+    Ok(())
+}
+
+/// A file created new at `path` (`rel` beneath `root`), never through
+/// whatever was at the path.
+fn create_new(
+    root: PathBuf,
+    rel: PathBuf,
+    path: PathBuf,
+) -> impl FnOnce() -> Result<std::fs::File, TreeError> {
+    move || {
+        check_parents(&root, &rel)?;
+        remove_any(&path)?;
+        std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io("create", &path))
+    }
+}
+
+/// Every extended attribute of `entry`, through `set` (by descriptor or by
+/// path).
+fn set_xattrs(
+    entry: &Entry,
+    path: &Path,
+    set: impl Fn(&str, &[u8]) -> rustix::io::Result<()>,
+) -> Result<(), TreeError> {
+    for x in &entry.xattrs {
+        set(x.name.as_str(), &x.value).map_err(|e| io("set xattr", path)(e.into()))?;
+    }
     Ok(())
 }
 
@@ -61,16 +86,9 @@ fn apply_by_path(path: &Path, entry: &Entry) -> Result<(), TreeError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode))
             .map_err(io("chmod", path))?;
     }
-    for x in &entry.xattrs {
-        rustix::fs::lsetxattr(
-            path,
-            x.name.as_str(),
-            &x.value,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .map_err(|e| io("set xattr", path)(e.into()))?;
-    }
-    Ok(())
+    set_xattrs(entry, path, |name, value| {
+        rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+    })
 }
 
 /// A device node, FIFO or socket at `path`.
@@ -202,18 +220,7 @@ async fn receive_tree(
                 if let Some(reserve) = reserve {
                     reserve.check(size, &format!("receiving {}", entry.path))?;
                 }
-                let at = path.clone();
-                let file = blocking(move || {
-                    check_parents(&owned_root, &rel)?;
-                    remove_any(&at)?;
-                    // New, never through whatever was at the path.
-                    std::fs::File::options()
-                        .write(true)
-                        .create_new(true)
-                        .open(&at)
-                        .map_err(io("create", &at))
-                })
-                .await?;
+                let file = blocking(create_new(owned_root, rel, path.clone())).await?;
                 let received = receive_file(recv, file, path, entry, size, progress).await?;
                 total.files += 1;
                 total.bytes += received;
