@@ -22,6 +22,29 @@ pub enum RunState {
     Stopped,
 }
 
+/// How an instance's first process ended, as its parent saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessExit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ProcessExit {
+    /// What `--restart on-failure` restarts: anything but exit code 0.
+    pub fn is_failure(self) -> bool {
+        self != ProcessExit::Code(0)
+    }
+}
+
+impl std::fmt::Display for ProcessExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessExit::Code(code) => write!(f, "its process exited with code {code}"),
+            ProcessExit::Signal(signal) => write!(f, "its process was killed by signal {signal}"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
     pub state: RunState,
@@ -75,6 +98,8 @@ pub trait Driver: Send + Sync {
     /// Whether `name` has the memory state of a stateful stop (or of a
     /// final dump kept after a failed thaw) to restore from.
     fn has_checkpoint(&self, name: &InstanceName) -> bool;
+    /// How `name`'s process last ended here, when its parent recorded it.
+    fn last_exit(&self, name: &InstanceName) -> Option<ProcessExit>;
 
     /// Replace `name`'s files with the rootfs at `source` (a directory or
     /// a tar archive).

@@ -32,7 +32,7 @@ mod service;
 pub mod token;
 pub mod transfer;
 
-pub use container::console::run_logger as run_console_logger;
+pub use container::shim::{run_shim, ShimArgs};
 pub use gossip::GossipConfig;
 pub use run::{run, AgentError, AgentOptions};
 #[cfg(test)]

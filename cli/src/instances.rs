@@ -36,7 +36,8 @@ pub struct LaunchArgs {
     security_profile: SecurityProfile,
     /// When the process ends on its own (exit, crash, host restart):
     /// `always` starts it again (waiting 1 s, doubling to 60 s between
-    /// quick restarts), `never` leaves it stopped.
+    /// quick restarts), `on-failure` does so unless it exited with code 0,
+    /// `never` leaves it stopped.
     #[arg(long, value_enum, default_value_t = Restart::Always)]
     restart: Restart,
     /// The command to run, after '--'.
@@ -46,7 +47,11 @@ pub struct LaunchArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Restart {
+    /// Start it again whenever its process ends (with a growing delay).
     Always,
+    /// Start it again unless its process exited with code 0.
+    OnFailure,
+    /// Leave it stopped.
     Never,
 }
 
@@ -259,6 +264,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         restart: match args.restart {
             Restart::Always => ferry_raft::RestartPolicy::Always,
             Restart::Never => ferry_raft::RestartPolicy::Never,
+            Restart::OnFailure => ferry_raft::RestartPolicy::OnFailure,
         },
     };
     let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {

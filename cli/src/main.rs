@@ -52,14 +52,28 @@ enum Commands {
     /// Migration jobs.
     #[command(subcommand)]
     Job(jobs::JobCommand),
-    /// (Internal) copy a container's output from stdin to its console log,
-    /// capped and rotated; started by the agent for each container.
+    /// (Internal) the parent of one container: runs the runc command that
+    /// starts it, keeps its console log and records how its process ended;
+    /// started by the agent for each container.
     #[command(hide = true)]
-    ConsoleLogger {
-        #[arg(long)]
-        max_bytes: u64,
-        path: PathBuf,
-    },
+    Shim(ShimArgs),
+}
+
+#[derive(Args)]
+struct ShimArgs {
+    #[arg(long)]
+    console: PathBuf,
+    #[arg(long)]
+    console_max_bytes: u64,
+    #[arg(long)]
+    exit_file: PathBuf,
+    #[arg(long)]
+    pid_file: PathBuf,
+    #[arg(long)]
+    timeout_ms: u64,
+    /// The runc command line.
+    #[arg(last = true, required = true)]
+    runc: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]
@@ -215,12 +229,22 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    if let Commands::ConsoleLogger { max_bytes, path } = &cli.command {
-        // Plain blocking I/O, no runtime: it only copies stdin to a file.
-        return match ferry_agent::run_console_logger(std::io::stdin().lock(), path, *max_bytes) {
+    if let Commands::Shim(args) = cli.command {
+        // Plain blocking work, no runtime: it waits for processes and
+        // copies the console to a file.
+        let console = args.console.clone();
+        let shim = ferry_agent::ShimArgs {
+            console: args.console,
+            console_max_bytes: args.console_max_bytes,
+            exit_file: args.exit_file,
+            pid_file: args.pid_file,
+            timeout: Duration::from_millis(args.timeout_ms),
+            runc: args.runc,
+        };
+        return match ferry_agent::run_shim(shim) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: console logger for {}: {e}", path.display());
+                eprintln!("error: container shim for {}: {e}", console.display());
                 ExitCode::FAILURE
             }
         };
@@ -265,7 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Job(command) => {
             jobs::run_job(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
         }
-        Commands::ConsoleLogger { .. } => Ok(()),
+        Commands::Shim(_) => Ok(()),
     }
 }
 

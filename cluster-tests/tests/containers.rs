@@ -467,12 +467,45 @@ fn an_ended_process_is_restarted_by_policy_and_after_a_host_restart() -> Result<
             "1000",
         ],
     )?;
+    // `on-failure`: the shim records how the process ended.
+    for (name, code) in [("fails", 3), ("clean", 0)] {
+        let script = format!("sleep 1; exit {code}");
+        let args = [
+            "launch",
+            name,
+            "--detach",
+            "--rootfs",
+            &root,
+            "--restart",
+            "on-failure",
+        ];
+        let command = ["--", "sh", "-c", &script];
+        cluster.ferry_ok(0, &[&args[..], &command[..]].concat())?;
+    }
     // The process dies: `always` (the default) starts it again, `never`
     // leaves it stopped, saying so.
     kill_container(&cluster, 0, "c1")?;
     kill_container(&cluster, 0, "once")?;
     wait_for("c1 restarted", CONVERGE, || {
-        restarted(&cluster, "c1", 1, "its process ended")
+        restarted(&cluster, "c1", 1, "killed by signal 9")
+    })?;
+    wait_for("fails restarted for its exit code", CONVERGE, || {
+        let s = show(&cluster, "fails")?;
+        let why = s["last_restart"].as_str().unwrap_or_default();
+        if s["restarts"].as_u64() >= Some(1) && why.contains("exited with code 3") {
+            Ok(())
+        } else {
+            bail!("{s}")
+        }
+    })?;
+    wait_for("clean left stopped after exit 0", CONVERGE, || {
+        let s = show(&cluster, "clean")?;
+        let detail = s["detail"].as_str().unwrap_or_default();
+        if s["state"] == "stopped" && s["restarts"] == 0 && detail.contains("exited with code 0") {
+            Ok(())
+        } else {
+            bail!("{s}")
+        }
     })?;
     wait_for("once reported stopped", CONVERGE, || {
         let s = show(&cluster, "once")?;
@@ -484,7 +517,7 @@ fn an_ended_process_is_restarted_by_policy_and_after_a_host_restart() -> Result<
     })?;
     let text = cluster.ferry_ok(0, &["show", "c1"])?;
     assert!(
-        text.contains("restart:   always (1 restarts; last: its process ended)"),
+        text.contains("restart:   always (1 restarts; last: its process was killed by signal 9)"),
         "{text}"
     );
 

@@ -46,6 +46,9 @@ pub enum RestartPolicy {
     Always,
     /// Leave it stopped (reported as such).
     Never,
+    /// Start it again (as `Always`) unless it exited with code 0.
+    #[serde(rename = "on-failure")]
+    OnFailure,
 }
 
 impl RestartPolicy {
@@ -53,6 +56,7 @@ impl RestartPolicy {
         match self {
             RestartPolicy::Always => "always",
             RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
         }
     }
 }

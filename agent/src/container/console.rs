@@ -2,8 +2,7 @@
 //! (which CRIU can dump and restore) and it appends to `console.log`,
 //! keeping at most `max_bytes` there: past that the file becomes
 //! `console.log.1` (replacing the older one) and a new one starts. It runs
-//! as `ferry console-logger` in its own process group, so it outlives the
-//! agent. The cap is `ferry agent --console-log-max` (8M by default).
+//! in the container's shim (`shim.rs`), so it outlives the agent. The cap is `ferry agent --console-log-max` (8M by default).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

@@ -13,7 +13,7 @@ use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
-use crate::driver::{Driver, DriverError, ExecOutput, RunState, Status};
+use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, RunState, Status};
 
 impl From<RuncError> for DriverError {
     fn from(e: RuncError) -> Self {
@@ -230,6 +230,10 @@ impl Driver for Host {
 
     fn has_checkpoint(&self, name: &InstanceName) -> bool {
         self.dir(name).checkpoint().join("inventory.img").exists()
+    }
+
+    fn last_exit(&self, name: &InstanceName) -> Option<ProcessExit> {
+        super::shim::read_exit(&super::runc::last_exit_file(&self.dir(name).runc_log()))
     }
 
     async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {

@@ -6,3 +6,4 @@ mod confine;
 pub mod console;
 pub(crate) mod host;
 mod runc;
+pub mod shim;

@@ -2,13 +2,32 @@
 //! agent has its own state root so several agents share a host; every call
 //! logs to the instance's runc.log, and errors name that file.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde::Deserialize;
 use tokio::process::Command;
 
+use super::shim;
 use crate::driver::ExecOutput;
+
+/// How long past the runtime timeout a shim may take to report.
+const SHIM_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where the shim records how a container's process ended: beside its
+/// runc log.
+pub fn last_exit_file(log: &Path) -> PathBuf {
+    log.with_file_name("last-exit")
+}
+
+/// The first line `out` writes, without its newline.
+async fn first_line(out: tokio::process::ChildStdout) -> std::io::Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    tokio::io::BufReader::new(out).read_line(&mut line).await?;
+    Ok(line.trim_end().to_string())
+}
 
 /// Output of `ferry exec` kept at most (per stream).
 const MAX_EXEC_OUTPUT: usize = 1 << 20;
@@ -178,12 +197,19 @@ impl Runc {
         }
     }
 
+    /// runc's options before the subcommand.
+    fn global_args(&self, log: &Path) -> [OsString; 4] {
+        [
+            "--root".into(),
+            self.root.clone().into(),
+            "--log".into(),
+            log.into(),
+        ]
+    }
+
     fn command(&self, log: &Path) -> Command {
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--log")
-            .arg(log)
+        cmd.args(self.global_args(log))
             .stdin(Stdio::null())
             // Dropped only when its timeout passed: then it must end.
             .kill_on_drop(true);
@@ -248,61 +274,84 @@ impl Runc {
             .map(|(_, state)| state))
     }
 
-    /// The container's stdout and stderr: a pipe to a logger in its own
-    /// process group (`ferry console-logger`, see `console.rs`) that
-    /// appends to `console.log` beside the runc log, capped and rotated.
-    /// Not the file itself: CRIU cannot dump a host file opened outside the
-    /// container's mounts, while a pipe it records and runc reconnects on
-    /// restore. The logger outlives the agent.
-    fn console(&self, log: &Path) -> Result<(Stdio, Stdio), RuncError> {
-        let console_log = log.with_file_name("console.log");
-        let fail = |source| RuncError::File {
-            path: console_log.clone(),
-            source,
-        };
-        let (reader, writer) = std::io::pipe().map_err(fail)?;
-        let ferry = std::env::current_exe().map_err(fail)?;
-        Command::new(ferry)
-            .arg("console-logger")
-            .arg("--max-bytes")
-            .arg(self.console_max_bytes.to_string())
-            .arg(&console_log)
-            .stdin(reader)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(fail)?;
-        let err = writer.try_clone().map_err(fail)?;
-        Ok((Stdio::from(writer), Stdio::from(err)))
-    }
-
     /// Start detached.
     pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), RuncError> {
-        let mut cmd = self.command(log);
-        cmd.args(["run", "--detach", "--bundle"])
-            .arg(bundle)
-            .arg(id);
-        self.detached("run", id, log, cmd).await
+        let sub: Vec<OsString> = vec![
+            "run".into(),
+            "--detach".into(),
+            "--bundle".into(),
+            bundle.into(),
+        ];
+        self.detached("run", id, log, sub).await
     }
 
-    /// Run a command that leaves the container behind; runc hands its own
-    /// stdio to the container, so errors come from runc's log file.
+    /// Run a runc command that leaves the container behind, through
+    /// `ferry shim` (see `shim.rs`), which stays as the container's parent
+    /// and console logger in its own process group, outliving the agent.
+    /// The console is a pipe, not the file itself: CRIU cannot dump a host
+    /// file opened outside the container's mounts, while a pipe it records
+    /// and runc reconnects on restore. runc hands that pipe to the
+    /// container, so errors come from runc's log file.
     async fn detached(
         &self,
         op: &'static str,
         id: &str,
         log: &Path,
-        mut cmd: Command,
+        mut sub: Vec<OsString>,
     ) -> Result<(), RuncError> {
-        let (out, err) = self.console(log)?;
-        cmd.stdout(out).stderr(err);
-        let status = self.bounded(op, id, log, cmd.status()).await?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(self.failure(op, id, log))
+        let fail = |source| RuncError::File {
+            path: log.to_path_buf(),
+            source,
+        };
+        let pid_file = log.with_file_name("init.pid");
+        sub.extend(["--pid-file".into(), pid_file.clone().into(), id.into()]);
+        let mut runc = vec![self.binary.clone().into_os_string()];
+        runc.extend(self.global_args(log));
+        runc.extend(sub);
+        let ferry = std::env::current_exe().map_err(fail)?;
+        let mut shim = Command::new(ferry);
+        shim.arg("shim")
+            .arg("--console")
+            .arg(log.with_file_name("console.log"))
+            .arg("--console-max-bytes")
+            .arg(self.console_max_bytes.to_string())
+            .arg("--exit-file")
+            .arg(last_exit_file(log))
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--timeout-ms")
+            .arg(self.timeout.as_millis().to_string())
+            .arg("--")
+            .args(runc)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = shim.spawn().map_err(fail)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| fail(std::io::Error::other("no stdout")))?;
+        // The shim kills runc at the timeout and says so; this bound only
+        // covers a shim that cannot even do that.
+        let line = tokio::time::timeout(self.timeout + SHIM_GRACE, first_line(stdout)).await;
+        match line {
+            Ok(Ok(line)) if line == shim::RUNC_OK => Ok(()),
+            Ok(Ok(line)) if line == shim::RUNC_FAILED => Err(self.failure(op, id, log)),
+            Ok(Ok(line)) if line != shim::RUNC_TIMED_OUT => Err(RuncError::Failed {
+                op,
+                id: id.to_string(),
+                message: format!("the container shim failed: {line}"),
+                log: log.to_path_buf(),
+            }),
+            Ok(Err(e)) => Err(fail(e)),
+            _ => Err(RuncError::TimedOut {
+                op,
+                id: id.to_string(),
+                after: self.timeout,
+                log: log.to_path_buf(),
+            }),
         }
     }
 
@@ -384,15 +433,17 @@ impl Runc {
         work: &Path,
         log: &Path,
     ) -> Result<(), RuncError> {
-        let mut cmd = self.command(log);
-        cmd.args(["restore", "--detach", "--image-path"])
-            .arg(images)
-            .arg("--work-path")
-            .arg(work)
-            .arg("--bundle")
-            .arg(bundle)
-            .arg(id);
-        let result = self.detached("restore", id, log, cmd).await;
+        let sub: Vec<OsString> = vec![
+            "restore".into(),
+            "--detach".into(),
+            "--image-path".into(),
+            images.into(),
+            "--work-path".into(),
+            work.into(),
+            "--bundle".into(),
+            bundle.into(),
+        ];
+        let result = self.detached("restore", id, log, sub).await;
         result.map_err(|e| with_criu_reasons(e, &work.join("restore.log"), log))
     }
 

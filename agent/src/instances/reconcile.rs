@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_raft::{DesiredState, Instance, NodeId, ObservedState, RestartPolicy};
 
-use crate::driver::RunState;
+use crate::driver::{ProcessExit, RunState};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -48,11 +48,13 @@ pub fn quick_restarts(before: u32, ran_for: Duration) -> u32 {
     }
 }
 
-/// What the owner should do for `instance`, and what to report.
+/// What the owner should do for `instance`, and what to report; `exit` is
+/// how its process last ended, when its parent recorded that.
 pub fn decide(
     instance: &Instance,
     me: NodeId,
     runtime: Option<RunState>,
+    exit: Option<ProcessExit>,
 ) -> (Action, Option<ObservedState>) {
     // Only the owner runs an instance; a job's participants drive it while
     // it moves.
@@ -71,10 +73,18 @@ pub fn decide(
         }
         (DesiredState::Running, None) if instance.checkpointed => (Action::Restore, None),
         (DesiredState::Running, None) => (Action::Start, None),
-        (DesiredState::Running, Some(RunState::Stopped)) => match instance.spec.restart {
-            RestartPolicy::Always => (Action::Restart, None),
-            RestartPolicy::Never => (Action::Nothing, Some(ObservedState::Stopped)),
-        },
+        (DesiredState::Running, Some(RunState::Stopped)) => {
+            // An end nobody recorded (the shim was killed too) counts as a
+            // failure: restarting is the safe side for a wanted service.
+            let failed = exit.is_none_or(ProcessExit::is_failure);
+            match instance.spec.restart {
+                RestartPolicy::Always => (Action::Restart, None),
+                RestartPolicy::OnFailure if failed => (Action::Restart, None),
+                RestartPolicy::OnFailure | RestartPolicy::Never => {
+                    (Action::Nothing, Some(ObservedState::Stopped))
+                }
+            }
+        }
         (DesiredState::Stopped, Some(RunState::Running | RunState::Paused)) => (Action::Stop, None),
         _ => (Action::Nothing, Some(observed)),
     }
@@ -109,31 +119,62 @@ mod tests {
     fn never_starts_a_second_copy_when_the_runtime_reports_one() {
         let i = instance(DesiredState::Running, ObservedState::Pending);
         for status in [RunState::Running, RunState::Paused] {
-            assert_eq!(decide(&i, 1, Some(status)).0, Action::Nothing, "{status:?}");
+            assert_eq!(
+                decide(&i, 1, Some(status), None).0,
+                Action::Nothing,
+                "{status:?}"
+            );
         }
     }
 
     #[test]
     fn an_ended_process_is_restarted_only_with_policy_always() {
         let mut i = instance(DesiredState::Running, ObservedState::Running);
-        assert_eq!(decide(&i, 1, Some(RunState::Stopped)).0, Action::Restart);
+        assert_eq!(
+            decide(&i, 1, Some(RunState::Stopped), None).0,
+            Action::Restart
+        );
         i.spec.restart = RestartPolicy::Never;
         assert_eq!(
-            decide(&i, 1, Some(RunState::Stopped)),
+            decide(&i, 1, Some(RunState::Stopped), None),
             (Action::Nothing, Some(ObservedState::Stopped))
         );
         // Stopped on purpose, or moving: never restarted.
         let mut stopped = instance(DesiredState::Stopped, ObservedState::Stopped);
         assert_eq!(
-            decide(&stopped, 1, Some(RunState::Stopped)).0,
+            decide(&stopped, 1, Some(RunState::Stopped), None).0,
             Action::Nothing
         );
         stopped.desired = DesiredState::Running;
         stopped.job = Some(3);
         assert_eq!(
-            decide(&stopped, 1, Some(RunState::Stopped)).0,
+            decide(&stopped, 1, Some(RunState::Stopped), None).0,
             Action::Nothing
         );
+    }
+
+    #[test]
+    fn on_failure_restarts_anything_but_a_clean_exit() {
+        let mut i = instance(DesiredState::Running, ObservedState::Running);
+        i.spec.restart = RestartPolicy::OnFailure;
+        let stopped = Some(RunState::Stopped);
+        for exit in [ProcessExit::Code(3), ProcessExit::Signal(9)] {
+            assert_eq!(
+                decide(&i, 1, stopped, Some(exit)).0,
+                Action::Restart,
+                "{exit}"
+            );
+        }
+        assert_eq!(
+            decide(&i, 1, stopped, Some(ProcessExit::Code(0))),
+            (Action::Nothing, Some(ObservedState::Stopped))
+        );
+        // Nobody saw how it ended: restarted, the safe side for a service.
+        assert_eq!(decide(&i, 1, stopped, None).0, Action::Restart);
+        // `always` restarts a clean exit too.
+        i.spec.restart = RestartPolicy::Always;
+        let clean = Some(ProcessExit::Code(0));
+        assert_eq!(decide(&i, 1, stopped, clean).0, Action::Restart);
     }
 
     #[test]
@@ -150,7 +191,7 @@ mod tests {
         for desired in [DesiredState::Running, DesiredState::Stopped] {
             for status in [None, Some(RunState::Running)] {
                 let i = instance(desired, ObservedState::Running);
-                assert_eq!(decide(&i, 2, status), (Action::Nothing, None));
+                assert_eq!(decide(&i, 2, status, None), (Action::Nothing, None));
             }
         }
     }
@@ -159,25 +200,25 @@ mod tests {
     fn an_instance_held_by_a_job_is_left_to_the_job() {
         let mut i = instance(DesiredState::Running, ObservedState::Running);
         i.job = Some(4);
-        assert_eq!(decide(&i, 1, None), (Action::Nothing, None));
+        assert_eq!(decide(&i, 1, None, None), (Action::Nothing, None));
     }
 
     #[test]
     fn a_missing_container_is_started_or_restored() {
         let mut i = instance(DesiredState::Running, ObservedState::Pending);
-        assert_eq!(decide(&i, 1, None).0, Action::Start);
+        assert_eq!(decide(&i, 1, None, None).0, Action::Start);
         i.checkpointed = true;
-        assert_eq!(decide(&i, 1, None).0, Action::Restore);
+        assert_eq!(decide(&i, 1, None, None).0, Action::Restore);
         i.observed = ObservedState::Error;
-        assert_eq!(decide(&i, 1, None).0, Action::Nothing);
+        assert_eq!(decide(&i, 1, None, None).0, Action::Nothing);
     }
 
     #[test]
     fn a_running_container_that_should_be_stopped_is_stopped() {
         let i = instance(DesiredState::Stopped, ObservedState::Running);
-        assert_eq!(decide(&i, 1, Some(RunState::Running)).0, Action::Stop);
+        assert_eq!(decide(&i, 1, Some(RunState::Running), None).0, Action::Stop);
         assert_eq!(
-            decide(&i, 1, None),
+            decide(&i, 1, None, None),
             (Action::Nothing, Some(ObservedState::Stopped))
         );
     }

@@ -14,6 +14,7 @@ use super::commit;
 use super::reconcile::{self, Action};
 use super::report::{observe, report};
 use crate::api::names::InstanceName;
+use crate::driver::ProcessExit;
 use crate::node::Agent;
 
 /// Instances reconciled at once.
@@ -102,13 +103,18 @@ async fn reconcile_one(agent: &Agent, shared: &Shared, name: &InstanceName) {
             .entry(name.to_string())
             .or_insert((Instant::now(), 0));
     }
-    let (action, observed) = reconcile::decide(&instance, agent.id(), status);
+    let exit = match status {
+        Some(crate::driver::RunState::Stopped) => agent.driver().last_exit(name),
+        _ => None,
+    };
+    let (action, observed) = reconcile::decide(&instance, agent.id(), status, exit);
     match action {
         Action::Nothing => {
             if let Some(observed) = observed.filter(|o| *o != instance.observed) {
                 let detail = match observed {
                     ObservedState::Stopped if instance.observed == ObservedState::Running => {
-                        Some("its process ended (restart policy: never)".to_string())
+                        let policy = instance.spec.restart.as_str();
+                        Some(format!("{} (restart policy: {policy})", ended(exit)))
                     }
                     _ => instance.detail.clone(),
                 };
@@ -129,7 +135,7 @@ async fn reconcile_one(agent: &Agent, shared: &Shared, name: &InstanceName) {
             }
             report(agent, name, result.err().map(|e| e.to_string())).await;
         }
-        Action::Restart => restart(agent, shared, name, &instance).await,
+        Action::Restart => restart(agent, shared, name, &instance, exit).await,
         Action::Stop => {
             tracing::info!(instance = %name, "stopping instance that should not run");
             if let Err(e) = agent.driver().stop(name, false).await {
@@ -137,6 +143,11 @@ async fn reconcile_one(agent: &Agent, shared: &Shared, name: &InstanceName) {
             }
         }
     }
+}
+
+/// How a process ended, in words, for the instance's detail and restarts.
+fn ended(exit: Option<ProcessExit>) -> String {
+    exit.map_or_else(|| "its process ended".to_string(), |e| e.to_string())
 }
 
 /// When an ended instance may start again, and its quick restarts by then:
@@ -163,6 +174,7 @@ async fn restart(
     shared: &Shared,
     name: &InstanceName,
     instance: &ferry_raft::Instance,
+    exit: Option<ProcessExit>,
 ) {
     let now = Instant::now();
     let (at, quick, known) = {
@@ -174,17 +186,17 @@ async fn restart(
     if now < at {
         if instance.observed != ObservedState::Stopped {
             let wait = (at - now).as_secs().max(1);
-            let detail = format!("its process ended; restarting in {wait}s");
+            let detail = format!("{}; restarting in {wait}s", ended(exit));
             observe(agent, name, ObservedState::Stopped, Some(detail), false).await;
         }
         return;
     }
     lock(&shared.restarts).due.remove(name.as_str());
     let reason = match known {
-        true => "its process ended",
-        false => "it was not running when this agent started (host or agent restart)",
+        true => ended(exit),
+        false => "it was not running when this agent started (host or agent restart)".to_string(),
     };
-    tracing::info!(instance = %name, reason, "restarting instance");
+    tracing::info!(instance = %name, %reason, "restarting instance");
     let result = agent.driver().start(name).await;
     if result.is_ok() {
         lock(&shared.restarts)
@@ -194,7 +206,7 @@ async fn restart(
             name: name.to_string(),
             node: agent.id(),
             epoch: instance.epoch,
-            reason: reason.to_string(),
+            reason,
         };
         if let Err(e) = commit(agent, restarted).await {
             tracing::warn!(instance = %name, "restart not recorded: {e}");

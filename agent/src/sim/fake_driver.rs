@@ -202,6 +202,11 @@ impl Driver for FakeDriver {
         self.dir(name).join("checkpoint").exists()
     }
 
+    fn last_exit(&self, _: &InstanceName) -> Option<crate::driver::ProcessExit> {
+        // Processes here never end on their own.
+        None
+    }
+
     async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
         self.check("import_rootfs", name)?;
         let _ = std::fs::remove_dir_all(self.dir(name));
