@@ -184,6 +184,7 @@ pub(crate) async fn start(
     tokio::spawn(identity::keep_ca_key(agent.clone()));
     tokio::spawn(crate::instances::reconciler::run(agent.clone()));
     tokio::spawn(crate::migration::run(agent.clone()));
+    tokio::spawn(crate::hosts::runner::run(agent.clone()));
 
     dir.save_api_info(&ApiInfo {
         address: addr.to_string(),

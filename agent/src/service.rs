@@ -11,7 +11,7 @@ use ferry_transport::rpc::{Peer, Service};
 
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind, Request, Response};
 use crate::node::Agent;
-use crate::{identity, instances, membership, migration};
+use crate::{hosts, identity, instances, membership, migration};
 
 /// A request frame from a caller without a certificate (a joiner) may
 /// be at most this large: a join request is a name, a secret, an address
@@ -252,10 +252,21 @@ async fn handle_api(
         },
         ApiRequest::Move(request) => jobs::start_move(agent, request).await,
         ApiRequest::JobList => Ok(jobs::list(agent)),
+        ApiRequest::JobShow { id } if hosts::is_host_job(agent, id) => hosts::show(agent, id),
         ApiRequest::JobShow { id } => jobs::show(agent, id).await,
         ApiRequest::JobProgress { id } => Ok(ApiReply::Progress(agent.transfers().get(id))),
         ApiRequest::JobTargetRuns { id } if from_member => jobs::target_runs(agent, id).await,
+        ApiRequest::JobAbort { id } if hosts::is_host_job(agent, id) => {
+            hosts::abort(agent, id).await
+        }
         ApiRequest::JobAbort { id } => jobs::abort(agent, id).await,
+        ApiRequest::Cordon { name, cordoned } => hosts::cordon(agent, &name, cordoned).await,
+        ApiRequest::Evacuate(request) => hosts::evacuate(agent, request).await,
+        ApiRequest::Restore { member, dry_run } => hosts::restore(agent, &member, dry_run).await,
+        ApiRequest::HostJobList => Ok(hosts::list(agent)),
+        ApiRequest::Placement { instance, stateful } => {
+            hosts::placement(agent, instance.as_deref(), stateful)
+        }
         ApiRequest::Launch(request) => instances::launch::launch(agent, request).await,
         ApiRequest::InstanceList => Ok(instances::list(agent)),
         ApiRequest::InstanceShow { name } => instances::show(agent, &name),

@@ -40,6 +40,14 @@ pub struct LaunchArgs {
     /// `never` leaves it stopped.
     #[arg(long, value_enum, default_value_t = Restart::Always)]
     restart: Restart,
+    /// What evacuating its member does with it: `auto` follows the
+    /// evacuation's --mode; `live`, `stateless`, `stop` (in place, state
+    /// kept) or `stay` (left running there).
+    #[arg(long, value_enum, default_value_t = Evacuate::Auto)]
+    evacuate: Evacuate,
+    /// Print every member's placement verdict for it, and launch nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// The command to run, after '--'.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -53,6 +61,15 @@ pub enum Restart {
     OnFailure,
     /// Leave it stopped.
     Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Evacuate {
+    Auto,
+    Live,
+    Stateless,
+    Stop,
+    Stay,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -203,6 +220,10 @@ fn print_detail(d: &InstanceDetail) {
         (Some(why), n) => println!("restart:   {} ({n} restarts; last: {why})", d.restart),
         (None, _) => println!("restart:   {}", d.restart),
     }
+    println!("evacuate:  {}", d.evacuate);
+    if let Some(origin) = &d.origin {
+        println!("origin:    {origin}; 'ferry cluster restore' brings it back");
+    }
     if d.checkpointed {
         println!("memory state kept by a stateful stop; 'ferry start' restores it");
     }
@@ -252,6 +273,17 @@ async fn op(client: &Client, name: &str, op: InstanceOp) -> Result<ApiReply> {
 }
 
 async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
+    if args.dry_run {
+        let request = ApiRequest::Placement {
+            instance: None,
+            stateful: None,
+        };
+        let ApiReply::Placement(candidates) = client.call(request).await? else {
+            return Err(unexpected());
+        };
+        crate::hosts::print_candidates(&candidates);
+        return Ok(());
+    }
     let rootfs = std::path::absolute(&args.rootfs)
         .with_context(|| format!("bad rootfs path {}", args.rootfs.display()))?;
     let request = LaunchRequest {
@@ -265,6 +297,13 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
             Restart::Always => ferry_raft::RestartPolicy::Always,
             Restart::Never => ferry_raft::RestartPolicy::Never,
             Restart::OnFailure => ferry_raft::RestartPolicy::OnFailure,
+        },
+        evacuate: match args.evacuate {
+            Evacuate::Auto => ferry_raft::EvacuatePolicy::Auto,
+            Evacuate::Live => ferry_raft::EvacuatePolicy::Live,
+            Evacuate::Stateless => ferry_raft::EvacuatePolicy::Stateless,
+            Evacuate::Stop => ferry_raft::EvacuatePolicy::Stop,
+            Evacuate::Stay => ferry_raft::EvacuatePolicy::Stay,
         },
     };
     let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {

@@ -24,9 +24,10 @@ pub enum Mode {
 pub struct MoveArgs {
     /// The instance to move.
     name: String,
-    /// The member to move it to.
+    /// The member to move it to (default: the one placement picks; with
+    /// --dry-run, every member's verdict).
     #[arg(long, value_name = "NODE")]
-    target: String,
+    target: Option<String>,
     /// Move memory state too (default for a running instance).
     #[arg(long, conflicts_with = "stateless")]
     stateful: bool,
@@ -242,6 +243,24 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
         precopy_goal_percent: args.precopy_goal,
         dry_run: args.dry_run,
     };
+    if args.dry_run && args.target.is_none() {
+        let ApiReply::Placement(candidates) = client
+            .call(ApiRequest::Placement {
+                instance: Some(args.name.clone()),
+                stateful: request.stateful,
+            })
+            .await?
+        else {
+            bail!("the agent answered with an unexpected reply");
+        };
+        return match args.format {
+            Format::Json => print_json(&candidates),
+            Format::Table => {
+                crate::hosts::print_candidates(&candidates);
+                Ok(())
+            }
+        };
+    }
     match client.call(ApiRequest::Move(request)).await? {
         ApiReply::Report(report) => {
             match args.format {
@@ -253,7 +272,7 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
             } else {
                 bail!(
                     "{} cannot take '{}': {}",
-                    args.target,
+                    args.target.as_deref().unwrap_or_default(),
                     args.name,
                     report
                         .iter()
@@ -282,9 +301,28 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
             let ApiReply::Jobs(jobs) = client.call(ApiRequest::JobList).await? else {
                 bail!("the agent answered with an unexpected reply");
             };
+            let ApiReply::HostJobs(hosts) = client.call(ApiRequest::HostJobList).await? else {
+                bail!("the agent answered with an unexpected reply");
+            };
             match format {
-                Format::Json => print_json(&jobs),
+                Format::Json => print_json(&serde_json::json!({ "hosts": hosts, "moves": jobs })),
                 Format::Table => {
+                    if !hosts.is_empty() {
+                        let rows = hosts
+                            .iter()
+                            .map(|h| {
+                                vec![
+                                    h.id.to_string(),
+                                    h.kind.clone(),
+                                    h.member.clone(),
+                                    h.state.clone(),
+                                    crate::hosts::progress_line(h),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["ID", "KIND", "MEMBER", "STATE", "PROGRESS"], rows);
+                        println!();
+                    }
                     let rows = jobs
                         .iter()
                         .map(|j| {
@@ -294,12 +332,15 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
                                 j.source.clone(),
                                 j.target.clone(),
                                 j.phase.clone(),
+                                j.parent.map(|p| p.to_string()).unwrap_or_default(),
                                 j.error.clone().unwrap_or_default(),
                             ]
                         })
                         .collect();
                     print_table(
-                        &["ID", "INSTANCE", "SOURCE", "TARGET", "PHASE", "ERROR"],
+                        &[
+                            "ID", "INSTANCE", "SOURCE", "TARGET", "PHASE", "PARENT", "ERROR",
+                        ],
                         rows,
                     );
                     Ok(())
@@ -307,6 +348,15 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
             }
         }
         JobCommand::Show { id, format } => {
+            if let Some(host) = crate::hosts::host_job(client, id).await? {
+                return match format {
+                    Format::Json => print_json(&host),
+                    Format::Table => {
+                        crate::hosts::print_host_job(&host);
+                        Ok(())
+                    }
+                };
+            }
             let view = job(client, id).await?;
             match format {
                 Format::Json => print_json(&view),
@@ -316,14 +366,24 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
                 }
             }
         }
-        JobCommand::Wait { id } => follow(client, id).await,
-        JobCommand::Abort { id } => {
-            let ApiReply::Job(view) = client.call(ApiRequest::JobAbort { id }).await? else {
-                bail!("the agent answered with an unexpected reply");
-            };
-            println!("abort requested for job {} (phase {})", view.id, view.phase);
-            Ok(())
-        }
+        JobCommand::Wait { id } => match crate::hosts::host_job(client, id).await? {
+            Some(_) => crate::hosts::follow(client, id).await,
+            None => follow(client, id).await,
+        },
+        JobCommand::Abort { id } => match client.call(ApiRequest::JobAbort { id }).await? {
+            ApiReply::Job(view) => {
+                println!("abort requested for job {} (phase {})", view.id, view.phase);
+                Ok(())
+            }
+            ApiReply::HostJob(view) => {
+                println!(
+                    "abort requested for job {}: no new moves start; running ones finish or roll back",
+                    view.id
+                );
+                Ok(())
+            }
+            _ => bail!("the agent answered with an unexpected reply"),
+        },
     }
 }
 

@@ -1,6 +1,7 @@
 //! `ferry`: the one binary. `ferry agent` runs the daemon; every other
 //! command talks to the local agent over mutually authenticated QUIC.
 
+mod hosts;
 mod instances;
 mod jobs;
 mod output;
@@ -161,6 +162,16 @@ enum ClusterCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Give a member no new instances (placement skips it).
+    Cordon { name: String },
+    /// Let placement use a cordoned member again.
+    Uncordon { name: String },
+    /// Move every instance off a member (cordoning it), a few at a time,
+    /// each to a member placement picks; what cannot move is stopped with
+    /// its state kept.
+    Evacuate(hosts::EvacuateArgs),
+    /// Uncordon a member and bring back what an evacuation took from it.
+    Restore(hosts::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -392,5 +403,9 @@ async fn cluster(client: &Client, command: ClusterCommand) -> Result<()> {
             println!("removed member '{name}'");
             Ok(())
         }
+        ClusterCommand::Cordon { name } => hosts::cordon(client, name, true).await,
+        ClusterCommand::Uncordon { name } => hosts::cordon(client, name, false).await,
+        ClusterCommand::Evacuate(args) => hosts::evacuate(client, args).await,
+        ClusterCommand::Restore(args) => hosts::restore(client, args).await,
     }
 }

@@ -557,8 +557,13 @@ impl Cluster {
     /// Start sampling, every 20 ms until stopped, how many copies of
     /// `instance` run across all agents.
     pub fn sampler(&self, instance: &str) -> Sampler {
+        self.sampler_of(&[instance])
+    }
+
+    /// The same for several instances: the most copies of any one of them.
+    pub fn sampler_of(&self, instances: &[&str]) -> Sampler {
         let dirs: Vec<PathBuf> = self.agents.iter().map(|a| a.data_dir.clone()).collect();
-        let instance = instance.to_string();
+        let instances: Vec<String> = instances.iter().map(|i| i.to_string()).collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -568,7 +573,7 @@ impl Cluster {
                 if flag.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                let running = dirs
+                let running: Vec<String> = dirs
                     .iter()
                     .map(|d| AgentProc {
                         name: String::new(),
@@ -576,9 +581,12 @@ impl Cluster {
                         child: None,
                     })
                     .flat_map(|a| a.containers())
-                    .filter(|(id, status)| *id == instance && status == "running")
-                    .count();
-                most = most.max(running);
+                    .filter(|(_, status)| status == "running")
+                    .map(|(id, _)| id)
+                    .collect();
+                for instance in &instances {
+                    most = most.max(running.iter().filter(|id| *id == instance).count());
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             most

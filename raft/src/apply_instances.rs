@@ -32,6 +32,7 @@ impl Instance {
             job: None,
             restarts: 0,
             last_restart: None,
+            origin: None,
         }
     }
 }

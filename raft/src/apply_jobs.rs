@@ -20,7 +20,7 @@ impl ClusterState {
                 target,
                 options,
                 now_ms,
-            } => self.create_move(instance, *target, options, *now_ms),
+            } => self.create_move(instance, *target, options, *now_ms, None),
             JobCommand::Advance {
                 id,
                 from,
@@ -59,12 +59,13 @@ impl ClusterState {
         }
     }
 
-    fn create_move(
+    pub(crate) fn create_move(
         &mut self,
         instance: &str,
         target: NodeId,
         options: &MoveOptions,
         now_ms: u64,
+        parent: Option<JobId>,
     ) -> Result<CommandResult, JobRejection> {
         let inst = self
             .instances
@@ -103,6 +104,7 @@ impl ClusterState {
             created_ms: now_ms,
             phase_ms: now_ms,
             abort_requested: false,
+            parent,
         };
         self.next_job_id = id + 1;
         self.jobs.insert(id, job);

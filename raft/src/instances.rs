@@ -34,6 +34,8 @@ pub struct InstanceSpec {
     pub unconfined: bool,
     /// What the owner does when the process ends without ferry ending it.
     pub restart: RestartPolicy,
+    /// What an evacuation of its member does with it.
+    pub evacuate: crate::hosts::EvacuatePolicy,
 }
 
 /// `--restart`: what the owner does when the instance's process ends on its
@@ -151,6 +153,8 @@ pub struct Instance {
     /// the last time.
     pub restarts: u32,
     pub last_restart: Option<String>,
+    /// Set by an evacuation, for the restore that brings it home.
+    pub origin: Option<crate::hosts::Origin>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

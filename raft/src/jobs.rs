@@ -143,6 +143,8 @@ pub struct Job {
     pub phase_ms: u64,
     /// Abort was requested; participants roll back at the next chance.
     pub abort_requested: bool,
+    /// The host job (evacuate, restore) this move is a child of.
+    pub parent: Option<JobId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

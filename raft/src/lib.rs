@@ -1,8 +1,10 @@
 //! ferry-raft: the openraft type config, durable storage (redb), the
 //! cluster state machine and the Raft network over ferry-transport.
 
+mod apply_hosts;
 mod apply_instances;
 mod apply_jobs;
+pub mod hosts;
 pub mod ids;
 pub mod instances;
 pub mod jobs;
@@ -12,6 +14,7 @@ pub mod network;
 pub mod state;
 pub mod store;
 
+pub use hosts::*;
 pub use ids::*;
 pub use instances::*;
 pub use jobs::*;

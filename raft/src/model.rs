@@ -84,6 +84,8 @@ pub struct Member {
     /// Serials of the admin client certificates this member's agent issued
     /// (for the CLI on its host); revoked with the member.
     pub admin_serials: Vec<String>,
+    /// Gets no new instances (`cluster cordon`, or an evacuation).
+    pub cordoned: bool,
 }
 
 impl Member {
@@ -98,6 +100,7 @@ impl Member {
             joined_ms: now_ms,
             facts: None,
             admin_serials: Vec::new(),
+            cordoned: false,
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct ClusterState {
     pub next_node_id: NodeId,
     pub instances: BTreeMap<String, crate::instances::Instance>,
     pub jobs: BTreeMap<crate::ids::JobId, crate::jobs::Job>,
+    /// Evacuations and restores; their ids come from `next_job_id` too.
+    pub host_jobs: BTreeMap<crate::ids::JobId, crate::hosts::HostJob>,
     pub next_job_id: crate::ids::JobId,
     /// Results of the latest `Once` writes, oldest first, so that a write
     /// retried after its reply was lost gets its first result again.
@@ -217,6 +222,8 @@ pub enum Command {
         id: NodeId,
         serial: String,
     },
+    /// Host workflows (evacuate, restore, cordon).
+    Host(crate::hosts::HostJobCommand),
 }
 
 /// Why a command was refused by the state machine. Carried back to the
@@ -247,6 +254,8 @@ pub enum Rejection {
     Instance(#[from] crate::instances::InstanceRejection),
     #[error(transparent)]
     Job(#[from] crate::jobs::JobRejection),
+    #[error(transparent)]
+    Host(#[from] crate::hosts::HostJobRejection),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

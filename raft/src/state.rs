@@ -162,6 +162,7 @@ impl ClusterState {
             Command::RecordAdminCert { id, serial } => self.record_admin_cert(*id, serial),
             Command::Instance(cmd) => Ok(self.apply_instance(cmd)?),
             Command::Job(cmd) => Ok(self.apply_job(cmd)?),
+            Command::Host(cmd) => self.apply_host(cmd),
         }
     }
 

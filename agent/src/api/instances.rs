@@ -17,6 +17,7 @@ pub struct LaunchRequest {
     /// Without the default seccomp filter.
     pub unconfined: bool,
     pub restart: ferry_raft::RestartPolicy,
+    pub evacuate: ferry_raft::EvacuatePolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -26,6 +27,7 @@ pub struct UploadRequest {
     pub memory_bytes: Option<u64>,
     pub unconfined: bool,
     pub restart: ferry_raft::RestartPolicy,
+    pub evacuate: ferry_raft::EvacuatePolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -81,4 +83,8 @@ pub struct InstanceDetail {
     pub baseline: Option<Baseline>,
     pub snapshots: Vec<SnapshotRecord>,
     pub job: Option<u64>,
+    /// Its evacuation policy (`--evacuate`).
+    pub evacuate: String,
+    /// The member an evacuation took it from (a restore brings it back).
+    pub origin: Option<String>,
 }

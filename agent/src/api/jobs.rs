@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MoveRequest {
     pub instance: String,
-    pub target: String,
+    /// None: chosen by placement.
+    pub target: Option<String>,
     /// None: stateful if the instance runs, else stateless.
     pub stateful: Option<bool>,
     pub mode: TransferMode,
@@ -24,6 +25,8 @@ pub struct JobView {
     pub instance: String,
     pub source: String,
     pub target: String,
+    /// The evacuation or restore it is part of.
+    pub parent: Option<JobId>,
     pub phase: String,
     pub done: bool,
     pub succeeded: bool,

@@ -3,6 +3,7 @@
 //! type lives here (layer 0), so the CLI and every feature share one
 //! vocabulary without importing each other.
 
+pub mod hosts;
 pub mod instances;
 pub mod jobs;
 pub mod names;
@@ -125,6 +126,23 @@ pub enum ApiRequest {
     JobTargetRuns {
         id: ferry_raft::JobId,
     },
+    /// `ferry cluster cordon|uncordon`.
+    Cordon {
+        name: String,
+        cordoned: bool,
+    },
+    Evacuate(hosts::EvacuateRequest),
+    Restore {
+        member: String,
+        dry_run: bool,
+    },
+    HostJobList,
+    /// Placement's verdict on every member for `instance` (a new instance
+    /// when `None`).
+    Placement {
+        instance: Option<String>,
+        stateful: Option<bool>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -162,6 +180,11 @@ pub enum ApiReply {
     CaKey {
         key_pem: String,
     },
+    HostJob(Box<hosts::HostJobView>),
+    HostJobs(Vec<hosts::HostJobView>),
+    /// What an evacuation or restore would do (`--dry-run`).
+    HostPlan(Vec<hosts::PlannedItem>),
+    Placement(Vec<hosts::CandidateView>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,7 +197,7 @@ pub struct MemberView {
     pub leader: bool,
     /// "alive" | "suspect" | "dead"
     pub liveness: String,
-    /// "online" | "evacuating" | "evacuated"
+    /// "online" | "cordoned" | "evacuating" | "evacuated"
     pub state: String,
 }
 

@@ -21,27 +21,26 @@ use crate::transfer::tree;
 /// A launch waits this long for the rootfs to reach a remote owner.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The member to place a new instance on: the named one, else the one with
-/// the most memory. (Gossip load facts will refine this to free memory.)
-fn place(agent: &Agent, target: Option<&str>) -> Result<NodeId, ApiError> {
-    agent.state().read(|s| match target {
-        Some(name) => s.member_by_name(name).map(|m| m.id).ok_or_else(|| {
+/// The member to place a new instance on: the named one, else the one
+/// placement picks (alive, not cordoned, room for it, most free memory).
+fn place(
+    agent: &Agent,
+    target: Option<&str>,
+    memory_bytes: Option<u64>,
+) -> Result<NodeId, ApiError> {
+    let Some(name) = target else {
+        let mut ask = crate::placement::Ask::default();
+        ask.spec.memory_bytes = memory_bytes;
+        return crate::placement::choose(&agent.placement_members(), &ask)
+            .map_err(|why| err(ErrorKind::Unavailable, format!("cannot place it: {why}")));
+    };
+    agent.state().read(|s| {
+        s.member_by_name(name).map(|m| m.id).ok_or_else(|| {
             err(
                 ErrorKind::NotFound,
                 format!("no member named '{name}'; 'ferry cluster list' shows the members"),
             )
-        }),
-        None => s
-            .members
-            .values()
-            .max_by_key(|m| {
-                (
-                    m.facts.as_ref().map_or(0, |f| f.memory_total_bytes),
-                    std::cmp::Reverse(m.id),
-                )
-            })
-            .map(|m| m.id)
-            .ok_or_else(|| err(ErrorKind::Unavailable, "the cluster has no members yet")),
+        })
     })
 }
 
@@ -49,13 +48,14 @@ fn spec_of(
     command: &[String],
     memory_bytes: Option<u64>,
     unconfined: bool,
-    restart: RestartPolicy,
+    (restart, evacuate): (RestartPolicy, ferry_raft::EvacuatePolicy),
 ) -> InstanceSpec {
     InstanceSpec {
         command: command.to_vec(),
         memory_bytes,
         unconfined,
         restart,
+        evacuate,
         ..Default::default()
     }
 }
@@ -75,8 +75,13 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
             format!("cannot read rootfs {}: {e}", rootfs.display()),
         )
     })?;
-    let owner = place(agent, req.target.as_deref())?;
-    let spec = spec_of(&req.command, req.memory_bytes, req.unconfined, req.restart);
+    let owner = place(agent, req.target.as_deref(), req.memory_bytes)?;
+    let spec = spec_of(
+        &req.command,
+        req.memory_bytes,
+        req.unconfined,
+        (req.restart, req.evacuate),
+    );
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -192,6 +197,7 @@ async fn upload(
         memory_bytes: req.memory_bytes,
         unconfined: req.unconfined,
         restart: req.restart,
+        evacuate: req.evacuate,
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
@@ -255,7 +261,12 @@ pub async fn receive_upload(
             let why = format!("receiving the rootfs failed: {e}");
             return Err(err(ErrorKind::BadRequest, why));
         }
-        let spec = spec_of(&req.command, req.memory_bytes, req.unconfined, req.restart);
+        let spec = spec_of(
+            &req.command,
+            req.memory_bytes,
+            req.unconfined,
+            (req.restart, req.evacuate),
+        );
         prepare_local(agent, name, &spec, None).await
     }
     .await;

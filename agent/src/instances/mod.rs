@@ -93,6 +93,16 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
         baseline: i.baseline.clone(),
         snapshots: i.snapshots.clone(),
         job: i.job,
+        evacuate: i.spec.evacuate.as_str().into(),
+        origin: i.origin.as_ref().map(|o| {
+            let name = agent
+                .member_name(o.member)
+                .unwrap_or_else(|| format!("node-{}", o.member));
+            match o.stopped {
+                true => format!("{name} (stopped there by an evacuation)"),
+                false => name,
+            }
+        }),
     })))
 }
 

@@ -112,6 +112,7 @@ mod tests {
             job: None,
             restarts: 0,
             last_restart: None,
+            origin: None,
         }
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ferry_raft::{
-    Command, CommandResult, Job, JobCommand, JobId, MoveOptions, ObservedState, Phase,
+    Command, CommandResult, Job, JobCommand, JobId, MoveOptions, NodeId, ObservedState, Phase,
 };
 
 use super::compat;
@@ -12,6 +12,7 @@ use crate::api::names::InstanceName;
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind};
 use crate::clock::now_ms;
 use crate::node::Agent;
+use crate::placement;
 
 fn not_found(message: String) -> ApiError {
     ApiError::new(ErrorKind::NotFound, message)
@@ -29,6 +30,7 @@ pub fn job_view(agent: &Agent, job: &Job) -> JobView {
         instance: job.instance.clone(),
         source: name(job.source),
         target: name(job.target),
+        parent: job.parent,
         phase: job.phase.name(),
         done: job.phase.is_terminal(),
         succeeded: job.phase == Phase::Done,
@@ -46,32 +48,71 @@ pub fn job_view(agent: &Agent, job: &Job) -> JobView {
     }
 }
 
-pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiReply, ApiError> {
-    let (target, running, owner) = agent.state().read(|s| {
-        let inst = s.instances.get(&request.instance).ok_or_else(|| {
+/// The member named `target`, else the one placement picks for a move of
+/// `instance` (stateful or not).
+fn target_of(
+    agent: &Agent,
+    instance: &str,
+    target: Option<&str>,
+    stateful: Option<bool>,
+) -> Result<(NodeId, String), ApiError> {
+    let members = agent.placement_members();
+    agent.state().read(|s| {
+        let inst = s.instances.get(instance).ok_or_else(|| {
             not_found(format!(
-                "no instance named '{}'; 'ferry list' shows the instances",
-                request.instance
+                "no instance named '{instance}'; 'ferry list' shows the instances"
             ))
         })?;
-        let target = s.member_by_name(&request.target).ok_or_else(|| {
+        let Some(name) = target else {
+            let stateful = stateful.unwrap_or(inst.observed == ObservedState::Running);
+            let ask = placement::Ask::existing(s, inst, stateful);
+            let id = placement::choose(&members, &ask).map_err(|why| {
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot place '{instance}': {why}"),
+                )
+            })?;
+            let name = s
+                .members
+                .get(&id)
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            return Ok((id, name));
+        };
+        let member = s.member_by_name(name).ok_or_else(|| {
             not_found(format!(
-                "no member named '{}'; 'ferry cluster list' shows the members",
-                request.target
+                "no member named '{name}'; 'ferry cluster list' shows the members"
             ))
         })?;
-        Ok::<_, ApiError>((
-            target.id,
-            inst.observed == ObservedState::Running,
-            inst.owner,
-        ))
-    })?;
+        Ok((member.id, name.to_string()))
+    })
+}
+
+pub async fn start_move(
+    agent: &Arc<Agent>,
+    mut request: MoveRequest,
+) -> Result<ApiReply, ApiError> {
+    let (target, target_name) = target_of(
+        agent,
+        &request.instance,
+        request.target.as_deref(),
+        request.stateful,
+    )?;
+    request.target = Some(target_name);
+    let (running, owner) = agent.state().read(|s| {
+        let inst = s.instances.get(&request.instance);
+        (
+            inst.is_some_and(|i| i.observed == ObservedState::Running),
+            inst.map_or(0, |i| i.owner),
+        )
+    });
     if owner == target {
         return Err(ApiError::new(
             ErrorKind::Conflict,
             format!(
                 "instance '{}' is already on '{}'",
-                request.instance, request.target
+                request.instance,
+                request.target.as_deref().unwrap_or_default()
             ),
         ));
     }
@@ -81,7 +122,7 @@ pub async fn start_move(agent: &Arc<Agent>, request: MoveRequest) -> Result<ApiR
             ErrorKind::Unavailable,
             format!(
                 "member '{}' is dead by gossip ('ferry cluster list' shows it); a move to it cannot run",
-                request.target
+                request.target.as_deref().unwrap_or_default()
             ),
         ));
     }

@@ -236,6 +236,7 @@ pub(crate) mod tests {
             created_ms: 0,
             phase_ms: 1_000,
             abort_requested: false,
+            parent: None,
         }
     }
 

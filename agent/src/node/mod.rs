@@ -6,6 +6,7 @@
 mod keyring;
 mod locks;
 pub mod peers;
+mod placement;
 mod raft_client;
 pub mod write;
 

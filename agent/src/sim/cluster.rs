@@ -149,6 +149,7 @@ impl Sim {
             command: vec!["sleep".into(), "1000".into()],
             unconfined: false,
             restart: Default::default(),
+            evacuate: Default::default(),
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await
@@ -174,7 +175,7 @@ impl Sim {
     ) -> JobId {
         let request = MoveRequest {
             instance: name.into(),
-            target: target.into(),
+            target: Some(target.into()),
             stateful,
             mode,
             precopy_iterations: 0,

@@ -83,6 +83,7 @@ async fn of_two_launches_of_one_name_one_is_refused_and_the_files_are_the_winner
             command: vec!["sleep".into(), "1000".into()],
             unconfined: false,
             restart: Default::default(),
+            evacuate: Default::default(),
         };
         let agent = n1.clone();
         launches.push(tokio::spawn(async move {

@@ -1,0 +1,181 @@
+//! The leader's host-job loop: for every unfinished evacuation or restore,
+//! the steps `plan::next` gives, each carried out once at a time per item
+//! (a step still in hand is not started again). Only the leader acts; a new
+//! leader takes over from the committed state.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_raft::{HostJobCommand, ItemState, JobId, MoveOptions};
+
+use super::plan::{self, Step};
+use crate::api::instances::InstanceOp;
+use crate::api::{ApiError, ApiRequest};
+use crate::clock::now_ms;
+use crate::node::Agent;
+
+/// How often the leader looks at its host jobs.
+const TICK: Duration = Duration::from_millis(500);
+/// A stop or start on the owner ends within this (a CRIU dump included).
+const OWNER_CALL: Duration = Duration::from_secs(300);
+
+type InHand = Arc<Mutex<HashSet<(JobId, String)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub async fn run(agent: Arc<Agent>) {
+    let in_hand: InHand = Arc::default();
+    loop {
+        tokio::select! {
+            _ = agent.stopped() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        if !agent.is_leader() {
+            continue;
+        }
+        let members = agent.placement_members();
+        let work: Vec<(JobId, Vec<Step>)> = agent.state().read(|s| {
+            s.host_jobs
+                .values()
+                .filter(|j| !j.is_done())
+                .map(|j| (j.id, plan::next(j, s, &mut super::placer(s, &members))))
+                .collect()
+        });
+        for (id, steps) in work {
+            for step in steps {
+                let key = (id, step.instance().unwrap_or_default().to_string());
+                if !lock(&in_hand).insert(key.clone()) {
+                    continue;
+                }
+                let (agent, in_hand) = (agent.clone(), in_hand.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = take(&agent, id, step).await {
+                        tracing::warn!(job = id, instance = %key.1, "host job step failed: {e}");
+                    }
+                    lock(&in_hand).remove(&key);
+                });
+            }
+        }
+    }
+}
+
+async fn commit(agent: &Agent, cmd: HostJobCommand) -> Result<(), ApiError> {
+    super::commit(agent, cmd).await.map(|_| ())
+}
+
+async fn settle(
+    agent: &Agent,
+    id: JobId,
+    instance: String,
+    state: ItemState,
+    detail: String,
+) -> Result<(), ApiError> {
+    let detail = Some(detail);
+    commit(
+        agent,
+        HostJobCommand::Settle {
+            id,
+            instance,
+            state,
+            detail,
+        },
+    )
+    .await
+}
+
+async fn take(agent: &Agent, id: JobId, step: Step) -> Result<(), ApiError> {
+    match step {
+        Step::StartMove {
+            instance,
+            target,
+            stateful,
+        } => {
+            let options = MoveOptions {
+                stateful,
+                ..MoveOptions::default()
+            };
+            let start = HostJobCommand::StartMove {
+                id,
+                instance,
+                target,
+                options,
+                now_ms: now_ms(),
+            };
+            commit(agent, start).await
+        }
+        Step::Settle {
+            instance,
+            state,
+            detail,
+        } => settle(agent, id, instance, state, detail).await,
+        Step::Finish => {
+            commit(
+                agent,
+                HostJobCommand::Finish {
+                    id,
+                    now_ms: now_ms(),
+                },
+            )
+            .await
+        }
+        Step::StopInPlace { instance, why } => {
+            let (state, detail) = stop_in_place(agent, &instance, why).await;
+            settle(agent, id, instance, state, detail).await
+        }
+        Step::StartInPlace { instance } => {
+            let (state, detail) = match on_owner(agent, &instance, InstanceOp::Start).await {
+                Ok(()) => (ItemState::Started, "started where it is".to_string()),
+                Err(e) => (ItemState::Failed, format!("cannot start it: {e}")),
+            };
+            settle(agent, id, instance, state, detail).await
+        }
+    }
+}
+
+/// Stop `instance` on its owner keeping its memory state; if that cannot
+/// be done, stop it plainly (its files stay) and say why.
+async fn stop_in_place(agent: &Agent, instance: &str, why: String) -> (ItemState, String) {
+    let stateful = InstanceOp::Stop {
+        stateful: true,
+        force: false,
+    };
+    let Err(e) = on_owner(agent, instance, stateful).await else {
+        return (ItemState::Stopped, why);
+    };
+    let plain = InstanceOp::Stop {
+        stateful: false,
+        force: false,
+    };
+    match on_owner(agent, instance, plain).await {
+        Ok(()) => (
+            ItemState::Stopped,
+            format!("{why} (files only: a stateful stop failed: {e})"),
+        ),
+        Err(e2) => (
+            ItemState::Failed,
+            format!("{why}, but it cannot be stopped: {e2}"),
+        ),
+    }
+}
+
+/// Run `op` on `instance`'s owner (this agent forwards to it).
+async fn on_owner(agent: &Agent, instance: &str, op: InstanceOp) -> Result<(), String> {
+    let owner = agent
+        .state()
+        .read(|s| s.instances.get(instance).map(|i| i.owner))
+        .ok_or_else(|| format!("no instance named '{instance}'"))?;
+    let peer = agent.peer(owner).map_err(|e| e.to_string())?;
+    let request = ApiRequest::Instance {
+        name: instance.to_string(),
+        op,
+        forwarded: true,
+    };
+    agent
+        .call_api(&peer, request, OWNER_CALL)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

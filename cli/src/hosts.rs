@@ -1,0 +1,273 @@
+//! `ferry cluster cordon|uncordon|evacuate|restore` and the host jobs they
+//! start: a plan for `--dry-run`, progress while children run, a one-line
+//! summary at the end.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use ferry_agent::api::hosts::{CandidateView, EvacuateRequest, HostJobView, PlannedItem};
+use ferry_agent::api::{ApiReply, ApiRequest};
+use ferry_agent::client::Client;
+use ferry_raft::EvacuateMode;
+
+use crate::output::{print_json, print_table};
+use crate::Format;
+
+#[derive(Clone, Copy, Default, ValueEnum)]
+pub enum Mode {
+    /// Live where it runs and a compatible member exists, else stop it
+    /// with its state kept.
+    #[default]
+    Auto,
+    /// Live, else stop it with its state kept.
+    Live,
+    /// Stop, copy, start elsewhere.
+    Stateless,
+    /// Stop every instance where it is, its state kept.
+    Stop,
+}
+
+#[derive(Args)]
+pub struct EvacuateArgs {
+    /// The member to empty.
+    name: String,
+    /// What to do with instances whose own policy (`launch --evacuate`) is auto.
+    #[arg(long, value_enum, default_value_t)]
+    mode: Mode,
+    /// Moves running at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    parallel: u32,
+    /// Print what would happen to each instance, and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Return once the job is created instead of following it.
+    #[arg(long)]
+    detach: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The member to bring its instances back to (and uncordon).
+    name: String,
+    /// Print what would happen to each instance, and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Return once the job is created instead of following it.
+    #[arg(long)]
+    detach: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+pub async fn cordon(client: &Client, name: String, cordoned: bool) -> Result<()> {
+    let request = ApiRequest::Cordon {
+        name: name.clone(),
+        cordoned,
+    };
+    client.call(request).await?;
+    match cordoned {
+        true => println!("cordoned '{name}': it gets no new instances"),
+        false => println!("uncordoned '{name}'"),
+    }
+    Ok(())
+}
+
+pub async fn evacuate(client: &Client, args: EvacuateArgs) -> Result<()> {
+    let request = ApiRequest::Evacuate(EvacuateRequest {
+        member: args.name,
+        mode: match args.mode {
+            Mode::Auto => EvacuateMode::Auto,
+            Mode::Live => EvacuateMode::Live,
+            Mode::Stateless => EvacuateMode::Stateless,
+            Mode::Stop => EvacuateMode::Stop,
+        },
+        parallel: args.parallel,
+        dry_run: args.dry_run,
+    });
+    started(client, request, args.detach, args.format).await
+}
+
+pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
+    let request = ApiRequest::Restore {
+        member: args.name,
+        dry_run: args.dry_run,
+    };
+    started(client, request, args.detach, args.format).await
+}
+
+async fn started(client: &Client, request: ApiRequest, detach: bool, format: Format) -> Result<()> {
+    match client.call(request).await? {
+        ApiReply::HostPlan(plan) => match format {
+            Format::Json => print_json(&plan),
+            Format::Table => {
+                print_plan(&plan);
+                Ok(())
+            }
+        },
+        ApiReply::HostJob(view) if detach => match format {
+            Format::Json => print_json(&view),
+            Format::Table => {
+                println!("job {} started ({} instances)", view.id, view.items.len());
+                Ok(())
+            }
+        },
+        ApiReply::HostJob(view) => follow(client, view.id).await,
+        _ => bail!("the agent answered with an unexpected reply"),
+    }
+}
+
+fn print_plan(plan: &[PlannedItem]) {
+    if plan.is_empty() {
+        println!("nothing to do: no instance is concerned");
+        return;
+    }
+    let rows = plan
+        .iter()
+        .map(|p| vec![p.instance.clone(), p.action.clone()])
+        .collect();
+    print_table(&["INSTANCE", "WOULD"], rows);
+}
+
+pub fn print_candidates(candidates: &[CandidateView]) {
+    let rows = candidates
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.score.map_or("-".into(), |s| s.to_string()),
+                c.rejected.clone().unwrap_or_else(|| "ok".into()),
+            ]
+        })
+        .collect();
+    print_table(&["MEMBER", "SCORE", "VERDICT"], rows);
+}
+
+pub async fn host_job(client: &Client, id: u64) -> Result<Option<HostJobView>> {
+    match client.call(ApiRequest::JobShow { id }).await? {
+        ApiReply::HostJob(job) => Ok(Some(*job)),
+        _ => Ok(None),
+    }
+}
+
+pub fn print_host_job(job: &HostJobView) {
+    println!("job:       {} ({} {})", job.id, job.kind, job.member);
+    println!("state:     {}", job.state);
+    println!("mode:      {}, {} at a time", job.mode, job.parallel);
+    let rows = job
+        .items
+        .iter()
+        .map(|i| {
+            vec![
+                i.instance.clone(),
+                i.state.clone(),
+                i.target.clone().unwrap_or_default(),
+                i.child
+                    .map(|c| format!("{c} {}", i.child_phase.clone().unwrap_or_default()))
+                    .unwrap_or_default(),
+                i.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["INSTANCE", "STATE", "TARGET", "MOVE", "DETAIL"], rows);
+}
+
+/// "evacuate n2: 3/6 done; moving c4 → n3 (Frozen), c5 → n1 (Preparing)"
+pub fn progress_line(job: &HostJobView) -> String {
+    let done = job
+        .items
+        .iter()
+        .filter(|i| !matches!(i.state.as_str(), "waiting" | "moving"))
+        .count();
+    let moving: Vec<String> = job
+        .items
+        .iter()
+        .filter(|i| i.state == "moving")
+        .map(|i| {
+            format!(
+                "{} → {} ({})",
+                i.instance,
+                i.target.clone().unwrap_or_default(),
+                i.child_phase.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    let mut line = format!(
+        "{} {}: {done}/{} done",
+        job.kind,
+        job.member,
+        job.items.len()
+    );
+    if !moving.is_empty() {
+        line.push_str(&format!("; moving {}", moving.join(", ")));
+    }
+    line
+}
+
+/// "moved 4, stopped 1, stayed 1, failed 0 in 12.3 s; worst downtime 812 ms"
+pub fn summary(job: &HostJobView, took: Duration) -> String {
+    let count = |state: &str| job.items.iter().filter(|i| i.state == state).count();
+    let worst = job.items.iter().filter_map(|i| i.downtime_ms).max();
+    let mut line = format!(
+        "{} {}: moved {}, stopped {}, started {}, stayed {}, failed {} in {:.1} s",
+        job.kind,
+        job.member,
+        count("moved"),
+        count("stopped"),
+        count("started"),
+        count("stayed"),
+        count("failed"),
+        took.as_secs_f64()
+    );
+    if let Some(worst) = worst {
+        line.push_str(&format!("; worst downtime {worst} ms"));
+    }
+    line
+}
+
+/// Follow a host job to its end; Ok unless an item failed.
+pub async fn follow(client: &Client, id: u64) -> Result<()> {
+    let started = Instant::now();
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let mut last = String::new();
+    let view = loop {
+        let Some(view) = host_job(client, id).await? else {
+            bail!("job {id} is not an evacuation or restore");
+        };
+        let line = progress_line(&view);
+        match &bar {
+            Some(bar) => bar.set_message(line.clone()),
+            None if line != last => println!("{line}"),
+            None => {}
+        }
+        last = line;
+        if view.state == "done" {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    for item in view.items.iter().filter(|i| i.state != "moved") {
+        println!(
+            "{}: {} ({})",
+            item.instance,
+            item.state,
+            item.detail.clone().unwrap_or_default()
+        );
+    }
+    let line = summary(&view, started.elapsed());
+    if view.items.iter().any(|i| i.state == "failed") {
+        bail!("{line}")
+    }
+    println!("{line}");
+    Ok(())
+}
