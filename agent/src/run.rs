@@ -47,6 +47,10 @@ pub struct AgentOptions {
     pub runtime_timeout: Duration,
     /// Bytes of the data dir's filesystem instance data may not use.
     pub disk_reserve_bytes: u64,
+    /// On SIGTERM or Ctrl-C, evacuate this member first, for at most
+    /// `stop_timeout`.
+    pub evacuate_on_stop: bool,
+    pub stop_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +101,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     );
     let driver: Arc<dyn Driver> = Arc::new(host);
     let agent = start(dir, config, seeds, &opts, driver).await?;
-    wait_for_shutdown(agent).await
+    let evacuate = opts.evacuate_on_stop.then_some(opts.stop_timeout);
+    wait_for_shutdown(agent, evacuate).await
 }
 
 async fn open_raft(
@@ -232,13 +237,25 @@ async fn initialize(raft: &Raft, config: &NodeConfig) -> Result<(), AgentError> 
         .map_err(raft_error)
 }
 
-async fn wait_for_shutdown(agent: Arc<Agent>) -> Result<(), AgentError> {
+/// A stop asked by a signal: evacuate first when the agent was told to.
+async fn stop_asked(agent: &Agent, evacuate_on_stop: Option<Duration>) -> Option<String> {
+    if let Some(timeout) = evacuate_on_stop {
+        let outcome = crate::hosts::stop::evacuate_on_stop(agent, timeout).await;
+        tracing::info!("{outcome}");
+    }
+    None
+}
+
+async fn wait_for_shutdown(
+    agent: Arc<Agent>,
+    evacuate_on_stop: Option<Duration>,
+) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Raft(format!("cannot watch SIGTERM: {e}")))?;
     let mut metrics = agent.raft().metrics();
     let reason = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = sigterm.recv() => None,
+        _ = tokio::signal::ctrl_c() => stop_asked(&agent, evacuate_on_stop).await,
+        _ = sigterm.recv() => stop_asked(&agent, evacuate_on_stop).await,
         reason = agent.stopped() => reason,
         failed = metrics.wait_for(|m| m.running_state.is_err()) => {
             // Raft stopped for good (a storage error: ENOSPC, EIO): an

@@ -126,6 +126,16 @@ struct AgentArgs {
     /// room, e.g. 1G.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = instances::parse_size)]
     disk_reserve: u64,
+    /// On SIGTERM or Ctrl-C (the host shutting down), evacuate this member
+    /// first: its instances move to other members (placement picks), and
+    /// what has not moved within --stop-timeout is stopped with its state
+    /// kept.
+    #[arg(long)]
+    evacuate_on_stop: bool,
+    /// How long --evacuate-on-stop may take; keep the service manager's
+    /// own stop timeout (systemd's TimeoutStopSec) above it.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = output::parse_duration)]
+    stop_timeout: Duration,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -338,6 +348,8 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         console_log_max_bytes: args.console_log_max,
         runtime_timeout: args.runtime_timeout,
         disk_reserve_bytes: args.disk_reserve,
+        evacuate_on_stop: args.evacuate_on_stop,
+        stop_timeout: args.stop_timeout,
     })
     .await?;
     Ok(())

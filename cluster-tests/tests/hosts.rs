@@ -253,11 +253,54 @@ fn cordon_keeps_new_instances_off_and_evacuation_is_refused_if_it_costs_quorum()
     cluster.ferry_ok(0, &["cluster", "uncordon", "n1"])?;
     assert_eq!(member_state(&cluster, 0, "n1")?, "online");
 
+    // Evacuating the leader (n1) moves the leadership away from it.
+    cluster.ferry_ok(0, &["cluster", "evacuate", "n1"])?;
+    assert_eq!(member_state(&cluster, 0, "n1")?, "evacuated");
+    wait_for("another leader", CONVERGE, || {
+        let members = cluster.members(1)?;
+        let leader = members.iter().find(|m| m["leader"] == true);
+        match leader.and_then(|m| m["name"].as_str()) {
+            Some(name) if name != "n1" => Ok(()),
+            other => bail!("leader {other:?}"),
+        }
+    })?;
+    cluster.ferry_ok(1, &["cluster", "restore", "n1"])?;
+    assert_eq!(member_state(&cluster, 1, "n1")?, "online");
+
     cluster.kill(2);
     cluster.wait_liveness("n3", "dead", CONVERGE)?;
     let err = cluster.ferry_err(0, &["cluster", "evacuate", "n2"])?;
     assert!(err.contains("would leave 1 of 3 voters"), "{err}");
     assert!(err.contains("bring back n3"), "{err}");
     assert_eq!(member_state(&cluster, 0, "n2")?, "online");
+    Ok(())
+}
+
+#[test]
+fn an_agent_stopped_with_evacuate_on_stop_hands_its_instances_off_first() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec![
+        "--evacuate-on-stop".into(),
+        "--stop-timeout".into(),
+        "120s".into(),
+    ];
+    cluster.start_three()?;
+    let names = counters_on(&cluster, "n2", 3)?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let sampler = cluster.sampler_of(&refs);
+    let pid = cluster.agents[1].pid().unwrap();
+    cluster_tests::run_tool("kill", &["-TERM", &pid.to_string()])?;
+    let code = cluster.wait_exit(1, EVACUATION)?;
+    assert_eq!(code, Some(0), "the agent's exit after evacuating");
+    for name in &names {
+        assert_ne!(owner_of(&cluster, 0, name)?, "n2", "{name} still on n2");
+        assert_eq!(cluster.running_copies(name), 1, "{name}");
+    }
+    assert_eq!(member_state(&cluster, 0, "n2")?, "evacuated");
+    let most = sampler.finish();
+    assert_eq!(most, 1, "at some moment {most} copies of one instance ran");
     Ok(())
 }

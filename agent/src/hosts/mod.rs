@@ -5,6 +5,7 @@
 
 pub mod plan;
 pub mod runner;
+pub mod stop;
 
 use std::collections::BTreeMap;
 

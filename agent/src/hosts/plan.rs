@@ -51,6 +51,20 @@ impl Step {
     }
 }
 
+/// Whether a leader should hand its leadership to another voter: its own
+/// member is being (or was) evacuated, so its host may go down next, and a
+/// voter that could take over is alive.
+pub fn should_hand_off(me: Option<&ferry_raft::Member>, other_voters_alive: usize) -> bool {
+    let evacuated = me.is_some_and(|m| {
+        m.cordoned
+            && matches!(
+                m.state,
+                ferry_raft::MemberState::Evacuating | ferry_raft::MemberState::Evacuated
+            )
+    });
+    evacuated && other_voters_alive > 0
+}
+
 /// What placement is asked for one instance.
 pub struct PlaceAsk<'a> {
     pub instance: &'a Instance,
@@ -386,6 +400,20 @@ mod tests {
             .iter()
             .filter(|s| matches!(s, Step::StartMove { .. }))
             .count()
+    }
+
+    #[test]
+    fn only_an_evacuated_leader_with_a_live_voter_to_take_over_hands_off() {
+        let mut s = cluster(0);
+        assert!(!should_hand_off(s.members.get(&1), 2), "online");
+        create(&mut s, HostJobKind::Evacuate, EvacuateMode::Auto, 2);
+        assert!(should_hand_off(s.members.get(&1), 2));
+        assert!(
+            !should_hand_off(s.members.get(&1), 0),
+            "nobody to take over"
+        );
+        s.members.get_mut(&1).unwrap().cordoned = false;
+        assert!(!should_hand_off(s.members.get(&1), 2), "uncordoned");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_raft::{HostJobCommand, ItemState, JobId, MoveOptions};
 
@@ -22,18 +22,74 @@ const OWNER_CALL: Duration = Duration::from_secs(300);
 
 type InHand = Arc<Mutex<HashSet<(JobId, String)>>>;
 
+/// A leader that tried to hand off waits this long before trying again.
+const HAND_OFF_EVERY: Duration = Duration::from_secs(30);
+/// How long a hand-off may take before the leader gives up and leads on.
+const HAND_OFF_WAIT: Duration = Duration::from_secs(10);
+
+fn wants_hand_off(agent: &Agent) -> bool {
+    let me = agent.id();
+    let voters: Vec<ferry_raft::NodeId> = agent
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    let others = voters
+        .iter()
+        .filter(|v| **v != me && agent.member_alive(**v))
+        .count();
+    agent
+        .state()
+        .read(|s| plan::should_hand_off(s.members.get(&me), others))
+}
+
+/// openraft 0.9 has no leadership transfer: the leader stops sending
+/// heartbeats and does not campaign, so the other voters' leader lease
+/// runs out and one of them is elected; then it behaves as usual again.
+/// Entries still replicated meanwhile can delay that; after the wait it
+/// leads on and tries again later.
+async fn hand_off_leadership(agent: &Agent) {
+    let me = agent.id();
+    let config = agent.raft().runtime_config();
+    config.elect(false);
+    config.heartbeat(false);
+    let mut metrics = agent.raft().metrics();
+    let moved = tokio::time::timeout(
+        HAND_OFF_WAIT,
+        metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != me)),
+    )
+    .await;
+    config.heartbeat(true);
+    config.elect(true);
+    match moved {
+        Ok(Ok(_)) => tracing::info!("handed the Raft leadership away from this evacuated member"),
+        _ => tracing::warn!(
+            "the Raft leadership did not move away within {HAND_OFF_WAIT:?}; leading on"
+        ),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub async fn run(agent: Arc<Agent>) {
     let in_hand: InHand = Arc::default();
+    let mut last_hand_off: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = agent.stopped() => return,
             _ = tokio::time::sleep(TICK) => {}
         }
         if !agent.is_leader() {
+            continue;
+        }
+        if last_hand_off.is_none_or(|at| at.elapsed() > HAND_OFF_EVERY) && wants_hand_off(&agent) {
+            last_hand_off = Some(Instant::now());
+            hand_off_leadership(&agent).await;
             continue;
         }
         let members = agent.placement_members();
@@ -162,7 +218,7 @@ async fn stop_in_place(agent: &Agent, instance: &str, why: String) -> (ItemState
 }
 
 /// Run `op` on `instance`'s owner (this agent forwards to it).
-async fn on_owner(agent: &Agent, instance: &str, op: InstanceOp) -> Result<(), String> {
+pub(super) async fn on_owner(agent: &Agent, instance: &str, op: InstanceOp) -> Result<(), String> {
     let owner = agent
         .state()
         .read(|s| s.instances.get(instance).map(|i| i.owner))

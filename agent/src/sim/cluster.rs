@@ -39,6 +39,8 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         console_log_max_bytes: 8 << 20,
         runtime_timeout: Duration::from_secs(300),
         disk_reserve_bytes: 0,
+        evacuate_on_stop: false,
+        stop_timeout: Duration::from_secs(1),
     }
 }
 
