@@ -63,6 +63,7 @@ pub async fn probe(data_dir: &Path, runtimes: Runtimes) -> HostFacts {
         }
     };
     hide_for_tests(&mut facts);
+    crate::hooks::fake_upgrade(data_dir, &mut facts);
     facts
 }
 

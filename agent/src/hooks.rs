@@ -47,3 +47,27 @@ pub fn criu_fails(data_dir: &Path, op: &str) -> bool {
 pub fn criu_fails(_data_dir: &Path, _op: &str) -> bool {
     false
 }
+
+/// The syscall a test build adds to a host "upgraded" by a test's hook.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+pub const UPGRADED_SYSCALL: &str = "ferry_test_upgraded";
+
+/// A test's upgrade hook writes the file `test-kernel` (a kernel release)
+/// into the data dir: a test build then reports that kernel and one more
+/// syscall, standing for a host booted into a newer kernel.
+#[cfg(feature = "test-hooks")]
+pub fn fake_upgrade(data_dir: &Path, facts: &mut ferry_raft::HostFacts) {
+    let Ok(kernel) = std::fs::read_to_string(data_dir.join("test-kernel")) else {
+        return;
+    };
+    tracing::warn!(
+        kernel = kernel.trim(),
+        "test build: reporting an upgraded kernel"
+    );
+    facts.kernel = kernel.trim().to_string();
+    facts.syscalls.push(UPGRADED_SYSCALL.to_string());
+    facts.syscalls.sort();
+}
+
+#[cfg(not(feature = "test-hooks"))]
+pub fn fake_upgrade(_data_dir: &Path, _facts: &mut ferry_raft::HostFacts) {}

@@ -25,6 +25,10 @@ pub struct Member {
     pub load_1m: Option<f32>,
     /// Instances it owns (replicated state).
     pub instances: u32,
+    /// Already upgraded in the running rolling upgrade: an instance placed
+    /// there will not have to move again, and one started on a newer
+    /// kernel may need what older members lack.
+    pub upgraded: bool,
 }
 
 /// What is being placed.
@@ -173,7 +177,8 @@ fn score(m: &Member, ask: &Ask) -> i64 {
     let instances = i64::from(m.instances + planned);
     let load = (f64::from(m.load_1m.unwrap_or(0.0)) * 100.0) as i64;
     let home = if ask.prefer == Some(m.id) { 1 << 40 } else { 0 };
-    (memory >> 20) as i64 - 256 * instances - load + home
+    let upgraded = if m.upgraded { 1 << 20 } else { 0 };
+    (memory >> 20) as i64 - 256 * instances - load + home + upgraded
 }
 
 #[cfg(test)]
@@ -207,6 +212,7 @@ mod tests {
             disk_room_bytes: Some(50 << 30),
             load_1m: Some(0.1),
             instances,
+            upgraded: false,
         }
     }
 
@@ -296,6 +302,10 @@ mod tests {
         // Instances already headed to n3 in this round count against it.
         ask.planned.insert(3, 12);
         assert_eq!(choose(&members, &ask), Ok(4), "fewer instances");
+        let mut with_upgraded = members.clone();
+        with_upgraded[0].upgraded = true;
+        with_upgraded[1].upgraded = true;
+        assert_eq!(choose(&with_upgraded, &ask), Ok(2), "already upgraded");
         ask.prefer = Some(2);
         assert_eq!(choose(&members, &ask), Ok(2), "its home");
         ask.only = Some(vec![2]);

@@ -264,6 +264,8 @@ async fn handle_api(
         ApiRequest::Evacuate(request) => hosts::evacuate(agent, request).await,
         ApiRequest::Restore { member, dry_run } => hosts::restore(agent, &member, dry_run).await,
         ApiRequest::HostJobList => Ok(hosts::list(agent)),
+        ApiRequest::Upgrade(request) => hosts::start_upgrade(agent, request).await,
+        ApiRequest::ResumeUpgrade { id } => hosts::resume_upgrade(agent, id).await,
         ApiRequest::Placement { instance, stateful } => {
             hosts::placement(agent, instance.as_deref(), stateful)
         }

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("migration::plan", 0),
     ("placement", 0),
     ("hosts::plan", 0),
+    ("hosts::rolling", 0),
     ("node", 1),
     ("gossip", 2),
     ("identity", 2),

@@ -63,6 +63,59 @@ pub struct RestoreArgs {
     format: Format,
 }
 
+#[derive(Args)]
+pub struct UpgradeArgs {
+    /// The command that upgrades a member, run there by its agent with
+    /// `sh` (it may restart the agent or reboot the host); FERRY_MEMBER,
+    /// FERRY_DATA_DIR and FERRY_AGENT_PID are set for it.
+    #[arg(long, value_name = "CMD", required_unless_present = "resume")]
+    hook: Option<String>,
+    /// Run on the member after the hook; it must exit 0.
+    #[arg(long, value_name = "CMD")]
+    verify: Option<String>,
+    /// The members to upgrade, in this order (default: all).
+    #[arg(
+        long,
+        value_name = "A,B",
+        value_delimiter = ',',
+        conflicts_with = "all"
+    )]
+    members: Vec<String>,
+    /// Upgrade every member (the default).
+    #[arg(long)]
+    all: bool,
+    /// Members down for their upgrade at once, at most.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    max_unavailable: u32,
+    /// Check every member's preflight and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue the stopped upgrade JOB: its failed member retries the
+    /// stage it failed in.
+    #[arg(long, value_name = "JOB", conflicts_with = "hook")]
+    resume: Option<u64>,
+    /// Return once the job is created instead of following it.
+    #[arg(long)]
+    detach: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+pub async fn upgrade(client: &Client, args: UpgradeArgs) -> Result<()> {
+    let request = match (args.resume, args.hook) {
+        (Some(id), _) => ApiRequest::ResumeUpgrade { id },
+        (None, Some(hook)) => ApiRequest::Upgrade(ferry_agent::api::hosts::UpgradeRequest {
+            hook,
+            verify: args.verify,
+            members: args.members,
+            max_unavailable: args.max_unavailable,
+            dry_run: args.dry_run,
+        }),
+        (None, None) => bail!("give --hook CMD, or --resume JOB"),
+    };
+    started(client, request, args.detach, args.format).await
+}
+
 pub async fn cordon(client: &Client, name: String, cordoned: bool) -> Result<()> {
     let request = ApiRequest::Cordon {
         name: name.clone(),
@@ -129,7 +182,7 @@ fn print_plan(plan: &[PlannedItem]) {
         .iter()
         .map(|p| vec![p.instance.clone(), p.action.clone()])
         .collect();
-    print_table(&["INSTANCE", "WOULD"], rows);
+    print_table(&["NAME", "WOULD"], rows);
 }
 
 pub fn print_candidates(candidates: &[CandidateView]) {
@@ -175,8 +228,17 @@ pub fn print_host_job(job: &HostJobView) {
     print_table(&["INSTANCE", "STATE", "TARGET", "MOVE", "DETAIL"], rows);
 }
 
-/// "evacuate n2: 3/6 done; moving c4 → n3 (Frozen), c5 → n1 (Preparing)"
+/// "evacuate n2: 3/6 done; moving c4 → n3 (Frozen), c5 → n1 (Preparing)",
+/// or for an upgrade "upgrade: n1 done, n2 hook, n3 waiting".
 pub fn progress_line(job: &HostJobView) -> String {
+    if let Some(upgrade) = &job.upgrade {
+        let members: Vec<String> = upgrade
+            .members
+            .iter()
+            .map(|m| format!("{} {}", m.name, m.stage))
+            .collect();
+        return format!("upgrade: {}", members.join(", "));
+    }
     let done = job
         .items
         .iter()
@@ -209,6 +271,28 @@ pub fn progress_line(job: &HostJobView) -> String {
 
 /// "moved 4, stopped 1, stayed 1, failed 0 in 12.3 s; worst downtime 812 ms"
 pub fn summary(job: &HostJobView, took: Duration) -> String {
+    if let Some(upgrade) = &job.upgrade {
+        let done = upgrade.members.iter().filter(|m| m.stage == "done").count();
+        let failed: Vec<&str> = upgrade
+            .members
+            .iter()
+            .filter(|m| m.stage == "failed")
+            .map(|m| m.name.as_str())
+            .collect();
+        let mut line = format!(
+            "upgrade: {done} of {} members upgraded in {:.1} s",
+            upgrade.members.len(),
+            took.as_secs_f64()
+        );
+        if !failed.is_empty() {
+            line.push_str(&format!(
+                "; stopped at {} ('ferry cluster upgrade --resume {}' continues)",
+                failed.join(", "),
+                job.id
+            ));
+        }
+        return line;
+    }
     let count = |state: &str| job.items.iter().filter(|i| i.state == state).count();
     let worst = job.items.iter().filter_map(|i| i.downtime_ms).max();
     let mut line = format!(
@@ -256,6 +340,15 @@ pub async fn follow(client: &Client, id: u64) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let upgrade_members = view.upgrade.iter().flat_map(|u| &u.members);
+    for m in upgrade_members.clone() {
+        let diff = match m.diff.is_empty() {
+            true => "no facts changed".to_string(),
+            false => m.diff.join("; "),
+        };
+        let detail = m.detail.clone().unwrap_or_default();
+        println!("{}: {} ({detail}; {diff})", m.name, m.stage);
+    }
     for item in view.items.iter().filter(|i| i.state != "moved") {
         println!(
             "{}: {} ({})",
@@ -265,7 +358,8 @@ pub async fn follow(client: &Client, id: u64) -> Result<()> {
         );
     }
     let line = summary(&view, started.elapsed());
-    if view.items.iter().any(|i| i.state == "failed") {
+    let failed = upgrade_members.clone().any(|m| m.stage == "failed");
+    if failed || view.items.iter().any(|i| i.state == "failed") {
         bail!("{line}")
     }
     println!("{line}");

@@ -182,6 +182,10 @@ enum ClusterCommand {
     Evacuate(hosts::EvacuateArgs),
     /// Uncordon a member and bring back what an evacuation took from it.
     Restore(hosts::RestoreArgs),
+    /// Roll an upgrade across members, one at a time: evacuate it, run the
+    /// hook there, wait for its agent, verify, restore; stop at the first
+    /// failure.
+    Upgrade(hosts::UpgradeArgs),
 }
 
 #[derive(Subcommand)]
@@ -419,5 +423,6 @@ async fn cluster(client: &Client, command: ClusterCommand) -> Result<()> {
         ClusterCommand::Uncordon { name } => hosts::cordon(client, name, false).await,
         ClusterCommand::Evacuate(args) => hosts::evacuate(client, args).await,
         ClusterCommand::Restore(args) => hosts::restore(client, args).await,
+        ClusterCommand::Upgrade(args) => hosts::upgrade(client, args).await,
     }
 }

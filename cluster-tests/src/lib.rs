@@ -472,6 +472,25 @@ impl Cluster {
         self.spawn(index, &[])
     }
 
+    /// Start again every agent that exited on its own (as a service
+    /// manager would, e.g. after an upgrade hook stopped it); returns
+    /// their indexes.
+    pub fn restart_exited(&mut self) -> Result<Vec<usize>> {
+        let mut restarted = Vec::new();
+        for index in 0..self.agents.len() {
+            let exited = match self.agents[index].child.as_mut() {
+                Some(child) => child.try_wait()?.is_some(),
+                None => false,
+            };
+            if exited {
+                self.agents[index].child = None;
+                self.spawn(index, &[])?;
+                restarted.push(index);
+            }
+        }
+        Ok(restarted)
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.agents[index].child.take() {

@@ -304,3 +304,153 @@ fn an_agent_stopped_with_evacuate_on_stop_hands_its_instances_off_first() -> Res
     assert_eq!(most, 1, "at some moment {most} copies of one instance ran");
     Ok(())
 }
+
+/// Follow upgrade job `id` through any live member, starting again every
+/// agent its hook stopped, until it is done; also the agents restarted.
+fn supervise_upgrade(cluster: &mut Cluster, id: u64) -> Result<(Value, Vec<usize>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut restarted = Vec::new();
+    loop {
+        restarted.extend(cluster.restart_exited()?);
+        let via = (0..cluster.agents.len()).find(|i| cluster.agents[*i].is_running());
+        let job = via.and_then(|i| {
+            cluster
+                .ferry_json(i, &["job", "show", &id.to_string()])
+                .ok()
+        });
+        if let Some(job) = job.clone().filter(|j| j["state"] == "done") {
+            return Ok((job, restarted));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("upgrade job {id} did not finish: {job:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn stages(job: &Value) -> Vec<(String, String)> {
+    job["upgrade"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or_default().into(),
+                m["stage"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_rolling_upgrade_takes_each_member_in_turn_and_brings_its_instances_home() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.start_three()?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    for (name, member) in [("c1", "n1"), ("c2", "n2"), ("c3", "n3")] {
+        cluster.launch_counter(name, member, &rootfs)?;
+    }
+    let before: Vec<u64> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|n| cluster.counter(0, n))
+        .collect::<Result<_>>()?;
+    let sampler = cluster.sampler_of(&["c1", "c2", "c3"]);
+    // The "new kernel": a test build reports it after the agent restarts.
+    let hook = r#"echo 6.99.0-ferry > "$FERRY_DATA_DIR/test-kernel"; kill "$FERRY_AGENT_PID""#;
+    let started = cluster.ferry_json(0, &["cluster", "upgrade", "--hook", hook, "--detach"])?;
+    let id = started["id"].as_u64().unwrap();
+    let (job, restarted) = supervise_upgrade(&mut cluster, id)?;
+    assert_eq!(restarted, [0, 1, 2], "each hook stopped its agent, in turn");
+    let want: Vec<(String, String)> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| (n.to_string(), "done".into()))
+        .collect();
+    assert_eq!(stages(&job), want, "{job}");
+    for member in job["upgrade"]["members"].as_array().unwrap() {
+        let diff = member["diff"].to_string();
+        assert!(
+            diff.contains("6.99.0-ferry") && diff.contains("+ferry_test_upgraded"),
+            "{member}"
+        );
+    }
+    cluster.wait_converged(&["n1", "n2", "n3"], CONVERGE)?;
+    for (i, (name, home)) in [("c1", "n1"), ("c2", "n2"), ("c3", "n3")]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            owner_of(&cluster, 0, name)?,
+            *home,
+            "{name} is not back home"
+        );
+        let now = cluster.counter(0, name)?;
+        assert!(
+            now >= before[i],
+            "{name}: counter went back from {} to {now}",
+            before[i]
+        );
+    }
+    for member in ["n1", "n2", "n3"] {
+        assert_eq!(member_state(&cluster, 0, member)?, "online");
+    }
+    let most = sampler.finish();
+    assert_eq!(most, 1, "at some moment {most} copies of one instance ran");
+    Ok(())
+}
+
+#[test]
+fn a_hook_failing_on_the_second_member_stops_the_upgrade_there_and_resume_goes_on() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.start_three()?;
+    counters_on(&cluster, "n2", 1)?;
+    std::fs::write(cluster.agents[1].data_dir.join("broken"), "")?;
+    let hook = r#"if [ -e "$FERRY_DATA_DIR/broken" ]; then echo "no space for the new kernel" >&2; exit 3; fi"#;
+    let err = cluster.ferry_err(
+        0,
+        &[
+            "cluster",
+            "upgrade",
+            "--hook",
+            hook,
+            "--members",
+            "n1,n2,n3",
+        ],
+    )?;
+    assert!(err.contains("stopped at n2"), "{err}");
+    let jobs = cluster.ferry_json(0, &["job", "list"])?;
+    let upgrade = jobs["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "upgrade")
+        .cloned()
+        .unwrap();
+    let id = upgrade["id"].as_u64().unwrap();
+    let want: Vec<(String, String)> = [("n1", "done"), ("n2", "failed"), ("n3", "waiting")]
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+    assert_eq!(stages(&upgrade), want, "{upgrade}");
+    let detail = upgrade["upgrade"]["members"][1]["detail"].to_string();
+    assert!(
+        detail.contains("code 3") && detail.contains("no space"),
+        "{detail}"
+    );
+    // Left as it is: n1 restored, n2 still evacuated, n3 untouched.
+    assert_eq!(member_state(&cluster, 0, "n1")?, "online");
+    assert_eq!(member_state(&cluster, 0, "n2")?, "evacuated");
+    assert_eq!(member_state(&cluster, 0, "n3")?, "online");
+    assert_ne!(owner_of(&cluster, 0, "c1")?, "n2");
+    // Fixed, it goes on from where it stopped.
+    std::fs::remove_file(cluster.agents[1].data_dir.join("broken"))?;
+    let out = cluster.ferry_ok(0, &["cluster", "upgrade", "--resume", &id.to_string()])?;
+    assert!(out.contains("3 of 3 members upgraded"), "{out}");
+    assert_eq!(owner_of(&cluster, 0, "c1")?, "n2");
+    Ok(())
+}

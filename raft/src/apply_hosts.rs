@@ -1,6 +1,7 @@
 //! Applying host-job commands: the parent job's items, the member's state
 //! and cordon, and the instances' origins.
 
+use crate::apply_upgrade::StageChange;
 use crate::hosts::*;
 use crate::ids::{JobId, NodeId};
 use crate::instances::Instance;
@@ -22,7 +23,7 @@ impl ClusterState {
                 mode,
                 parallel,
                 now_ms,
-            } => self.create_host_job(*kind, *member, *mode, *parallel, *now_ms),
+            } => self.create_host_job(*kind, *member, (*mode, *parallel), *now_ms, None),
             HostJobCommand::StartMove {
                 id,
                 instance,
@@ -55,6 +56,40 @@ impl ClusterState {
                 job.abort_requested = true;
                 Ok(CommandResult::Done)
             }
+            HostJobCommand::CreateUpgrade {
+                hook,
+                verify,
+                members,
+                max_unavailable,
+                now_ms,
+            } => {
+                let upgrade = Upgrade {
+                    hook: hook.clone(),
+                    verify: verify.clone(),
+                    members: Vec::new(),
+                    max_unavailable: *max_unavailable,
+                };
+                self.create_upgrade(upgrade, members, *now_ms)
+            }
+            HostJobCommand::UpgradeStage {
+                id,
+                member,
+                from,
+                to,
+                detail,
+                diff,
+                now_ms,
+            } => {
+                let change = StageChange {
+                    member: *member,
+                    from: *from,
+                    to: *to,
+                    detail: detail.clone(),
+                    diff: diff.clone(),
+                };
+                self.upgrade_stage(*id, change, *now_ms)
+            }
+            HostJobCommand::ResumeUpgrade { id } => self.resume_upgrade(*id),
             HostJobCommand::Cordon { member, cordoned } => {
                 let m = self
                     .members
@@ -66,13 +101,13 @@ impl ClusterState {
         }
     }
 
-    fn create_host_job(
+    pub(crate) fn create_host_job(
         &mut self,
         kind: HostJobKind,
         member: NodeId,
-        mode: EvacuateMode,
-        parallel: u32,
+        (mode, parallel): (EvacuateMode, u32),
         now_ms: u64,
+        parent: Option<JobId>,
     ) -> Result<CommandResult, Rejection> {
         if !self.members.contains_key(&member) {
             return Err(HostJobRejection::NoMember(member).into());
@@ -84,6 +119,7 @@ impl ClusterState {
         let belongs = |i: &Instance| match kind {
             HostJobKind::Evacuate => i.owner == member,
             HostJobKind::Restore => i.origin.as_ref().is_some_and(|o| o.member == member),
+            HostJobKind::Upgrade => false,
         };
         let items = self
             .instances
@@ -111,6 +147,8 @@ impl ClusterState {
                 abort_requested: false,
                 created_ms: now_ms,
                 finished_ms: None,
+                parent,
+                upgrade: None,
             },
         );
         if let Some(m) = self.members.get_mut(&member) {
@@ -123,6 +161,7 @@ impl ClusterState {
                     m.cordoned = false;
                     m.state = MemberState::Online;
                 }
+                HostJobKind::Upgrade => {}
             }
         }
         Ok(CommandResult::JobCreated { id })
@@ -205,7 +244,11 @@ impl ClusterState {
         if job.finished_ms.is_some() {
             return Ok(CommandResult::Done);
         }
-        if !job.items.iter().all(|i| i.state.is_final()) {
+        let upgrade_busy = job
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.members.iter().any(|m| m.stage.in_progress()));
+        if upgrade_busy || !job.items.iter().all(|i| i.state.is_final()) {
             return Err(HostJobRejection::NotFinished(id).into());
         }
         job.finished_ms = Some(now_ms);
@@ -218,6 +261,7 @@ impl ClusterState {
         if let Some(m) = self.members.get_mut(&member) {
             m.state = match (kind, emptied) {
                 (HostJobKind::Evacuate, true) => MemberState::Evacuated,
+                (HostJobKind::Upgrade, _) => m.state,
                 _ => MemberState::Online,
             };
         }

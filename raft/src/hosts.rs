@@ -14,6 +14,9 @@ use crate::jobs::MoveOptions;
 pub enum HostJobKind {
     Evacuate,
     Restore,
+    /// A rolling upgrade: for each member in turn, evacuate, run the hook
+    /// there, verify, restore (`HostJob::upgrade`).
+    Upgrade,
 }
 
 impl HostJobKind {
@@ -21,6 +24,7 @@ impl HostJobKind {
         match self {
             HostJobKind::Evacuate => "evacuate",
             HostJobKind::Restore => "restore",
+            HostJobKind::Upgrade => "upgrade",
         }
     }
 }
@@ -132,6 +136,81 @@ pub struct HostJob {
     pub created_ms: u64,
     /// Set when every item is final.
     pub finished_ms: Option<u64>,
+    /// The upgrade this evacuation or restore is a step of.
+    pub parent: Option<JobId>,
+    /// An upgrade's members and where each stands.
+    pub upgrade: Option<Upgrade>,
+}
+
+/// Where one member of a rolling upgrade stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Waiting,
+    /// Its evacuation (`UpgradeMember::evacuation`) runs.
+    Evacuating,
+    /// Its agent runs the hook (which may restart the agent or the host).
+    Hook,
+    /// The hook ended well and the member checked out (facts diff, CRIU,
+    /// `--verify`); its restore comes next.
+    Verified,
+    /// Its restore (`UpgradeMember::restore`) runs.
+    Restoring,
+    Done,
+    /// Stopped here; `detail` says why; `--resume` retries this stage.
+    Failed,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Waiting => "waiting",
+            Stage::Evacuating => "evacuating",
+            Stage::Hook => "hook",
+            Stage::Verified => "verified",
+            Stage::Restoring => "restoring",
+            Stage::Done => "done",
+            Stage::Failed => "failed",
+        }
+    }
+
+    /// Under way: counts against `--max-unavailable`.
+    pub fn in_progress(self) -> bool {
+        !matches!(self, Stage::Waiting | Stage::Done | Stage::Failed)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeMember {
+    pub member: NodeId,
+    pub stage: Stage,
+    /// The stage a failure happened in (what `--resume` retries).
+    pub failed_in: Option<Stage>,
+    pub evacuation: Option<JobId>,
+    pub restore: Option<JobId>,
+    /// Its facts when its evacuation started, and what changed after the
+    /// hook ("kernel: 6.1 -> 6.2", "syscalls: +openat3").
+    pub facts_before: Option<crate::model::HostFacts>,
+    pub diff: Vec<String>,
+    pub detail: Option<String>,
+    /// Bumped by each `--resume`: a new attempt runs the hook afresh.
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgrade {
+    /// The operator's command, run by each member's agent with `sh`.
+    pub hook: String,
+    /// Run after the hook on the member; it must exit 0.
+    pub verify: Option<String>,
+    pub members: Vec<UpgradeMember>,
+    pub max_unavailable: u32,
+}
+
+impl Upgrade {
+    pub fn member(&self, id: NodeId) -> Option<&UpgradeMember> {
+        self.members.iter().find(|m| m.member == id)
+    }
 }
 
 impl HostJob {
@@ -186,6 +265,31 @@ pub enum HostJobCommand {
         member: NodeId,
         cordoned: bool,
     },
+    CreateUpgrade {
+        hook: String,
+        verify: Option<String>,
+        members: Vec<NodeId>,
+        max_unavailable: u32,
+        now_ms: u64,
+    },
+    /// Compare-and-set of one upgrade member's stage. Going to
+    /// `Evacuating` or `Restoring` creates that child job in the same
+    /// entry; going to `Evacuating` records the member's facts as
+    /// `facts_before`.
+    UpgradeStage {
+        id: JobId,
+        member: NodeId,
+        from: Stage,
+        to: Stage,
+        detail: Option<String>,
+        diff: Option<Vec<String>>,
+        now_ms: u64,
+    },
+    /// `ferry cluster upgrade --resume`: the failed member retries the
+    /// stage it failed in.
+    ResumeUpgrade {
+        id: JobId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -204,6 +308,21 @@ pub enum HostJobRejection {
     NotFinished(JobId),
     #[error("host job {0} is finished")]
     Finished(JobId),
+    #[error(
+        "upgrade job {id}: member {member} is {current}, not {expected}; someone else moved it on"
+    )]
+    StageMoved {
+        id: JobId,
+        member: NodeId,
+        expected: String,
+        current: String,
+    },
+    #[error("an upgrade (job {0}) is already under way; wait for it, or abort it with 'ferry job abort {0}'")]
+    UpgradeRunning(JobId),
+    #[error("job {0} is not an upgrade")]
+    NotAnUpgrade(JobId),
+    #[error("upgrade job {0} has no failed member to resume")]
+    NothingToResume(JobId),
 }
 
 /// Where an evacuation left an instance, for the restore.

@@ -12,7 +12,38 @@ pub struct EvacuateRequest {
     pub dry_run: bool,
 }
 
-/// An evacuation or restore as `ferry job show --format json` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    pub hook: String,
+    pub verify: Option<String>,
+    /// Member names in order; empty: every member.
+    pub members: Vec<String>,
+    pub max_unavailable: u32,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpgradeView {
+    pub hook: String,
+    pub verify: Option<String>,
+    pub max_unavailable: u32,
+    pub members: Vec<UpgradeMemberView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpgradeMemberView {
+    pub name: String,
+    /// "waiting" | "evacuating" | "hook" | "verified" | "restoring" | "done" | "failed"
+    pub stage: String,
+    pub evacuation: Option<JobId>,
+    pub restore: Option<JobId>,
+    /// What changed on the host ("kernel: a -> b", "syscalls: +x").
+    pub diff: Vec<String>,
+    pub detail: Option<String>,
+}
+
+/// An evacuation, restore or upgrade as `ferry job show --format json`
+/// prints it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostJobView {
     pub id: JobId,
@@ -26,6 +57,9 @@ pub struct HostJobView {
     pub items: Vec<HostItemView>,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+    /// The upgrade this job is a step of.
+    pub parent: Option<JobId>,
+    pub upgrade: Option<UpgradeView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -137,6 +137,10 @@ pub enum ApiRequest {
         dry_run: bool,
     },
     HostJobList,
+    Upgrade(hosts::UpgradeRequest),
+    ResumeUpgrade {
+        id: ferry_raft::JobId,
+    },
     /// Placement's verdict on every member for `instance` (a new instance
     /// when `None`).
     Placement {

@@ -4,8 +4,10 @@
 //! decides each next step, `runner.rs` (the leader's loop) takes it.
 
 pub mod plan;
+pub mod rolling;
 pub mod runner;
 pub mod stop;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 
@@ -14,7 +16,10 @@ use ferry_raft::{
     NodeId,
 };
 
-use crate::api::hosts::{CandidateView, EvacuateRequest, HostItemView, HostJobView, PlannedItem};
+use crate::api::hosts::{
+    CandidateView, EvacuateRequest, HostItemView, HostJobView, PlannedItem, UpgradeMemberView,
+    UpgradeRequest, UpgradeView,
+};
 use crate::api::{ApiError, ApiReply, ErrorKind};
 use crate::clock::now_ms;
 use crate::node::Agent;
@@ -88,7 +93,7 @@ async fn start(agent: &Agent, create: HostJobCommand, dry_run: bool) -> Result<A
 }
 
 /// A voter may be evacuated only if the others alive keep a majority.
-fn keeps_quorum(agent: &Agent, member: NodeId, name: &str) -> Result<(), ApiError> {
+pub(crate) fn keeps_quorum(agent: &Agent, member: NodeId, name: &str) -> Result<(), ApiError> {
     let voters: Vec<NodeId> = agent
         .raft()
         .metrics()
@@ -269,7 +274,74 @@ fn view(agent: &Agent, job: &HostJob) -> HostJobView {
         items,
         created_ms: job.created_ms,
         finished_ms: job.finished_ms,
+        parent: job.parent,
+        upgrade: job.upgrade.as_ref().map(|u| UpgradeView {
+            hook: u.hook.clone(),
+            verify: u.verify.clone(),
+            max_unavailable: u.max_unavailable,
+            members: u
+                .members
+                .iter()
+                .map(|m| UpgradeMemberView {
+                    name: name(m.member),
+                    stage: m.stage.as_str().into(),
+                    evacuation: m.evacuation,
+                    restore: m.restore,
+                    diff: m.diff.clone(),
+                    detail: m.detail.clone(),
+                })
+                .collect(),
+        }),
     }
+}
+
+pub async fn start_upgrade(agent: &Agent, req: UpgradeRequest) -> Result<ApiReply, ApiError> {
+    let members: Vec<NodeId> = match req.members.is_empty() {
+        true => agent.state().read(|s| s.members.keys().copied().collect()),
+        false => req
+            .members
+            .iter()
+            .map(|n| member_id(agent, n))
+            .collect::<Result<_, _>>()?,
+    };
+    if req.hook.trim().is_empty() {
+        return Err(err(
+            ErrorKind::BadRequest,
+            "--hook is empty: give the command that upgrades a member",
+        ));
+    }
+    if req.dry_run {
+        let plan = members
+            .iter()
+            .map(|m| PlannedItem {
+                instance: agent.member_name(*m).unwrap_or_else(|| format!("node-{m}")),
+                action: match upgrade::preflight(agent, *m) {
+                    Ok(()) => "preflight ok: evacuate, run the hook, verify, restore".into(),
+                    Err(why) => format!("preflight fails now: {why}"),
+                },
+            })
+            .collect();
+        return Ok(ApiReply::HostPlan(plan));
+    }
+    let create = HostJobCommand::CreateUpgrade {
+        hook: req.hook,
+        verify: req.verify,
+        members,
+        max_unavailable: req.max_unavailable.max(1),
+        now_ms: now_ms(),
+    };
+    match commit(agent, create).await? {
+        CommandResult::JobCreated { id } => show(agent, id),
+        other => Err(err(
+            ErrorKind::Internal,
+            format!("unexpected result {other:?}"),
+        )),
+    }
+}
+
+pub async fn resume_upgrade(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
+    commit(agent, HostJobCommand::ResumeUpgrade { id }).await?;
+    show(agent, id)
 }
 
 /// Placement's verdict on every member, for `--dry-run` without a target.

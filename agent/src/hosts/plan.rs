@@ -178,6 +178,8 @@ fn waiting_step(
     Some(match job.kind {
         HostJobKind::Evacuate => evacuate_step(job, item, inst, place, planned),
         HostJobKind::Restore => restore_step(job, item, inst, place, planned),
+        // An upgrade has no items of its own (see `rolling.rs`).
+        HostJobKind::Upgrade => return None,
     })
 }
 

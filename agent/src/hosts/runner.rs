@@ -84,6 +84,27 @@ pub async fn run(agent: Arc<Agent>) {
             _ = agent.stopped() => return,
             _ = tokio::time::sleep(TICK) => {}
         }
+        let upgrade = agent.state().read(|s| s.active_upgrade().cloned());
+        if let Some(job) = upgrade {
+            let leads = agent.is_leader();
+            spawn_once(
+                &agent,
+                &in_hand,
+                (job.id, "upgrade: member".into()),
+                move |agent| async move {
+                    match &job.upgrade {
+                        Some(upgrade) => {
+                            super::upgrade::take_part(&agent, &job, upgrade).await?;
+                            if leads {
+                                super::upgrade::lead(&agent, &job, upgrade).await?;
+                            }
+                            Ok(())
+                        }
+                        None => Ok(()),
+                    }
+                },
+            );
+        }
         if !agent.is_leader() {
             continue;
         }
@@ -96,26 +117,37 @@ pub async fn run(agent: Arc<Agent>) {
         let work: Vec<(JobId, Vec<Step>)> = agent.state().read(|s| {
             s.host_jobs
                 .values()
-                .filter(|j| !j.is_done())
+                .filter(|j| !j.is_done() && j.upgrade.is_none())
                 .map(|j| (j.id, plan::next(j, s, &mut super::placer(s, &members))))
                 .collect()
         });
         for (id, steps) in work {
             for step in steps {
                 let key = (id, step.instance().unwrap_or_default().to_string());
-                if !lock(&in_hand).insert(key.clone()) {
-                    continue;
-                }
-                let (agent, in_hand) = (agent.clone(), in_hand.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = take(&agent, id, step).await {
-                        tracing::warn!(job = id, instance = %key.1, "host job step failed: {e}");
-                    }
-                    lock(&in_hand).remove(&key);
+                spawn_once(&agent, &in_hand, key, move |agent| async move {
+                    take(&agent, id, step).await
                 });
             }
         }
     }
+}
+
+/// Run `work` in a task unless work under the same key is still in hand.
+fn spawn_once<F, Fut>(agent: &Arc<Agent>, in_hand: &InHand, key: (JobId, String), work: F)
+where
+    F: FnOnce(Arc<Agent>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send,
+{
+    if !lock(in_hand).insert(key.clone()) {
+        return;
+    }
+    let (agent, in_hand) = (agent.clone(), in_hand.clone());
+    tokio::spawn(async move {
+        if let Err(e) = work(agent).await {
+            tracing::warn!(job = key.0, what = %key.1, "host job step failed: {e}");
+        }
+        lock(&in_hand).remove(&key);
+    });
 }
 
 async fn commit(agent: &Agent, cmd: HostJobCommand) -> Result<(), ApiError> {

@@ -14,6 +14,12 @@ impl Agent {
 }
 
 fn members_of(agent: &Agent, s: &ClusterState) -> Vec<Member> {
+    let upgrade = s.active_upgrade().and_then(|j| j.upgrade.as_ref());
+    let upgraded = |id| {
+        upgrade
+            .and_then(|u| u.member(id))
+            .is_some_and(|m| m.stage == ferry_raft::Stage::Done)
+    };
     s.members
         .values()
         .map(|m| {
@@ -28,6 +34,7 @@ fn members_of(agent: &Agent, s: &ClusterState) -> Vec<Member> {
                 disk_room_bytes: load.as_ref().map(|l| l.disk_room_bytes),
                 load_1m: load.as_ref().map(|l| l.load_average[0]),
                 instances: s.instances.values().filter(|i| i.owner == m.id).count() as u32,
+                upgraded: upgraded(m.id),
             }
         })
         .collect()
