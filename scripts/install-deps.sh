@@ -2,13 +2,15 @@
 # Installs what ferry needs at run time and for its tests on Debian bookworm:
 #   - apt packages: runc, iptables (CRIU locks container networks with
 #     iptables-restore), busybox-static (test rootfs), iproute2;
-#   - CRIU >= 4, built from source, because bookworm's criu 3.17.1 fails
-#     `criu check` on the kernels ferry runs on.
+#   - CRIU >= 4.2.1, built from source: bookworm's criu 3.17.1 fails
+#     `criu check` on the kernels ferry runs on, and CRIU 4.1.1 cannot dump
+#     a process holding an internet socket on kernels 6.16 and later
+#     ("Can't get 1:16 opt", CRIU issue 2705); 4.2.1 can.
 #
-# CRIU's source comes from Debian's trixie suite (criu_<ver>.orig.tar.xz),
-# fetched with `apt-get source` through a trixie `deb-src` entry whose
-# mirror URI is taken from this machine's own apt sources at run time. Only
-# a deb-src entry is added (in its own file), so no trixie binary package can
+# CRIU's source comes from Debian's sid suite (criu_<ver>.orig.tar.xz),
+# fetched with `apt-get source` through a sid `deb-src` entry whose mirror
+# URI is taken from this machine's own apt sources at run time. Only a
+# deb-src entry is added (in its own file), so no sid binary package can
 # ever be installed from it; no pinning is done.
 #
 # Idempotent: a second run checks what is there and does nothing else (no
@@ -29,8 +31,8 @@ BUILD_PKGS=(
 	python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
 	libnftables-dev libgnutls28-dev uuid-dev
 )
-CRIU_MIN_MAJOR=4
-CRIU_SRC_SUITE=trixie
+CRIU_MIN_VERSION=4.2.1
+CRIU_SRC_SUITE=sid
 CRIU_DEST=/usr/local/sbin/criu
 WORK_DIR=/var/cache/ferry-build
 LOG="$WORK_DIR/install-deps.log"
@@ -99,7 +101,7 @@ criu_good() {
 	local v
 	v=$(criu_version)
 	[[ -n $v ]] || return 1
-	dpkg --compare-versions "$v" ge "$CRIU_MIN_MAJOR" || return 1
+	dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION" || return 1
 	criu check >/dev/null 2>&1
 }
 
@@ -156,7 +158,7 @@ fetch_criu_source() {
 	fi
 	log "adding deb-src $CRIU_SRC_SUITE main from $uri ($SRC_LIST)"
 	{
-		echo "# Added by ferry scripts/install-deps.sh: source packages only (CRIU >= 4)."
+		echo "# Added by ferry scripts/install-deps.sh: source packages only (CRIU >= $CRIU_MIN_VERSION)."
 		echo "Types: deb-src"
 		echo "URIs: $uri"
 		echo "Suites: $CRIU_SRC_SUITE"
@@ -180,16 +182,27 @@ fetch_criu_source() {
 		log "apt-get source reported an error (see $LOG); using whatever it downloaded"
 }
 
+# The newest criu orig tarball in $1 if it is at least CRIU_MIN_VERSION.
+good_tarball() {
+	local tarball version
+	tarball=$(find "$1" -maxdepth 1 -name 'criu_*.orig.tar.*' | sort -V | tail -n1)
+	[[ -n $tarball ]] || return 0
+	version=$(basename "$tarball" | sed -E 's/^criu_([^.]+\.[^.]+\.[^.]+)\.orig.*/\1/')
+	if dpkg --compare-versions "$version" ge "$CRIU_MIN_VERSION"; then
+		echo "$tarball"
+	fi
+}
+
 build_criu() {
 	local src_dir="$WORK_DIR/src" tarball build_dir
 	mkdir -p "$src_dir"
-	tarball=$(find "$src_dir" -maxdepth 1 -name 'criu_*.orig.tar.*' | sort -V | tail -n1)
+	tarball=$(good_tarball "$src_dir")
 	if [[ -z $tarball ]]; then
 		fetch_criu_source
-		tarball=$(find "$src_dir" -maxdepth 1 -name 'criu_*.orig.tar.*' | sort -V | tail -n1)
+		tarball=$(good_tarball "$src_dir")
 	fi
 	if [[ -z $tarball ]]; then
-		log "no criu orig tarball was downloaded into $src_dir"
+		log "no criu orig tarball >= $CRIU_MIN_VERSION was downloaded into $src_dir"
 		return 1
 	fi
 	log "using $(basename "$tarball")"
@@ -213,7 +226,7 @@ apt_install_missing "${RUNTIME_PKGS[@]}"
 if criu_good; then
 	log "criu $(criu_version) already installed and 'criu check' passes; skipping the build"
 else
-	log "criu >= $CRIU_MIN_MAJOR with a passing 'criu check' not found (have: $(criu_version || true))"
+	log "criu >= $CRIU_MIN_VERSION with a passing 'criu check' not found (have: $(criu_version || true))"
 	apt_install_missing "${BUILD_PKGS[@]}"
 	build_criu
 fi

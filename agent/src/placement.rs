@@ -137,7 +137,12 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
         return Some("cordoned".into());
     }
     let Some(facts) = &m.facts else {
-        return Some("has not reported its host facts yet".into());
+        // A new instance may go to a member that just started (its own
+        // start checks the runtime); a move needs facts to check against.
+        return ask
+            .existing
+            .as_ref()
+            .map(|_| "has not reported its host facts yet".into());
     };
     if facts.runtimes.runc.is_none() {
         return Some("has no container runtime (runc)".into());
@@ -328,6 +333,9 @@ mod tests {
         let ask = Ask::default();
         assert_eq!(choose(&members, &ask), Ok(2));
         members[1].cordoned = true;
+        assert_eq!(choose(&members, &ask), Ok(1));
+        // Right after bootstrap, before any facts: still placed.
+        members[0].facts = None;
         assert_eq!(choose(&members, &ask), Ok(1));
     }
 }

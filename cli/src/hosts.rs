@@ -39,21 +39,22 @@ pub struct EvacuateArgs {
     /// Moves running at once.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: u32,
-    /// Print what would happen to each instance, and do nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Return once the job is created instead of following it.
-    #[arg(long)]
-    detach: bool,
-    #[arg(long, value_enum, default_value_t)]
-    format: Format,
+    #[command(flatten)]
+    start: StartArgs,
 }
 
 #[derive(Args)]
 pub struct RestoreArgs {
     /// The member to bring its instances back to (and uncordon).
     name: String,
-    /// Print what would happen to each instance, and do nothing.
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+/// How a host job is started and followed.
+#[derive(Args)]
+pub struct StartArgs {
+    /// Print what would happen, and do nothing.
     #[arg(long)]
     dry_run: bool,
     /// Return once the job is created instead of following it.
@@ -87,18 +88,12 @@ pub struct UpgradeArgs {
     /// Members down for their upgrade at once, at most.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     max_unavailable: u32,
-    /// Check every member's preflight and do nothing.
-    #[arg(long)]
-    dry_run: bool,
     /// Continue the stopped upgrade JOB: its failed member retries the
     /// stage it failed in.
     #[arg(long, value_name = "JOB", conflicts_with = "hook")]
     resume: Option<u64>,
-    /// Return once the job is created instead of following it.
-    #[arg(long)]
-    detach: bool,
-    #[arg(long, value_enum, default_value_t)]
-    format: Format,
+    #[command(flatten)]
+    start: StartArgs,
 }
 
 pub async fn upgrade(client: &Client, args: UpgradeArgs) -> Result<()> {
@@ -109,11 +104,11 @@ pub async fn upgrade(client: &Client, args: UpgradeArgs) -> Result<()> {
             verify: args.verify,
             members: args.members,
             max_unavailable: args.max_unavailable,
-            dry_run: args.dry_run,
+            dry_run: args.start.dry_run,
         }),
         (None, None) => bail!("give --hook CMD, or --resume JOB"),
     };
-    started(client, request, args.detach, args.format).await
+    started(client, request, &args.start).await
 }
 
 pub async fn cordon(client: &Client, name: String, cordoned: bool) -> Result<()> {
@@ -139,29 +134,29 @@ pub async fn evacuate(client: &Client, args: EvacuateArgs) -> Result<()> {
             Mode::Stop => EvacuateMode::Stop,
         },
         parallel: args.parallel,
-        dry_run: args.dry_run,
+        dry_run: args.start.dry_run,
     });
-    started(client, request, args.detach, args.format).await
+    started(client, request, &args.start).await
 }
 
 pub async fn restore(client: &Client, args: RestoreArgs) -> Result<()> {
     let request = ApiRequest::Restore {
         member: args.name,
-        dry_run: args.dry_run,
+        dry_run: args.start.dry_run,
     };
-    started(client, request, args.detach, args.format).await
+    started(client, request, &args.start).await
 }
 
-async fn started(client: &Client, request: ApiRequest, detach: bool, format: Format) -> Result<()> {
+async fn started(client: &Client, request: ApiRequest, start: &StartArgs) -> Result<()> {
     match client.call(request).await? {
-        ApiReply::HostPlan(plan) => match format {
+        ApiReply::HostPlan(plan) => match start.format {
             Format::Json => print_json(&plan),
             Format::Table => {
                 print_plan(&plan);
                 Ok(())
             }
         },
-        ApiReply::HostJob(view) if detach => match format {
+        ApiReply::HostJob(view) if start.detach => match start.format {
             Format::Json => print_json(&view),
             Format::Table => {
                 println!("job {} started ({} instances)", view.id, view.items.len());

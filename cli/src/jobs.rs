@@ -305,7 +305,16 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
                 bail!("the agent answered with an unexpected reply");
             };
             match format {
-                Format::Json => print_json(&serde_json::json!({ "hosts": hosts, "moves": jobs })),
+                Format::Json => {
+                    // One array of every job; `kind` tells them apart.
+                    let mut all = serde_json::to_value(&jobs)?;
+                    if let (Some(all), serde_json::Value::Array(hosts)) =
+                        (all.as_array_mut(), serde_json::to_value(&hosts)?)
+                    {
+                        all.extend(hosts);
+                    }
+                    print_json(&all)
+                }
                 Format::Table => {
                     if !hosts.is_empty() {
                         let rows = hosts

@@ -42,7 +42,10 @@ pub fn print_members(members: &[MemberView]) -> Result<()> {
                 m.role.clone(),
                 if m.leader { "yes" } else { "" }.to_string(),
                 m.liveness.clone(),
-                m.state.clone(),
+                match m.cordoned {
+                    true => format!("{}, cordoned", m.state),
+                    false => m.state.clone(),
+                },
             ]
         })
         .collect();

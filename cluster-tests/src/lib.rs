@@ -102,15 +102,79 @@ fn container_runtime_missing() -> Option<String> {
     None
 }
 
-/// Whether SIGKILL is pending for `pid`: such a process never runs user
-/// code again (runc thaws a frozen container to let it die).
+/// Whether `pid` is dying: SIGKILL pending (such a process never runs user
+/// code again; runc thaws a frozen container to let it die), already
+/// exiting, or gone since runc listed it.
 fn kill_pending(pid: u64) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
+    // Gone since runc listed it (it died just now): not running.
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let pending = status
         .lines()
         .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
         .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
-        .any(|mask| mask & (1 << 8) != 0)
+        .any(|mask| mask & (1 << 8) != 0);
+    pending || exiting(pid)
+}
+
+/// Copy every agent's log to /tmp/ferry-sampler-<pid>/ (the cluster's own
+/// directory goes when the test ends).
+fn keep_logs(dirs: &[PathBuf]) {
+    let keep = std::env::temp_dir().join(format!("ferry-sampler-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&keep);
+    for dir in dirs {
+        let log = dir.with_extension("log");
+        if let Some(name) = log.file_name() {
+            let _ = std::fs::copy(&log, keep.join(name));
+        }
+    }
+    eprintln!("sampler: agent logs kept in {}", keep.display());
+}
+
+/// What a sampler says of one running copy: where, its pid, and the
+/// kernel's view of that task (state, pending signals, parent).
+fn copy_detail(data_dir: &Path, instance: &str) -> String {
+    let agent = AgentProc {
+        name: String::new(),
+        data_dir: data_dir.to_path_buf(),
+        child: None,
+    };
+    let pid = agent.container_pid(instance).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let keys = ["State:", "SigPnd:", "ShdPnd:", "PPid:"];
+    let wanted: Vec<&str> = status
+        .lines()
+        .filter(|l| keys.iter().any(|k| l.starts_with(k)))
+        .collect();
+    let held = data_dir
+        .join("instances")
+        .join(instance)
+        .join("held")
+        .exists();
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!(
+        "{} pid {pid} held-marker {held} at {at} ms: {}",
+        data_dir.display(),
+        wanted.join(", ")
+    )
+}
+
+/// Whether `pid` is on its way out (the kernel's PF_EXITING flag): it took
+/// its SIGKILL and runs no more user code, though runc still calls it
+/// running until it is a zombie.
+fn exiting(pid: u64) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After "pid (comm)": state is field 3, flags field 9.
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 /// A busybox root filesystem (Debian's busybox-static) in `dir`.
@@ -137,6 +201,15 @@ pub const COUNTER: &[&str] = &[
     "-c",
     "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done",
 ];
+
+/// A benchmark workload (a shell command): fill `mib` MiB with 1 KiB
+/// strings, write `/ready`, then rewrite them forever.
+pub fn dirtying_workload(mib: usize) -> String {
+    let n = mib * 1024;
+    format!(
+        "exec awk 'BEGIN {{ n = {n}; for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i); print \"ready\" > \"/ready\"; close(\"/ready\"); while (1) for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i + 1) }}'"
+    )
+}
 
 /// `len` bytes that neither compress nor dedupe (rootfs ballast).
 pub fn pseudo_random(len: usize) -> Vec<u8> {
@@ -592,19 +665,39 @@ impl Cluster {
                 if flag.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                let running: Vec<String> = dirs
+                let running: Vec<(String, PathBuf)> = dirs
                     .iter()
                     .map(|d| AgentProc {
                         name: String::new(),
                         data_dir: d.clone(),
                         child: None,
                     })
-                    .flat_map(|a| a.containers())
-                    .filter(|(_, status)| status == "running")
-                    .map(|(id, _)| id)
+                    .flat_map(|a| {
+                        let dir = a.data_dir.clone();
+                        a.containers().into_iter().map(move |c| (c, dir.clone()))
+                    })
+                    .filter(|((_, status), _)| status == "running")
+                    .map(|((id, _), dir)| (id, dir))
                     .collect();
                 for instance in &instances {
-                    most = most.max(running.iter().filter(|id| *id == instance).count());
+                    let on: Vec<&PathBuf> = running
+                        .iter()
+                        .filter(|(id, _)| id == instance)
+                        .map(|(_, dir)| dir)
+                        .collect();
+                    if on.len() > most.max(1) {
+                        // Said at once, so the agents' logs can be read
+                        // around this moment.
+                        let detail: Vec<String> =
+                            on.iter().map(|d| copy_detail(d, instance)).collect();
+                        eprintln!(
+                            "sampler: {instance} runs {} times at once: {}",
+                            on.len(),
+                            detail.join(" | ")
+                        );
+                        keep_logs(&dirs);
+                    }
+                    most = most.max(on.len());
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -655,6 +748,22 @@ impl Cluster {
             },
         )?;
         Ok(())
+    }
+
+    /// Wait until [`dirtying_workload`] `name` on agent `index` filled its
+    /// memory (its `/ready` exists).
+    pub fn wait_workload_ready(&self, index: usize, name: &str) -> Result<()> {
+        let ready = self.agents[index]
+            .data_dir
+            .join(format!("instances/{name}/bundle/rootfs/ready"));
+        wait_for(
+            "the workload to fill its memory",
+            Duration::from_secs(300),
+            || match ready.exists() {
+                true => Ok(()),
+                false => bail!("filling"),
+            },
+        )
     }
 
     /// Wait until the counter of `name` (read through member 0) reaches at

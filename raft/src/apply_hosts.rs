@@ -270,20 +270,26 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::instances::{DesiredState, InstanceCommand, InstanceKind, InstanceSpec};
     use crate::jobs::{JobCommand, MoveOptions, Phase};
     use crate::model::{Command, Member};
 
     /// Three members; c1 and c2 on node 1, c3 on node 2.
-    fn cluster() -> ClusterState {
+    /// Members n1, n2, n3 and nothing else.
+    pub(crate) fn members() -> ClusterState {
         let mut s = ClusterState::default();
         for id in 1..=3 {
             let addr = format!("127.0.0.1:{}", 7000 + id);
             let m = Member::online(id, &format!("n{id}"), &addr, &format!("{id:02x}"), 0);
             s.members.insert(id, m);
         }
+        s
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = members();
         for (name, owner) in [("c1", 1), ("c2", 1), ("c3", 2)] {
             s.apply(&Command::Instance(InstanceCommand::Create {
                 name: name.into(),
@@ -297,7 +303,7 @@ mod tests {
         s
     }
 
-    fn host(s: &mut ClusterState, cmd: HostJobCommand) -> CommandResult {
+    pub(crate) fn host(s: &mut ClusterState, cmd: HostJobCommand) -> CommandResult {
         s.apply(&Command::Host(cmd))
     }
 

@@ -182,21 +182,8 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Command, Member};
 
-    fn cluster() -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=3 {
-            let addr = format!("127.0.0.1:{}", 7000 + id);
-            let m = Member::online(id, &format!("n{id}"), &addr, &format!("{id:02x}"), 0);
-            s.members.insert(id, m);
-        }
-        s
-    }
-
-    fn host(s: &mut ClusterState, cmd: HostJobCommand) -> CommandResult {
-        s.apply(&Command::Host(cmd))
-    }
+    use crate::apply_hosts::tests::{host, members as cluster};
 
     fn upgrade(s: &mut ClusterState) -> CommandResult {
         let create = HostJobCommand::CreateUpgrade {

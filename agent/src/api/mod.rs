@@ -201,8 +201,10 @@ pub struct MemberView {
     pub leader: bool,
     /// "alive" | "suspect" | "dead"
     pub liveness: String,
-    /// "online" | "cordoned" | "evacuating" | "evacuated"
+    /// "online" | "evacuating" | "evacuated"
     pub state: String,
+    /// Gets no new instances (`cluster cordon`, an evacuation).
+    pub cordoned: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

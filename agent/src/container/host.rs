@@ -30,6 +30,9 @@ impl From<BundleError> for DriverError {
 /// The cgroup parent of an agent's containers: unique per agent on a
 /// host (names repeat across clusters sharing a host; data dirs do not),
 /// so one agent freezing its container can never freeze another's.
+/// Attempts at freezing a container before a move gives up.
+const FREEZE_TRIES: u32 = 4;
+
 fn cgroup_parent(data_dir: &Path, node_name: &str) -> String {
     let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let digest = ferry_transport::pki::sha256_hex(dir.to_string_lossy().as_bytes());
@@ -93,6 +96,15 @@ impl Host {
             .await
             .ok();
         self.runc.state(name.as_str(), &self.log()).await
+    }
+
+    async fn expect_paused(&self, name: &InstanceName, when: &str) -> Result<(), DriverError> {
+        match self.state(name).await?.map(|s| s.status) {
+            Some(RuncStatus::Paused) => Ok(()),
+            other => Err(DriverError::Runtime(format!(
+                "'{name}' is not frozen {when} (runc says {other:?}); the move stops here"
+            ))),
+        }
     }
 
     /// Remove runc's record of an exited container so the id can run again.
@@ -367,11 +379,22 @@ impl Driver for Host {
         let _ = tokio::fs::remove_dir_all(self.dir(name).snapshot(snap)).await;
     }
 
+    /// runc gives up freezing a cgroup whose tasks do not stop in time (a
+    /// busy workload on a loaded host: "unable to freeze") and thaws it
+    /// again; a few more tries usually succeed.
     async fn freeze(&self, name: &InstanceName) -> Result<(), DriverError> {
-        Ok(self
-            .runc
-            .pause(name.as_str(), &self.dir(name).runc_log())
-            .await?)
+        let log = self.dir(name).runc_log();
+        let mut tries = 1;
+        loop {
+            match self.runc.pause(name.as_str(), &log).await {
+                Err(e) if tries < FREEZE_TRIES && e.to_string().contains("unable to freeze") => {
+                    tracing::info!(instance = %name, tries, "runc could not freeze it yet; again");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                result => return Ok(result?),
+            }
+        }
     }
 
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
@@ -394,10 +417,14 @@ impl Driver for Host {
             let _ = tokio::fs::remove_dir_all(d).await;
         }
         create_dirs(&[images.clone(), work.clone()]).await?;
-        Ok(self
-            .runc
+        // The images are the instance only if nothing ran since the freeze
+        // and nothing runs after it: paused before the dump and still
+        // paused after it, or the move must not go on.
+        self.expect_paused(name, "before its final dump").await?;
+        self.runc
             .checkpoint(name.as_str(), &images, &work, true, &dir.runc_log())
-            .await?)
+            .await?;
+        self.expect_paused(name, "after its final dump").await
     }
 
     async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError> {

@@ -94,14 +94,7 @@ async fn start(agent: &Agent, create: HostJobCommand, dry_run: bool) -> Result<A
 
 /// A voter may be evacuated only if the others alive keep a majority.
 pub(crate) fn keeps_quorum(agent: &Agent, member: NodeId, name: &str) -> Result<(), ApiError> {
-    let voters: Vec<NodeId> = agent
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let voters = agent.voter_ids();
     if !voters.contains(&member) {
         return Ok(());
     }

@@ -18,6 +18,29 @@ pub enum UpStep {
     Finish,
 }
 
+impl UpStep {
+    /// The command that takes this step of upgrade job `id`.
+    pub fn command(self, id: u64, now_ms: u64) -> ferry_raft::HostJobCommand {
+        match self {
+            UpStep::Stage {
+                member,
+                from,
+                to,
+                detail,
+            } => ferry_raft::HostJobCommand::UpgradeStage {
+                id,
+                member,
+                from,
+                to,
+                detail,
+                diff: None,
+                now_ms,
+            },
+            UpStep::Finish => ferry_raft::HostJobCommand::Finish { id, now_ms },
+        }
+    }
+}
+
 /// The leader's steps for `job` now; `preflight` says whether a member may
 /// start (quorum, a target for each of its instances).
 pub fn next(
@@ -228,24 +251,7 @@ mod tests {
 
     fn take(s: &mut ClusterState, id: u64, steps: &[UpStep]) {
         for step in steps {
-            let cmd = match step.clone() {
-                UpStep::Stage {
-                    member,
-                    from,
-                    to,
-                    detail,
-                } => HostJobCommand::UpgradeStage {
-                    id,
-                    member,
-                    from,
-                    to,
-                    detail,
-                    diff: None,
-                    now_ms: 1,
-                },
-                UpStep::Finish => HostJobCommand::Finish { id, now_ms: 2 },
-            };
-            s.apply(&Command::Host(cmd));
+            s.apply(&Command::Host(step.clone().command(id, 1)));
         }
     }
 

@@ -29,15 +29,8 @@ const HAND_OFF_WAIT: Duration = Duration::from_secs(10);
 
 fn wants_hand_off(agent: &Agent) -> bool {
     let me = agent.id();
-    let voters: Vec<ferry_raft::NodeId> = agent
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
+    let others = agent
         .voter_ids()
-        .collect();
-    let others = voters
         .iter()
         .filter(|v| **v != me && agent.member_alive(**v))
         .count();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry_raft::{Command, HostJob, HostJobCommand, NodeId, Stage, Upgrade, UpgradeMember};
 
-use super::rolling::{self, UpStep};
+use super::rolling;
 use crate::api::{ApiError, ErrorKind};
 use crate::clock::now_ms;
 use crate::node::Agent;
@@ -27,26 +27,7 @@ pub async fn lead(agent: &Agent, job: &HostJob, upgrade: &Upgrade) -> Result<(),
         rolling::next(job, upgrade, s, &mut preflight)
     });
     for step in steps {
-        let cmd = match step {
-            UpStep::Stage {
-                member,
-                from,
-                to,
-                detail,
-            } => HostJobCommand::UpgradeStage {
-                id: job.id,
-                member,
-                from,
-                to,
-                detail,
-                diff: None,
-                now_ms: now_ms(),
-            },
-            UpStep::Finish => HostJobCommand::Finish {
-                id: job.id,
-                now_ms: now_ms(),
-            },
-        };
+        let cmd = step.command(job.id, now_ms());
         super::commit(agent, cmd).await?;
     }
     Ok(())

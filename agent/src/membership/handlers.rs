@@ -55,10 +55,8 @@ pub fn member_views(agent: &Agent) -> Vec<MemberView> {
             .into(),
             leader: metrics.current_leader == Some(m.id),
             liveness: agent.gossip().liveness(m.id).as_str().into(),
-            state: match (m.state, m.cordoned) {
-                (ferry_raft::MemberState::Online, true) => "cordoned".into(),
-                (state, _) => state.as_str().into(),
-            },
+            state: m.state.as_str().into(),
+            cordoned: m.cordoned,
             name: m.name,
             id: m.id,
             address: m.addr,

@@ -122,8 +122,11 @@ pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
         return Ok(None);
     }
     let note = precopy_note(agent).await;
-    let state = driver.status(name).await.ok().flatten().map(|s| s.state);
-    if state == Some(RunState::Running) {
+    // Frozen unless the runtime says for sure it is paused already (a
+    // retried final pass): a status that cannot be read must not let a
+    // running copy be dumped and go on running.
+    let state = driver.status(name).await?.map(|s| s.state);
+    if state != Some(RunState::Paused) {
         driver.freeze(name).await?;
     }
     if let Err(e) = driver.dump_frozen(name).await {

@@ -174,6 +174,13 @@ impl Agent {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
+    /// The voters of the Raft membership as this node sees it.
+    pub fn voter_ids(&self) -> Vec<NodeId> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.membership_config.membership().voter_ids().collect()
+    }
+
     /// Whether member `id` is alive or only suspect by gossip (not dead).
     pub fn member_alive(&self, id: NodeId) -> bool {
         self.gossip.liveness(id) != crate::gossip::handle::Liveness::Dead

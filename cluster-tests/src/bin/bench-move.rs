@@ -10,15 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cluster_tests::{busybox_rootfs, wait_for, Cluster};
-
-/// Fill `mib` MiB with 1 KiB strings, then rewrite them forever.
-fn workload(mib: usize) -> String {
-    let n = mib * 1024;
-    format!(
-        "exec awk 'BEGIN {{ n = {n}; for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i); print \"ready\" > \"/ready\"; close(\"/ready\"); while (1) for (i = 0; i < n; i++) a[i] = sprintf(\"%1024d\", i + 1) }}'"
-    )
-}
+use cluster_tests::{busybox_rootfs, dirtying_workload as workload, wait_for, Cluster};
 
 fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
     // A restored container inherits runc's stdio: no pipe here, or reading
@@ -78,20 +70,7 @@ fn main() -> Result<()> {
                 "launch", &name, "--rootfs", &rootfs, "--target", "n1", "--", "sh", "-c", &script,
             ],
         )?;
-        let ready = cluster.agents[0]
-            .data_dir
-            .join(format!("instances/{name}/bundle/rootfs/ready"));
-        wait_for(
-            "the workload to fill its memory",
-            Duration::from_secs(300),
-            || {
-                if ready.exists() {
-                    Ok(())
-                } else {
-                    bail!("filling")
-                }
-            },
-        )?;
+        cluster.wait_workload_ready(0, &name)?;
         let started = Instant::now();
         cluster.ferry_ok(0, &["move", &name, "--target", "n2"])?;
         let wall = started.elapsed();
