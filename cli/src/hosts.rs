@@ -201,6 +201,27 @@ pub async fn host_job(client: &Client, id: u64) -> Result<Option<HostJobView>> {
     }
 }
 
+/// Host jobs as a table (nothing when there are none), then a blank line.
+pub fn print_host_jobs(hosts: &[HostJobView]) {
+    if hosts.is_empty() {
+        return;
+    }
+    let rows = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.id.to_string(),
+                h.kind.clone(),
+                h.member.clone(),
+                h.state.clone(),
+                progress_line(h),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "KIND", "MEMBER", "STATE", "PROGRESS"], rows);
+    println!();
+}
+
 pub fn print_host_job(job: &HostJobView) {
     println!("job:       {} ({} {})", job.id, job.kind, job.member);
     println!("state:     {}", job.state);

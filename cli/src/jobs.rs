@@ -316,22 +316,7 @@ pub async fn run_job(client: &Client, command: JobCommand) -> Result<()> {
                     print_json(&all)
                 }
                 Format::Table => {
-                    if !hosts.is_empty() {
-                        let rows = hosts
-                            .iter()
-                            .map(|h| {
-                                vec![
-                                    h.id.to_string(),
-                                    h.kind.clone(),
-                                    h.member.clone(),
-                                    h.state.clone(),
-                                    crate::hosts::progress_line(h),
-                                ]
-                            })
-                            .collect();
-                        print_table(&["ID", "KIND", "MEMBER", "STATE", "PROGRESS"], rows);
-                        println!();
-                    }
+                    crate::hosts::print_host_jobs(&hosts);
                     let rows = jobs
                         .iter()
                         .map(|j| {

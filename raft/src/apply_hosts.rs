@@ -1,7 +1,6 @@
 //! Applying host-job commands: the parent job's items, the member's state
 //! and cordon, and the instances' origins.
 
-use crate::apply_upgrade::StageChange;
 use crate::hosts::*;
 use crate::ids::{JobId, NodeId};
 use crate::instances::Instance;
@@ -56,40 +55,9 @@ impl ClusterState {
                 job.abort_requested = true;
                 Ok(CommandResult::Done)
             }
-            HostJobCommand::CreateUpgrade {
-                hook,
-                verify,
-                members,
-                max_unavailable,
-                now_ms,
-            } => {
-                let upgrade = Upgrade {
-                    hook: hook.clone(),
-                    verify: verify.clone(),
-                    members: Vec::new(),
-                    max_unavailable: *max_unavailable,
-                };
-                self.create_upgrade(upgrade, members, *now_ms)
-            }
-            HostJobCommand::UpgradeStage {
-                id,
-                member,
-                from,
-                to,
-                detail,
-                diff,
-                now_ms,
-            } => {
-                let change = StageChange {
-                    member: *member,
-                    from: *from,
-                    to: *to,
-                    detail: detail.clone(),
-                    diff: diff.clone(),
-                };
-                self.upgrade_stage(*id, change, *now_ms)
-            }
-            HostJobCommand::ResumeUpgrade { id } => self.resume_upgrade(*id),
+            HostJobCommand::CreateUpgrade { .. }
+            | HostJobCommand::UpgradeStage { .. }
+            | HostJobCommand::ResumeUpgrade { .. } => self.apply_upgrade(cmd),
             HostJobCommand::Cordon { member, cordoned } => {
                 let m = self
                     .members

@@ -24,6 +24,50 @@ impl ClusterState {
             .find(|j| j.kind == HostJobKind::Upgrade && !j.is_done())
     }
 
+    pub(crate) fn apply_upgrade(
+        &mut self,
+        cmd: &HostJobCommand,
+    ) -> Result<CommandResult, Rejection> {
+        match cmd {
+            HostJobCommand::CreateUpgrade {
+                hook,
+                verify,
+                members,
+                max_unavailable,
+                now_ms,
+            } => {
+                let upgrade = Upgrade {
+                    hook: hook.clone(),
+                    verify: verify.clone(),
+                    members: Vec::new(),
+                    max_unavailable: *max_unavailable,
+                };
+                self.create_upgrade(upgrade, members, *now_ms)
+            }
+            HostJobCommand::UpgradeStage {
+                id,
+                member,
+                from,
+                to,
+                detail,
+                diff,
+                now_ms,
+            } => {
+                let change = StageChange {
+                    member: *member,
+                    from: *from,
+                    to: *to,
+                    detail: detail.clone(),
+                    diff: diff.clone(),
+                };
+                self.upgrade_stage(*id, change, *now_ms)
+            }
+            HostJobCommand::ResumeUpgrade { id } => self.resume_upgrade(*id),
+            // Only the upgrade commands are sent here (`apply_host`).
+            _ => Ok(CommandResult::Done),
+        }
+    }
+
     pub(crate) fn create_upgrade(
         &mut self,
         mut upgrade: Upgrade,

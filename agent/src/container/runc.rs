@@ -308,9 +308,12 @@ impl Runc {
         let mut runc = vec![self.binary.clone().into_os_string()];
         runc.extend(self.global_args(log));
         runc.extend(sub);
-        let ferry = std::env::current_exe().map_err(fail)?;
-        let mut shim = Command::new(ferry);
-        shim.arg("shim")
+        // The binary this agent runs, even once a package upgrade replaced
+        // the file on disk (`current_exe` then names a deleted path), so
+        // the shim always speaks this agent's protocol.
+        let mut shim = Command::new("/proc/self/exe");
+        shim.arg0("ferry")
+            .arg("shim")
             .arg("--console")
             .arg(log.with_file_name("console.log"))
             .arg("--console-max-bytes")
