@@ -135,7 +135,11 @@ impl ClusterState {
         Ok(CommandResult::JobCreated { id })
     }
 
-    fn item_mut(&mut self, id: JobId, instance: &str) -> Result<&mut HostItem, HostJobRejection> {
+    /// Host job `id`, refused once it is finished.
+    pub(crate) fn unfinished_host_job_mut(
+        &mut self,
+        id: JobId,
+    ) -> Result<&mut HostJob, HostJobRejection> {
         let job = self
             .host_jobs
             .get_mut(&id)
@@ -143,6 +147,11 @@ impl ClusterState {
         if job.finished_ms.is_some() {
             return Err(HostJobRejection::Finished(id));
         }
+        Ok(job)
+    }
+
+    fn item_mut(&mut self, id: JobId, instance: &str) -> Result<&mut HostItem, HostJobRejection> {
+        let job = self.unfinished_host_job_mut(id)?;
         job.items
             .iter_mut()
             .find(|i| i.instance == instance)

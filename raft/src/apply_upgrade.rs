@@ -118,13 +118,7 @@ impl ClusterState {
         id: JobId,
         member: NodeId,
     ) -> Result<&mut UpgradeMember, HostJobRejection> {
-        let job = self
-            .host_jobs
-            .get_mut(&id)
-            .ok_or(HostJobRejection::NoJob(id))?;
-        if job.finished_ms.is_some() {
-            return Err(HostJobRejection::Finished(id));
-        }
+        let job = self.unfinished_host_job_mut(id)?;
         let upgrade = job
             .upgrade
             .as_mut()
