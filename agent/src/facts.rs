@@ -382,19 +382,24 @@ pub fn probe_runtimes(timeout: Duration) -> Runtimes {
         runc,
         criu,
         criu_check,
+        criu_inet: false,
     }
 }
 
-struct CommandOutput {
-    success: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct CommandOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs `program args` with stdin closed; `None` when it cannot be started
 /// (silently when the binary is missing) or does not finish within
 /// `timeout` (then it is killed).
-fn run_with_timeout(program: &str, args: &[&str], timeout: Duration) -> Option<CommandOutput> {
+pub(crate) fn run_with_timeout(
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Option<CommandOutput> {
     let mut child = match Command::new(program)
         .args(args)
         .stdin(Stdio::null())

@@ -27,6 +27,8 @@ mod identity;
 mod instances;
 mod membership;
 mod migration;
+mod netdev;
+mod network;
 mod node;
 mod placement;
 mod run;

@@ -149,6 +149,7 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
     }
     let needs = compat::Needs {
         stateful: ask.stateful && ask.existing.is_some(),
+        networked: ask.spec.network == ferry_raft::NetworkMode::Cluster,
         memory_bytes: ask.spec.memory_bytes,
         target_free_memory_bytes: m.free_memory_bytes,
         disk_bytes: ask.disk_bytes,
@@ -201,6 +202,7 @@ mod tests {
                 runc: Some("1.1.12".into()),
                 criu: Some("4.1.1".into()),
                 criu_check: true,
+                criu_inet: true,
             },
             ..Default::default()
         }

@@ -32,6 +32,8 @@ pub struct AgentOptions {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub voters: u8,
+    /// The cluster network's range, set at bootstrap.
+    pub cluster_subnet: Option<ferry_raft::subnet::Subnet>,
     /// Take a Raft snapshot every this many applied entries.
     pub snapshot_every: u64,
     pub gossip: GossipConfig,
@@ -166,6 +168,7 @@ pub(crate) async fn start(
         gossip,
         tuning: Tuning {
             voters: config.voters,
+            cluster_subnet: opts.cluster_subnet,
             heal_after: opts.heal_after,
             job_phase_timeout: opts.job_phase_timeout,
             disk_reserve_bytes: opts.disk_reserve_bytes,
@@ -190,6 +193,7 @@ pub(crate) async fn start(
     tokio::spawn(crate::instances::reconciler::run(agent.clone()));
     tokio::spawn(crate::migration::run(agent.clone()));
     tokio::spawn(crate::hosts::runner::run(agent.clone()));
+    tokio::spawn(crate::network::upkeep(agent.clone()));
 
     dir.save_api_info(&ApiInfo {
         address: addr.to_string(),

@@ -271,6 +271,7 @@ async fn handle_api(
         }
         ApiRequest::Launch(request) => instances::launch::launch(agent, request).await,
         ApiRequest::InstanceList => Ok(instances::list(agent)),
+        ApiRequest::Network => Ok(crate::network::show(agent)),
         ApiRequest::InstanceShow { name } => instances::show(agent, &name),
         ApiRequest::Instance {
             name,

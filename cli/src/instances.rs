@@ -45,6 +45,15 @@ pub struct LaunchArgs {
     /// kept) or `stay` (left running there).
     #[arg(long, value_enum, default_value_t = Evacuate::Auto)]
     evacuate: Evacuate,
+    /// `cluster`: an address on the cluster network (reachable from every
+    /// member and instance, kept through moves); `none`: only its own
+    /// loopback. Default: `cluster` when the cluster has a network
+    /// (bootstrapped with --cluster-subnet).
+    #[arg(long, value_enum)]
+    network: Option<Network>,
+    /// Its address on the cluster network (default: the lowest free one).
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<std::net::Ipv4Addr>,
     /// Print every member's placement verdict for it, and launch nothing.
     #[arg(long)]
     dry_run: bool,
@@ -70,6 +79,12 @@ pub enum Evacuate {
     Stateless,
     Stop,
     Stay,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    Cluster,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -207,6 +222,9 @@ fn print_detail(d: &InstanceDetail) {
     println!("kind:      {}", d.view.kind);
     println!("node:      {} (epoch {})", d.view.node, d.view.epoch);
     println!("state:     {} (desired {})", d.view.state, d.desired);
+    if let Some(address) = &d.view.address {
+        println!("address:   {address}");
+    }
     if let Some(detail) = &d.detail {
         println!("detail:    {detail}");
     }
@@ -305,6 +323,11 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
             Evacuate::Stop => ferry_raft::EvacuatePolicy::Stop,
             Evacuate::Stay => ferry_raft::EvacuatePolicy::Stay,
         },
+        network: args.network.map(|n| match n {
+            Network::Cluster => ferry_raft::NetworkMode::Cluster,
+            Network::None => ferry_raft::NetworkMode::None,
+        }),
+        ip: args.ip,
     };
     let ApiReply::Instance(d) = client.call(ApiRequest::Launch(request)).await? else {
         return Err(unexpected());
@@ -325,7 +348,7 @@ async fn list(client: &Client, format: Format) -> Result<()> {
     match format {
         Format::Json => print_json(&list)?,
         Format::Table => print_table(
-            &["NAME", "KIND", "NODE", "STATE", "EPOCH"],
+            &["NAME", "KIND", "NODE", "STATE", "EPOCH", "ADDRESS"],
             list.iter()
                 .map(|i| {
                     vec![
@@ -334,6 +357,7 @@ async fn list(client: &Client, format: Format) -> Result<()> {
                         i.node.clone(),
                         i.state.clone(),
                         i.epoch.to_string(),
+                        i.address.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect(),

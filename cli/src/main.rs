@@ -4,6 +4,7 @@
 mod hosts;
 mod instances;
 mod jobs;
+mod network;
 mod output;
 
 use std::net::SocketAddr;
@@ -53,6 +54,9 @@ enum Commands {
     /// Migration jobs.
     #[command(subcommand)]
     Job(jobs::JobCommand),
+    /// The cluster network.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
     /// (Internal) the parent of one container: runs the runc command that
     /// starts it, keeps its console log and records how its process ended;
     /// started by the agent for each container.
@@ -94,6 +98,12 @@ struct AgentArgs {
     /// How many voters the cluster keeps (set at bootstrap).
     #[arg(long, default_value_t = 3, value_parser = parse_voters)]
     voters: u8,
+    /// The cluster network's range (e.g. 10.88.0.0/16), set at bootstrap:
+    /// every instance launched with '--network cluster' gets an address in
+    /// it that follows it between members. Without it instances have no
+    /// network but their own loopback.
+    #[arg(long, value_name = "CIDR", requires = "bootstrap", value_parser = ferry_raft::subnet::Subnet::parse)]
+    cluster_subnet: Option<ferry_raft::subnet::Subnet>,
     /// Take a Raft snapshot (and purge the log behind it) every N applied entries.
     #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
@@ -314,6 +324,9 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Job(command) => {
             jobs::run_job(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
         }
+        Commands::Network(command) => {
+            network::run(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
+        }
         Commands::Shim(_) => Ok(()),
     }
 }
@@ -341,6 +354,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         bootstrap: args.bootstrap,
         join: args.join,
         voters: args.voters,
+        cluster_subnet: args.cluster_subnet,
         snapshot_every: args.snapshot_every,
         gossip: ferry_agent::GossipConfig {
             probe_period: args.gossip_probe_period,

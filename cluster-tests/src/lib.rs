@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod faults;
+pub mod netns;
 pub mod partition;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built
@@ -386,6 +387,9 @@ pub struct Cluster {
     pub agent_env: Vec<(String, String)>,
     /// Extra environment for the agent of this name only.
     pub env_for: std::collections::HashMap<String, Vec<(String, String)>>,
+    /// When set, agent i (and the CLI run against it) runs in member i's
+    /// network namespace and serves on its underlay address.
+    pub underlay: Option<netns::Underlay>,
 }
 
 impl Default for Cluster {
@@ -411,6 +415,31 @@ impl Cluster {
             agent_flags: Vec::new(),
             agent_env: Vec::new(),
             env_for: std::collections::HashMap::new(),
+            underlay: None,
+        }
+    }
+
+    /// A cluster whose first `members` agents each stand for a host of
+    /// their own (see `netns`).
+    pub fn with_underlay(members: usize) -> Result<Self> {
+        let mut cluster = Cluster::new();
+        cluster.underlay = Some(netns::Underlay::new(members)?);
+        Ok(cluster)
+    }
+
+    /// Where the next agent serves.
+    fn listen_for(&self, index: usize) -> String {
+        match &self.underlay {
+            Some(u) if index < u.len() => format!("{}:0", u.address(index)),
+            _ => "127.0.0.1:0".into(),
+        }
+    }
+
+    /// `program` for agent `index`: in its namespace when it has one.
+    pub fn command_for(&self, index: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.underlay {
+            Some(u) if index < u.len() => u.command(index, program),
+            _ => Command::new(program),
         }
     }
 
@@ -421,8 +450,14 @@ impl Cluster {
     /// n1 (bootstrapped, the leader), n2 and n3 joined through it, every
     /// member's facts and gossip load figures in, so moves can be checked.
     pub fn start_three(&mut self) -> Result<()> {
+        self.start_three_with(&[])
+    }
+
+    /// As [`Cluster::start_three`], with extra bootstrap flags (e.g.
+    /// `--cluster-subnet`).
+    pub fn start_three_with(&mut self, bootstrap_flags: &[&str]) -> Result<()> {
         let converge = Duration::from_secs(30);
-        self.bootstrap("n1", 3)?;
+        self.bootstrap_with("n1", 3, bootstrap_flags)?;
         self.join("n2", 0)?;
         self.join("n3", 0)?;
         self.wait_converged(&["n1", "n2", "n3"], converge)?;
@@ -440,17 +475,23 @@ impl Cluster {
 
     /// Start the first member; returns its index.
     pub fn bootstrap(&mut self, name: &str, voters: u8) -> Result<usize> {
+        self.bootstrap_with(name, voters, &[])
+    }
+
+    pub fn bootstrap_with(&mut self, name: &str, voters: u8, extra: &[&str]) -> Result<usize> {
         let data_dir = self.root.path().join(name);
         let voters = voters.to_string();
-        let args = [
+        let listen = self.listen_for(self.agents.len());
+        let mut args = vec![
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--name",
             name,
             "--bootstrap",
             "--voters",
             &voters,
         ];
+        args.extend(extra);
         self.spawn_new(name, data_dir, &args)
     }
 
@@ -462,10 +503,11 @@ impl Cluster {
 
     pub fn join_with_token(&mut self, name: &str, token: &str) -> Result<usize> {
         let data_dir = self.root.path().join(name);
+        let listen = self.listen_for(self.agents.len());
         self.spawn_new(
             name,
             data_dir,
-            &["--listen", "127.0.0.1:0", "--name", name, "--join", token],
+            &["--listen", &listen, "--name", name, "--join", token],
         )
     }
 
@@ -493,7 +535,8 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(agent.log_path())?;
-        let mut child = Command::new(ferry_bin())
+        let mut child = self
+            .command_for(index, ferry_bin())
             .arg("--data-dir")
             .arg(&agent.data_dir)
             .arg("agent")
@@ -594,7 +637,7 @@ impl Cluster {
 
     /// Run the CLI against member `index`.
     pub fn ferry(&self, index: usize, args: &[&str]) -> Output {
-        Command::new(ferry_bin())
+        self.command_for(index, ferry_bin())
             .arg("--data-dir")
             .arg(&self.agents[index].data_dir)
             .args(args)
@@ -963,6 +1006,14 @@ impl Drop for Cluster {
             }
         }
         remove_empty_parents();
+        // Instance network namespaces are bind mounts under the data dirs.
+        for agent in &self.agents {
+            if let Ok(files) = std::fs::read_dir(agent.data_dir.join("netns")) {
+                for file in files.flatten() {
+                    let _ = Command::new("umount").arg("-l").arg(file.path()).output();
+                }
+            }
+        }
         if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
             let root = self.root.path().to_path_buf();
             let kept = std::mem::replace(

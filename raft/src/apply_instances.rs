@@ -2,6 +2,9 @@
 //! deterministic; only the owner of the current epoch may report what runs
 //! (DESIGN.md rule 1).
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
 use crate::ids::NodeId;
 use crate::instances::*;
 use crate::model::{ClusterState, CommandResult};
@@ -38,6 +41,50 @@ impl Instance {
 }
 
 impl ClusterState {
+    /// The address a new instance holds: the one it asked for if it is
+    /// free and in the range, else the lowest free one. Apply runs in log
+    /// order on every member, so two launches never get the same one.
+    fn lease(&self, spec: &InstanceSpec) -> Result<Option<Ipv4Addr>, InstanceRejection> {
+        if spec.network == NetworkMode::None {
+            return match spec.address {
+                Some(_) => Err(InstanceRejection::AddressWithoutNetwork),
+                None => Ok(None),
+            };
+        }
+        let subnet = self
+            .config
+            .subnet
+            .ok_or(InstanceRejection::NoClusterNetwork)?;
+        let held: BTreeSet<Ipv4Addr> = self
+            .instances
+            .values()
+            .filter_map(|i| i.spec.address)
+            .collect();
+        let Some(wanted) = spec.address else {
+            return subnet
+                .first_free(&held)
+                .map(Some)
+                .ok_or_else(|| InstanceRejection::SubnetFull(subnet.to_string()));
+        };
+        if !subnet.is_leasable(wanted) {
+            return Err(InstanceRejection::AddressOutside {
+                address: wanted.to_string(),
+                subnet: subnet.to_string(),
+            });
+        }
+        if let Some(holder) = self
+            .instances
+            .values()
+            .find(|i| i.spec.address == Some(wanted))
+        {
+            return Err(InstanceRejection::AddressTaken {
+                address: wanted.to_string(),
+                holder: holder.name.clone(),
+            });
+        }
+        Ok(Some(wanted))
+    }
+
     pub(crate) fn apply_instance(
         &mut self,
         cmd: &InstanceCommand,
@@ -57,7 +104,9 @@ impl ClusterState {
                 if self.instances.contains_key(name) {
                     return Err(InstanceRejection::Exists(name.clone()));
                 }
-                let instance = Instance::new(name, *kind, spec.clone(), *owner, *desired, *now_ms);
+                let mut spec = spec.clone();
+                spec.address = self.lease(&spec)?;
+                let instance = Instance::new(name, *kind, spec, *owner, *desired, *now_ms);
                 self.instances.insert(name.clone(), instance);
             }
             InstanceCommand::SetDesired { name, desired } => {
@@ -215,6 +264,60 @@ mod tests {
             CommandResult::Rejected(Rejection::Instance(r)) => r,
             other => panic!("expected an instance rejection, got {other:?}"),
         }
+    }
+
+    fn networked(name: &str, address: Option<Ipv4Addr>) -> Command {
+        let mut cmd = create(name, 1);
+        if let Command::Instance(InstanceCommand::Create { spec, .. }) = &mut cmd {
+            spec.network = NetworkMode::Cluster;
+            spec.address = address;
+        }
+        cmd
+    }
+
+    fn address_of(s: &ClusterState, name: &str) -> Option<Ipv4Addr> {
+        s.instances[name].spec.address
+    }
+
+    #[test]
+    fn leases_are_unique_in_the_range_and_freed_with_the_instance() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            rejected(&mut s, &networked("a", None)),
+            InstanceRejection::NoClusterNetwork
+        );
+        s.config.subnet = Some(crate::subnet::Subnet::parse("198.18.100.0/30").expect("subnet"));
+        let only = Ipv4Addr::new(198, 18, 100, 2);
+        s.apply(&networked("a", None));
+        assert_eq!(address_of(&s, "a"), Some(only));
+        // The range is full, and an address held or outside it is refused.
+        assert!(matches!(
+            rejected(&mut s, &networked("b", None)),
+            InstanceRejection::SubnetFull(_)
+        ));
+        assert!(matches!(
+            rejected(&mut s, &networked("b", Some(only))),
+            InstanceRejection::AddressTaken { holder, .. } if holder == "a"
+        ));
+        let gateway = Ipv4Addr::new(198, 18, 100, 1);
+        assert!(matches!(
+            rejected(&mut s, &networked("b", Some(gateway))),
+            InstanceRejection::AddressOutside { .. }
+        ));
+        let mut plain = create("b", 1);
+        if let Command::Instance(InstanceCommand::Create { spec, .. }) = &mut plain {
+            spec.address = Some(only);
+        }
+        assert_eq!(
+            rejected(&mut s, &plain),
+            InstanceRejection::AddressWithoutNetwork
+        );
+        // Deleting the holder frees it.
+        s.apply(&Command::Instance(InstanceCommand::Delete {
+            name: "a".into(),
+        }));
+        s.apply(&networked("b", Some(only)));
+        assert_eq!(address_of(&s, "b"), Some(only));
     }
 
     #[test]

@@ -36,6 +36,32 @@ pub struct InstanceSpec {
     pub restart: RestartPolicy,
     /// What an evacuation of its member does with it.
     pub evacuate: crate::hosts::EvacuatePolicy,
+    /// `--network`: on the cluster network, or only its own loopback.
+    pub network: NetworkMode,
+    /// The instance's address on the cluster network: asked for with
+    /// `--ip` or leased by apply; kept through moves and stops, freed with
+    /// the instance.
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+/// `--network`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A network namespace with only loopback.
+    #[default]
+    None,
+    /// An address on the cluster network, reachable from every member.
+    Cluster,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Cluster => "cluster",
+        }
+    }
 }
 
 /// `--restart`: what the owner does when the instance's process ends on its
@@ -128,7 +154,7 @@ pub struct SnapshotRecord {
     pub created_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub name: String,
     pub kind: InstanceKind,
@@ -235,4 +261,14 @@ pub enum InstanceRejection {
     /// Appended last: variants are encoded by position.
     #[error("{0}")]
     BadName(String),
+    #[error("this cluster has no cluster network (it was bootstrapped without --cluster-subnet); launch with --network none")]
+    NoClusterNetwork,
+    #[error("{address} is not an address an instance can hold on the cluster network {subnet} (not its base, gateway or broadcast); pick another with --ip or leave --ip out")]
+    AddressOutside { address: String, subnet: String },
+    #[error("{address} is already held by instance '{holder}'; pick another with --ip or leave --ip out")]
+    AddressTaken { address: String, holder: String },
+    #[error("every address of the cluster network {0} is held; delete an instance or launch with --network none")]
+    SubnetFull(String),
+    #[error("--ip needs --network cluster")]
+    AddressWithoutNetwork,
 }

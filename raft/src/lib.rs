@@ -14,6 +14,7 @@ pub mod names;
 pub mod network;
 pub mod state;
 pub mod store;
+pub mod subnet;
 
 pub use hosts::*;
 pub use ids::*;

@@ -50,6 +50,9 @@ pub struct Runtimes {
     pub criu: Option<String>,
     /// Whether `criu check` passed on this host.
     pub criu_check: bool,
+    /// Whether this host's CRIU can dump a process holding an internet
+    /// socket (CRIU before 4.2 cannot on kernels 6.16 and later).
+    pub criu_inet: bool,
 }
 
 /// Static facts about a host, collected at agent start and replicated
@@ -127,6 +130,9 @@ pub struct ClusterConfig {
     pub voters: u8,
     /// Hex SHA-256 of the cluster CA certificate (DER).
     pub ca_fingerprint: String,
+    /// The cluster network's range (`--cluster-subnet`); without it
+    /// instances have no network but their own loopback.
+    pub subnet: Option<crate::subnet::Subnet>,
 }
 
 /// Everything the cluster state machine holds.

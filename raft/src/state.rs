@@ -295,6 +295,7 @@ mod tests {
         ClusterConfig {
             voters: 3,
             ca_fingerprint: "ab".repeat(32),
+            subnet: None,
         }
     }
 
@@ -419,6 +420,7 @@ mod tests {
             config: ClusterConfig {
                 voters: 5,
                 ca_fingerprint: "cd".into(),
+                subnet: None,
             },
         };
         assert_rejected_unchanged(&mut s, &other, Rejection::AlreadyInitialised);

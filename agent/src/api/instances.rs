@@ -18,16 +18,18 @@ pub struct LaunchRequest {
     pub unconfined: bool,
     pub restart: ferry_raft::RestartPolicy,
     pub evacuate: ferry_raft::EvacuatePolicy,
+    /// `--network`; without it: on the cluster network when there is one
+    /// (or `--ip` is given).
+    pub network: Option<ferry_raft::NetworkMode>,
+    /// `--ip`: this address on the cluster network, else one leased.
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
+/// The rootfs of a reserved instance follows; its spec is the one in the
+/// replicated state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UploadRequest {
     pub name: InstanceName,
-    pub command: Vec<String>,
-    pub memory_bytes: Option<u64>,
-    pub unconfined: bool,
-    pub restart: ferry_raft::RestartPolicy,
-    pub evacuate: ferry_raft::EvacuatePolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,6 +65,8 @@ pub struct InstanceView {
     pub node: String,
     pub state: String,
     pub epoch: u64,
+    /// Its address on the cluster network.
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

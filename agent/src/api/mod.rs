@@ -7,6 +7,7 @@ pub mod hosts;
 pub mod instances;
 pub mod jobs;
 pub mod names;
+pub mod network;
 pub mod transfer;
 
 use ferry_raft::network::{RaftReply, RaftRequest};
@@ -147,6 +148,8 @@ pub enum ApiRequest {
         instance: Option<String>,
         stateful: Option<bool>,
     },
+    /// The cluster network and its leases.
+    Network,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,6 +192,7 @@ pub enum ApiReply {
     /// What an evacuation or restore would do (`--dry-run`).
     HostPlan(Vec<hosts::PlannedItem>),
     Placement(Vec<hosts::CandidateView>),
+    Network(network::NetworkView),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

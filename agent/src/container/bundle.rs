@@ -86,6 +86,9 @@ pub struct BundleConfig<'a> {
     pub criu_config: Option<&'a Path>,
     /// Without the default seccomp filter (`--security-profile unconfined`).
     pub unconfined: bool,
+    /// A network namespace made by the agent (the cluster network) rather
+    /// than a new empty one made by runc.
+    pub netns: Option<&'a Path>,
 }
 
 pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
@@ -134,6 +137,13 @@ pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
             .build()
             .map_err(|e| BundleError::Spec(e.to_string()))?;
         linux.set_resources(Some(resources));
+        if let (Some(path), Some(namespaces)) = (config.netns, linux.namespaces_mut()) {
+            for ns in namespaces.iter_mut() {
+                if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                    ns.set_path(Some(path.to_path_buf()));
+                }
+            }
+        }
         if !config.unconfined {
             let seccomp = super::confine::default_seccomp().map_err(BundleError::Spec)?;
             linux.set_seccomp(Some(seccomp));
@@ -275,6 +285,7 @@ mod tests {
             cgroup_parent: "ferry-n1",
             criu_config: None,
             unconfined,
+            netns: None,
         })
         .unwrap();
         serde_json::to_value(&spec).unwrap()
@@ -326,6 +337,7 @@ mod tests {
             cgroup_parent: "ferry-n1",
             criu_config: None,
             unconfined: false,
+            netns: Some(Path::new("/data/netns/c1")),
         })
         .unwrap();
         let json = serde_json::to_value(&spec).unwrap();
@@ -343,5 +355,18 @@ mod tests {
         for ns in ["pid", "network", "ipc", "uts", "mount"] {
             assert!(namespaces.contains(&ns), "{ns} missing");
         }
+        // On the cluster network it joins the namespace the agent made.
+        let network = json["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "network")
+            .unwrap();
+        assert_eq!(network["path"], "/data/netns/c1");
+        assert_eq!(json_of_plain()["linux"]["namespaces"][1].get("path"), None);
+    }
+
+    fn json_of_plain() -> serde_json::Value {
+        config(false)
     }
 }

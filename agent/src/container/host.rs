@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
+use super::net::InstanceNet;
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, RunState, Status};
@@ -66,6 +67,7 @@ pub struct Host {
     timeout: Duration,
     data_dir: PathBuf,
     cgroup_parent: String,
+    net: InstanceNet,
 }
 
 impl Host {
@@ -80,6 +82,7 @@ impl Host {
             timeout,
             data_dir: data_dir.to_path_buf(),
             cgroup_parent: cgroup_parent(data_dir, node_name),
+            net: InstanceNet::new(data_dir),
         }
     }
 
@@ -136,6 +139,7 @@ impl Host {
                 .await
                 .map_err(|e| file_error("cannot write", &criu_config, e))?;
         }
+        let netns = self.net.record(name, spec).await?;
         bundle::write_config(
             &dir,
             &BundleConfig {
@@ -145,6 +149,7 @@ impl Host {
                 cgroup_parent: &self.cgroup_parent,
                 criu_config: held.then_some(criu_config.as_path()),
                 unconfined: spec.unconfined,
+                netns: netns.as_deref(),
             },
         )?;
         // Only root reads an instance's files (its rootfs, memory images,
@@ -158,27 +163,32 @@ impl Host {
         Ok(())
     }
 
-    async fn start_container(&self, name: &InstanceName) -> Result<(), RuncError> {
+    async fn start_container(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.forget_exited(name).await?;
+        self.net.attach(name, true).await?;
         let dir = self.dir(name);
-        self.runc
+        Ok(self
+            .runc
             .run_detached(name.as_str(), &dir.bundle(), &dir.runc_log())
-            .await
+            .await?)
     }
 
-    async fn restore_checkpoint(&self, name: &InstanceName) -> Result<(), RuncError> {
+    async fn restore_checkpoint(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.forget_exited(name).await?;
+        self.net.attach(name, true).await?;
         let dir = self.dir(name);
         let _ = tokio::fs::create_dir_all(dir.criu_work()).await;
-        self.runc
+        let paths = (dir.bundle(), dir.checkpoint(), dir.criu_work());
+        let tcp = self.net.keeps_connections(name);
+        Ok(self
+            .runc
             .restore(
                 name.as_str(),
-                &dir.bundle(),
-                &dir.checkpoint(),
-                &dir.criu_work(),
+                (&paths.0, &paths.1, &paths.2),
+                tcp,
                 &dir.runc_log(),
             )
-            .await
+            .await?)
     }
 
     /// SIGTERM, then SIGKILL after a grace period (at once with `force`),
@@ -272,11 +282,11 @@ impl Driver for Host {
     }
 
     async fn start(&self, name: &InstanceName) -> Result<(), DriverError> {
-        Ok(self.start_container(name).await?)
+        self.start_container(name).await
     }
 
     async fn restore(&self, name: &InstanceName) -> Result<(), DriverError> {
-        Ok(self.restore_checkpoint(name).await?)
+        self.restore_checkpoint(name).await
     }
 
     async fn stop(&self, name: &InstanceName, force: bool) -> Result<(), DriverError> {
@@ -293,7 +303,7 @@ impl Driver for Host {
                 name.as_str(),
                 &dir.checkpoint(),
                 &dir.criu_work(),
-                false,
+                (false, self.net.keeps_connections(name)),
                 &dir.runc_log(),
             )
             .await?;
@@ -325,8 +335,9 @@ impl Driver for Host {
             if stateful {
                 let images = target.join("checkpoint");
                 create_dirs(&[images.clone(), dir.criu_work()]).await?;
+                let keep = (true, self.net.keeps_connections(name));
                 self.runc
-                    .checkpoint(name.as_str(), &images, &dir.criu_work(), true, &log)
+                    .checkpoint(name.as_str(), &images, &dir.criu_work(), keep, &log)
                     .await?;
             }
             copy_dir(dir.rootfs(), target.join("rootfs"), self.timeout).await
@@ -354,10 +365,10 @@ impl Driver for Host {
         copy_dir(source.join("rootfs"), dir.rootfs(), self.timeout).await?;
         if stateful {
             copy_dir(source.join("checkpoint"), dir.checkpoint(), self.timeout).await?;
-            Ok(self.restore_checkpoint(name).await?)
+            self.restore_checkpoint(name).await
         } else {
             let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
-            Ok(self.start_container(name).await?)
+            self.start_container(name).await
         }
     }
 
@@ -392,12 +403,18 @@ impl Driver for Host {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                result => return Ok(result?),
+                // Frozen, its address is withdrawn here: no packet may
+                // reach its sockets (and be acknowledged by this kernel)
+                // after the dump copies them.
+                Ok(()) => return self.net.set_link(name, false).await,
+                Err(e) => return Err(e.into()),
             }
         }
     }
 
+    /// Its address is announced here again before it runs.
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
+        self.net.set_link(name, true).await?;
         Ok(self
             .runc
             .resume(name.as_str(), &self.dir(name).runc_log())
@@ -421,8 +438,9 @@ impl Driver for Host {
         // and nothing runs after it: paused before the dump and still
         // paused after it, or the move must not go on.
         self.expect_paused(name, "before its final dump").await?;
+        let keep = (true, self.net.keeps_connections(name));
         self.runc
-            .checkpoint(name.as_str(), &images, &work, true, &dir.runc_log())
+            .checkpoint(name.as_str(), &images, &work, keep, &dir.runc_log())
             .await?;
         self.expect_paused(name, "after its final dump").await
     }
@@ -471,13 +489,17 @@ impl Driver for Host {
         self.forget_exited(name).await?;
         let work = dir.migration().join("restore-work");
         let _ = tokio::fs::create_dir_all(&work).await;
+        // Its address is not announced here until it is released: a
+        // packet its sockets acknowledged now would be lost to a rollback.
+        self.net.attach(name, false).await?;
+        let (bundle, images) = (dir.bundle(), self.images(name));
+        let tcp = self.net.keeps_connections(name);
         Ok(self
             .runc
             .restore(
                 name.as_str(),
-                &dir.bundle(),
-                &self.images(name),
-                &work,
+                (&bundle, &images, &work),
+                tcp,
                 &dir.runc_log(),
             )
             .await?)
@@ -490,7 +512,11 @@ impl Driver for Host {
         spec: &InstanceSpec,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        for pid in self.runc.pids(name.as_str(), &dir.runc_log()).await? {
+        let pids = self.runc.pids(name.as_str(), &dir.runc_log()).await?;
+        // Announced before it runs: the switch is committed, it is the
+        // instance now.
+        self.net.set_link(name, true).await?;
+        for pid in pids {
             let signal = tokio::process::Command::new("kill")
                 .args(["-CONT", &pid.to_string()])
                 .kill_on_drop(true)
@@ -514,6 +540,7 @@ impl Driver for Host {
             }
             self.runc.delete(name.as_str(), true, &log).await?;
         }
+        self.net.detach(name).await;
         let _ = tokio::fs::remove_dir_all(self.dir(name).root()).await;
         Ok(())
     }
@@ -557,9 +584,19 @@ impl Driver for Host {
 
     async fn runtimes(&self) -> Runtimes {
         let timeout = crate::facts::RUNTIME_COMMAND_TIMEOUT;
-        tokio::task::spawn_blocking(move || crate::facts::probe_runtimes(timeout))
-            .await
-            .unwrap_or_default()
+        let data_dir = self.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut runtimes = crate::facts::probe_runtimes(timeout);
+            runtimes.criu_inet = match (&runtimes.criu, runtimes.criu_check) {
+                (Some(version), true) => {
+                    super::criu_probe::can_dump_inet(&data_dir, version, timeout)
+                }
+                _ => false,
+            };
+            runtimes
+        })
+        .await
+        .unwrap_or_default()
     }
 }
 

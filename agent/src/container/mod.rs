@@ -4,6 +4,8 @@
 mod bundle;
 mod confine;
 pub mod console;
+mod criu_probe;
 pub(crate) mod host;
+mod net;
 mod runc;
 pub mod shim;

@@ -411,7 +411,7 @@ impl Runc {
         id: &str,
         images: &Path,
         work: &Path,
-        leave_running: bool,
+        (leave_running, tcp_established): (bool, bool),
         log: &Path,
     ) -> Result<(), RuncError> {
         let mut cmd = self.command(log);
@@ -422,21 +422,24 @@ impl Runc {
         if leave_running {
             cmd.arg("--leave-running");
         }
+        if tcp_established {
+            cmd.arg("--tcp-established");
+        }
         cmd.arg(id);
         let result = self.run("checkpoint", id, log, cmd).await.map(|_| ());
         result.map_err(|e| with_criu_reasons(e, &work.join("dump.log"), log))
     }
 
-    /// CRIU restore through runc, detached.
+    /// CRIU restore through runc, detached (with the TCP connections the
+    /// dump kept when `tcp_established`).
     pub async fn restore(
         &self,
         id: &str,
-        bundle: &Path,
-        images: &Path,
-        work: &Path,
+        (bundle, images, work): (&Path, &Path, &Path),
+        tcp_established: bool,
         log: &Path,
     ) -> Result<(), RuncError> {
-        let sub: Vec<OsString> = vec![
+        let mut sub: Vec<OsString> = vec![
             "restore".into(),
             "--detach".into(),
             "--image-path".into(),
@@ -446,6 +449,9 @@ impl Runc {
             "--bundle".into(),
             bundle.into(),
         ];
+        if tcp_established {
+            sub.push("--tcp-established".into());
+        }
         let result = self.detached("restore", id, log, sub).await;
         result.map_err(|e| with_criu_reasons(e, &work.join("restore.log"), log))
     }
@@ -573,7 +579,7 @@ exit 1
         std::fs::create_dir_all(&work).unwrap();
         let log = dir.path().join("runc.log");
         let err = runc
-            .checkpoint("c1", &images, &work, true, &log)
+            .checkpoint("c1", &images, &work, (true, false), &log)
             .await
             .unwrap_err()
             .to_string();

@@ -131,6 +131,7 @@ pub async fn ensure_bootstrap_records(agent: Arc<Agent>, serial: String) {
                 config: ClusterConfig {
                     voters: agent.tuning().voters,
                     ca_fingerprint: agent.keyring().fingerprint(),
+                    subnet: agent.tuning().cluster_subnet,
                 },
             }
         } else {

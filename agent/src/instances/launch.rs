@@ -76,12 +76,19 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
         )
     })?;
     let owner = place(agent, req.target.as_deref(), req.memory_bytes)?;
-    let spec = spec_of(
+    let mut spec = spec_of(
         &req.command,
         req.memory_bytes,
         req.unconfined,
         (req.restart, req.evacuate),
     );
+    let has_subnet = agent.state().read(|s| s.config.subnet.is_some());
+    spec.network = req.network.unwrap_or(if has_subnet || req.ip.is_some() {
+        ferry_raft::NetworkMode::Cluster
+    } else {
+        ferry_raft::NetworkMode::None
+    });
+    spec.address = req.ip;
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -98,6 +105,8 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
     };
     commit(agent, create).await?;
     let placed = if owner == agent.id() {
+        // With the address apply leased for it.
+        let spec = reserved_spec(agent, name).unwrap_or(spec);
         let _guard = agent.locks().lock(name.as_str()).await;
         prepare_local(agent, name, &spec, Some(&rootfs)).await
     } else {
@@ -193,11 +202,6 @@ async fn upload(
     };
     let request = Request::Upload(UploadRequest {
         name: req.name.clone(),
-        command: req.command.clone(),
-        memory_bytes: req.memory_bytes,
-        unconfined: req.unconfined,
-        restart: req.restart,
-        evacuate: req.evacuate,
     });
     let result = async {
         let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
@@ -225,6 +229,13 @@ async fn upload(
         let _ = tokio::fs::remove_dir_all(&staging).await;
     }
     result
+}
+
+/// The spec `Create` committed (with its leased address).
+fn reserved_spec(agent: &Agent, name: &InstanceName) -> Option<InstanceSpec> {
+    agent
+        .state()
+        .read(|s| s.instances.get(name.as_str()).map(|i| i.spec.clone()))
 }
 
 /// How long the owner waits to see the launcher's `Create` applied.
@@ -261,12 +272,12 @@ pub async fn receive_upload(
             let why = format!("receiving the rootfs failed: {e}");
             return Err(err(ErrorKind::BadRequest, why));
         }
-        let spec = spec_of(
-            &req.command,
-            req.memory_bytes,
-            req.unconfined,
-            (req.restart, req.evacuate),
-        );
+        let spec = reserved_spec(agent, name).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("'{name}' is no longer reserved"),
+            )
+        })?;
         prepare_local(agent, name, &spec, None).await
     }
     .await;

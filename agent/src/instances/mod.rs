@@ -54,6 +54,7 @@ fn view(agent: &Agent, i: &Instance) -> InstanceView {
             i.observed.as_str().into()
         },
         epoch: i.epoch,
+        address: i.spec.address.map(|a| a.to_string()),
     }
 }
 

@@ -14,6 +14,8 @@ fn not_found(message: String) -> ApiError {
 #[derive(Clone, Debug, Default)]
 pub struct Needs {
     pub stateful: bool,
+    /// On the cluster network: its sockets must be dumped and restored.
+    pub networked: bool,
     /// Memory the instance may use (its limit), if known.
     pub memory_bytes: Option<u64>,
     /// Free memory on the target, if known (gossip load facts).
@@ -104,9 +106,32 @@ pub fn check(
     if needs.stateful {
         report.push(criu_item(source, target));
     }
+    if needs.stateful && needs.networked {
+        report.push(sockets_item(source, target));
+    }
     report.push(memory_item(target, needs));
     report.push(disk_item(target, needs));
     report
+}
+
+fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
+    let cannot: Vec<&str> = [("source", source), ("target", target)]
+        .into_iter()
+        .filter(|(_, facts)| !facts.runtimes.criu_inet)
+        .map(|(side, _)| side)
+        .collect();
+    if cannot.is_empty() {
+        return item(
+            "criu-sockets",
+            true,
+            "CRIU dumps internet sockets on both".into(),
+        );
+    }
+    let detail = format!(
+        "CRIU on the {} cannot dump internet sockets (install CRIU >= 4.2 with scripts/install-deps.sh, or move it --stateless)",
+        cannot.join(" and ")
+    );
+    item("criu-sockets", false, detail)
 }
 
 fn memory_item(target: &HostFacts, needs: &Needs) -> CheckResult {
@@ -236,6 +261,7 @@ pub fn report(
         let baseline = baseline_or_source(inst.baseline.as_ref(), &source);
         let needs = Needs {
             stateful,
+            networked: inst.spec.network == ferry_raft::NetworkMode::Cluster,
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
             disk_bytes,
@@ -266,6 +292,7 @@ mod tests {
                 runc: Some("1.1.5".into()),
                 criu: Some(criu.into()),
                 criu_check: true,
+                criu_inet: true,
             },
             ..Default::default()
         }
@@ -308,6 +335,35 @@ mod tests {
         let report = check(&baseline(), &h, &h, &stateful());
         assert!(passed(&report), "{report:?}");
         assert_eq!(report.len(), 7);
+    }
+
+    #[test]
+    fn a_networked_instance_needs_a_criu_that_dumps_sockets_on_both_sides() {
+        let h = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.2.1",
+        );
+        let mut old = h.clone();
+        old.runtimes.criu_inet = false;
+        let networked = Needs {
+            networked: true,
+            ..stateful()
+        };
+        assert!(passed(&check(&baseline(), &h, &h, &networked)));
+        let report = check(&baseline(), &h, &old, &networked);
+        let failed = failed(&report);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, "criu-sockets");
+        assert!(failed[0].1.contains("on the target cannot"), "{failed:?}");
+        // Not networked, or stateless: sockets are not dumped.
+        assert!(passed(&check(&baseline(), &h, &old, &stateful())));
+        let stateless = Needs {
+            stateful: false,
+            ..networked
+        };
+        assert!(passed(&check(&baseline(), &h, &old, &stateless)));
     }
 
     #[test]
@@ -388,6 +444,7 @@ mod tests {
         );
         let needs = Needs {
             stateful: true,
+            networked: false,
             memory_bytes: Some(4 << 30),
             target_free_memory_bytes: Some(1 << 30),
             disk_bytes: 10 << 20,

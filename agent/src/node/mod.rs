@@ -35,6 +35,8 @@ pub use write::commit;
 pub struct Tuning {
     /// The cluster keeps this many voters.
     pub voters: u8,
+    /// `--cluster-subnet`, recorded by the bootstrap.
+    pub cluster_subnet: Option<ferry_raft::subnet::Subnet>,
     /// A voter dead (by gossip) this long is replaced by a live learner.
     pub heal_after: Duration,
     /// The leader rolls back a job whose phase has not moved for this long.

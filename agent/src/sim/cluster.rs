@@ -32,6 +32,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         bootstrap: false,
         join: None,
         voters: 3,
+        cluster_subnet: None,
         snapshot_every: ferry_raft::DEFAULT_SNAPSHOT_EVERY,
         gossip: Default::default(),
         heal_after: Duration::from_secs(600),
@@ -152,6 +153,8 @@ impl Sim {
             unconfined: false,
             restart: Default::default(),
             evacuate: Default::default(),
+            network: None,
+            ip: None,
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await

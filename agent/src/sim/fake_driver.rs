@@ -372,6 +372,7 @@ impl Driver for FakeDriver {
             runc: Some("fake".into()),
             criu: Some("4.1.1".into()),
             criu_check: true,
+            criu_inet: true,
         }
     }
 }

@@ -84,6 +84,8 @@ async fn of_two_launches_of_one_name_one_is_refused_and_the_files_are_the_winner
             unconfined: false,
             restart: Default::default(),
             evacuate: Default::default(),
+            network: None,
+            ip: None,
         };
         let agent = n1.clone();
         launches.push(tokio::spawn(async move {

@@ -78,6 +78,7 @@ fn bootstrap_log() -> Vec<Entry> {
                 config: ClusterConfig {
                     voters: 3,
                     ca_fingerprint: "ca".into(),
+                    subnet: None,
                 },
             },
         ),

@@ -1,0 +1,278 @@
+//! The cluster network: each agent in a network namespace of its own (a
+//! host), joined by an underlay bridge; instances reach each other by
+//! address across members, and a live move keeps both the address and an
+//! open TCP connection.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cluster_tests::netns::TEST_CLUSTER_SUBNET;
+use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
+
+/// An echo server on port 7000 (a child per connection).
+const ECHO_SERVER: &[&str] = &["nc", "-ll", "-p", "7000", "-e", "/bin/cat"];
+
+/// n1, n2, n3, each on a host of its own, bootstrapped with a cluster subnet.
+fn three_hosts() -> Result<(Cluster, PathBuf)> {
+    let mut cluster = Cluster::with_underlay(3)?;
+    cluster.start_three_with(&["--cluster-subnet", TEST_CLUSTER_SUBNET])?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    Ok((cluster, rootfs))
+}
+
+fn launch(cluster: &Cluster, name: &str, target: &str, rootfs: &Path, cmd: &[&str]) -> Result<()> {
+    let rootfs = rootfs.to_string_lossy();
+    let mut args = vec![
+        "launch", name, "--rootfs", &rootfs, "--target", target, "--",
+    ];
+    args.extend(cmd);
+    cluster.ferry_ok(0, &args).map(|_| ())
+}
+
+fn address(cluster: &Cluster, name: &str) -> Result<String> {
+    let list = cluster.ferry_json(0, &["list"])?;
+    let found = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == name);
+    found
+        .and_then(|i| i["address"].as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{name} has no address: {list}"))
+}
+
+/// `echo TEXT | nc ADDR 7000` inside instance `from`; returns the echo.
+fn echo_from(cluster: &Cluster, from: &str, addr: &str, text: &str) -> Result<String> {
+    let script = format!("echo {text} | timeout 5 nc {addr} 7000");
+    let out = cluster.ferry_ok(0, &["exec", from, "--", "sh", "-c", &script])?;
+    Ok(out.trim().to_string())
+}
+
+#[test]
+fn instances_on_different_members_reach_each_other_and_every_member_reaches_them() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let (cluster, rootfs) = three_hosts()?;
+    launch(&cluster, "a", "n1", &rootfs, ECHO_SERVER)?;
+    launch(&cluster, "c", "n3", &rootfs, ECHO_SERVER)?;
+    let (a, c) = (address(&cluster, "a")?, address(&cluster, "c")?);
+    assert_ne!(a, c);
+    for ip in [&a, &c] {
+        assert!(
+            ip.starts_with("198.19.0."),
+            "{ip} is outside the cluster subnet"
+        );
+    }
+    // TCP both ways between members, over the underlay.
+    assert_eq!(echo_from(&cluster, "a", &c, "from-a")?, "from-a");
+    assert_eq!(echo_from(&cluster, "c", &a, "from-c")?, "from-c");
+    // A member without either instance reaches both.
+    for ip in [&a, &c] {
+        let out = cluster
+            .command_for(1, "sh")
+            .args([
+                "-c",
+                &format!("echo from-n2 | timeout 5 busybox nc {ip} 7000"),
+            ])
+            .output()?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "from-n2",
+            "to {ip}"
+        );
+    }
+    let network = cluster.ferry_json(0, &["network", "show"])?;
+    assert_eq!(network["subnet"], TEST_CLUSTER_SUBNET);
+    assert_eq!(
+        network["leases"].as_array().map(Vec::len),
+        Some(2),
+        "{network}"
+    );
+    // `--network none` is what it always was: loopback only, no address.
+    let rootfs_text = rootfs.to_string_lossy();
+    let none = [
+        "launch",
+        "n",
+        "--rootfs",
+        &rootfs_text,
+        "--network",
+        "none",
+        "--",
+        "sleep",
+        "600",
+    ];
+    cluster.ferry_ok(0, &none)?;
+    let list = cluster.ferry_json(0, &["list"])?;
+    let plain = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "n")
+        .unwrap();
+    assert!(plain["address"].is_null(), "{plain}");
+    let links = cluster.ferry_ok(0, &["exec", "n", "--", "ls", "/sys/class/net"])?;
+    assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+    // An address held is refused to a second instance, naming the holder.
+    let taken = [
+        "launch",
+        "x",
+        "--rootfs",
+        &rootfs_text,
+        "--ip",
+        &a,
+        "--",
+        "sleep",
+        "600",
+    ];
+    let err = cluster.ferry_err(0, &taken)?;
+    assert!(err.contains("already held by instance 'a'"), "{err}");
+    Ok(())
+}
+
+/// The client's log: one line per echoed counter value, with the
+/// container's uptime (10 ms steps) when it came back.
+fn echoes(log: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (n, t) = l.split_once(' ')?;
+            Some((n.parse().ok()?, t.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A client in `cli` on n3 sending a counter to `server` every 50 ms over
+/// one connection (at most 3000 values), logging each echo.
+fn start_client(cluster: &Cluster, rootfs: &Path, server: &str) -> Result<PathBuf> {
+    let script = format!(
+        "i=0; while [ $i -lt 3000 ]; do echo $i; i=$((i+1)); usleep 50000; done \
+         | nc {server} 7000 | while read n; do read up rest < /proc/uptime; echo \"$n $up\"; done > /log"
+    );
+    launch(cluster, "cli", "n3", rootfs, &["sh", "-c", &script])?;
+    let log = cluster.agents[2]
+        .data_dir
+        .join("instances/cli/bundle/rootfs/log");
+    wait_echoes(&log, 20)?;
+    Ok(log)
+}
+
+fn wait_echoes(log: &Path, more_than: usize) -> Result<usize> {
+    wait_for("the client's echoes", Duration::from_secs(30), || {
+        let n = echoes(log).len();
+        if n <= more_than {
+            bail!("{n} echoes");
+        }
+        Ok(n)
+    })
+}
+
+/// Every value in order, none missing or repeated: one connection, no
+/// reconnect. Returns the longest gap between two echoes, in ms.
+fn one_unbroken_stream(log: &Path) -> Result<u64> {
+    let echoes = echoes(log);
+    for (i, (n, _)) in echoes.iter().enumerate() {
+        if *n != i as u64 {
+            bail!("echo {i} is {n}: the stream broke");
+        }
+    }
+    let gap = echoes
+        .windows(2)
+        .map(|w| ((w[1].1 - w[0].1) * 1000.0).round() as u64)
+        .max()
+        .unwrap_or(0);
+    Ok(gap)
+}
+
+fn downtime_ms(move_output: &str) -> Option<u64> {
+    let after = move_output.split("downtime").nth(1)?;
+    let digits: String = after
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// What member `index` routes `ip` through (`ip route get`).
+fn route_on(cluster: &Cluster, index: usize, ip: &str) -> Result<String> {
+    let out = cluster
+        .command_for(index, "ip")
+        .args(["route", "get", ip])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let (cluster, rootfs) = three_hosts()?;
+    launch(&cluster, "srv", "n1", &rootfs, ECHO_SERVER)?;
+    let addr = address(&cluster, "srv")?;
+    let log = start_client(&cluster, &rootfs, &addr)?;
+    let mut worst = 0;
+    for (target, index, via) in [("n2", 1, "198.18.0.2"), ("n1", 0, "198.18.0.1")] {
+        let out = cluster.ferry_ok(0, &["move", "srv", "--target", target])?;
+        let downtime = downtime_ms(&out).with_context(|| format!("no downtime in: {out}"))?;
+        worst = worst.max(downtime);
+        assert_eq!(address(&cluster, "srv")?, addr, "the address changed");
+        let seen = echoes(&log).len();
+        wait_echoes(&log, seen + 10)?;
+        let gap = one_unbroken_stream(&log)?;
+        eprintln!("move to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
+        // The one left behind holds nothing for it and routes it to the
+        // member it runs on.
+        let left = 1 - index;
+        let netns = cluster.agents[left].data_dir.join("netns/srv");
+        assert!(
+            !netns.exists(),
+            "{} still has its namespace",
+            cluster.agents[left].name
+        );
+        let route = route_on(&cluster, left, &addr)?;
+        assert!(route.contains(&format!("via {via}")), "{route}");
+    }
+    let gap = one_unbroken_stream(&log)?;
+    // Retransmission backs off while the address is withdrawn: allow that
+    // on top of the downtime, never a reconnect.
+    assert!(
+        gap < worst + 3_000,
+        "a gap of {gap} ms (downtime at most {worst} ms)"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_move_that_fails_after_the_switch_leaves_the_server_on_its_connection() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let (cluster, rootfs) = three_hosts()?;
+    launch(&cluster, "srv", "n1", &rootfs, ECHO_SERVER)?;
+    let addr = address(&cluster, "srv")?;
+    let log = start_client(&cluster, &rootfs, &addr)?;
+    // Stale runc state for the id on the target: its restore fails.
+    std::fs::create_dir_all(cluster.agents[1].data_dir.join("runc/srv"))?;
+    let err = cluster.ferry_err(0, &["move", "srv", "--target", "n2"])?;
+    assert!(err.contains("restore on the target failed"), "{err}");
+    let list = cluster.ferry_json(0, &["list"])?;
+    let srv = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "srv")
+        .unwrap();
+    assert_eq!(srv["node"], "n1", "{srv}");
+    let seen = echoes(&log).len();
+    wait_echoes(&log, seen + 10)?;
+    let gap = one_unbroken_stream(&log)?;
+    eprintln!("rolled back: longest gap the client saw {gap} ms");
+    assert!(route_on(&cluster, 2, &addr)?.contains("via 198.18.0.1"));
+    Ok(())
+}
