@@ -276,3 +276,118 @@ fn a_move_that_fails_after_the_switch_leaves_the_server_on_its_connection() -> R
     assert!(route_on(&cluster, 2, &addr)?.contains("via 198.18.0.1"));
     Ok(())
 }
+
+/// `echo TEXT | nc ADDR 7000` from member `index`'s host namespace.
+fn echo_from_member(cluster: &Cluster, index: usize, addr: &str, text: &str) -> Result<String> {
+    let script = format!("echo {text} | timeout 5 busybox nc {addr} 7000");
+    let out = cluster
+        .command_for(index, "sh")
+        .args(["-c", &script])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn wait_echo(cluster: &Cluster, addr: &str, what: &str) -> Result<()> {
+    wait_for(what, Duration::from_secs(20), || {
+        match echo_from_member(cluster, 2, addr, "hello")?.as_str() {
+            "hello" => Ok(()),
+            other => bail!("got '{other}'"),
+        }
+    })
+}
+
+#[test]
+fn the_address_stays_through_a_stateless_move_a_stateful_stop_and_a_snapshot() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let (cluster, rootfs) = three_hosts()?;
+    launch(&cluster, "a", "n1", &rootfs, ECHO_SERVER)?;
+    let addr = address(&cluster, "a")?;
+    wait_echo(&cluster, &addr, "the server on n1")?;
+    cluster.ferry_ok(0, &["move", "a", "--target", "n2", "--stateless"])?;
+    assert_eq!(address(&cluster, "a")?, addr);
+    wait_echo(&cluster, &addr, "the server moved stateless to n2")?;
+    cluster.ferry_ok(0, &["stop", "a", "--stateful"])?;
+    assert_eq!(echo_from_member(&cluster, 2, &addr, "stopped")?, "");
+    cluster.ferry_ok(0, &["start", "a"])?;
+    assert_eq!(address(&cluster, "a")?, addr);
+    wait_echo(&cluster, &addr, "the server restored from its checkpoint")?;
+    cluster.ferry_ok(0, &["snapshot", "create", "a", "s1", "--stateful"])?;
+    cluster.ferry_ok(0, &["snapshot", "restore", "a", "s1"])?;
+    assert_eq!(address(&cluster, "a")?, addr);
+    wait_echo(&cluster, &addr, "the server restored from its snapshot")?;
+    // Deleted, its address is free again and the next launch gets it.
+    cluster.ferry_ok(0, &["delete", "a", "--force"])?;
+    launch(&cluster, "b", "n3", &rootfs, ECHO_SERVER)?;
+    assert_eq!(address(&cluster, "b")?, addr);
+    Ok(())
+}
+
+#[test]
+fn leases_stay_unique_when_launches_race_and_the_leader_is_killed() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let (mut cluster, rootfs) = three_hosts()?;
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let launch_via = |cluster: &Cluster, via: usize, name: &str| {
+        let args = [
+            "launch", name, "--rootfs", &rootfs, "--detach", "--", "sleep", "600",
+        ];
+        cluster.ferry(via, &args).status.success()
+    };
+    let (shared, launch_via) = (&cluster, &launch_via);
+    // Four launches at once through three members.
+    let launched: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = [(0, "r1"), (1, "r2"), (2, "r3"), (1, "r4")]
+            .into_iter()
+            .map(|(via, name)| s.spawn(move || launch_via(shared, via, name)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(launched, [true; 4]);
+    // Launches through n2 and n3 while the leader n1 is killed.
+    let raced: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = [(1, "k1"), (2, "k2")]
+            .into_iter()
+            .map(|(via, name)| s.spawn(move || launch_via(shared, via, name)))
+            .collect();
+        cluster_kill_leader(shared);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    cluster.kill(0);
+    // A new leader takes later launches; every address is held once.
+    // (The write path waits out the election.)
+    let after = [
+        "launch", "after", "--rootfs", &rootfs, "--target", "n2", "--", "sleep", "600",
+    ];
+    cluster.ferry_ok(1, &after)?;
+    let network = cluster.ferry_json(1, &["network", "show"])?;
+    let leases = network["leases"].as_array().unwrap();
+    let mut addresses: Vec<&str> = leases
+        .iter()
+        .filter_map(|l| l["address"].as_str())
+        .collect();
+    let held = addresses.len();
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(addresses.len(), held, "an address is held twice: {network}");
+    let list = cluster.ferry_json(1, &["list"])?;
+    let instances = list.as_array().unwrap();
+    assert!(instances.iter().all(|i| i["address"].is_string()), "{list}");
+    assert_eq!(instances.len(), held, "{list}");
+    // Those whose launch said yes exist; one cut short by the election
+    // either exists or left nothing behind.
+    assert!(held >= 5 + raced.iter().filter(|ok| **ok).count());
+    Ok(())
+}
+
+/// `kill -9` of n1, the leader the test bootstrapped, without waiting.
+fn cluster_kill_leader(cluster: &Cluster) {
+    if let Some(pid) = cluster.agents[0].pid() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+}

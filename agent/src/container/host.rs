@@ -12,6 +12,8 @@ use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::net::InstanceNet;
+
+mod snapshots;
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, RunState, Status};
@@ -314,62 +316,22 @@ impl Driver for Host {
         let _ = tokio::fs::remove_dir_all(self.dir(name).checkpoint()).await;
     }
 
-    /// Taken while the instance is paused; it runs on afterwards.
     async fn snapshot(
         &self,
         name: &InstanceName,
         snap: &SnapshotName,
         stateful: bool,
     ) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        let target = dir.snapshot(snap);
-        let log = dir.runc_log();
-        let running = matches!(
-            self.state(name).await?.map(|s| s.status),
-            Some(RuncStatus::Running)
-        );
-        if running {
-            self.runc.pause(name.as_str(), &log).await?;
-        }
-        let result = async {
-            if stateful {
-                let images = target.join("checkpoint");
-                create_dirs(&[images.clone(), dir.criu_work()]).await?;
-                let keep = (true, self.net.keeps_connections(name));
-                self.runc
-                    .checkpoint(name.as_str(), &images, &dir.criu_work(), keep, &log)
-                    .await?;
-            }
-            copy_dir(dir.rootfs(), target.join("rootfs"), self.timeout).await
-        }
-        .await;
-        if running {
-            self.runc.resume(name.as_str(), &log).await?;
-        }
-        if result.is_err() {
-            let _ = tokio::fs::remove_dir_all(&target).await;
-        }
-        Ok(result?)
+        self.take_snapshot(name, snap, stateful).await
     }
 
-    /// The current processes end first.
     async fn restore_snapshot(
         &self,
         name: &InstanceName,
         snap: &SnapshotName,
         stateful: bool,
     ) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        let source = dir.snapshot(snap);
-        self.stop_container(name, true).await?;
-        copy_dir(source.join("rootfs"), dir.rootfs(), self.timeout).await?;
-        if stateful {
-            copy_dir(source.join("checkpoint"), dir.checkpoint(), self.timeout).await?;
-            self.restore_checkpoint(name).await
-        } else {
-            let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
-            self.start_container(name).await
-        }
+        self.back_to_snapshot(name, snap, stateful).await
     }
 
     async fn reset_to_snapshot(
@@ -377,13 +339,7 @@ impl Driver for Host {
         name: &InstanceName,
         snap: &SnapshotName,
     ) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        Ok(copy_dir(
-            dir.snapshot(snap).join("rootfs"),
-            dir.rootfs(),
-            self.timeout,
-        )
-        .await?)
+        self.rootfs_from_snapshot(name, snap).await
     }
 
     async fn delete_snapshot(&self, name: &InstanceName, snap: &SnapshotName) {
@@ -414,7 +370,7 @@ impl Driver for Host {
 
     /// Its address is announced here again before it runs.
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
-        self.net.set_link(name, true).await?;
+        self.net.announce(name).await;
         Ok(self
             .runc
             .resume(name.as_str(), &self.dir(name).runc_log())
@@ -515,7 +471,7 @@ impl Driver for Host {
         let pids = self.runc.pids(name.as_str(), &dir.runc_log()).await?;
         // Announced before it runs: the switch is committed, it is the
         // instance now.
-        self.net.set_link(name, true).await?;
+        self.net.announce(name).await;
         for pid in pids {
             let signal = tokio::process::Command::new("kill")
                 .args(["-CONT", &pid.to_string()])
@@ -598,20 +554,6 @@ impl Driver for Host {
         .await
         .unwrap_or_default()
     }
-}
-
-async fn copy_dir(source: PathBuf, dest: PathBuf, timeout: Duration) -> Result<(), RuncError> {
-    let at = dest.clone();
-    tokio::task::spawn_blocking(move || bundle::copy_tree(&source, &dest, timeout))
-        .await
-        .map_err(|e| RuncError::File {
-            path: at.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(|e| RuncError::File {
-            path: at,
-            source: std::io::Error::other(e.to_string()),
-        })
 }
 
 /// Filesystem types mounted inside the container whose init is `pid`.

@@ -88,6 +88,14 @@ impl InstanceNet {
         netdev::set_link(ip, up).await.map_err(net_error)
     }
 
+    /// Announce it where it must run whatever the network says: a failure
+    /// is logged, never a reason to leave the instance frozen.
+    pub async fn announce(&self, name: &InstanceName) {
+        if let Err(e) = self.set_link(name, true).await {
+            tracing::error!(instance = %name, "its address cannot be announced here: {e}");
+        }
+    }
+
     pub async fn detach(&self, name: &InstanceName) {
         if let Some(ip) = self.address(name) {
             netdev::detach(&self.namespace(name), ip).await;
