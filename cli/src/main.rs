@@ -337,7 +337,9 @@ fn connect(data_dir: &std::path::Path, agent: Option<&str>) -> Result<Client> {
 
 async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "{0},quinn=warn,openraft={0}",
+        // netlink-packet-route warns on every link it reads from a kernel
+        // newer than it knows (more IPv6 settings than it expects).
+        "{0},quinn=warn,openraft={0},netlink_packet_route=error",
         args.log_level
     ))
     .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod echo;
 pub mod faults;
 pub mod netns;
 pub mod partition;

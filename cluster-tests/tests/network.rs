@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cluster_tests::echo::{clients, downtime_ms, echoes, unbroken_gap_ms, ECHO_SERVER};
 use cluster_tests::netns::TEST_CLUSTER_SUBNET;
 use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
-
-/// An echo server on port 7000 (a child per connection).
-const ECHO_SERVER: &[&str] = &["nc", "-ll", "-p", "7000", "-e", "/bin/cat"];
 
 /// n1, n2, n3, each on a host of its own, bootstrapped with a cluster subnet.
 fn three_hosts() -> Result<(Cluster, PathBuf)> {
@@ -134,29 +132,14 @@ fn instances_on_different_members_reach_each_other_and_every_member_reaches_them
     Ok(())
 }
 
-/// The client's log: one line per echoed counter value, with the
-/// container's uptime (10 ms steps) when it came back.
-fn echoes(log: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (n, t) = l.split_once(' ')?;
-            Some((n.parse().ok()?, t.parse().ok()?))
-        })
-        .collect()
-}
-
 /// A client in `cli` on n3 sending a counter to `server` every 50 ms over
 /// one connection (at most 3000 values), logging each echo.
 fn start_client(cluster: &Cluster, rootfs: &Path, server: &str) -> Result<PathBuf> {
-    let script = format!(
-        "i=0; while [ $i -lt 3000 ]; do echo $i; i=$((i+1)); usleep 50000; done \
-         | nc {server} 7000 | while read n; do read up rest < /proc/uptime; echo \"$n $up\"; done > /log"
-    );
+    let script = clients(server, 1, 50, 3000);
     launch(cluster, "cli", "n3", rootfs, &["sh", "-c", &script])?;
     let log = cluster.agents[2]
         .data_dir
-        .join("instances/cli/bundle/rootfs/log");
+        .join("instances/cli/bundle/rootfs/log1");
     wait_echoes(&log, 20)?;
     Ok(log)
 }
@@ -169,33 +152,6 @@ fn wait_echoes(log: &Path, more_than: usize) -> Result<usize> {
         }
         Ok(n)
     })
-}
-
-/// Every value in order, none missing or repeated: one connection, no
-/// reconnect. Returns the longest gap between two echoes, in ms.
-fn one_unbroken_stream(log: &Path) -> Result<u64> {
-    let echoes = echoes(log);
-    for (i, (n, _)) in echoes.iter().enumerate() {
-        if *n != i as u64 {
-            bail!("echo {i} is {n}: the stream broke");
-        }
-    }
-    let gap = echoes
-        .windows(2)
-        .map(|w| ((w[1].1 - w[0].1) * 1000.0).round() as u64)
-        .max()
-        .unwrap_or(0);
-    Ok(gap)
-}
-
-fn downtime_ms(move_output: &str) -> Option<u64> {
-    let after = move_output.split("downtime").nth(1)?;
-    let digits: String = after
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
 }
 
 /// What member `index` routes `ip` through (`ip route get`).
@@ -224,7 +180,7 @@ fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
         assert_eq!(address(&cluster, "srv")?, addr, "the address changed");
         let seen = echoes(&log).len();
         wait_echoes(&log, seen + 10)?;
-        let gap = one_unbroken_stream(&log)?;
+        let gap = unbroken_gap_ms(&log)?;
         eprintln!("move to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
         // The one left behind holds nothing for it and routes it to the
         // member it runs on.
@@ -238,7 +194,7 @@ fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
         let route = route_on(&cluster, left, &addr)?;
         assert!(route.contains(&format!("via {via}")), "{route}");
     }
-    let gap = one_unbroken_stream(&log)?;
+    let gap = unbroken_gap_ms(&log)?;
     // Retransmission backs off while the address is withdrawn: allow that
     // on top of the downtime, never a reconnect.
     assert!(
@@ -271,7 +227,7 @@ fn a_move_that_fails_after_the_switch_leaves_the_server_on_its_connection() -> R
     assert_eq!(srv["node"], "n1", "{srv}");
     let seen = echoes(&log).len();
     wait_echoes(&log, seen + 10)?;
-    let gap = one_unbroken_stream(&log)?;
+    let gap = unbroken_gap_ms(&log)?;
     eprintln!("rolled back: longest gap the client saw {gap} ms");
     assert!(route_on(&cluster, 2, &addr)?.contains("via 198.18.0.1"));
     Ok(())

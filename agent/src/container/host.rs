@@ -131,17 +131,28 @@ impl Host {
         held: bool,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        let criu_config = dir.migration().join("criu-held.conf");
-        if held {
-            let staging = dir.migration();
-            tokio::fs::create_dir_all(&staging)
-                .await
-                .map_err(|e| file_error("cannot create", &staging, e))?;
-            tokio::fs::write(&criu_config, "leave-stopped\n")
-                .await
-                .map_err(|e| file_error("cannot write", &criu_config, e))?;
-        }
+        tokio::fs::create_dir_all(dir.root())
+            .await
+            .map_err(|e| file_error("cannot create", dir.root(), e))?;
         let netns = self.net.record(name, spec).await?;
+        // runc hands CRIU this file on every dump and restore of the
+        // container (it keeps the name from when it was created, so the
+        // name never changes, only what is in it): a held restore leaves
+        // every task stopped; a networked container's connections are
+        // cut by its veth going down, so CRIU's own per-connection
+        // iptables lock (run in the wrong namespace for an external one,
+        // and a fork per connection) is skipped.
+        let criu_config = dir.root().join("criu.conf");
+        let mut options = String::new();
+        if held {
+            options.push_str("leave-stopped\n");
+        }
+        if netns.is_some() {
+            options.push_str("network-lock skip\n");
+        }
+        tokio::fs::write(&criu_config, options)
+            .await
+            .map_err(|e| file_error("cannot write", &criu_config, e))?;
         bundle::write_config(
             &dir,
             &BundleConfig {
@@ -149,7 +160,7 @@ impl Host {
                 command: &spec.command,
                 memory_bytes: spec.memory_bytes,
                 cgroup_parent: &self.cgroup_parent,
-                criu_config: held.then_some(criu_config.as_path()),
+                criu_config: Some(criu_config.as_path()),
                 unconfined: spec.unconfined,
                 netns: netns.as_deref(),
             },
@@ -298,17 +309,23 @@ impl Driver for Host {
     /// CRIU dumps the processes into the checkpoint dir and they end.
     async fn checkpoint_stop(&self, name: &InstanceName) -> Result<(), DriverError> {
         let dir = self.dir(name);
+        // Nothing may reach its sockets once the dump has copied them.
+        self.net.set_link(name, false).await?;
         let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
-        create_dirs(&[dir.checkpoint(), dir.criu_work()]).await?;
-        self.runc
-            .checkpoint(
-                name.as_str(),
-                &dir.checkpoint(),
-                &dir.criu_work(),
-                (false, self.net.keeps_connections(name)),
-                &dir.runc_log(),
-            )
-            .await?;
+        let dumped = async {
+            create_dirs(&[dir.checkpoint(), dir.criu_work()]).await?;
+            let ends = (false, self.net.keeps_connections(name));
+            let (images, work) = (dir.checkpoint(), dir.criu_work());
+            self.runc
+                .checkpoint(name.as_str(), &images, &work, ends, &dir.runc_log())
+                .await
+        }
+        .await;
+        if dumped.is_err() {
+            // It runs on: on the network again.
+            self.net.announce(name).await;
+        }
+        dumped?;
         Ok(self.forget_exited(name).await?)
     }
 

@@ -28,6 +28,14 @@ impl Host {
         if running {
             self.runc.pause(name.as_str(), &log).await?;
         }
+        // Its sockets hear nothing while CRIU copies them.
+        let cut = running && stateful;
+        if cut {
+            if let Err(e) = self.net.set_link(name, false).await {
+                self.runc.resume(name.as_str(), &log).await?;
+                return Err(e);
+            }
+        }
         let result = async {
             if stateful {
                 let images = target.join("checkpoint");
@@ -40,6 +48,9 @@ impl Host {
             copy_dir(dir.rootfs(), target.join("rootfs"), self.timeout).await
         }
         .await;
+        if cut {
+            self.net.announce(name).await;
+        }
         if running {
             self.runc.resume(name.as_str(), &log).await?;
         }
