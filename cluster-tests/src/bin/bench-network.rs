@@ -3,9 +3,11 @@
 //! with N clients on n3, each on one TCP connection sending a value every
 //! 200 ms; the server moved live n1 → n2 → n1 `ROUNDS` times. Prints each
 //! move's downtime and the longest gap any client saw, for every N, and
-//! checks every connection carried on unbroken.
+//! checks every connection carried on unbroken. busybox's server forks
+//! one process per connection, so `Np` (N idle processes beside the
+//! server, no connection) tells what the processes alone cost.
 //!
-//! cargo build --bin ferry && cargo run -p cluster-tests --bin bench-network [-- 0,1,100 ROUNDS]
+//! cargo build --bin ferry && cargo run -p cluster-tests --bin bench-network [-- 0,100p,100 ROUNDS]
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use cluster_tests::netns::TEST_CLUSTER_SUBNET;
 use cluster_tests::{busybox_rootfs, wait_for, Cluster};
 
 struct Figures {
-    connections: usize,
+    case: String,
     downtimes: Vec<u64>,
     longest_gap: u64,
 }
@@ -42,12 +44,19 @@ fn wait_all(logs: &[PathBuf], at_least: &[usize]) -> Result<()> {
     })
 }
 
-fn run(cluster: &Cluster, rootfs: &str, connections: usize, rounds: usize) -> Result<Figures> {
-    let (server, client) = (format!("s{connections}"), format!("c{connections}"));
-    let mut launch = vec![
-        "launch", &server, "--rootfs", rootfs, "--target", "n1", "--",
+fn run(cluster: &Cluster, rootfs: &str, case: &str, rounds: usize) -> Result<Figures> {
+    let (idle, connections) = match case.strip_suffix('p') {
+        Some(n) => (n.parse::<usize>()?, 0),
+        None => (0, case.parse::<usize>()?),
+    };
+    let (server, client) = (format!("s{case}"), format!("c{case}"));
+    let with_idle = format!(
+        "for k in $(seq 1 {idle}); do sleep 100000 & done; exec {}",
+        ECHO_SERVER.join(" ")
+    );
+    let launch = [
+        "launch", &server, "--rootfs", rootfs, "--target", "n1", "--", "sh", "-c", &with_idle,
     ];
-    launch.extend(ECHO_SERVER);
     cluster.ferry_ok(0, &launch)?;
     let list = cluster.ferry_json(0, &["list"])?;
     let addr = list
@@ -84,7 +93,7 @@ fn run(cluster: &Cluster, rootfs: &str, connections: usize, rounds: usize) -> Re
         let _ = cluster.ferry(0, &["delete", name, "--force"]);
     }
     Ok(Figures {
-        connections,
+        case: case.to_string(),
         downtimes,
         longest_gap,
     })
@@ -92,12 +101,11 @@ fn run(cluster: &Cluster, rootfs: &str, connections: usize, rounds: usize) -> Re
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let counts: Vec<usize> = args
+    let cases: Vec<&str> = args
         .first()
-        .map_or("0,100", String::as_str)
+        .map_or("0,100p,100", String::as_str)
         .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
+        .collect();
     let rounds: usize = args.get(1).map_or(Ok(2), |a| a.parse())?;
     let mut cluster = Cluster::with_underlay(3)?;
     cluster.start_three_with(&["--cluster-subnet", TEST_CLUSTER_SUBNET])?;
@@ -105,18 +113,18 @@ fn main() -> Result<()> {
         .to_string_lossy()
         .into_owned();
     println!("connections  moves  downtime median  downtime max  longest client gap");
-    for connections in counts {
-        let mut f = run(&cluster, &rootfs, connections, rounds)?;
+    for case in cases {
+        let mut f = run(&cluster, &rootfs, case, rounds)?;
         f.downtimes.sort_unstable();
         let median = f.downtimes[f.downtimes.len() / 2];
         let max = f.downtimes.last().copied().unwrap_or(0);
-        let gap = match f.connections {
+        let gap = match f.longest_gap {
             0 => "-".to_string(),
             _ => format!("{} ms", f.longest_gap),
         };
         println!(
             "{:>11}  {:>5}  {:>12} ms  {:>9} ms  {:>18}",
-            f.connections,
+            f.case,
             f.downtimes.len(),
             median,
             max,
