@@ -70,7 +70,16 @@ for applet in $(/bin/busybox --list); do [ "$applet" = busybox ] || ln -s busybo
   sh -c 'i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done'
 sleep 1
 "$ferry" --data-dir "$work/n1" list
-counter() { "$ferry" --data-dir "$work/n1" exec c1 -- cat /counter; }
+# The workload rewrites /counter ten times a second: a read between the
+# truncate and the write sees it empty, so read again.
+counter() {
+  local value=""
+  for _ in 1 2 3 4 5; do
+    value=$("$ferry" --data-dir "$work/n1" exec c1 -- cat /counter) && [ -n "$value" ] && break
+    sleep 0.05
+  done
+  echo "$value"
+}
 echo "counter on n2: $(counter)"
 echo "== compatibility check for n3 (dry run)"
 "$ferry" --data-dir "$work/n1" move c1 --target n3 --dry-run
