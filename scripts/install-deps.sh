@@ -5,7 +5,12 @@
 #   - CRIU >= 4.2.1, built from source: bookworm's criu 3.17.1 fails
 #     `criu check` on the kernels ferry runs on, and CRIU 4.1.1 cannot dump
 #     a process holding an internet socket on kernels 6.16 and later
-#     ("Can't get 1:16 opt", CRIU issue 2705); 4.2.1 can.
+#     ("Can't get 1:16 opt", CRIU issue 2705); 4.2.1 can;
+#   - QEMU (qemu-system-x86) from bookworm-backports: this machine image's
+#     qemu-utils comes from there and Breaks bookworm's qemu-system 7.2;
+#   - a guest kernel for test VMs: the .deb linux-image-cloud-amd64 depends
+#     on, downloaded (not installed) into /var/cache/ferry-build/guest, for
+#     scripts/make-test-guest.sh.
 #
 # CRIU's source comes from Debian's sid suite (criu_<ver>.orig.tar.xz),
 # fetched with `apt-get source` through a sid `deb-src` entry whose mirror
@@ -37,6 +42,7 @@ CRIU_DEST=/usr/local/sbin/criu
 WORK_DIR=/var/cache/ferry-build
 LOG="$WORK_DIR/install-deps.log"
 SRC_LIST=/etc/apt/sources.list.d/ferry-criu-src.sources
+GUEST_DIR=$WORK_DIR/guest
 
 log() { printf '[install-deps] %s\n' "$*"; }
 
@@ -219,6 +225,40 @@ build_criu() {
 	log "installed $CRIU_DEST"
 }
 
+# --- QEMU and the test guest's kernel --------------------------------------
+
+# qemu-system-x86 from <codename>-backports, through a sources list of its
+# own (nothing is added to /etc/apt).
+install_qemu() {
+	if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+		return 0
+	fi
+	local codename uri list="$WORK_DIR/backports.list" lists="$WORK_DIR/backports-lists"
+	local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+	codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+	uri=$(own_mirror_uri "$codename" | sed -n 1p)
+	[[ -n $uri ]] || { log "no apt source for '$codename' found; cannot install QEMU"; return 1; }
+	printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$uri" "$codename" "$keyring" "$uri" "$codename-backports" >"$list"
+	mkdir -p "$lists/partial"
+	local opts=(-o Dir::Etc::sourcelist="$list" -o Dir::Etc::sourceparts=- -o Dir::State::lists="$lists")
+	log "installing qemu-system-x86 from $codename-backports"
+	apt-get -qq "${opts[@]}" update >>"$LOG" 2>&1
+	apt-get -qq "${opts[@]}" install -y --no-install-recommends -t "$codename-backports" qemu-system-x86 >>"$LOG" 2>&1
+}
+
+fetch_guest_kernel() {
+	local pkg
+	pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image/ { print $2; exit }')
+	[[ -n $pkg ]] || { log "no linux-image-cloud-amd64 in the apt lists"; return 1; }
+	if compgen -G "$GUEST_DIR/${pkg}_*.deb" >/dev/null; then
+		return 0
+	fi
+	mkdir -p "$GUEST_DIR"
+	chown _apt "$GUEST_DIR" 2>/dev/null || true
+	log "downloading $pkg (the test guest's kernel; not installed)"
+	(cd "$GUEST_DIR" && apt-get -qq download "$pkg") >>"$LOG" 2>&1
+}
+
 # --- main ------------------------------------------------------------------
 
 apt_install_missing "${RUNTIME_PKGS[@]}"
@@ -231,10 +271,15 @@ else
 	build_criu
 fi
 
+install_qemu
+fetch_guest_kernel
+
 trap - ERR
 echo
 echo "runc: $(runc --version 2>/dev/null | sed -n 1p || echo missing)"
 echo "criu: $(criu_version || true) ($(command -v criu || echo missing))"
+echo "qemu: $(qemu-system-x86_64 --version 2>/dev/null | sed -n 1p || echo missing)"
+echo "guest kernel: $(ls "$GUEST_DIR"/*.deb 2>/dev/null | sed -n 1p || echo missing)"
 if check_out=$(criu check 2>&1); then
 	echo "criu check: passed: $(printf '%s\n' "$check_out" | tail -n1)"
 else

@@ -35,6 +35,7 @@ mod run;
 mod service;
 pub mod token;
 pub mod transfer;
+pub mod vm;
 
 pub use container::shim::{run_shim, ShimArgs};
 pub use gossip::GossipConfig;

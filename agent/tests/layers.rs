@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hooks", 0),
     ("token", 0),
     ("transfer", 0),
+    ("vm", 0),
     ("gossip::codec", 0),
     ("gossip::handle", 0),
     ("gossip::identity", 0),

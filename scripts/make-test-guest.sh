@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds a test VM guest into OUT: OUT/vmlinuz (Debian's cloud kernel, from
+# the .deb install-deps.sh downloaded) and OUT/initrd.gz (busybox and an
+# /init that prints "tick N" to the serial console every 100 ms and, when
+# a virtio disk is attached, keeps an ext2 filesystem on it with /hello
+# (one line per boot) and /log (every tenth tick)). No download.
+#
+#   scripts/make-test-guest.sh OUT
+set -Eeuo pipefail
+out=${1:?usage: make-test-guest.sh OUT}
+deb=$(ls /var/cache/ferry-build/guest/linux-image-*.deb 2>/dev/null | sort -V | tail -n1)
+[[ -n $deb ]] || { echo "no guest kernel .deb in /var/cache/ferry-build/guest: run scripts/install-deps.sh" >&2; exit 1; }
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+dpkg-deb -x "$deb" "$work/kernel"
+cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
+root="$work/initrd"
+mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
+cp /bin/busybox "$root/bin/"
+# virtio_blk and what it needs are modules in this kernel (no modules.dep).
+modules=(virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev
+	virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk)
+for m in "${modules[@]}"; do
+	ko=$(find "$work"/kernel/lib/modules -path "*/kernel/drivers/$m.ko*" | head -n1)
+	case $ko in
+	*.xz) xz -dc "$ko" >"$root/lib/modules/$(basename "$m").ko" ;;
+	*.zst) zstd -dqc "$ko" >"$root/lib/modules/$(basename "$m").ko" ;;
+	*) cp "$ko" "$root/lib/modules/" ;;
+	esac
+done
+cat >"$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+	insmod /lib/modules/$m.ko 2>/dev/null
+done
+disk=
+for i in $(seq 1 20); do [ -b /dev/vda ] && break; sleep 0.05; done
+if [ -b /dev/vda ]; then
+	mount -t ext2 /dev/vda /mnt 2>/dev/null || { mke2fs -q /dev/vda && mount -t ext2 /dev/vda /mnt; }
+	echo "boot at $(cut -d' ' -f1 /proc/uptime)" >>/mnt/hello; sync
+	disk=1
+fi
+echo "BOOTED"
+n=0
+while true; do
+	n=$((n + 1))
+	echo "tick $n"
+	if [ -n "$disk" ] && [ $((n % 10)) -eq 0 ]; then echo "tick $n" >>/mnt/log; sync; fi
+	sleep 0.1
+done
+INIT
+chmod +x "$root/init"
+(cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 >"$out/initrd.gz")
+echo "$out/vmlinuz $out/initrd.gz"
