@@ -163,15 +163,22 @@ fn route_on(cluster: &Cluster, index: usize, ip: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Three hosts, the echo server `srv` on n1 and a client of it on n3:
+/// the cluster, the server's address and the client's log.
+fn server_and_client() -> Result<(Cluster, String, PathBuf)> {
+    let (cluster, rootfs) = three_hosts()?;
+    launch(&cluster, "srv", "n1", &rootfs, ECHO_SERVER)?;
+    let addr = address(&cluster, "srv")?;
+    let log = start_client(&cluster, &rootfs, &addr)?;
+    Ok((cluster, addr, log))
+}
+
 #[test]
 fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
     if !require_container_runtime() {
         return Ok(());
     }
-    let (cluster, rootfs) = three_hosts()?;
-    launch(&cluster, "srv", "n1", &rootfs, ECHO_SERVER)?;
-    let addr = address(&cluster, "srv")?;
-    let log = start_client(&cluster, &rootfs, &addr)?;
+    let (cluster, addr, log) = server_and_client()?;
     let mut worst = 0;
     for (target, index, via) in [("n2", 1, "198.18.0.2"), ("n1", 0, "198.18.0.1")] {
         let out = cluster.ferry_ok(0, &["move", "srv", "--target", target])?;
@@ -209,10 +216,7 @@ fn a_move_that_fails_after_the_switch_leaves_the_server_on_its_connection() -> R
     if !require_container_runtime() {
         return Ok(());
     }
-    let (cluster, rootfs) = three_hosts()?;
-    launch(&cluster, "srv", "n1", &rootfs, ECHO_SERVER)?;
-    let addr = address(&cluster, "srv")?;
-    let log = start_client(&cluster, &rootfs, &addr)?;
+    let (cluster, addr, log) = server_and_client()?;
     // Stale runc state for the id on the target: its restore fails.
     std::fs::create_dir_all(cluster.agents[1].data_dir.join("runc/srv"))?;
     let err = cluster.ferry_err(0, &["move", "srv", "--target", "n2"])?;

@@ -85,6 +85,20 @@ impl ClusterState {
         Ok(Some(wanted))
     }
 
+    /// A new name, with its address leased.
+    fn create_instance(&mut self, instance: &mut Instance) -> Result<(), InstanceRejection> {
+        let name = &instance.name;
+        // Every path under a data dir is built from this name.
+        crate::names::InstanceName::parse(name)
+            .map_err(|e| InstanceRejection::BadName(e.to_string()))?;
+        if self.instances.contains_key(name) {
+            return Err(InstanceRejection::Exists(name.clone()));
+        }
+        instance.spec.address = self.lease(&instance.spec)?;
+        self.instances.insert(name.clone(), instance.clone());
+        Ok(())
+    }
+
     pub(crate) fn apply_instance(
         &mut self,
         cmd: &InstanceCommand,
@@ -98,16 +112,9 @@ impl ClusterState {
                 desired,
                 now_ms,
             } => {
-                // Every path under a data dir is built from this name.
-                crate::names::InstanceName::parse(name)
-                    .map_err(|e| InstanceRejection::BadName(e.to_string()))?;
-                if self.instances.contains_key(name) {
-                    return Err(InstanceRejection::Exists(name.clone()));
-                }
-                let mut spec = spec.clone();
-                spec.address = self.lease(&spec)?;
-                let instance = Instance::new(name, *kind, spec, *owner, *desired, *now_ms);
-                self.instances.insert(name.clone(), instance);
+                let mut instance =
+                    Instance::new(name, *kind, spec.clone(), *owner, *desired, *now_ms);
+                self.create_instance(&mut instance)?;
             }
             InstanceCommand::SetDesired { name, desired } => {
                 let instance = self.idle_instance_mut(name)?;
