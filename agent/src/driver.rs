@@ -1,8 +1,8 @@
 //! What the migration engine, the reconciler and the instance operations
 //! need from a host runtime, whatever the instance kind (layer 0). The
-//! runc + CRIU driver (`container::host::Host`) is the first
-//! implementation; QEMU VMs will be the second. Nothing above this trait
-//! names a runtime.
+//! runc + CRIU driver (`container::host::Host`) and the QEMU driver
+//! (`vm::host::VmHost`) implement it; `kinds::Kinds` sends each call to the
+//! one of the instance's kind. Nothing above this trait names a runtime.
 
 use std::path::{Path, PathBuf};
 
@@ -102,8 +102,13 @@ pub trait Driver: Send + Sync {
     fn last_exit(&self, name: &InstanceName) -> Option<ProcessExit>;
 
     /// Replace `name`'s files with the rootfs at `source` (a directory or
-    /// a tar archive).
-    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError>;
+    /// a tar archive; a VM's staged files).
+    async fn import_rootfs(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+        source: &Path,
+    ) -> Result<(), DriverError>;
     /// Unpack the rootfs at `source` (a directory or a tar archive) into
     /// `dest`, owners and modes kept, to send it elsewhere.
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError>;
@@ -176,12 +181,16 @@ pub trait Driver: Send + Sync {
     async fn exec(&self, name: &InstanceName, argv: &[String]) -> Result<ExecOutput, DriverError>;
     /// Filesystem types mounted inside the instance whose first process is
     /// `pid` (part of its baseline).
-    async fn mounted_filesystems(&self, pid: u32) -> Vec<String>;
-    /// Why this host cannot save memory state, from its facts, and what to
-    /// do about it (`None`: it can).
-    fn stateful_unavailable(&self, facts: Option<&HostFacts>) -> Option<(String, String)>;
-    /// Why memory pre-copy cannot run here (`None`: it could).
-    async fn precopy_unavailable(&self) -> Option<String>;
+    async fn mounted_filesystems(&self, name: &InstanceName, pid: u32) -> Vec<String>;
+    /// Why this host cannot save `name`'s memory state, from its facts,
+    /// and what to do about it (`None`: it can).
+    fn stateful_unavailable(
+        &self,
+        name: &InstanceName,
+        facts: Option<&HostFacts>,
+    ) -> Option<(String, String)>;
+    /// Why memory pre-copy of `name` cannot run here (`None`: it could).
+    async fn precopy_unavailable(&self, name: &InstanceName) -> Option<String>;
     /// The runtime's versions and self-check, for the host facts the
     /// compatibility check reads.
     async fn runtimes(&self) -> Runtimes;

@@ -382,7 +382,7 @@ pub fn probe_runtimes(timeout: Duration) -> Runtimes {
         runc,
         criu,
         criu_check,
-        criu_inet: false,
+        ..Runtimes::default()
     }
 }
 

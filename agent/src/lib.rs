@@ -25,6 +25,7 @@ pub mod hooks;
 mod hosts;
 mod identity;
 mod instances;
+mod kinds;
 mod membership;
 mod migration;
 mod netdev;

@@ -144,11 +144,13 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
             .as_ref()
             .map(|_| "has not reported its host facts yet".into());
     };
-    if facts.runtimes.runc.is_none() {
+    let vm = ask.spec.vm.is_some();
+    if !vm && facts.runtimes.runc.is_none() {
         return Some("has no container runtime (runc)".into());
     }
     let needs = compat::Needs {
         stateful: ask.stateful && ask.existing.is_some(),
+        vm,
         networked: ask.spec.network == ferry_raft::NetworkMode::Cluster,
         memory_bytes: ask.spec.memory_bytes,
         target_free_memory_bytes: m.free_memory_bytes,
@@ -203,6 +205,7 @@ mod tests {
                 criu: Some("4.1.1".into()),
                 criu_check: true,
                 criu_inet: true,
+                ..Runtimes::default()
             },
             ..Default::default()
         }

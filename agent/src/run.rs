@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_raft::network::Network;
+use ferry_raft::store::StateHandle;
 use ferry_raft::{Node, NodeId, Raft};
 use ferry_transport::endpoint::Endpoint;
 use ferry_transport::pki::{self, Identity};
@@ -22,6 +23,7 @@ use crate::driver::Driver;
 use crate::gossip::handle::Gossip;
 use crate::gossip::GossipConfig;
 use crate::identity::{self, IdentityError, IdentityOptions};
+use crate::kinds::Kinds;
 use crate::node::{Agent, Keyring, Parts, RaftClient, Tuning};
 
 #[derive(Clone, Debug)]
@@ -95,13 +97,28 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         voters: opts.voters,
     };
     let (config, seeds) = identity::establish(&dir, &identity_opts).await?;
-    let host = Host::new(
+    let containers = Host::new(
         dir.root(),
         &config.name,
         opts.console_log_max_bytes,
         opts.runtime_timeout,
     );
-    let driver: Arc<dyn Driver> = Arc::new(host);
+    let accel = crate::vm::host::host_accel();
+    let vms = crate::vm::host::VmHost::new(dir.root(), accel, opts.runtime_timeout);
+    let data_dir = dir.root().to_path_buf();
+    let driver = move |state: &StateHandle| -> Arc<dyn Driver> {
+        let state = state.clone();
+        let kind_of = move |name: &crate::api::names::InstanceName| {
+            state.read(|s| s.instances.get(name.as_str()).map(|i| i.kind))
+        };
+        let kinds = Kinds::new(
+            Box::new(containers),
+            Box::new(vms),
+            &data_dir,
+            Box::new(kind_of),
+        );
+        Arc::new(kinds)
+    };
     let agent = start(dir, config, seeds, &opts, driver).await?;
     let evacuate = opts.evacuate_on_stop.then_some(opts.stop_timeout);
     wait_for_shutdown(agent, evacuate).await
@@ -112,7 +129,7 @@ async fn open_raft(
     config: &NodeConfig,
     opts: &AgentOptions,
     pool: &Pool,
-) -> Result<(Raft, ferry_raft::store::StateHandle), AgentError> {
+) -> Result<(Raft, StateHandle), AgentError> {
     let db = dir.raft_db();
     let (log_store, sm_store) = tokio::task::spawn_blocking(move || ferry_raft::store::open(&db))
         .await
@@ -134,7 +151,7 @@ pub(crate) async fn start(
     config: NodeConfig,
     seeds: Vec<(NodeId, String)>,
     opts: &AgentOptions,
-    driver: Arc<dyn Driver>,
+    driver: impl FnOnce(&StateHandle) -> Arc<dyn Driver>,
 ) -> Result<Arc<Agent>, AgentError> {
     let addr: SocketAddr = config
         .addr
@@ -153,6 +170,7 @@ pub(crate) async fn start(
     if state.read(|s| s.next_node_id > config.id && !s.members.contains_key(&config.id)) {
         return Err(AgentError::Removed(dir.root().display().to_string()));
     }
+    let driver = driver(&state);
     let (gossip, gossip_inbox) = Gossip::new(config.id, opts.gossip.clone());
     let agent = Agent::new(Parts {
         id: config.id,

@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("token", 0),
     ("transfer", 0),
     ("vm", 0),
+    ("kinds", 0),
     ("gossip::codec", 0),
     ("gossip::handle", 0),
     ("gossip::identity", 0),

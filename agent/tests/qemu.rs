@@ -90,8 +90,10 @@ async fn a_guest_boots_counts_pauses_and_quits_over_qmp() {
         disk: Some(path("disk.qcow2")),
         serial_log: path("console.log"),
         qmp_socket: path("qmp.sock"),
+        status_socket: None,
         pid_file: path("qemu.pid"),
         incoming: false,
+        daemonize: false,
     };
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
         .args(config.argv().unwrap())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferry_agent::api::instances::{InstanceDetail, InstanceOp, LaunchRequest};
+use ferry_agent::api::instances::{InstanceDetail, InstanceOp, LaunchRequest, VmLaunch};
 use ferry_agent::api::names::{InstanceName, SnapshotName};
 use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
@@ -18,12 +18,34 @@ pub struct LaunchArgs {
     /// Name of the new instance (a-z, 0-9 and '-', at most 63).
     name: InstanceName,
     /// Root filesystem: a directory or a tar archive.
-    #[arg(long, value_name = "PATH")]
-    rootfs: std::path::PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "vm")]
+    rootfs: Option<std::path::PathBuf>,
+    /// A QEMU virtual machine instead of a container: needs --disk and
+    /// --memory (its RAM); boots the disk, or --kernel with --initrd.
+    #[arg(long, requires_all = ["disk", "memory"], conflicts_with = "rootfs")]
+    vm: bool,
+    /// The VM's disk: any image qemu-img reads, copied in as qcow2.
+    #[arg(long, value_name = "IMAGE", requires = "vm")]
+    disk: Option<std::path::PathBuf>,
+    /// Boot the VM from this kernel (kept with its disk).
+    #[arg(long, value_name = "FILE", requires = "vm")]
+    kernel: Option<std::path::PathBuf>,
+    /// The initrd for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// The kernel command line for --kernel (its serial console is ttyS0).
+    #[arg(long, value_name = "ARGS", requires = "kernel")]
+    append: Option<String>,
+    /// The VM's virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// The VM's QEMU CPU model, named so it can move (never 'host').
+    #[arg(long, value_name = "NAME", default_value = "qemu64")]
+    cpu_model: String,
     /// Member to run it on (default: the one with the most memory).
     #[arg(long, value_name = "NODE")]
     target: Option<String>,
-    /// Memory limit, e.g. 64M, 1G.
+    /// Memory limit, e.g. 64M, 1G (a VM's RAM).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory: Option<u64>,
     /// Return without waiting for the instance to run.
@@ -57,8 +79,13 @@ pub struct LaunchArgs {
     /// Print every member's placement verdict for it, and launch nothing.
     #[arg(long)]
     dry_run: bool,
-    /// The command to run, after '--'.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command to run, after '--' (not for a VM).
+    #[arg(
+        last = true,
+        required_unless_present = "vm",
+        conflicts_with = "vm",
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -95,7 +122,7 @@ pub enum SecurityProfile {
 
 #[derive(Subcommand)]
 pub enum InstanceCommand {
-    /// Create and start a container instance.
+    /// Create and start a container (or, with --vm, a QEMU VM) instance.
     Launch(LaunchArgs),
     /// List instances.
     List {
@@ -228,11 +255,23 @@ fn print_detail(d: &InstanceDetail) {
     if let Some(detail) = &d.detail {
         println!("detail:    {detail}");
     }
-    println!("command:   {}", d.command.join(" "));
-    if let Some(m) = d.memory_bytes {
-        println!("memory:    {} MiB", m >> 20);
+    match &d.vm {
+        Some(vm) => {
+            let boot = if vm.kernel { "its kernel" } else { "its disk" };
+            println!(
+                "machine:   {} CPU(s) {}, {} MiB, boots {boot}",
+                vm.cpus, vm.cpu_model, vm.memory_mib
+            );
+            println!("disk:      from {}", d.rootfs_source);
+        }
+        None => {
+            println!("command:   {}", d.command.join(" "));
+            if let Some(m) = d.memory_bytes {
+                println!("memory:    {} MiB", m >> 20);
+            }
+            println!("rootfs:    {}", d.rootfs_source);
+        }
     }
-    println!("rootfs:    {}", d.rootfs_source);
     println!("security:  {}", d.security_profile);
     match (&d.last_restart, d.restarts) {
         (Some(why), n) => println!("restart:   {} ({n} restarts; last: {why})", d.restart),
@@ -290,6 +329,28 @@ async fn op(client: &Client, name: &str, op: InstanceOp) -> Result<ApiReply> {
         .await?)
 }
 
+fn absolute(path: &std::path::Path) -> Result<String> {
+    let path = std::path::absolute(path).with_context(|| format!("bad path {}", path.display()))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The machine of `launch --vm`, paths made absolute (the agent reads them).
+fn vm_launch(args: &LaunchArgs) -> Result<Option<VmLaunch>> {
+    let (true, Some(disk), Some(memory)) = (args.vm, &args.disk, args.memory) else {
+        return Ok(None);
+    };
+    let optional = |p: &Option<std::path::PathBuf>| p.as_deref().map(absolute).transpose();
+    Ok(Some(VmLaunch {
+        disk: absolute(disk)?,
+        kernel: optional(&args.kernel)?,
+        initrd: optional(&args.initrd)?,
+        append: args.append.clone(),
+        cpus: args.cpus,
+        memory_mib: memory >> 20,
+        cpu_model: args.cpu_model.clone(),
+    }))
+}
+
 async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     if args.dry_run {
         let request = ApiRequest::Placement {
@@ -302,11 +363,15 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         crate::hosts::print_candidates(&candidates);
         return Ok(());
     }
-    let rootfs = std::path::absolute(&args.rootfs)
-        .with_context(|| format!("bad rootfs path {}", args.rootfs.display()))?;
+    let rootfs = match &args.rootfs {
+        Some(path) => absolute(path)?,
+        None => String::new(),
+    };
+    let vm = vm_launch(&args)?;
     let request = LaunchRequest {
+        vm,
         name: args.name.clone(),
-        rootfs: rootfs.to_string_lossy().into_owned(),
+        rootfs,
         target: args.target,
         memory_bytes: args.memory,
         command: args.command,

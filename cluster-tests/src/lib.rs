@@ -13,6 +13,7 @@ pub mod echo;
 pub mod faults;
 pub mod netns;
 pub mod partition;
+pub mod vm;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built
 /// next to this test executable.
@@ -1000,6 +1001,7 @@ impl Drop for Cluster {
             }
         };
         for agent in &self.agents {
+            vm::kill_vms(&agent.data_dir);
             for (id, _) in agent.containers() {
                 let _ = Command::new("runc")
                     .arg("--root")

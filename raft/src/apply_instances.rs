@@ -94,6 +94,13 @@ impl ClusterState {
         if self.instances.contains_key(name) {
             return Err(InstanceRejection::Exists(name.clone()));
         }
+        let is_vm = instance.kind == InstanceKind::Vm;
+        if is_vm != instance.spec.vm.is_some() {
+            return Err(InstanceRejection::KindMismatch);
+        }
+        if is_vm && instance.spec.network != NetworkMode::None {
+            return Err(InstanceRejection::VmNetwork);
+        }
         instance.spec.address = self.lease(&instance.spec)?;
         self.instances.insert(name.clone(), instance.clone());
         Ok(())
@@ -325,6 +332,48 @@ mod tests {
         }));
         s.apply(&networked("b", Some(only)));
         assert_eq!(address_of(&s, "b"), Some(only));
+    }
+
+    #[test]
+    fn a_vm_has_its_machine_and_no_cluster_network_and_only_a_vm_has_one() {
+        let mut s = ClusterState::default();
+        s.config.subnet = Some(crate::subnet::Subnet::parse("198.18.100.0/24").expect("subnet"));
+        let with = |kind, vm: Option<VmSpec>, network| {
+            let mut cmd = create("v", 1);
+            if let Command::Instance(InstanceCommand::Create { kind: k, spec, .. }) = &mut cmd {
+                *k = kind;
+                spec.vm = vm;
+                spec.network = network;
+            }
+            cmd
+        };
+        let machine = Some(VmSpec::default());
+        let none = NetworkMode::None;
+        let cases = [
+            (
+                InstanceKind::Vm,
+                None,
+                none,
+                InstanceRejection::KindMismatch,
+            ),
+            (
+                InstanceKind::Container,
+                machine.clone(),
+                none,
+                InstanceRejection::KindMismatch,
+            ),
+            (
+                InstanceKind::Vm,
+                machine.clone(),
+                NetworkMode::Cluster,
+                InstanceRejection::VmNetwork,
+            ),
+        ];
+        for (kind, vm, network, why) in cases {
+            assert_eq!(rejected(&mut s, &with(kind, vm, network)), why);
+        }
+        s.apply(&with(InstanceKind::Vm, machine, none));
+        assert_eq!(s.instances["v"].kind, InstanceKind::Vm);
     }
 
     #[test]

@@ -11,12 +11,15 @@ use crate::ids::{JobId, NodeId};
 pub enum InstanceKind {
     #[default]
     Container,
+    /// A QEMU virtual machine; its settings are `InstanceSpec::vm`.
+    Vm,
 }
 
 impl InstanceKind {
     pub fn as_str(self) -> &'static str {
         match self {
             InstanceKind::Container => "container",
+            InstanceKind::Vm => "vm",
         }
     }
 }
@@ -42,6 +45,22 @@ pub struct InstanceSpec {
     /// `--ip` or leased by apply; kept through moves and stops, freed with
     /// the instance.
     pub address: Option<std::net::Ipv4Addr>,
+    /// A VM's machine: set exactly when the instance's kind is `Vm`.
+    pub vm: Option<VmSpec>,
+}
+
+/// What a VM instance's QEMU runs with (`ferry launch --vm`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// A named QEMU CPU model (never `host`: the VM could not move).
+    pub cpu_model: String,
+    /// Booted from a kernel (and initrd) kept beside its disk, with this
+    /// command line; otherwise from the disk.
+    pub kernel: bool,
+    pub initrd: bool,
+    pub append: Option<String>,
 }
 
 /// `--network`.
@@ -271,4 +290,8 @@ pub enum InstanceRejection {
     SubnetFull(String),
     #[error("--ip needs --network cluster")]
     AddressWithoutNetwork,
+    #[error("a VM instance needs its machine (--vm with --memory), and only a VM has one")]
+    KindMismatch,
+    #[error("VMs cannot join the cluster network yet; launch it with --network none")]
+    VmNetwork,
 }

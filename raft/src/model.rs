@@ -53,6 +53,11 @@ pub struct Runtimes {
     /// Whether this host's CRIU can dump a process holding an internet
     /// socket (CRIU before 4.2 cannot on kernels 6.16 and later).
     pub criu_inet: bool,
+    /// `qemu-system-<arch> --version`, when QEMU is installed.
+    pub qemu: Option<String>,
+    /// How this host's QEMU runs guests: "kvm", or "tcg" where KVM cannot
+    /// run an ordinary guest.
+    pub vm_accel: Option<String>,
 }
 
 /// Static facts about a host, collected at agent start and replicated

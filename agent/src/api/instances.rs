@@ -23,6 +23,22 @@ pub struct LaunchRequest {
     pub network: Option<ferry_raft::NetworkMode>,
     /// `--ip`: this address on the cluster network, else one leased.
     pub ip: Option<std::net::Ipv4Addr>,
+    /// `--vm`: a QEMU VM instead of a container (then `rootfs` and
+    /// `command` are empty).
+    pub vm: Option<VmLaunch>,
+}
+
+/// What `ferry launch --vm` gives: paths on the host of the agent that
+/// receives the request, and the machine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmLaunch {
+    pub disk: String,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub cpu_model: String,
 }
 
 /// The rootfs of a reserved instance follows; its spec is the one in the
@@ -91,4 +107,6 @@ pub struct InstanceDetail {
     pub evacuate: String,
     /// The member an evacuation took it from (a restore brings it back).
     pub origin: Option<String>,
+    /// A VM's machine.
+    pub vm: Option<ferry_raft::VmSpec>,
 }

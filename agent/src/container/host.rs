@@ -271,7 +271,12 @@ impl Driver for Host {
         super::shim::read_exit(&super::runc::last_exit_file(&self.dir(name).runc_log()))
     }
 
-    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
+    async fn import_rootfs(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+        source: &Path,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
         self.stage_rootfs(source, &dir.rootfs()).await
@@ -525,13 +530,17 @@ impl Driver for Host {
             .await?)
     }
 
-    async fn mounted_filesystems(&self, pid: u32) -> Vec<String> {
+    async fn mounted_filesystems(&self, _name: &InstanceName, pid: u32) -> Vec<String> {
         tokio::task::spawn_blocking(move || mounted_types(pid))
             .await
             .unwrap_or_default()
     }
 
-    fn stateful_unavailable(&self, facts: Option<&HostFacts>) -> Option<(String, String)> {
+    fn stateful_unavailable(
+        &self,
+        _name: &InstanceName,
+        facts: Option<&HostFacts>,
+    ) -> Option<(String, String)> {
         let usable = facts.is_some_and(|f| f.runtimes.criu.is_some() && f.runtimes.criu_check);
         (!usable).then(|| {
             (
@@ -541,7 +550,7 @@ impl Driver for Host {
         })
     }
 
-    async fn precopy_unavailable(&self) -> Option<String> {
+    async fn precopy_unavailable(&self, _name: &InstanceName) -> Option<String> {
         let check = tokio::process::Command::new("criu")
             .args(["check", "--feature", "mem_dirty_track"])
             .kill_on_drop(true)

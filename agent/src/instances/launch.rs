@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_raft::{
-    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState, RestartPolicy,
+    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState,
+    RestartPolicy, VmSpec,
 };
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
 use super::{commit, driver_error, err, internal, show};
-use crate::api::instances::{LaunchRequest, UploadRequest};
+use crate::api::instances::{LaunchRequest, UploadRequest, VmLaunch};
 use crate::api::names::InstanceName;
 use crate::api::{ApiError, ApiReply, ErrorKind, Request, Response};
 use crate::clock::now_ms;
@@ -60,45 +61,111 @@ fn spec_of(
     }
 }
 
+/// A VM's machine from `ferry launch --vm`.
+fn machine_of(vm: &VmLaunch) -> VmSpec {
+    VmSpec {
+        cpus: vm.cpus,
+        memory_mib: vm.memory_mib,
+        cpu_model: vm.cpu_model.clone(),
+        kernel: vm.kernel.is_some(),
+        initrd: vm.initrd.is_some(),
+        append: vm.append.clone(),
+    }
+}
+
+/// A new VM's files, staged in this agent's tmp dir as its driver imports
+/// them (the disk converted to qcow2).
+async fn stage_vm(agent: &Agent, name: &InstanceName, vm: &VmLaunch) -> Result<PathBuf, ApiError> {
+    let staging = agent
+        .data_dir()
+        .root()
+        .join("tmp")
+        .join(format!("{name}-vm-{}", ferry_transport::pki::random_hex(4)));
+    let files = crate::vm::VmFiles {
+        disk: PathBuf::from(&vm.disk),
+        kernel: vm.kernel.as_ref().map(PathBuf::from),
+        initrd: vm.initrd.as_ref().map(PathBuf::from),
+    };
+    if let Err(e) = crate::vm::stage(&files, &staging, UPLOAD_TIMEOUT).await {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        return Err(driver_error(e));
+    }
+    Ok(staging)
+}
+
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
-    let name = &req.name;
-    if req.command.is_empty() {
+    if req.vm.is_none() && req.command.is_empty() {
         return Err(err(
             ErrorKind::BadRequest,
             "no command given; put it after '--', e.g. ferry launch c1 --rootfs DIR -- sh -c '...'",
         ));
     }
-    let rootfs = PathBuf::from(&req.rootfs);
-    let meta = tokio::fs::metadata(&rootfs).await.map_err(|e| {
-        err(
-            ErrorKind::BadRequest,
-            format!("cannot read rootfs {}: {e}", rootfs.display()),
-        )
-    })?;
-    let owner = place(agent, req.target.as_deref(), req.memory_bytes)?;
+    let staged = match &req.vm {
+        Some(vm) => Some(stage_vm(agent, &req.name, vm).await?),
+        None => None,
+    };
+    let result = launch_from(agent, &req, staged.as_deref()).await;
+    if let Some(staged) = staged {
+        let _ = tokio::fs::remove_dir_all(staged).await;
+    }
+    result
+}
+
+/// The spec of a new instance, without its address yet.
+fn new_spec(agent: &Agent, req: &LaunchRequest) -> InstanceSpec {
+    let memory_bytes = match &req.vm {
+        Some(vm) => Some(vm.memory_mib.saturating_mul(1 << 20)),
+        None => req.memory_bytes,
+    };
     let mut spec = spec_of(
         &req.command,
-        req.memory_bytes,
+        memory_bytes,
         req.unconfined,
         (req.restart, req.evacuate),
     );
-    let has_subnet = agent.state().read(|s| s.config.subnet.is_some());
+    // A VM is on the cluster network only when asked (and refused then:
+    // VMs cannot join it yet).
+    let has_subnet = agent.state().read(|s| s.config.subnet.is_some()) && req.vm.is_none();
     spec.network = req.network.unwrap_or(if has_subnet || req.ip.is_some() {
         ferry_raft::NetworkMode::Cluster
     } else {
         ferry_raft::NetworkMode::None
     });
     spec.address = req.ip;
+    spec.vm = req.vm.as_ref().map(machine_of);
+    spec.rootfs_source = match &req.vm {
+        Some(vm) => vm.disk.clone(),
+        None => req.rootfs.clone(),
+    };
+    spec
+}
+
+/// Launch from the rootfs the request names, or a VM's `staged` files.
+async fn launch_from(
+    agent: &Arc<Agent>,
+    req: &LaunchRequest,
+    staged: Option<&Path>,
+) -> Result<ApiReply, ApiError> {
+    let name = &req.name;
+    let rootfs = staged.map_or_else(|| PathBuf::from(&req.rootfs), Path::to_path_buf);
+    let meta = tokio::fs::metadata(&rootfs).await.map_err(|e| {
+        err(
+            ErrorKind::BadRequest,
+            format!("cannot read rootfs {}: {e}", rootfs.display()),
+        )
+    })?;
+    let spec = new_spec(agent, req);
+    let owner = place(agent, req.target.as_deref(), spec.memory_bytes)?;
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
     let create = InstanceCommand::Create {
         name: name.to_string(),
-        kind: InstanceKind::Container,
-        spec: InstanceSpec {
-            rootfs_source: req.rootfs.clone(),
-            ..spec.clone()
+        kind: match spec.vm {
+            Some(_) => InstanceKind::Vm,
+            None => InstanceKind::Container,
         },
+        spec: spec.clone(),
         owner,
         desired: DesiredState::Stopped,
         now_ms: now_ms(),
@@ -110,7 +177,7 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
         let _guard = agent.locks().lock(name.as_str()).await;
         prepare_local(agent, name, &spec, Some(&rootfs)).await
     } else {
-        upload(agent, owner, &req, &rootfs, meta.is_dir()).await
+        upload(agent, owner, req, &rootfs, meta.is_dir()).await
     };
     if let Err(e) = placed {
         let delete = InstanceCommand::Delete {
@@ -145,7 +212,7 @@ async fn prepare_local(
         if let Some(source) = source {
             room_for(agent, name, source).await?;
             driver
-                .import_rootfs(name, source)
+                .import_rootfs(name, spec, source)
                 .await
                 .map_err(driver_error)?;
         }

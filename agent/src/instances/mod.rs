@@ -104,6 +104,7 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
                 false => name,
             }
         }),
+        vm: i.spec.vm.clone(),
     })))
 }
 

@@ -173,7 +173,7 @@ impl Here<'_> {
             let facts = agent
                 .state()
                 .read(|s| s.members.get(&agent.id()).and_then(|m| m.facts.clone()));
-            if let Some((why, fix)) = agent.driver().stateful_unavailable(facts.as_ref()) {
+            if let Some((why, fix)) = agent.driver().stateful_unavailable(name, facts.as_ref()) {
                 return Err(err(
                     ErrorKind::Unavailable,
                     format!("{why} on {}; '{name}' keeps running. {fix}", agent.name()),

@@ -45,7 +45,7 @@ pub async fn report(agent: &Agent, name: &InstanceName, error: Option<String>) {
         }
         (_, Some(e)) => observe(agent, name, ObservedState::Error, Some(e), false).await,
         (_, None) => {
-            let why = "the container exited at once; see its console.log";
+            let why = "it exited at once; see its console.log";
             observe(agent, name, ObservedState::Error, Some(why.into()), false).await
         }
     }
@@ -63,7 +63,7 @@ async fn record_baseline(agent: &Agent, name: &InstanceName, pid: u32) {
         Some(facts) => facts,
         None => agent.probe_facts().await,
     };
-    let filesystems = agent.driver().mounted_filesystems(pid).await;
+    let filesystems = agent.driver().mounted_filesystems(name, pid).await;
     let baseline = Baseline {
         node: agent.id(),
         arch: facts.arch,

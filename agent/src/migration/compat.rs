@@ -14,6 +14,9 @@ fn not_found(message: String) -> ApiError {
 #[derive(Clone, Debug, Default)]
 pub struct Needs {
     pub stateful: bool,
+    /// A VM: QEMU on the target instead of the host CPU, syscalls and
+    /// CRIU (a guest depends on its QEMU, not on the host's kernel).
+    pub vm: bool,
     /// On the cluster network: its sockets must be dumped and restored.
     pub networked: bool,
     /// Memory the instance may use (its limit), if known.
@@ -83,7 +86,11 @@ pub fn check(
             )
         },
     )];
-    if needs.stateful {
+    if needs.vm {
+        report.push(qemu_item(source, target, needs.stateful));
+    }
+    let processes = needs.stateful && !needs.vm;
+    if processes {
         report.push(superset(
             "cpu",
             "CPU flags",
@@ -103,7 +110,7 @@ pub fn check(
         &baseline.filesystems,
         &target.filesystems,
     ));
-    if needs.stateful {
+    if processes {
         report.push(criu_item(source, target));
     }
     if needs.stateful && needs.networked {
@@ -112,6 +119,43 @@ pub fn check(
     report.push(memory_item(target, needs));
     report.push(disk_item(target, needs));
     report
+}
+
+/// QEMU on the target; for a live move also a version at least the
+/// source's (QEMU reads older migration streams, not newer ones) and the
+/// same accelerator.
+fn qemu_item(source: &HostFacts, target: &HostFacts, stateful: bool) -> CheckResult {
+    let (have, had) = (&target.runtimes, &source.runtimes);
+    let Some(installed) = &have.qemu else {
+        let fix = "install QEMU on it (scripts/install-deps.sh)";
+        return item("qemu", false, format!("target has no QEMU; {fix}"));
+    };
+    if !stateful {
+        return item("qemu", true, format!("target has QEMU {installed}"));
+    }
+    let source = had.qemu.as_deref().unwrap_or("?");
+    if had
+        .qemu
+        .as_ref()
+        .is_some_and(|s| version(installed) < version(s))
+    {
+        let detail = format!("target's QEMU {installed} is older than the source's {source}; upgrade it, or move --stateless");
+        return item("qemu", false, detail);
+    }
+    if have.vm_accel != had.vm_accel {
+        let name = |a: &Option<String>| a.clone().unwrap_or_else(|| "none".into());
+        let detail = format!(
+            "the source runs VMs under {}, the target under {}; a running VM cannot change accelerator: move it --stateless",
+            name(&had.vm_accel),
+            name(&have.vm_accel)
+        );
+        return item("qemu", false, detail);
+    }
+    item(
+        "qemu",
+        true,
+        format!("target has QEMU {installed} (source {source})"),
+    )
 }
 
 fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
@@ -261,6 +305,7 @@ pub fn report(
         let baseline = baseline_or_source(inst.baseline.as_ref(), &source);
         let needs = Needs {
             stateful,
+            vm: inst.kind == ferry_raft::InstanceKind::Vm,
             networked: inst.spec.network == ferry_raft::NetworkMode::Cluster,
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
@@ -293,6 +338,7 @@ mod tests {
                 criu: Some(criu.into()),
                 criu_check: true,
                 criu_inet: true,
+                ..Runtimes::default()
             },
             ..Default::default()
         }
@@ -335,6 +381,53 @@ mod tests {
         let report = check(&baseline(), &h, &h, &stateful());
         assert!(passed(&report), "{report:?}");
         assert_eq!(report.len(), 7);
+    }
+
+    #[test]
+    fn a_vm_needs_qemu_no_older_than_the_source_and_the_same_accelerator_not_criu() {
+        let with_qemu = |version: Option<&str>, accel: &str| {
+            let mut h = host(&["sse2"], &["openat"], &["ext4"], "4.1.1");
+            h.runtimes.criu = None;
+            h.runtimes.qemu = version.map(str::to_string);
+            h.runtimes.vm_accel = Some(accel.into());
+            h
+        };
+        let source = with_qemu(Some("10.0.2"), "tcg");
+        let vm = Needs {
+            vm: true,
+            ..stateful()
+        };
+        let itself = baseline_or_source(None, &source);
+        // No CRIU and fewer CPU flags on the target do not matter to a VM.
+        let mut same = with_qemu(Some("10.0.2"), "tcg");
+        same.cpu_flags.clear();
+        let report = check(&itself, &source, &same, &vm);
+        assert!(passed(&report), "{report:?}");
+        for (target, why) in [
+            (with_qemu(None, "tcg"), "no QEMU"),
+            (
+                with_qemu(Some("9.2.0"), "tcg"),
+                "older than the source's 10.0.2",
+            ),
+            (
+                with_qemu(Some("10.1.0"), "kvm"),
+                "cannot change accelerator",
+            ),
+        ] {
+            let report = check(&itself, &source, &target, &vm);
+            let failed = failed(&report);
+            assert!(
+                failed.iter().any(|(c, d)| *c == "qemu" && d.contains(why)),
+                "{why}: {report:?}"
+            );
+        }
+        // Stateless, only QEMU's presence counts.
+        let stopped = Needs {
+            stateful: false,
+            ..vm
+        };
+        let report = check(&itself, &source, &with_qemu(Some("9.2.0"), "kvm"), &stopped);
+        assert!(passed(&report), "{report:?}");
     }
 
     #[test]
@@ -444,6 +537,7 @@ mod tests {
         );
         let needs = Needs {
             stateful: true,
+            vm: false,
             networked: false,
             memory_bytes: Some(4 << 30),
             target_free_memory_bytes: Some(1 << 30),

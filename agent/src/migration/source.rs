@@ -121,7 +121,7 @@ pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
         driver.stop(name, false).await?;
         return Ok(None);
     }
-    let note = precopy_note(agent).await;
+    let note = precopy_note(agent, name).await;
     // Frozen unless the runtime says for sure it is paused already (a
     // retried final pass): a status that cannot be read must not let a
     // running copy be dumped and go on running.
@@ -138,8 +138,8 @@ pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
 }
 
 /// Pre-copy needs the host to track dirty memory; say what happened.
-async fn precopy_note(agent: &Agent) -> String {
-    match agent.driver().precopy_unavailable().await {
+async fn precopy_note(agent: &Agent, name: &InstanceName) -> String {
+    match agent.driver().precopy_unavailable(name).await {
         Some(why) => format!("pre-copy unavailable: {why}; went straight to the final dump"),
         None => "pre-copy not implemented yet; went straight to the final dump".into(),
     }

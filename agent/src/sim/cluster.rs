@@ -124,7 +124,7 @@ impl Sim {
             .await
             .expect("identity");
         let driver = Arc::new(FakeDriver::new(name, &data.join("fake-host"), &self.world));
-        let agent = run::start(data_dir, config, seeds, &opts, driver)
+        let agent = run::start(data_dir, config, seeds, &opts, |_: &_| driver as _)
             .await
             .expect("agent");
         self.agents.push(agent.clone());
@@ -155,6 +155,7 @@ impl Sim {
             evacuate: Default::default(),
             network: None,
             ip: None,
+            vm: None,
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await

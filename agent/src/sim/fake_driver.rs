@@ -207,7 +207,12 @@ impl Driver for FakeDriver {
         None
     }
 
-    async fn import_rootfs(&self, name: &InstanceName, source: &Path) -> Result<(), DriverError> {
+    async fn import_rootfs(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+        source: &Path,
+    ) -> Result<(), DriverError> {
         self.check("import_rootfs", name)?;
         let _ = std::fs::remove_dir_all(self.dir(name));
         self.stage_rootfs(source, &self.rootfs(name)).await
@@ -355,15 +360,19 @@ impl Driver for FakeDriver {
         Ok(ExecOutput::default())
     }
 
-    async fn mounted_filesystems(&self, _pid: u32) -> Vec<String> {
+    async fn mounted_filesystems(&self, _name: &InstanceName, _pid: u32) -> Vec<String> {
         Vec::new()
     }
 
-    fn stateful_unavailable(&self, _facts: Option<&HostFacts>) -> Option<(String, String)> {
+    fn stateful_unavailable(
+        &self,
+        _name: &InstanceName,
+        _facts: Option<&HostFacts>,
+    ) -> Option<(String, String)> {
         None
     }
 
-    async fn precopy_unavailable(&self) -> Option<String> {
+    async fn precopy_unavailable(&self, _name: &InstanceName) -> Option<String> {
         Some("the fake driver has no dirty-memory tracking".into())
     }
 
@@ -373,6 +382,7 @@ impl Driver for FakeDriver {
             criu: Some("4.1.1".into()),
             criu_check: true,
             criu_inet: true,
+            ..Runtimes::default()
         }
     }
 }

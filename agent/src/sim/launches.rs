@@ -86,6 +86,7 @@ async fn of_two_launches_of_one_name_one_is_refused_and_the_files_are_the_winner
             evacuate: Default::default(),
             network: None,
             ip: None,
+            vm: None,
         };
         let agent = n1.clone();
         launches.push(tokio::spawn(async move {

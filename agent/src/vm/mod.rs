@@ -1,6 +1,66 @@
-//! The QEMU side of VM instances (layer 0): QEMU's command line and a QMP
-//! client. The VM driver (issue #14) is built on these; what was measured
-//! of QEMU on this machine kind is in docs/vm-migration-recipe.md.
+//! VM instances (layer 0): QEMU's command line (`qemu`), a QMP client
+//! (`qmp`), one VM's QEMU process and its QMP sequences (`machine`), and
+//! the driver (`host::VmHost`). What was measured of QEMU on this machine
+//! kind is in docs/vm-migration-recipe.md.
 
+pub mod host;
+pub mod machine;
 pub mod qemu;
 pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::driver::DriverError;
+
+/// What `ferry launch --vm` gives, as paths on the agent's host.
+#[derive(Clone, Debug)]
+pub struct VmFiles {
+    /// Any image format `qemu-img` reads; kept as qcow2.
+    pub disk: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+}
+
+/// Put a new VM's files into `dest` as its driver imports them:
+/// `disk.qcow2` (converted by `qemu-img`), `vmlinuz`, `initrd`.
+pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<(), DriverError> {
+    tokio::fs::create_dir_all(dest)
+        .await
+        .map_err(|e| machine::file_error("cannot create", dest, e))?;
+    let convert = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&files.disk)
+        .arg(dest.join("disk.qcow2"))
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(timeout, convert).await {
+        Err(_) => {
+            return Err(machine::runtime(format!(
+                "qemu-img did not convert the disk within {timeout:?}"
+            )))
+        }
+        Ok(Err(e)) => {
+            return Err(machine::runtime(format!(
+                "cannot run qemu-img (install QEMU with scripts/install-deps.sh): {e}"
+            )))
+        }
+        Ok(Ok(out)) => out,
+    };
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(DriverError::BadInput(format!(
+            "cannot use {} as a disk: {}",
+            files.disk.display(),
+            why.trim()
+        )));
+    }
+    for (from, name) in [(&files.kernel, "vmlinuz"), (&files.initrd, "initrd")] {
+        if let Some(from) = from {
+            tokio::fs::copy(from, dest.join(name)).await.map_err(|e| {
+                DriverError::BadInput(format!("cannot read {}: {e}", from.display()))
+            })?;
+        }
+    }
+    Ok(())
+}

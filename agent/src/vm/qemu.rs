@@ -6,7 +6,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// How QEMU runs guest code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
     /// Software emulation: slower, but runs where KVM cannot run an
@@ -15,7 +16,7 @@ pub enum Accel {
 }
 
 impl Accel {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -39,12 +40,17 @@ pub struct QemuConfig {
     pub disk: Option<PathBuf>,
     /// The serial console goes to this file.
     pub serial_log: PathBuf,
-    /// QMP listens here.
+    /// QMP listens here (the agent's operations).
     pub qmp_socket: PathBuf,
+    /// A second QMP monitor, for status queries while an operation holds
+    /// the first (a QMP socket serves one client at a time).
+    pub status_socket: Option<PathBuf>,
     /// QEMU writes its pid here (it runs on when the agent restarts).
     pub pid_file: PathBuf,
     /// Wait for an incoming migration (`-incoming defer`), paused (`-S`).
     pub incoming: bool,
+    /// Detach once QEMU is up (`-daemonize`), so the VM outlives the agent.
+    pub daemonize: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -101,7 +107,7 @@ impl QemuConfig {
         }
         argv.extend([
             "-chardev".into(),
-            path_arg("file,id=serial0,path=", &self.serial_log),
+            path_arg("file,id=serial0,append=on,path=", &self.serial_log),
         ]);
         argv.extend(["-serial".into(), "chardev:serial0".into()]);
         if let Some(disk) = &self.disk {
@@ -112,12 +118,17 @@ impl QemuConfig {
             let device = format!("virtio-blk-pci,drive={DISK_NODE},id=vblk0");
             argv.extend(["-device".into(), device.into()]);
         }
-        let mut qmp = path_arg("unix:", &self.qmp_socket);
-        qmp.push(",server=on,wait=off");
-        argv.extend(["-qmp".into(), qmp]);
+        for socket in std::iter::once(&self.qmp_socket).chain(&self.status_socket) {
+            let mut qmp = path_arg("unix:", socket);
+            qmp.push(",server=on,wait=off");
+            argv.extend(["-qmp".into(), qmp]);
+        }
         argv.extend(["-pidfile".into(), self.pid_file.clone().into()]);
         if self.incoming {
             argv.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        }
+        if self.daemonize {
+            argv.push("-daemonize".into());
         }
         Ok(argv)
     }
@@ -139,8 +150,10 @@ mod tests {
             disk: Some("/i/disk.qcow2".into()),
             serial_log: "/i/console.log".into(),
             qmp_socket: "/i/qmp.sock".into(),
+            status_socket: None,
             pid_file: "/i/qemu.pid".into(),
             incoming: false,
+            daemonize: false,
         }
     }
 

@@ -16,6 +16,11 @@ pub enum QmpError {
     Command { command: String, reason: String },
 }
 
+/// One QMP connection. The crate's reader task keeps it open for as long
+/// as QEMU runs, even after the `Qmp` is dropped: keep one per QEMU and
+/// share it (commands on one connection may run concurrently), never one
+/// per call (a QMP socket serves one client at a time; the next would
+/// wait for ever).
 pub struct Qmp {
     client: qmp::Client,
 }
