@@ -194,6 +194,59 @@ pub trait Driver: Send + Sync {
     /// The runtime's versions and self-check, for the host facts the
     /// compatibility check reads.
     async fn runtimes(&self) -> Runtimes;
+
+    // A live move the runtime drives itself (QEMU's migration) instead of
+    // a final dump of files: the engine relays the streams the source's
+    // runtime opens, each to its own stream on the move's connection.
+
+    /// Whether the runtime moves `name` live by itself.
+    fn moves_itself(&self, _name: &InstanceName) -> bool {
+        false
+    }
+    /// The streams the source's runtime opens: each a unix socket the
+    /// engine listens on (`relay_dir/<purpose>.sock`) and relays to the
+    /// target's [`Driver::live_socket`].
+    fn live_streams(&self, _name: &InstanceName) -> &'static [&'static str] {
+        &[]
+    }
+    /// Target: where the receiving runtime listens for stream `purpose`.
+    fn live_socket(&self, name: &InstanceName, purpose: &str) -> PathBuf {
+        self.staging(name).join(format!("{purpose}.sock"))
+    }
+    /// The files a live move sends as a tree first (a VM's boot files).
+    fn live_files(&self, name: &InstanceName) -> PathBuf {
+        self.rootfs(name)
+    }
+    /// Target: make the receiving copy, held, listening on its sockets.
+    async fn receive_live(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move live by its runtime"
+        )))
+    }
+    /// Source: move the running instance through the relay sockets in
+    /// `relay_dir`; it ends paused with the target holding everything.
+    /// `go_on` is asked right before the runtime pauses it for the last
+    /// part: `false` stops the move and it runs on. Returns the job's note.
+    async fn send_live(
+        &self,
+        name: &InstanceName,
+        _relay_dir: &Path,
+        _go_on: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<String>, DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move live by its runtime"
+        )))
+    }
+    /// Target: wait until the receiving copy holds the whole state.
+    async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move live by its runtime"
+        )))
+    }
 }
 
 /// What this host holds of `name`, for the migration plan.

@@ -198,6 +198,36 @@ impl Driver for Kinds {
     async fn precopy_unavailable(&self, name: &InstanceName) -> Option<String> {
         self.of(name).precopy_unavailable(name).await
     }
+    fn moves_itself(&self, name: &InstanceName) -> bool {
+        self.of(name).moves_itself(name)
+    }
+    fn live_streams(&self, name: &InstanceName) -> &'static [&'static str] {
+        self.of(name).live_streams(name)
+    }
+    fn live_socket(&self, name: &InstanceName, purpose: &str) -> PathBuf {
+        self.of(name).live_socket(name, purpose)
+    }
+    fn live_files(&self, name: &InstanceName) -> PathBuf {
+        self.of(name).live_files(name)
+    }
+    async fn receive_live(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        self.of_spec(spec).receive_live(name, spec).await
+    }
+    async fn send_live(
+        &self,
+        name: &InstanceName,
+        relay_dir: &Path,
+        go_on: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<String>, DriverError> {
+        self.of(name).send_live(name, relay_dir, go_on).await
+    }
+    async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
+        self.of(name).live_received(name).await
+    }
     /// The container runtimes' facts with QEMU's added.
     async fn runtimes(&self) -> Runtimes {
         let (containers, vms) = tokio::join!(self.container.runtimes(), self.vm.runtimes());

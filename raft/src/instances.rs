@@ -61,6 +61,9 @@ pub struct VmSpec {
     pub kernel: bool,
     pub initrd: bool,
     pub append: Option<String>,
+    /// The disk's virtual size: a live move makes an empty disk of this
+    /// size on the target for the source to mirror into.
+    pub disk_bytes: u64,
 }
 
 /// `--network`.

@@ -16,6 +16,12 @@ pub enum TransferPart {
     PushRootfs,
     /// Push: the freeze header, images and rootfs delta follow.
     PushFinal,
+    /// Pull, a runtime that moves the instance itself: the live files,
+    /// the target's readiness, then the source's freeze header.
+    Live,
+    /// Source to target during a live move: one connection of the
+    /// source's runtime, relayed as raw bytes to the target's runtime.
+    Stream { purpose: String },
 }
 
 /// The target's answer at the end of a pushed part.

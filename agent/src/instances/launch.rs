@@ -70,12 +70,17 @@ fn machine_of(vm: &VmLaunch) -> VmSpec {
         kernel: vm.kernel.is_some(),
         initrd: vm.initrd.is_some(),
         append: vm.append.clone(),
+        disk_bytes: 0,
     }
 }
 
 /// A new VM's files, staged in this agent's tmp dir as its driver imports
 /// them (the disk converted to qcow2).
-async fn stage_vm(agent: &Agent, name: &InstanceName, vm: &VmLaunch) -> Result<PathBuf, ApiError> {
+async fn stage_vm(
+    agent: &Agent,
+    name: &InstanceName,
+    vm: &VmLaunch,
+) -> Result<(PathBuf, u64), ApiError> {
     let staging = agent
         .data_dir()
         .root()
@@ -86,11 +91,13 @@ async fn stage_vm(agent: &Agent, name: &InstanceName, vm: &VmLaunch) -> Result<P
         kernel: vm.kernel.as_ref().map(PathBuf::from),
         initrd: vm.initrd.as_ref().map(PathBuf::from),
     };
-    if let Err(e) = crate::vm::stage(&files, &staging, UPLOAD_TIMEOUT).await {
-        let _ = tokio::fs::remove_dir_all(&staging).await;
-        return Err(driver_error(e));
+    match crate::vm::stage(&files, &staging, UPLOAD_TIMEOUT).await {
+        Ok(size) => Ok((staging, size)),
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            Err(driver_error(e))
+        }
     }
-    Ok(staging)
 }
 
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
@@ -104,15 +111,15 @@ pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, 
         Some(vm) => Some(stage_vm(agent, &req.name, vm).await?),
         None => None,
     };
-    let result = launch_from(agent, &req, staged.as_deref()).await;
-    if let Some(staged) = staged {
+    let result = launch_from(agent, &req, staged.as_ref()).await;
+    if let Some((staged, _)) = staged {
         let _ = tokio::fs::remove_dir_all(staged).await;
     }
     result
 }
 
 /// The spec of a new instance, without its address yet.
-fn new_spec(agent: &Agent, req: &LaunchRequest) -> InstanceSpec {
+fn new_spec(agent: &Agent, req: &LaunchRequest, disk_bytes: u64) -> InstanceSpec {
     let memory_bytes = match &req.vm {
         Some(vm) => Some(vm.memory_mib.saturating_mul(1 << 20)),
         None => req.memory_bytes,
@@ -132,7 +139,10 @@ fn new_spec(agent: &Agent, req: &LaunchRequest) -> InstanceSpec {
         ferry_raft::NetworkMode::None
     });
     spec.address = req.ip;
-    spec.vm = req.vm.as_ref().map(machine_of);
+    spec.vm = req.vm.as_ref().map(|vm| VmSpec {
+        disk_bytes,
+        ..machine_of(vm)
+    });
     spec.rootfs_source = match &req.vm {
         Some(vm) => vm.disk.clone(),
         None => req.rootfs.clone(),
@@ -144,17 +154,17 @@ fn new_spec(agent: &Agent, req: &LaunchRequest) -> InstanceSpec {
 async fn launch_from(
     agent: &Arc<Agent>,
     req: &LaunchRequest,
-    staged: Option<&Path>,
+    staged: Option<&(PathBuf, u64)>,
 ) -> Result<ApiReply, ApiError> {
     let name = &req.name;
-    let rootfs = staged.map_or_else(|| PathBuf::from(&req.rootfs), Path::to_path_buf);
+    let rootfs = staged.map_or_else(|| PathBuf::from(&req.rootfs), |s| s.0.clone());
     let meta = tokio::fs::metadata(&rootfs).await.map_err(|e| {
         err(
             ErrorKind::BadRequest,
             format!("cannot read rootfs {}: {e}", rootfs.display()),
         )
     })?;
-    let spec = new_spec(agent, req);
+    let spec = new_spec(agent, req, staged.map_or(0, |s| s.1));
     let owner = place(agent, req.target.as_deref(), spec.memory_bytes)?;
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so

@@ -39,6 +39,12 @@ pub enum MoveError {
     NotRecorded,
     #[error(transparent)]
     Name(#[from] NameError),
+    /// A relayed stream of a live move.
+    #[error("the live move's relay failed: {0}")]
+    Relay(#[from] std::io::Error),
+    /// Something on this host (a socket, a directory).
+    #[error("{0}")]
+    Local(String),
 }
 
 /// The job's instance as a validated name (apply validates every name at

@@ -1,13 +1,15 @@
 //! Moving instances between members (layer 2). `plan` (what each
 //! participant does next) and `compat` (the compatibility check) are pure,
 //! layer 0; `engine` drives jobs (decide → act → report), `source` and
-//! `target` are the two halves, `serve` answers transfer channels, `jobs`
+//! `target` are the two halves (`live` when the runtime moves the
+//! instance itself, relayed), `serve` answers transfer channels, `jobs`
 //! the operator's job requests.
 
 pub mod compat;
 pub mod engine;
 mod error;
 pub mod jobs;
+mod live;
 pub mod plan;
 mod serve;
 mod source;

@@ -17,7 +17,10 @@ pub async fn serve_transfer(
     let Some(job) = agent.state().read(|s| s.jobs.get(&req.job).cloned()) else {
         return;
     };
-    let pushed = matches!(req.part, TransferPart::PushRootfs | TransferPart::PushFinal);
+    let pushed = matches!(
+        req.part,
+        TransferPart::PushRootfs | TransferPart::PushFinal | TransferPart::Stream { .. }
+    );
     // Pull: we are the source, the peer the target; push: the other way.
     let (we, they) = if pushed {
         (job.target, job.source)
@@ -25,7 +28,9 @@ pub async fn serve_transfer(
         (job.source, job.target)
     };
     let peer_ok = agent.peer(they).is_ok_and(|p| p.name == peer_name);
-    let mode_ok = (job.options.mode == TransferMode::Push) == pushed;
+    // A live move's relayed streams come from the source in pull mode.
+    let relayed = matches!(req.part, TransferPart::Stream { .. });
+    let mode_ok = relayed || (job.options.mode == TransferMode::Push) == pushed;
     if we != agent.id() || !peer_ok || !mode_ok {
         tracing::warn!(
             job = job.id,
@@ -34,7 +39,12 @@ pub async fn serve_transfer(
         );
         return;
     }
-    let result = if pushed {
+    let result = if let TransferPart::Stream { purpose } = &req.part {
+        return match super::live::serve_stream(agent, &job, purpose, channel).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(job = job.id, "relayed stream failed: {e}"),
+        };
+    } else if pushed {
         target::serve_push(agent, &job, req.part, &mut channel).await
     } else {
         source::serve(agent, &job, req.part, &mut channel).await

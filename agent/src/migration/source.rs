@@ -184,6 +184,7 @@ pub async fn serve(
     let name = instance_name(job)?;
     let rootfs = agent.driver().rootfs(&name);
     match part {
+        TransferPart::Live => super::live::serve(agent, job, channel).await,
         TransferPart::Rootfs => {
             let (_, stamps) =
                 tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;

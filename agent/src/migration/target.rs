@@ -17,7 +17,7 @@ use crate::node::peers::Channel;
 use crate::node::Agent;
 use crate::transfer::tree;
 
-fn spec(agent: &Agent, job: &Job) -> Result<InstanceSpec, MoveError> {
+pub(super) fn spec(agent: &Agent, job: &Job) -> Result<InstanceSpec, MoveError> {
     agent
         .state()
         .read(|s| s.instances.get(&job.instance).map(|i| i.spec.clone()))
@@ -27,7 +27,11 @@ fn spec(agent: &Agent, job: &Job) -> Result<InstanceSpec, MoveError> {
 /// Pull mode: the rootfs while the source runs, then the final state;
 /// returns the source's note for the Frozen proposal.
 pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
-    let result = pull_parts(agent, job).await;
+    let live = agent.driver().moves_itself(&instance_name(job)?);
+    let result = match live {
+        true => super::live::pull(agent, job).await,
+        false => pull_parts(agent, job).await,
+    };
     agent.transfers().end(job.id);
     result
 }

@@ -145,6 +145,31 @@ impl VmHost {
         Ok(())
     }
 
+    /// A new empty qcow2 disk of `size` bytes for `dir`.
+    async fn empty_disk(&self, dir: &VmDir, size: u64) -> Result<(), DriverError> {
+        if size == 0 {
+            return Err(runtime(
+                "the VM's spec has no disk size; it cannot move live",
+            ));
+        }
+        let _ = tokio::fs::create_dir_all(dir.files()).await;
+        let create = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(dir.disk())
+            .arg(size.to_string())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(self.timeout, create).await {
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => Err(runtime(format!(
+                "qemu-img cannot create the disk: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+            Ok(Err(e)) => Err(runtime(format!("cannot run qemu-img: {e}"))),
+            Err(_) => Err(runtime("qemu-img did not create the disk in time")),
+        }
+    }
+
     async fn copy_in(&self, from: &Path, to: &Path) -> Result<(), DriverError> {
         tokio::fs::copy(from, to)
             .await
@@ -209,10 +234,10 @@ impl Driver for VmHost {
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
-        let files = dir.files();
-        tokio::fs::create_dir_all(&files)
+        let boot = dir.boot();
+        tokio::fs::create_dir_all(&boot)
             .await
-            .map_err(|e| file_error("cannot create", &files, e))?;
+            .map_err(|e| file_error("cannot create", &boot, e))?;
         for (file, dest) in [
             ("disk.qcow2", dir.disk()),
             ("vmlinuz", dir.kernel()),
@@ -430,6 +455,65 @@ impl Driver for VmHost {
 
     async fn precopy_unavailable(&self, _name: &InstanceName) -> Option<String> {
         Some("memory pre-copy is for containers; a VM's memory moves with QEMU's migration".into())
+    }
+
+    fn moves_itself(&self, _name: &InstanceName) -> bool {
+        true
+    }
+
+    fn live_streams(&self, _name: &InstanceName) -> &'static [&'static str] {
+        &["nbd", "migration"]
+    }
+
+    fn live_socket(&self, name: &InstanceName, purpose: &str) -> PathBuf {
+        let dir = self.dir(name);
+        match purpose {
+            "nbd" => dir.nbd_socket(),
+            _ => dir.incoming_socket(),
+        }
+    }
+
+    fn live_files(&self, name: &InstanceName) -> PathBuf {
+        self.dir(name).boot()
+    }
+
+    /// An empty disk of the source's size, served over NBD by a QEMU
+    /// waiting for the migration stream; marked held before it starts.
+    async fn receive_live(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        // A leftover of an interrupted attempt goes first.
+        self.quit(&dir).await;
+        self.configure(name, spec, true).await?;
+        let marker = dir.held_marker();
+        tokio::fs::write(&marker, b"")
+            .await
+            .map_err(|e| file_error("cannot write", &marker, e))?;
+        let size = spec.vm.as_ref().map_or(0, |vm| vm.disk_bytes);
+        self.empty_disk(&dir, size).await?;
+        let _ = tokio::fs::create_dir_all(dir.migration()).await;
+        let dir = self.launch(name, true).await?;
+        let qmp = self.qmp(&dir).await?;
+        super::live::prepare_incoming(&qmp, &dir.nbd_socket(), &dir.incoming_socket()).await
+    }
+
+    async fn send_live(
+        &self,
+        name: &InstanceName,
+        relay_dir: &Path,
+        go_on: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<String>, DriverError> {
+        let qmp = self.qmp(&self.dir(name)).await?;
+        let note = super::live::send(&qmp, relay_dir, go_on, self.transfer_timeout).await?;
+        Ok(Some(note))
+    }
+
+    async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
+        let qmp = self.qmp(&self.dir(name)).await?;
+        super::live::incoming_done(&qmp, self.transfer_timeout).await
     }
 
     async fn runtimes(&self) -> Runtimes {

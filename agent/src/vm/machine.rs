@@ -43,11 +43,24 @@ impl VmDir {
     pub fn disk(&self) -> PathBuf {
         self.files().join("disk.qcow2")
     }
+    /// The boot files, all a live move sends as files (the disk is
+    /// mirrored by QEMU).
+    pub fn boot(&self) -> PathBuf {
+        self.files().join("boot")
+    }
     pub fn kernel(&self) -> PathBuf {
-        self.files().join("vmlinuz")
+        self.boot().join("vmlinuz")
     }
     pub fn initrd(&self) -> PathBuf {
-        self.files().join("initrd")
+        self.boot().join("initrd")
+    }
+    /// Where the target's QEMU serves its disk (NBD) and takes the
+    /// migration stream during a live move.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.migration().join("nbd.sock")
+    }
+    pub fn incoming_socket(&self) -> PathBuf {
+        self.migration().join("incoming.sock")
     }
     /// The machine `configure` wrote (spec and accelerator).
     pub fn machine(&self) -> PathBuf {

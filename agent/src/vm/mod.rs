@@ -4,6 +4,7 @@
 //! kind is in docs/vm-migration-recipe.md.
 
 pub mod host;
+pub mod live;
 pub mod machine;
 pub mod qemu;
 pub mod qmp;
@@ -23,8 +24,9 @@ pub struct VmFiles {
 }
 
 /// Put a new VM's files into `dest` as its driver imports them:
-/// `disk.qcow2` (converted by `qemu-img`), `vmlinuz`, `initrd`.
-pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<(), DriverError> {
+/// `disk.qcow2` (converted by `qemu-img`), `vmlinuz`, `initrd`; returns the
+/// disk's virtual size.
+pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<u64, DriverError> {
     tokio::fs::create_dir_all(dest)
         .await
         .map_err(|e| machine::file_error("cannot create", dest, e))?;
@@ -62,5 +64,22 @@ pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<()
             })?;
         }
     }
-    Ok(())
+    virtual_size(&dest.join("disk.qcow2"), timeout).await
+}
+
+/// `qemu-img info`'s virtual size of the image at `path`.
+pub async fn virtual_size(path: &Path, timeout: Duration) -> Result<u64, DriverError> {
+    let info = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, info)
+        .await
+        .map_err(|_| machine::runtime("qemu-img info did not answer"))?
+        .map_err(|e| machine::runtime(format!("cannot run qemu-img: {e}")))?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    info["virtual-size"].as_u64().ok_or_else(|| {
+        machine::runtime(format!("qemu-img info gave no size for {}", path.display()))
+    })
 }

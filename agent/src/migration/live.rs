@@ -1,0 +1,226 @@
+//! A live move the runtime drives itself (a VM: QEMU's disk mirror and
+//! migration), in pull mode. The target opens the `Live` control channel;
+//! the source sends the instance's live files (a VM's boot files), the
+//! target makes its receiving copy (held, listening) and says so, then the
+//! source's runtime moves the instance through the relay: every
+//! connection it makes to a socket in its relay dir becomes its own
+//! stream (`Stream { purpose }`) on the move's QUIC connection, which the
+//! target connects to its runtime's socket for that purpose. At the end
+//! the source's copy is paused and the target holds everything; the
+//! source sends the freeze header and the target proposes Frozen.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_raft::Job;
+use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::error::{instance_name, MoveError};
+use super::{plan, source};
+use crate::api::transfer::{FinalHeader, PushAck, TransferPart};
+use crate::node::peers::Channel;
+use crate::node::Agent;
+use crate::transfer::tree;
+
+/// Target, Preparing: the whole live move; returns the source's note.
+pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
+    let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Live).await?;
+    let counter = agent.transfers().stage(job.id, "boot files");
+    let reserve = agent.reserve();
+    let files = driver.live_files(name);
+    let boot = tree::receive_counted(
+        &mut send,
+        &mut recv,
+        &files,
+        false,
+        &counter,
+        Some(&reserve),
+    )
+    .await?;
+    let spec = super::target::spec(agent, job)?;
+    let ready = driver.receive_live(name, &spec).await;
+    let answer = match &ready {
+        Ok(()) => PushAck::Received,
+        Err(e) => PushAck::Failed(e.to_string()),
+    };
+    write_frame(&mut send, &answer).await?;
+    ready?;
+    agent.transfers().stage(job.id, "disk and memory");
+    let note = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME).await? {
+        FinalHeader::Frozen { note } => note,
+        FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
+    };
+    agent.transfers().froze(job.id);
+    driver.live_received(name).await?;
+    let relayed = agent.transfers().received_so_far(job.id);
+    agent.transfers().received(job.id, relayed + boot.bytes);
+    let _ = send.finish();
+    Ok(note)
+}
+
+/// Source: serve the target's `Live` channel.
+pub async fn serve(agent: &Agent, job: &Job, (send, recv): &mut Channel) -> Result<(), MoveError> {
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
+    tree::send(send, recv, &driver.live_files(name), false, None).await?;
+    match read_frame::<PushAck>(recv, MAX_FRAME).await? {
+        PushAck::Received => {}
+        PushAck::Failed(why) => {
+            return Err(MoveError::TargetFailed {
+                target: agent.member_name(job.target).unwrap_or_default(),
+                why,
+            })
+        }
+    }
+    let _guard = agent.locks().lock(name.as_str()).await;
+    let result = relayed(agent, job).await;
+    let header = match &result {
+        Ok(note) => FinalHeader::Frozen { note: note.clone() },
+        Err(e) => FinalHeader::Refused(e.to_string()),
+    };
+    write_frame(send, &header).await?;
+    result.map(|_| ())
+}
+
+/// The source's runtime moves the instance while the relay runs.
+async fn relayed(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
+    let relay_dir = driver.staging(name).join("relay");
+    let _ = tokio::fs::remove_dir_all(&relay_dir).await;
+    tokio::fs::create_dir_all(&relay_dir)
+        .await
+        .map_err(|e| MoveError::Local(format!("cannot create {}: {e}", relay_dir.display())))?;
+    let mut listeners = Vec::new();
+    for purpose in driver.live_streams(name) {
+        let path = relay_dir.join(format!("{purpose}.sock"));
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| MoveError::Local(format!("cannot listen on {}: {e}", path.display())))?;
+        listeners.push((*purpose, listener));
+    }
+    let job_id = job.id;
+    let go_on = move || {
+        let current = agent.state().read(|s| s.jobs.get(&job_id).cloned());
+        current.as_ref().is_some_and(plan::may_freeze)
+    };
+    let moved = tokio::select! {
+        moved = driver.send_live(name, &relay_dir, &go_on) => moved.map_err(MoveError::from),
+        broken = relay(agent, job, listeners) => Err(broken),
+    };
+    let _ = tokio::fs::remove_dir_all(&relay_dir).await;
+    moved
+}
+
+/// Accept the runtime's connections on `listeners` and carry each over a
+/// stream of its own to the target, until one fails (an error) or the
+/// caller stops waiting.
+async fn relay(
+    agent: &Agent,
+    job: &Job,
+    listeners: Vec<(&'static str, UnixListener)>,
+) -> MoveError {
+    let mut accepts = FuturesUnordered::new();
+    for (purpose, listener) in &listeners {
+        accepts.push(accept(purpose, listener));
+    }
+    let mut carried = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some((purpose, accepted)) = accepts.next() => {
+                let Ok(local) = accepted else {
+                    return MoveError::Local(format!("the {purpose} relay stopped accepting"));
+                };
+                if let Some((_, listener)) = listeners.iter().find(|(p, _)| *p == purpose) {
+                    accepts.push(accept(purpose, listener));
+                }
+                let part = TransferPart::Stream { purpose: purpose.to_string() };
+                carried.push(async move {
+                    let channel = source::open(agent, job, job.target, part).await?;
+                    splice(local, channel, None).await.map_err(MoveError::from)
+                });
+            }
+            Some(result) = carried.next() => {
+                if let Err(e) = result {
+                    return e;
+                }
+            }
+            else => return MoveError::Local("the runtime has no streams to relay".into()),
+        }
+    }
+}
+
+async fn accept(
+    purpose: &'static str,
+    listener: &UnixListener,
+) -> (&'static str, std::io::Result<UnixStream>) {
+    (purpose, listener.accept().await.map(|(s, _)| s))
+}
+
+/// Target: connect a `Stream` the source opened to the runtime's socket
+/// for its purpose, counting what arrives.
+pub async fn serve_stream(
+    agent: &Agent,
+    job: &Job,
+    purpose: &str,
+    channel: Channel,
+) -> Result<(), MoveError> {
+    let (driver, name) = (agent.driver(), &instance_name(job)?);
+    if !driver.live_streams(name).contains(&purpose) {
+        return Err(MoveError::Local(format!(
+            "no live stream '{purpose}' for {name}"
+        )));
+    }
+    let path: PathBuf = driver.live_socket(name, purpose);
+    let local = UnixStream::connect(&path)
+        .await
+        .map_err(|e| MoveError::Local(format!("cannot reach {}: {e}", path.display())))?;
+    let counter = agent.transfers().stage(job.id, "disk and memory");
+    let bytes = splice(local, channel, Some(&counter)).await?;
+    let total = agent.transfers().received_so_far(job.id) + bytes;
+    agent.transfers().received(job.id, total);
+    Ok(())
+}
+
+/// Copy both ways between a local socket and a QUIC stream pair until
+/// both ends are done; returns the bytes that came from the stream.
+async fn splice(
+    local: UnixStream,
+    (mut send, mut recv): Channel,
+    counter: Option<&AtomicU64>,
+) -> std::io::Result<u64> {
+    let (mut local_read, mut local_write) = local.into_split();
+    let inbound = async {
+        let n = copy(&mut recv, &mut local_write, counter).await?;
+        local_write.shutdown().await?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    let outbound = async {
+        copy(&mut local_read, &mut send, None).await?;
+        let _ = send.finish();
+        Ok::<(), std::io::Error>(())
+    };
+    let (n, _) = tokio::try_join!(inbound, outbound)?;
+    Ok(n)
+}
+
+async fn copy<R, W>(from: &mut R, to: &mut W, counter: Option<&AtomicU64>) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        if let Some(counter) = counter {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! A VM's live move as QMP sequences (docs/vm-migration-recipe.md): the
+//! target's QEMU waits `-incoming defer` and serves its empty disk over
+//! NBD; the source mirrors its disk into it until the mirror is ready,
+//! then migrates memory with `pause-before-switchover`; at pre-switchover
+//! (the guest paused) the mirror is cancelled (after READY that leaves a
+//! complete copy) and the migration continued to completion. The source
+//! reaches the target only through the sockets the engine relays.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::machine::runtime;
+use super::qemu::DISK_NODE;
+use super::qmp::Qmp;
+use crate::driver::DriverError;
+
+const POLL: Duration = Duration::from_millis(20);
+const MIRROR_JOB: &str = "mirror0";
+const MIRROR_NODE: &str = "mirror-dst";
+const EXPORT: &str = "exp0";
+/// QEMU's default migration cap is 128 MiB/s; a move takes what the link
+/// gives.
+const MAX_BANDWIDTH: u64 = 10 << 30;
+/// The longest pause QEMU aims for at the switchover, in ms.
+const DOWNTIME_LIMIT_MS: u64 = 300;
+
+async fn capabilities(qmp: &Qmp) -> Result<(), DriverError> {
+    let caps =
+        ["events", "pause-before-switchover"].map(|c| json!({ "capability": c, "state": true }));
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": caps })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Target: serve the disk over NBD and wait for the migration stream.
+pub async fn prepare_incoming(qmp: &Qmp, nbd: &Path, incoming: &Path) -> Result<(), DriverError> {
+    capabilities(qmp).await?;
+    let addr = json!({ "type": "unix", "data": { "path": nbd } });
+    qmp.execute("nbd-server-start", Some(json!({ "addr": addr })))
+        .await?;
+    let export = json!({
+        "type": "nbd", "id": EXPORT, "node-name": DISK_NODE,
+        "name": DISK_NODE, "writable": true,
+    });
+    qmp.execute("block-export-add", Some(export)).await?;
+    let uri = format!("unix:{}", incoming.display());
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await?;
+    Ok(())
+}
+
+/// Target: wait for the incoming migration to complete (the guest stays
+/// paused), then stop serving the disk.
+pub async fn incoming_done(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    wait_migration(qmp, &["completed"], timeout).await?;
+    let _ = qmp
+        .execute("block-export-del", Some(json!({ "id": EXPORT })))
+        .await;
+    let _ = qmp.execute("nbd-server-stop", None).await;
+    Ok(())
+}
+
+/// Source: mirror the disk, migrate the memory, and at the switchover
+/// (guest paused) finish both, if `go_on` still says so. Returns a note
+/// with QEMU's figures. On failure the mirror and migration are cancelled
+/// (the guest runs on unless it was paused for the switchover).
+pub async fn send(
+    qmp: &Qmp,
+    relay: &Path,
+    go_on: &(dyn Fn() -> bool + Send + Sync),
+    timeout: Duration,
+) -> Result<String, DriverError> {
+    let result = mirror_and_migrate(qmp, relay, go_on, timeout).await;
+    if result.is_err() {
+        let _ = qmp.execute("migrate_cancel", None).await;
+        let cancel = json!({ "device": MIRROR_JOB, "force": true });
+        let _ = qmp.execute("block-job-cancel", Some(cancel)).await;
+        let _ = wait_job_gone(qmp, Duration::from_secs(10)).await;
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({ "node-name": MIRROR_NODE })))
+            .await;
+    }
+    result
+}
+
+async fn mirror_and_migrate(
+    qmp: &Qmp,
+    relay: &Path,
+    go_on: &(dyn Fn() -> bool + Send + Sync),
+    timeout: Duration,
+) -> Result<String, DriverError> {
+    let nbd = relay.join("nbd.sock");
+    let target = json!({
+        "driver": "nbd", "node-name": MIRROR_NODE,
+        "server": { "type": "unix", "path": nbd }, "export": DISK_NODE,
+    });
+    qmp.execute("blockdev-add", Some(target)).await?;
+    let mirror = json!({
+        "job-id": MIRROR_JOB, "device": DISK_NODE, "target": MIRROR_NODE, "sync": "full",
+    });
+    qmp.execute("blockdev-mirror", Some(mirror)).await?;
+    wait_mirror_ready(qmp, timeout).await?;
+    capabilities(qmp).await?;
+    let params = json!({ "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS });
+    qmp.execute("migrate-set-parameters", Some(params)).await?;
+    let uri = format!("unix:{}", relay.join("migration.sock").display());
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    wait_migration(qmp, &["pre-switchover"], timeout).await?;
+    // The guest is paused here: the last moment the move may still stop.
+    if !go_on() {
+        return Err(runtime(
+            "the move may no longer go on (aborted, or the job moved on); the VM runs on",
+        ));
+    }
+    let cancel = json!({ "device": MIRROR_JOB });
+    qmp.execute("block-job-cancel", Some(cancel)).await?;
+    wait_job_gone(qmp, timeout).await?;
+    qmp.execute("blockdev-del", Some(json!({ "node-name": MIRROR_NODE })))
+        .await?;
+    qmp.execute(
+        "migrate-continue",
+        Some(json!({ "state": "pre-switchover" })),
+    )
+    .await?;
+    let info = wait_migration(qmp, &["completed"], timeout).await?;
+    Ok(figures(&info))
+}
+
+/// "QEMU: 92 MiB of memory in 1300 ms, downtime 80 ms".
+fn figures(info: &Value) -> String {
+    let ram = info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20;
+    let total = info["total-time"].as_u64().unwrap_or(0);
+    let downtime = info["downtime"].as_u64().unwrap_or(0);
+    format!("QEMU moved {ram} MiB of memory in {total} ms, its downtime {downtime} ms")
+}
+
+/// Poll `query-migrate` until its status is one of `want`; a failed or
+/// cancelled migration is an error with QEMU's reason.
+async fn wait_migration(qmp: &Qmp, want: &[&str], timeout: Duration) -> Result<Value, DriverError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        let status = info["status"].as_str().unwrap_or("");
+        if want.contains(&status) {
+            return Ok(info);
+        }
+        if matches!(status, "failed" | "cancelled" | "cancelling") {
+            let why = info["error-desc"].as_str().unwrap_or(status);
+            return Err(runtime(format!("QEMU's migration failed: {why}")));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(runtime(format!(
+                "QEMU's migration did not reach {want:?} within {timeout:?} (it is {status})"
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn mirror_job(jobs: &Value) -> Option<&Value> {
+    jobs.as_array()?
+        .iter()
+        .find(|j| j["device"].as_str() == Some(MIRROR_JOB))
+}
+
+async fn wait_mirror_ready(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let jobs = qmp.execute("query-block-jobs", None).await?;
+        match mirror_job(&jobs) {
+            None => {
+                return Err(runtime(
+                    "the disk mirror ended before it was ready (the target's disk went away?)",
+                ))
+            }
+            Some(job) if job["ready"].as_bool() == Some(true) => return Ok(()),
+            Some(job) if tokio::time::Instant::now() >= deadline => {
+                let (done, len) = (job["offset"].as_u64(), job["len"].as_u64());
+                return Err(runtime(format!(
+                    "the disk mirror was not ready within {timeout:?} ({done:?} of {len:?} bytes)"
+                )));
+            }
+            Some(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+async fn wait_job_gone(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let jobs = qmp.execute("query-block-jobs", None).await?;
+        if mirror_job(&jobs).is_none() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(runtime("the disk mirror did not end"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
