@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
+use ferry_raft::{HostFacts, InstanceSpec, LiveSettings, Runtimes};
 
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::migration::plan::LocalCopy;
@@ -57,6 +57,16 @@ pub struct ExecOutput {
     pub code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+}
+
+/// How a live move the runtime drove ended on the source.
+#[derive(Clone, Debug, Default)]
+pub struct LiveEnd {
+    /// For the job (the runtime's own figures).
+    pub note: Option<String>,
+    /// How long the instance has been paused already (the runtime's own
+    /// switchover), so the move's downtime counts it.
+    pub paused_ms: u64,
 }
 
 /// A runtime's failure, in the runtime's own words.
@@ -222,6 +232,7 @@ pub trait Driver: Send + Sync {
         &self,
         name: &InstanceName,
         _spec: &InstanceSpec,
+        _settings: &LiveSettings,
     ) -> Result<(), DriverError> {
         Err(DriverError::Runtime(format!(
             "'{name}' cannot move live by its runtime"
@@ -230,13 +241,14 @@ pub trait Driver: Send + Sync {
     /// Source: move the running instance through the relay sockets in
     /// `relay_dir`; it ends paused with the target holding everything.
     /// `go_on` is asked right before the runtime pauses it for the last
-    /// part: `false` stops the move and it runs on. Returns the job's note.
+    /// part: `false` stops the move and it runs on.
     async fn send_live(
         &self,
         name: &InstanceName,
         _relay_dir: &Path,
+        _settings: &LiveSettings,
         _go_on: &(dyn Fn() -> bool + Send + Sync),
-    ) -> Result<Option<String>, DriverError> {
+    ) -> Result<LiveEnd, DriverError> {
         Err(DriverError::Runtime(format!(
             "'{name}' cannot move live by its runtime"
         )))

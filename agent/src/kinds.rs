@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use ferry_raft::{HostFacts, InstanceKind, InstanceSpec, Runtimes};
+use ferry_raft::{HostFacts, InstanceKind, InstanceSpec, LiveSettings, Runtimes};
 
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, Status};
@@ -214,16 +214,18 @@ impl Driver for Kinds {
         &self,
         name: &InstanceName,
         spec: &InstanceSpec,
+        settings: &LiveSettings,
     ) -> Result<(), DriverError> {
-        self.of_spec(spec).receive_live(name, spec).await
+        self.of_spec(spec).receive_live(name, spec, settings).await
     }
     async fn send_live(
         &self,
         name: &InstanceName,
         relay_dir: &Path,
+        settings: &LiveSettings,
         go_on: &(dyn Fn() -> bool + Send + Sync),
-    ) -> Result<Option<String>, DriverError> {
-        self.of(name).send_live(name, relay_dir, go_on).await
+    ) -> Result<crate::driver::LiveEnd, DriverError> {
+        self.of(name).send_live(name, relay_dir, settings, go_on).await
     }
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.of(name).live_received(name).await

@@ -46,6 +46,13 @@ pub struct MoveArgs {
     /// --precopy-iterations).
     #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     precopy_goal: u8,
+    /// A VM: the longest pause QEMU aims for at the switchover, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    downtime_limit: u64,
+    /// A VM: at most this many bytes per second, e.g. 100M (default: as
+    /// fast as the link goes; QEMU's own default cap of 128 MiB/s is lifted).
+    #[arg(long, value_name = "SIZE", value_parser = crate::instances::parse_size)]
+    bandwidth: Option<u64>,
     /// Only run the compatibility checks and print the report.
     #[arg(long)]
     dry_run: bool,
@@ -241,6 +248,10 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
         },
         precopy_iterations: args.precopy_iterations,
         precopy_goal_percent: args.precopy_goal,
+        live: ferry_raft::LiveSettings {
+            downtime_limit_ms: args.downtime_limit,
+            bandwidth: args.bandwidth.unwrap_or(0),
+        },
         dry_run: args.dry_run,
     };
     if args.dry_run && args.target.is_none() {

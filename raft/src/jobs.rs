@@ -90,6 +90,18 @@ pub struct MoveOptions {
     pub precopy_iterations: u32,
     /// Stop pre-copying once the dirty share of memory is under this.
     pub precopy_goal_percent: u8,
+    /// For a runtime that moves the instance itself (a VM's QEMU).
+    pub live: LiveSettings,
+}
+
+/// How a runtime that moves an instance itself (QEMU) runs a live move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSettings {
+    /// The longest pause the runtime aims for at the switchover, in ms
+    /// (0: 300).
+    pub downtime_limit_ms: u64,
+    /// Bytes per second at most (0: as fast as the link goes).
+    pub bandwidth: u64,
 }
 
 impl Default for MoveOptions {
@@ -99,6 +111,7 @@ impl Default for MoveOptions {
             mode: TransferMode::Pull,
             precopy_iterations: 3,
             precopy_goal_percent: 10,
+            live: LiveSettings::default(),
         }
     }
 }

@@ -14,6 +14,8 @@ pub struct MoveRequest {
     pub mode: TransferMode,
     pub precopy_iterations: u32,
     pub precopy_goal_percent: u8,
+    /// A VM's live move: `--downtime-limit`, `--bandwidth`, `--multifd`.
+    pub live: ferry_raft::LiveSettings,
     pub dry_run: bool,
 }
 

@@ -40,6 +40,8 @@ pub struct TransferRequest {
 /// The source's first answer on a `Final` channel.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FinalHeader {
-    Frozen { note: Option<String> },
+    /// Frozen, for `paused_ms` already (a runtime's own switchover in a
+    /// live move; 0 when the source froze just now).
+    Frozen { note: Option<String>, paused_ms: u64 },
     Refused(String),
 }

@@ -138,6 +138,7 @@ pub async fn start_move(
         mode: request.mode,
         precopy_iterations: request.precopy_iterations,
         precopy_goal_percent: request.precopy_goal_percent,
+        live: request.live,
     };
     let result = agent
         .write(Command::Job(JobCommand::CreateMove {

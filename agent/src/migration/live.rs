@@ -42,7 +42,7 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     )
     .await?;
     let spec = super::target::spec(agent, job)?;
-    let ready = driver.receive_live(name, &spec).await;
+    let ready = driver.receive_live(name, &spec, &job.options.live).await;
     let answer = match &ready {
         Ok(()) => PushAck::Received,
         Err(e) => PushAck::Failed(e.to_string()),
@@ -50,11 +50,11 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     write_frame(&mut send, &answer).await?;
     ready?;
     agent.transfers().stage(job.id, "disk and memory");
-    let note = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME).await? {
-        FinalHeader::Frozen { note } => note,
+    let (note, paused_ms) = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME).await? {
+        FinalHeader::Frozen { note, paused_ms } => (note, paused_ms),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
-    agent.transfers().froze(job.id);
+    agent.transfers().froze_for(job.id, paused_ms);
     driver.live_received(name).await?;
     let relayed = agent.transfers().received_so_far(job.id);
     agent.transfers().received(job.id, relayed + boot.bytes);
@@ -78,7 +78,10 @@ pub async fn serve(agent: &Agent, job: &Job, (send, recv): &mut Channel) -> Resu
     let _guard = agent.locks().lock(name.as_str()).await;
     let result = relayed(agent, job).await;
     let header = match &result {
-        Ok(note) => FinalHeader::Frozen { note: note.clone() },
+        Ok(end) => FinalHeader::Frozen {
+            note: end.note.clone(),
+            paused_ms: end.paused_ms,
+        },
         Err(e) => FinalHeader::Refused(e.to_string()),
     };
     write_frame(send, &header).await?;
@@ -86,7 +89,7 @@ pub async fn serve(agent: &Agent, job: &Job, (send, recv): &mut Channel) -> Resu
 }
 
 /// The source's runtime moves the instance while the relay runs.
-async fn relayed(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
+async fn relayed(agent: &Agent, job: &Job) -> Result<crate::driver::LiveEnd, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let relay_dir = driver.staging(name).join("relay");
     let _ = tokio::fs::remove_dir_all(&relay_dir).await;
@@ -106,7 +109,7 @@ async fn relayed(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> 
         current.as_ref().is_some_and(plan::may_freeze)
     };
     let moved = tokio::select! {
-        moved = driver.send_live(name, &relay_dir, &go_on) => moved.map_err(MoveError::from),
+        moved = driver.send_live(name, &relay_dir, &job.options.live, &go_on) => moved.map_err(MoveError::from),
         broken = relay(agent, job, listeners) => Err(broken),
     };
     let _ = tokio::fs::remove_dir_all(&relay_dir).await;
@@ -173,14 +176,31 @@ pub async fn serve_stream(
         )));
     }
     let path: PathBuf = driver.live_socket(name, purpose);
-    let local = UnixStream::connect(&path)
-        .await
-        .map_err(|e| MoveError::Local(format!("cannot reach {}: {e}", path.display())))?;
+    let local = connect(&path).await?;
     let counter = agent.transfers().stage(job.id, "disk and memory");
     let bytes = splice(local, channel, Some(&counter)).await?;
     let total = agent.transfers().received_so_far(job.id) + bytes;
     agent.transfers().received(job.id, total);
     Ok(())
+}
+
+/// Connect to the runtime's socket; while its listen backlog is full (it
+/// accepts several streams of one move one by one) try again.
+async fn connect(path: &std::path::Path) -> Result<UnixStream, MoveError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => {
+                return Err(MoveError::Local(format!("cannot reach {}: {e}", path.display())))
+            }
+        }
+    }
 }
 
 /// Copy both ways between a local socket and a QUIC stream pair until

@@ -153,7 +153,7 @@ async fn send_final(
     note: Option<String>,
 ) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
-    write_frame(send, &FinalHeader::Frozen { note }).await?;
+    write_frame(send, &FinalHeader::Frozen { note, paused_ms: 0 }).await?;
     if job.options.stateful {
         tree::send(send, recv, &driver.images(name), false, None).await?;
     }

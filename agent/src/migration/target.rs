@@ -71,7 +71,7 @@ async fn receive_final(
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let reserve = agent.reserve();
     let note = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
-        FinalHeader::Frozen { note } => note,
+        FinalHeader::Frozen { note, .. } => note,
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
     let mut bytes = rootfs_bytes;

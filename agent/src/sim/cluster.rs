@@ -186,6 +186,7 @@ impl Sim {
             mode,
             precopy_iterations: 0,
             precopy_goal_percent: 0,
+            live: Default::default(),
             dry_run: false,
         };
         match crate::migration::jobs::start_move(&self.agents[0], request).await {

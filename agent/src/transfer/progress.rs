@@ -44,7 +44,12 @@ impl Transfers {
     }
 
     pub fn froze(&self, job: JobId) {
-        lock(&self.froze_at).insert(job, now_ms());
+        self.froze_for(job, 0);
+    }
+
+    /// The source froze `ago_ms` before now.
+    pub fn froze_for(&self, job: JobId, ago_ms: u64) {
+        lock(&self.froze_at).insert(job, now_ms().saturating_sub(ago_ms));
     }
 
     pub fn received(&self, job: JobId, bytes: u64) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
+use ferry_raft::{HostFacts, InstanceSpec, LiveSettings, Runtimes};
 
 use super::machine::{self, file_error, runtime, Machine, VmDir};
 use super::qemu::Accel;
@@ -483,6 +483,7 @@ impl Driver for VmHost {
         &self,
         name: &InstanceName,
         spec: &InstanceSpec,
+        _settings: &LiveSettings,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         // A leftover of an interrupted attempt goes first.
@@ -497,18 +498,20 @@ impl Driver for VmHost {
         let _ = tokio::fs::create_dir_all(dir.migration()).await;
         let dir = self.launch(name, true).await?;
         let qmp = self.qmp(&dir).await?;
-        super::live::prepare_incoming(&qmp, &dir.nbd_socket(), &dir.incoming_socket()).await
+        let sockets = (dir.nbd_socket(), dir.incoming_socket());
+        super::live::prepare_incoming(&qmp, &sockets).await
     }
 
     async fn send_live(
         &self,
         name: &InstanceName,
         relay_dir: &Path,
+        settings: &LiveSettings,
         go_on: &(dyn Fn() -> bool + Send + Sync),
-    ) -> Result<Option<String>, DriverError> {
+    ) -> Result<crate::driver::LiveEnd, DriverError> {
         let qmp = self.qmp(&self.dir(name)).await?;
-        let note = super::live::send(&qmp, relay_dir, go_on, self.transfer_timeout).await?;
-        Ok(Some(note))
+        let timeout = self.transfer_timeout;
+        super::live::send(&qmp, relay_dir, settings, go_on, timeout).await
     }
 
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {

@@ -6,7 +6,7 @@
 //! complete copy) and the migration continued to completion. The source
 //! reaches the target only through the sockets the engine relays.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use super::machine::runtime;
 use super::qemu::DISK_NODE;
 use super::qmp::Qmp;
-use crate::driver::DriverError;
+use crate::driver::{DriverError, LiveEnd};
+use ferry_raft::LiveSettings;
 
 const POLL: Duration = Duration::from_millis(20);
 const MIRROR_JOB: &str = "mirror0";
@@ -26,9 +27,24 @@ const MAX_BANDWIDTH: u64 = 10 << 30;
 /// The longest pause QEMU aims for at the switchover, in ms.
 const DOWNTIME_LIMIT_MS: u64 = 300;
 
-async fn capabilities(qmp: &Qmp) -> Result<(), DriverError> {
-    let caps =
-        ["events", "pause-before-switchover"].map(|c| json!({ "capability": c, "state": true }));
+/// The capabilities both sides must agree on (events, the pause before
+/// the switchover); `source` adds auto-converge (a guest dirtying memory
+/// faster than the link is slowed until the migration converges). Not
+/// multifd: over the relay one of three tries left a channel unread and
+/// hung (docs/vm-migration-recipe.md).
+async fn capabilities(qmp: &Qmp, source: bool) -> Result<(), DriverError> {
+    // Every one is set, on or off: QEMU keeps them from an earlier
+    // migration.
+    let caps = [
+        ("events", true),
+        ("pause-before-switchover", true),
+        ("multifd", false),
+        ("auto-converge", source),
+    ];
+    let caps: Vec<Value> = caps
+        .into_iter()
+        .map(|(c, on)| json!({ "capability": c, "state": on }))
+        .collect();
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": caps })),
@@ -37,9 +53,13 @@ async fn capabilities(qmp: &Qmp) -> Result<(), DriverError> {
     Ok(())
 }
 
-/// Target: serve the disk over NBD and wait for the migration stream.
-pub async fn prepare_incoming(qmp: &Qmp, nbd: &Path, incoming: &Path) -> Result<(), DriverError> {
-    capabilities(qmp).await?;
+/// Target: serve the disk over NBD (`sockets.0`) and wait for the
+/// migration stream (`sockets.1`).
+pub async fn prepare_incoming(
+    qmp: &Qmp,
+    (nbd, incoming): &(PathBuf, PathBuf),
+) -> Result<(), DriverError> {
+    capabilities(qmp, false).await?;
     let addr = json!({ "type": "unix", "data": { "path": nbd } });
     qmp.execute("nbd-server-start", Some(json!({ "addr": addr })))
         .await?;
@@ -72,10 +92,11 @@ pub async fn incoming_done(qmp: &Qmp, timeout: Duration) -> Result<(), DriverErr
 pub async fn send(
     qmp: &Qmp,
     relay: &Path,
+    settings: &LiveSettings,
     go_on: &(dyn Fn() -> bool + Send + Sync),
     timeout: Duration,
-) -> Result<String, DriverError> {
-    let result = mirror_and_migrate(qmp, relay, go_on, timeout).await;
+) -> Result<LiveEnd, DriverError> {
+    let result = mirror_and_migrate(qmp, relay, settings, go_on, timeout).await;
     if result.is_err() {
         let _ = qmp.execute("migrate_cancel", None).await;
         let cancel = json!({ "device": MIRROR_JOB, "force": true });
@@ -91,9 +112,10 @@ pub async fn send(
 async fn mirror_and_migrate(
     qmp: &Qmp,
     relay: &Path,
+    settings: &LiveSettings,
     go_on: &(dyn Fn() -> bool + Send + Sync),
     timeout: Duration,
-) -> Result<String, DriverError> {
+) -> Result<LiveEnd, DriverError> {
     let nbd = relay.join("nbd.sock");
     let target = json!({
         "driver": "nbd", "node-name": MIRROR_NODE,
@@ -105,8 +127,16 @@ async fn mirror_and_migrate(
     });
     qmp.execute("blockdev-mirror", Some(mirror)).await?;
     wait_mirror_ready(qmp, timeout).await?;
-    capabilities(qmp).await?;
-    let params = json!({ "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS });
+    capabilities(qmp, true).await?;
+    let bandwidth = match settings.bandwidth {
+        0 => MAX_BANDWIDTH,
+        n => n,
+    };
+    let downtime = match settings.downtime_limit_ms {
+        0 => DOWNTIME_LIMIT_MS,
+        n => n,
+    };
+    let params = json!({ "max-bandwidth": bandwidth, "downtime-limit": downtime });
     qmp.execute("migrate-set-parameters", Some(params)).await?;
     let uri = format!("unix:{}", relay.join("migration.sock").display());
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
@@ -128,7 +158,10 @@ async fn mirror_and_migrate(
     )
     .await?;
     let info = wait_migration(qmp, &["completed"], timeout).await?;
-    Ok(figures(&info))
+    Ok(LiveEnd {
+        note: Some(figures(&info)),
+        paused_ms: info["downtime"].as_u64().unwrap_or(0),
+    })
 }
 
 /// "QEMU: 92 MiB of memory in 1300 ms, downtime 80 ms".
