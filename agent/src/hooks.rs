@@ -4,7 +4,9 @@
 //! weakened through them.
 //!
 //! - `FERRY_TEST_HOLD_AT=PHASE`: before acting on a job in that phase, the
-//!   engine waits while the file `hold` exists in the agent's data dir.
+//!   engine waits while the file `hold` exists in the agent's data dir;
+//!   also `live-mirror` (a VM's disk mirror ready, memory not started)
+//!   and `live-memory` (its memory migration started), on the source.
 //! - the file `fail-dump` (`fail-restore`) in the data dir makes the next
 //!   CRIU dump (restore) of a move fail, as a failing CRIU would.
 

@@ -225,7 +225,9 @@ impl Driver for Kinds {
         settings: &LiveSettings,
         go_on: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<crate::driver::LiveEnd, DriverError> {
-        self.of(name).send_live(name, relay_dir, settings, go_on).await
+        self.of(name)
+            .send_live(name, relay_dir, settings, go_on)
+            .await
     }
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.of(name).live_received(name).await

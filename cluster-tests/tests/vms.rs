@@ -38,6 +38,66 @@ fn assert_consecutive(ticks: &[u64], what: &str) {
     }
 }
 
+/// QEMU processes of VMs under `data_dir`.
+fn running_vms(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+/// Move v1 live from agent `from` to agent `to`: the counter carries on
+/// on the target after the last tick the source showed before the move,
+/// with no boot in between. Returns that last tick.
+fn live_move(cluster: &Cluster, from: usize, to: usize) -> Result<u64> {
+    let before = ticks(&console(cluster, from, "v1"))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let target = cluster.agents[to].name.clone();
+    let out = cluster.ferry_ok(0, &["move", "v1", "--target", &target])?;
+    assert!(out.contains(&format!("to {target}")), "{out}");
+    let on_target = console(cluster, to, "v1");
+    wait_ticks(&on_target, before + 5, Duration::from_secs(30))?;
+    let text = std::fs::read_to_string(&on_target)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines
+        .iter()
+        .position(|l| {
+            l.strip_prefix("tick ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                > Some(before)
+        })
+        .unwrap_or(0);
+    let after = &lines[first..];
+    assert!(
+        !after.contains(&"BOOTED"),
+        "the guest booted again on {target}"
+    );
+    let counted: Vec<u64> = after
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect();
+    // The guest was paused at most a few seconds of the move: not reset.
+    assert!(
+        counted[0] <= before + 100,
+        "the counter jumped from {before} to {}",
+        counted[0]
+    );
+    assert_consecutive(&counted, &format!("after the move to {target}"));
+    assert_eq!(state(cluster, "v1")?, (target, "running".into()));
+    Ok(before)
+}
+
 fn state(cluster: &Cluster, name: &str) -> Result<(String, String)> {
     let v = cluster.ferry_json(0, &["show", name])?;
     let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
@@ -90,23 +150,20 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
     assert_eq!(boots(&on_n1), 1, "the guest booted again");
 
     // A live (stateful) move: memory and disk go to n2, the source's
-    // QEMU and files go.
-    let out = cluster.ferry_ok(0, &["move", "v1", "--target", "n2"])?;
-    assert!(out.contains("moved v1 from n1 to n2"), "{out}");
-    let on_n2 = console(&cluster, 1, "v1");
-    let last_on_n1 = *ticks(&on_n1).last().unwrap();
-    wait_ticks(&on_n2, last_on_n1 + 5, Duration::from_secs(30))?;
-    let moved = ticks(&on_n2);
-    assert_eq!(
-        moved[0],
-        last_on_n1 + 1,
-        "the counter did not carry on: {moved:?}"
-    );
-    assert_consecutive(&moved, "after the move");
-    assert_eq!(boots(&on_n2), 0, "the guest booted again on n2");
-    assert_eq!(state(&cluster, "v1")?, ("n2".into(), "running".into()));
+    // QEMU and files go; and back, and there again.
+    let before_move = live_move(&cluster, 0, 1)?;
     let n1_dir = cluster.agents[0].data_dir.join("instances/v1");
-    assert!(!n1_dir.exists(), "the source kept {}", n1_dir.display());
+    wait_for("the source's copy to go", Duration::from_secs(10), || {
+        if n1_dir.exists() || !running_vms(&cluster.agents[0].data_dir).is_empty() {
+            bail!("the source kept {} or its QEMU", n1_dir.display())
+        }
+        Ok(())
+    })?;
+    let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+    let notes = job["notes"].to_string();
+    assert!(notes.contains("QEMU moved"), "no QEMU figures: {job}");
+    live_move(&cluster, 1, 0)?;
+    live_move(&cluster, 0, 1)?;
 
     // What the guest wrote to its disk before the move is on n2's copy.
     cluster.ferry_ok(0, &["stop", "v1", "--force"])?;
@@ -114,7 +171,7 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
         .data_dir
         .join("instances/v1/vm/disk.qcow2");
     let log = guest_file(&n2_disk, "/log", cluster.root())?;
-    let before_move = format!("tick {}", last_on_n1 / 10 * 10);
+    let before_move = format!("tick {}", before_move / 10 * 10);
     assert!(
         log.contains(&before_move),
         "{before_move} missing from the guest's /log: {log}"
@@ -129,4 +186,127 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
         Ok(())
     })?;
     Ok(())
+}
+
+/// A VM counting on n1, with the source's live move held at `moment` (a
+/// test-build hold point) once the hold file is there.
+fn vm_on_n1_held_at(moment: &str) -> Result<Cluster> {
+    let mut cluster = Cluster::new();
+    cluster.agent_flags = vec!["--job-phase-timeout".into(), "20s".into()];
+    cluster.env_for.insert(
+        "n1".into(),
+        vec![("FERRY_TEST_HOLD_AT".into(), moment.into())],
+    );
+    cluster.start_three()?;
+    let guest = cluster.root().join("guest");
+    let (kernel, initrd, disk) = test_guest(&guest)?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
+    let launch = [
+        "launch",
+        "v1",
+        "--vm",
+        "--disk",
+        &disk,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--memory",
+        "256M",
+        "--target",
+        "n1",
+    ];
+    cluster.ferry_ok(0, &launch)?;
+    wait_ticks(&console(&cluster, 0, "v1"), 5, BOOT)?;
+    Ok(cluster)
+}
+
+/// kill -9 of the target's agent while the source's move is held at
+/// `moment`: the move rolls back, the VM runs on on n1 with its counter
+/// unbroken, and once n2's agent is back its QEMU and files are gone.
+fn kill_target_during(moment: &str, bandwidth: &str) -> Result<()> {
+    let mut cluster = vm_on_n1_held_at(moment)?;
+    let hold = cluster.agents[0].data_dir.join("hold");
+    std::fs::write(&hold, b"")?;
+    cluster.ferry_ok(
+        0,
+        &[
+            "move",
+            "v1",
+            "--target",
+            "n2",
+            "--detach",
+            "--bandwidth",
+            bandwidth,
+        ],
+    )?;
+    let log = cluster.agents[0].log_path();
+    wait_for(
+        "the move to reach its hold",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            match text
+                .lines()
+                .any(|l| l.contains("holding the job here") && l.contains(moment))
+            {
+                true => Ok(()),
+                false => bail!("not held yet"),
+            }
+        },
+    )?;
+    cluster.kill(1);
+    std::fs::remove_file(&hold)?;
+    let job = wait_for("the move to roll back", Duration::from_secs(90), || {
+        let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+        match job["phase"].as_str() {
+            Some("RolledBack") => Ok(job),
+            other => bail!("{other:?}"),
+        }
+    })?;
+    assert_eq!(
+        state(&cluster, "v1")?,
+        ("n1".into(), "running".into()),
+        "{job}"
+    );
+    let on_n1 = console(&cluster, 0, "v1");
+    let last = *ticks(&on_n1).last().unwrap();
+    wait_ticks(&on_n1, last + 5, Duration::from_secs(30))?;
+    assert_consecutive(&ticks(&on_n1), "through the failed move");
+    cluster.restart(1)?;
+    let n2 = cluster.agents[1].data_dir.clone();
+    wait_for(
+        "n2 to remove what it received",
+        Duration::from_secs(60),
+        || {
+            let left = running_vms(&n2);
+            if !left.is_empty() || n2.join("instances/v1").exists() {
+                bail!("QEMU {left:?} or files left on n2")
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn killing_the_target_agent_during_the_disk_mirror_leaves_the_vm_running_on_the_source(
+) -> Result<()> {
+    if !require_qemu() {
+        return Ok(());
+    }
+    kill_target_during("live-mirror", "1G")
+}
+
+#[test]
+fn killing_the_target_agent_during_the_memory_migration_leaves_the_vm_running_on_the_source(
+) -> Result<()> {
+    if !require_qemu() {
+        return Ok(());
+    }
+    // 4 MiB/s: the memory (~90 MiB) is still on its way when it dies.
+    kill_target_during("live-memory", "4M")
 }

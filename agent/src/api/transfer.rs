@@ -42,6 +42,9 @@ pub struct TransferRequest {
 pub enum FinalHeader {
     /// Frozen, for `paused_ms` already (a runtime's own switchover in a
     /// live move; 0 when the source froze just now).
-    Frozen { note: Option<String>, paused_ms: u64 },
+    Frozen {
+        note: Option<String>,
+        paused_ms: u64,
+    },
     Refused(String),
 }

@@ -94,7 +94,7 @@ fn my_jobs(agent: &Agent) -> Vec<Job> {
                 !j.phase.is_terminal()
                     || s.instances
                         .get(&j.instance)
-                        .is_none_or(|i| i.owner != me && i.job.is_none())
+                        .is_none_or(|i| plan::ended_job_may_clean(i.job.is_some(), i.owner == me))
             })
             .cloned()
             .collect()
@@ -288,6 +288,17 @@ async fn drive(agent: &Agent, job: &Job) -> bool {
     let Some(job) = agent.state().read(|s| s.jobs.get(&job.id).cloned()) else {
         return false;
     };
+    if job.phase.is_terminal() {
+        let me = agent.id();
+        let (busy, ours) = agent.state().read(|s| {
+            s.instances
+                .get(&job.instance)
+                .map_or((false, false), |i| (i.job.is_some(), i.owner == me))
+        });
+        if !plan::ended_job_may_clean(busy, ours) {
+            return false;
+        }
+    }
     let local = driver::local_copy(agent.driver(), &name).await;
     let step = plan::step(&job, role, local);
     if step != Step::Wait {

@@ -108,22 +108,37 @@ async fn relayed(agent: &Agent, job: &Job) -> Result<crate::driver::LiveEnd, Mov
         let current = agent.state().read(|s| s.jobs.get(&job_id).cloned());
         current.as_ref().is_some_and(plan::may_freeze)
     };
-    let moved = tokio::select! {
-        moved = driver.send_live(name, &relay_dir, &job.options.live, &go_on) => moved.map_err(MoveError::from),
-        broken = relay(agent, job, listeners) => Err(broken),
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let send = async {
+        let moved = driver
+            .send_live(name, &relay_dir, &job.options.live, &go_on)
+            .await;
+        let _ = stop.send(());
+        moved
     };
+    // A relay that fails drops its connections: the runtime's move fails
+    // on them and cleans up (the instance runs on) before `send` ends.
+    let (moved, relayed) = tokio::join!(send, relay(agent, job, listeners, stopped));
     let _ = tokio::fs::remove_dir_all(&relay_dir).await;
-    moved
+    relayed?;
+    Ok(moved?)
 }
 
+/// How long the relay may take to pass on what the runtime wrote before
+/// it said it was done.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Accept the runtime's connections on `listeners` and carry each over a
-/// stream of its own to the target, until one fails (an error) or the
-/// caller stops waiting.
+/// stream of its own to the target until `stop`, then let every stream
+/// finish: QEMU reports a migration complete once its last bytes are in
+/// its socket, not at the target, so cutting the streams then would cut
+/// the end of the device state off (the target fails to load it).
 async fn relay(
     agent: &Agent,
     job: &Job,
     listeners: Vec<(&'static str, UnixListener)>,
-) -> MoveError {
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), MoveError> {
     let mut accepts = FuturesUnordered::new();
     for (purpose, listener) in &listeners {
         accepts.push(accept(purpose, listener));
@@ -131,9 +146,10 @@ async fn relay(
     let mut carried = FuturesUnordered::new();
     loop {
         tokio::select! {
+            _ = &mut stop => break,
             Some((purpose, accepted)) = accepts.next() => {
                 let Ok(local) = accepted else {
-                    return MoveError::Local(format!("the {purpose} relay stopped accepting"));
+                    return Err(MoveError::Local(format!("the {purpose} relay stopped accepting")));
                 };
                 if let Some((_, listener)) = listeners.iter().find(|(p, _)| *p == purpose) {
                     accepts.push(accept(purpose, listener));
@@ -144,14 +160,33 @@ async fn relay(
                     splice(local, channel, None).await.map_err(MoveError::from)
                 });
             }
+            // A connection that ends, well or not, ends only itself: the
+            // runtime sees it end and decides (QEMU fails its migration
+            // on a cut stream, and closes its disk's when the mirror is
+            // done); cutting the others here would break a good move.
             Some(result) = carried.next() => {
                 if let Err(e) = result {
-                    return e;
+                    tracing::info!(job = job.id, "a relayed stream ended: {e}");
                 }
             }
-            else => return MoveError::Local("the runtime has no streams to relay".into()),
         }
     }
+    drop(accepts);
+    let drained = tokio::time::timeout(DRAIN, async {
+        while let Some(result) = carried.next().await {
+            if let Err(e) = result {
+                tracing::info!(job = job.id, "a relayed stream ended: {e}");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            job = job.id,
+            "relayed streams still open {DRAIN:?} after the runtime was done; cut"
+        );
+    }
+    Ok(())
 }
 
 async fn accept(
@@ -191,13 +226,17 @@ async fn connect(path: &std::path::Path) -> Result<UnixStream, MoveError> {
     loop {
         match UnixStream::connect(path).await {
             Ok(stream) => return Ok(stream),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                && tokio::time::Instant::now() < deadline =>
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await
             }
             Err(e) => {
-                return Err(MoveError::Local(format!("cannot reach {}: {e}", path.display())))
+                return Err(MoveError::Local(format!(
+                    "cannot reach {}: {e}",
+                    path.display()
+                )))
             }
         }
     }
@@ -213,7 +252,8 @@ async fn splice(
     let (mut local_read, mut local_write) = local.into_split();
     let inbound = async {
         let n = copy(&mut recv, &mut local_write, counter).await?;
-        local_write.shutdown().await?;
+        // The runtime may have closed its end already.
+        let _ = local_write.shutdown().await;
         Ok::<u64, std::io::Error>(n)
     };
     let outbound = async {

@@ -124,6 +124,15 @@ pub fn staging_is_leftover(
     job_ended && !instance_busy && owner_is_me && local == LocalCopy::Running
 }
 
+/// Whether an ended job may still clean this host's copy of its instance:
+/// only while no other job holds the instance and it is not ours. Checked
+/// again under the instance's lock, right before acting: a later move may
+/// have brought a copy here since the job was picked (a VM or rootfs
+/// received for it, which the ended job must not take for its leftover).
+pub fn ended_job_may_clean(instance_busy: bool, owner_is_me: bool) -> bool {
+    !instance_busy && !owner_is_me
+}
+
 /// What the leader does about a job it supervises.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Intervention {
@@ -480,5 +489,14 @@ pub(crate) mod tests {
         assert_eq!(supervise(&j, 1_000, 60_000, |n| n != 1), None);
         let i = supervise(&j, 99_000, 60_000, |n| n != 1).unwrap();
         assert_eq!(i.to, Phase::RollingBack);
+    }
+
+    #[test]
+    fn an_ended_job_never_cleans_a_copy_a_later_move_brought() {
+        // Another move holds the instance: its incoming copy stays.
+        assert!(!ended_job_may_clean(true, false));
+        // Ours again: nothing of it is a leftover.
+        assert!(!ended_job_may_clean(false, true));
+        assert!(ended_job_may_clean(false, false));
     }
 }

@@ -94,7 +94,7 @@ impl VmHost {
             return Err(runtime(format!("'{name}' already runs here")));
         }
         let config = self.machine(&dir).await?.config(&dir, incoming);
-        machine::spawn(&config, self.timeout).await?;
+        machine::spawn(&config, &dir.qemu_log(), self.timeout).await?;
         Ok(dir)
     }
 
@@ -511,7 +511,8 @@ impl Driver for VmHost {
     ) -> Result<crate::driver::LiveEnd, DriverError> {
         let qmp = self.qmp(&self.dir(name)).await?;
         let timeout = self.transfer_timeout;
-        super::live::send(&qmp, relay_dir, settings, go_on, timeout).await
+        let dirs = (relay_dir, self.data_dir.as_path());
+        super::live::send(&qmp, dirs, settings, go_on, timeout).await
     }
 
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {

@@ -91,12 +91,12 @@ pub async fn incoming_done(qmp: &Qmp, timeout: Duration) -> Result<(), DriverErr
 /// (the guest runs on unless it was paused for the switchover).
 pub async fn send(
     qmp: &Qmp,
-    relay: &Path,
+    (relay, hooks): (&Path, &Path),
     settings: &LiveSettings,
     go_on: &(dyn Fn() -> bool + Send + Sync),
     timeout: Duration,
 ) -> Result<LiveEnd, DriverError> {
-    let result = mirror_and_migrate(qmp, relay, settings, go_on, timeout).await;
+    let result = mirror_and_migrate(qmp, (relay, hooks), settings, go_on, timeout).await;
     if result.is_err() {
         let _ = qmp.execute("migrate_cancel", None).await;
         let cancel = json!({ "device": MIRROR_JOB, "force": true });
@@ -109,9 +109,10 @@ pub async fn send(
     result
 }
 
+/// `hooks`: the data dir, for the test build's holds.
 async fn mirror_and_migrate(
     qmp: &Qmp,
-    relay: &Path,
+    (relay, hooks): (&Path, &Path),
     settings: &LiveSettings,
     go_on: &(dyn Fn() -> bool + Send + Sync),
     timeout: Duration,
@@ -127,6 +128,7 @@ async fn mirror_and_migrate(
     });
     qmp.execute("blockdev-mirror", Some(mirror)).await?;
     wait_mirror_ready(qmp, timeout).await?;
+    crate::hooks::hold_at(hooks, "live-mirror").await;
     capabilities(qmp, true).await?;
     let bandwidth = match settings.bandwidth {
         0 => MAX_BANDWIDTH,
@@ -140,6 +142,7 @@ async fn mirror_and_migrate(
     qmp.execute("migrate-set-parameters", Some(params)).await?;
     let uri = format!("unix:{}", relay.join("migration.sock").display());
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    crate::hooks::hold_at(hooks, "live-memory").await;
     wait_migration(qmp, &["pre-switchover"], timeout).await?;
     // The guest is paused here: the last moment the move may still stop.
     if !go_on() {

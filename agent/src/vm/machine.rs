@@ -69,6 +69,10 @@ impl VmDir {
     pub fn console(&self) -> PathBuf {
         self.root.join("console.log")
     }
+    /// QEMU's own messages (its errors).
+    pub fn qemu_log(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
     pub fn qmp(&self) -> PathBuf {
         self.root.join("qmp.sock")
     }
@@ -116,7 +120,7 @@ impl Machine {
             status_socket: None,
             pid_file: dir.pid_file(),
             incoming,
-            daemonize: true,
+            daemonize: false,
         }
     }
 }
@@ -155,9 +159,11 @@ pub fn qemu_binary() -> String {
     format!("qemu-system-{}", std::env::consts::ARCH)
 }
 
-/// Start QEMU detached; returns once it is up (QEMU's parent exits when
-/// the VM is initialised) or with QEMU's own error.
-pub async fn spawn(config: &QemuConfig, timeout: Duration) -> Result<(), DriverError> {
+/// Start QEMU in a process group of its own (so it outlives the agent and
+/// no signal to the agent's group reaches it), its output appended to
+/// `log`; returns once its control socket is up, or with the end of its
+/// log when it exits first. A task of the agent reaps it when it ends.
+pub async fn spawn(config: &QemuConfig, log: &Path, timeout: Duration) -> Result<(), DriverError> {
     for socket in std::iter::once(&config.qmp_socket).chain(&config.status_socket) {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(runtime(format!(
@@ -171,21 +177,43 @@ pub async fn spawn(config: &QemuConfig, timeout: Duration) -> Result<(), DriverE
     let argv = config
         .argv()
         .map_err(|e| DriverError::BadInput(e.to_string()))?;
-    let run = tokio::process::Command::new(qemu_binary())
+    let output = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| file_error("cannot open", log, e))?;
+    let errors = output
+        .try_clone()
+        .map_err(|e| file_error("cannot open", log, e))?;
+    let mut child = tokio::process::Command::new(qemu_binary())
         .args(&argv)
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(timeout, run).await {
-        Err(_) => return Err(runtime(format!("QEMU did not start within {timeout:?}"))),
-        Ok(Err(e)) => return Err(runtime(format!("cannot run {}: {e}", qemu_binary()))),
-        Ok(Ok(out)) => out,
+        .stdout(output)
+        .stderr(errors)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| runtime(format!("cannot run {}: {e}", qemu_binary())))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let up = loop {
+        if config.qmp_socket.exists() && config.pid_file.exists() {
+            break Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let last: Vec<&str> = text.lines().rev().take(3).collect();
+            let why = last.into_iter().rev().collect::<Vec<_>>().join("; ");
+            break Err(runtime(format!("QEMU exited at once ({status}): {why}")));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.start_kill();
+            break Err(runtime(format!("QEMU did not start within {timeout:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(runtime(format!("QEMU failed to start: {}", err.trim())));
-    }
-    Ok(())
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    up
 }
 
 /// Save the (paused) VM's memory and device state into `file` through
