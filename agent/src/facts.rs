@@ -24,7 +24,7 @@ pub const RUNTIME_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// **Only for tests.** Names the environment variable holding a
 /// comma-separated list of facts to remove from the report after probing,
 /// so that tests can make a host look like it lacks something:
-/// `cpu:FLAG`, `syscall:NAME`, `fs:TYPE` (e.g.
+/// `cpu:FLAG`, `syscall:NAME`, `fs:TYPE`, `runtime:criu`, `vmcpu:FEATURE` (e.g.
 /// `FERRY_TEST_HIDE_FACTS=cpu:avx512f,syscall:openat2,fs:btrfs`).
 /// Items that do not parse are ignored with a warning. Never set it on a
 /// production host: the facts reported would be false.
@@ -238,6 +238,9 @@ pub enum HiddenFact {
     Filesystem(String),
     /// `runtime:criu`: report criu as missing.
     Criu,
+    /// `vmcpu:FEATURE`: QEMU here lacks this CPU feature (every CPU model
+    /// it knows reports it unavailable).
+    VmCpuFeature(String),
 }
 
 /// Parses the value of [`HIDE_FACTS_ENV`] (tests only): comma-separated
@@ -258,6 +261,7 @@ pub fn parse_hide_facts(spec: &str) -> Vec<HiddenFact> {
                 "syscall" => Some(HiddenFact::Syscall(name)),
                 "fs" => Some(HiddenFact::Filesystem(name)),
                 "runtime" if name == "criu" => Some(HiddenFact::Criu),
+                "vmcpu" => Some(HiddenFact::VmCpuFeature(name)),
                 _ => None,
             }
         });
@@ -283,6 +287,12 @@ pub fn apply_hidden_facts(facts: &mut HostFacts, hidden: &[HiddenFact]) {
             HiddenFact::Criu => {
                 facts.runtimes.criu = None;
                 facts.runtimes.criu_check = false;
+                continue;
+            }
+            HiddenFact::VmCpuFeature(feature) => {
+                for missing in facts.runtimes.vm_cpu_models.values_mut() {
+                    missing.push(feature.clone());
+                }
                 continue;
             }
         };

@@ -238,6 +238,7 @@ impl Driver for Kinds {
         Runtimes {
             qemu: vms.qemu,
             vm_accel: vms.vm_accel,
+            vm_cpu_models: vms.vm_cpu_models,
             ..containers
         }
     }

@@ -151,6 +151,7 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
     let needs = compat::Needs {
         stateful: ask.stateful && ask.existing.is_some(),
         vm,
+        cpu_model: ask.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
         networked: ask.spec.network == ferry_raft::NetworkMode::Cluster,
         memory_bytes: ask.spec.memory_bytes,
         target_free_memory_bytes: m.free_memory_bytes,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cluster_tests::vm::{boots, guest_file, require_qemu, test_guest, ticks};
-use cluster_tests::{wait_for, Cluster};
+use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
 
 const BOOT: Duration = Duration::from_secs(90);
 
@@ -20,6 +20,33 @@ fn console(cluster: &Cluster, index: usize, name: &str) -> PathBuf {
         .join("instances")
         .join(name)
         .join("console.log")
+}
+
+/// Launch the counting test guest as VM v1 on member `target`.
+fn launch_vm(cluster: &Cluster, target: &str) -> Result<()> {
+    let guest = cluster.root().join("guest");
+    let (kernel, initrd, disk) = test_guest(&guest)?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
+    let launch = [
+        "launch",
+        "v1",
+        "--vm",
+        "--disk",
+        &disk,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--memory",
+        "256M",
+        "--target",
+        target,
+    ];
+    cluster.ferry_ok(0, &launch)?;
+    Ok(())
 }
 
 /// Wait until the guest's counter in `log` passed `at_least`.
@@ -111,28 +138,7 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
     }
     let mut cluster = Cluster::new();
     cluster.start_three()?;
-    let guest = cluster.root().join("guest");
-    let (kernel, initrd, disk) = test_guest(&guest)?;
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
-    let launch = [
-        "launch",
-        "v1",
-        "--vm",
-        "--disk",
-        &disk,
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-        "--memory",
-        "256M",
-        "--target",
-        "n1",
-    ];
-    cluster.ferry_ok(0, &launch)?;
+    launch_vm(&cluster, "n1")?;
     let on_n1 = console(&cluster, 0, "v1");
     let before_stop = wait_ticks(&on_n1, 12, BOOT)?;
     let shown = cluster.ferry_json(0, &["show", "v1"])?;
@@ -198,28 +204,7 @@ fn vm_on_n1_held_at(moment: &str) -> Result<Cluster> {
         vec![("FERRY_TEST_HOLD_AT".into(), moment.into())],
     );
     cluster.start_three()?;
-    let guest = cluster.root().join("guest");
-    let (kernel, initrd, disk) = test_guest(&guest)?;
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
-    let launch = [
-        "launch",
-        "v1",
-        "--vm",
-        "--disk",
-        &disk,
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-        "--memory",
-        "256M",
-        "--target",
-        "n1",
-    ];
-    cluster.ferry_ok(0, &launch)?;
+    launch_vm(&cluster, "n1")?;
     wait_ticks(&console(&cluster, 0, "v1"), 5, BOOT)?;
     Ok(cluster)
 }
@@ -309,4 +294,75 @@ fn killing_the_target_agent_during_the_memory_migration_leaves_the_vm_running_on
     }
     // 4 MiB/s: the memory (~90 MiB) is still on its way when it dies.
     kill_target_during("live-memory", "4M")
+}
+
+#[test]
+fn evacuating_a_member_moves_its_container_and_its_vm_live_and_restore_brings_them_back(
+) -> Result<()> {
+    if !require_qemu() || !require_container_runtime() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.start_three()?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    cluster.launch_counter("c1", "n1", &rootfs)?;
+    launch_vm(&cluster, "n1")?;
+    let before_vm = wait_ticks(&console(&cluster, 0, "v1"), 5, BOOT)?;
+    let before_c1 = cluster.counter(0, "c1")?;
+
+    let plan = cluster.ferry_ok(0, &["cluster", "evacuate", "n1", "--dry-run"])?;
+    assert_eq!(plan.matches("live move to").count(), 2, "{plan}");
+    let out = cluster.ferry_ok(0, &["cluster", "evacuate", "n1"])?;
+    assert!(out.contains("moved 2, stopped 0"), "{out}");
+    let (vm_node, _) = state(&cluster, "v1")?;
+    assert_ne!(vm_node, "n1");
+    let (c1_node, _) = state(&cluster, "c1")?;
+    assert_ne!(c1_node, "n1");
+    let vm_at = cluster.index_of(&vm_node).unwrap();
+    let on_new = console(&cluster, vm_at, "v1");
+    wait_ticks(&on_new, before_vm + 3, Duration::from_secs(30))?;
+    assert_eq!(boots(&on_new), 0, "the VM booted again on {vm_node}");
+    assert_consecutive(&ticks(&on_new), "after the evacuation");
+    assert!(
+        cluster.counter(0, "c1")? >= before_c1,
+        "the container's counter went back"
+    );
+
+    let out = cluster.ferry_ok(0, &["cluster", "restore", "n1"])?;
+    assert!(out.contains("moved 2"), "{out}");
+    assert_eq!(state(&cluster, "v1")?, ("n1".into(), "running".into()));
+    assert_eq!(state(&cluster, "c1")?.0, "n1");
+    Ok(())
+}
+
+#[test]
+fn a_target_whose_qemu_lacks_a_feature_of_the_vm_cpu_model_is_refused_naming_it() -> Result<()> {
+    if !require_qemu() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    let hide = (
+        "FERRY_TEST_HIDE_FACTS".to_string(),
+        "vmcpu:sse2".to_string(),
+    );
+    cluster.env_for.insert("n2".into(), vec![hide]);
+    cluster.start_three()?;
+    launch_vm(&cluster, "n1")?;
+    let dry = cluster.ferry(0, &["move", "v1", "--target", "n2", "--dry-run"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&dry.stdout),
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        text.contains("cpu-model") && text.contains("lacks sse2"),
+        "the dry run did not name the feature: {text}"
+    );
+    let err = cluster.ferry_err(0, &["move", "v1", "--target", "n2"])?;
+    assert!(err.contains("lacks sse2"), "{err}");
+    assert_eq!(state(&cluster, "v1")?, ("n1".into(), "running".into()));
+    // Another member runs the model: the same move there goes.
+    let out = cluster.ferry_ok(0, &["move", "v1", "--target", "n3", "--dry-run"])?;
+    assert!(out.contains("the target runs CPU model qemu64"), "{out}");
+    Ok(())
 }

@@ -58,6 +58,10 @@ pub struct Runtimes {
     /// How this host's QEMU runs guests: "kvm", or "tcg" where KVM cannot
     /// run an ordinary guest.
     pub vm_accel: Option<String>,
+    /// QEMU's CPU models here (`query-cpu-definitions` under `vm_accel`),
+    /// each with the features it would need that this host lacks (empty:
+    /// runnable; at most a few named).
+    pub vm_cpu_models: BTreeMap<String, Vec<String>>,
 }
 
 /// Static facts about a host, collected at agent start and replicated

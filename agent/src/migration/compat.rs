@@ -17,6 +17,8 @@ pub struct Needs {
     /// A VM: QEMU on the target instead of the host CPU, syscalls and
     /// CRIU (a guest depends on its QEMU, not on the host's kernel).
     pub vm: bool,
+    /// A VM's named CPU model: the target's QEMU must run it.
+    pub cpu_model: Option<String>,
     /// On the cluster network: its sockets must be dumped and restored.
     pub networked: bool,
     /// Memory the instance may use (its limit), if known.
@@ -89,6 +91,9 @@ pub fn check(
     if needs.vm {
         report.push(qemu_item(source, target, needs.stateful));
     }
+    if let Some(model) = &needs.cpu_model {
+        report.push(cpu_model_item(model, target));
+    }
     let processes = needs.stateful && !needs.vm;
     if processes {
         report.push(superset(
@@ -156,6 +161,30 @@ fn qemu_item(source: &HostFacts, target: &HostFacts, stateful: bool) -> CheckRes
         true,
         format!("target has QEMU {installed} (source {source})"),
     )
+}
+
+/// QEMU's own answer on the target: can it run `model`, and if not,
+/// which features it lacks.
+fn cpu_model_item(model: &str, target: &HostFacts) -> CheckResult {
+    let check = "cpu-model";
+    match target.runtimes.vm_cpu_models.get(model) {
+        None => item(
+            check,
+            false,
+            format!("the target's QEMU has no CPU model {model}"),
+        ),
+        Some(missing) if missing.is_empty() => {
+            item(check, true, format!("the target runs CPU model {model}"))
+        }
+        Some(missing) => item(
+            check,
+            false,
+            format!(
+                "the target cannot run CPU model {model}: it lacks {}",
+                missing.join(" ")
+            ),
+        ),
+    }
 }
 
 fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
@@ -306,6 +335,7 @@ pub fn report(
         let needs = Needs {
             stateful,
             vm: inst.kind == ferry_raft::InstanceKind::Vm,
+            cpu_model: inst.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
             networked: inst.spec.network == ferry_raft::NetworkMode::Cluster,
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
@@ -418,6 +448,31 @@ mod tests {
             let failed = failed(&report);
             assert!(
                 failed.iter().any(|(c, d)| *c == "qemu" && d.contains(why)),
+                "{why}: {report:?}"
+            );
+        }
+        // The VM's CPU model: QEMU's answer on the target names what lacks.
+        let modelled = Needs {
+            cpu_model: Some("qemu64".into()),
+            ..vm.clone()
+        };
+        let mut runs = with_qemu(Some("10.0.2"), "tcg");
+        runs.runtimes.vm_cpu_models.insert("qemu64".into(), vec![]);
+        let mut lacks = runs.clone();
+        lacks
+            .runtimes
+            .vm_cpu_models
+            .insert("qemu64".into(), vec!["sse2".into()]);
+        assert!(passed(&check(&itself, &source, &runs, &modelled)));
+        for (target, why) in [
+            (&lacks, "it lacks sse2"),
+            (&same, "has no CPU model qemu64"),
+        ] {
+            let report = check(&itself, &source, target, &modelled);
+            assert!(
+                failed(&report)
+                    .iter()
+                    .any(|(c, d)| *c == "cpu-model" && d.contains(why)),
                 "{why}: {report:?}"
             );
         }
@@ -538,6 +593,7 @@ mod tests {
         let needs = Needs {
             stateful: true,
             vm: false,
+            cpu_model: None,
             networked: false,
             memory_bytes: Some(4 << 30),
             target_free_memory_bytes: Some(1 << 30),

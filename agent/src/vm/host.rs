@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceSpec, LiveSettings, Runtimes};
 
 use super::machine::{self, file_error, runtime, Machine, VmDir};
+use super::probe;
 use super::qemu::Accel;
 use super::qmp::Qmp;
 use crate::api::names::{InstanceName, SnapshotName};
@@ -524,12 +525,17 @@ impl Driver for VmHost {
         let timeout = self.timeout;
         let accel = self.accel;
         tokio::task::spawn_blocking(move || {
-            let out =
-                crate::facts::run_with_timeout(&machine::qemu_binary(), &["--version"], timeout);
+            let binary = machine::qemu_binary();
+            let out = crate::facts::run_with_timeout(&binary, &["--version"], timeout);
+            let qemu = out
+                .filter(|o| o.success)
+                .and_then(|o| probe::qemu_version(&o.stdout));
             Runtimes {
-                qemu: out
-                    .filter(|o| o.success)
-                    .and_then(|o| qemu_version(&o.stdout)),
+                vm_cpu_models: match qemu {
+                    Some(_) => probe::cpu_models(&binary, accel, timeout),
+                    None => Default::default(),
+                },
+                qemu,
                 vm_accel: Some(accel.as_str().to_string()),
                 ..Runtimes::default()
             }
@@ -537,12 +543,6 @@ impl Driver for VmHost {
         .await
         .unwrap_or_default()
     }
-}
-
-/// "QEMU emulator version 10.0.2 (Debian ...)" → "10.0.2".
-fn qemu_version(text: &str) -> Option<String> {
-    let rest = text.split("version ").nth(1)?;
-    rest.split_whitespace().next().map(str::to_string)
 }
 
 /// The accelerator this host's VMs use: KVM where the CPU has hardware
@@ -564,17 +564,5 @@ pub fn host_accel() -> Accel {
         Accel::Kvm
     } else {
         Accel::Tcg
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_qemu_version_is_read_from_its_banner() {
-        let banner = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)\nCopyright";
-        assert_eq!(qemu_version(banner).as_deref(), Some("10.0.2"));
-        assert_eq!(qemu_version("nonsense"), None);
     }
 }

@@ -6,6 +6,7 @@
 pub mod host;
 pub mod live;
 pub mod machine;
+mod probe;
 pub mod qemu;
 pub mod qmp;
 
