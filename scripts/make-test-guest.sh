@@ -3,7 +3,8 @@
 # the .deb install-deps.sh downloaded) and OUT/initrd.gz (busybox and an
 # /init that prints "tick N" to the serial console every 100 ms and, when
 # a virtio disk is attached, keeps an ext2 filesystem on it with /hello
-# (one line per boot) and /log (every tenth tick)). No download.
+# (one line per boot) and /log (every tenth tick); with dirty=N on its
+# command line it keeps rewriting N MiB of memory). No download.
 #
 #   scripts/make-test-guest.sh OUT
 set -Eeuo pipefail
@@ -45,6 +46,15 @@ if [ -b /dev/vda ]; then
 	disk=1
 fi
 echo "BOOTED"
+# dirty=N on the kernel command line: keep rewriting N MiB of its memory
+# (a tmpfs file of random bytes), for migration benchmarks.
+dirty=$(sed -n 's/.*dirty=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$dirty" ]; then
+	mkdir -p /dirty && mount -t tmpfs -o size=$((dirty + 8))m tmpfs /dirty
+	head -c $((dirty * 1048576)) /dev/urandom >/dirty/seed
+	(while true; do cp /dirty/seed /dirty/copy; rm -f /dirty/copy; done) &
+	echo "DIRTYING $dirty"
+fi
 n=0
 while true; do
 	n=$((n + 1))
