@@ -152,9 +152,16 @@ fn voter_dead_past_heal_after_is_replaced_by_a_live_learner() -> Result<()> {
         },
     )?;
     eprintln!("voters after healing: {healed:?}");
-    let roles = cluster.roles(observer)?;
+    // The swap is two membership changes (the voters replaced, then the
+    // dead one added back as a learner): between them it holds no role.
+    let roles = wait_for("the dead voter back as a learner", CONVERGE, || {
+        let roles = cluster.roles(observer)?;
+        match roles.get(&victim).map(String::as_str) {
+            Some("learner") => Ok(roles),
+            other => bail!("{victim} is {other:?}"),
+        }
+    })?;
     assert_eq!(roles.len(), 5, "nobody is removed: {roles:?}");
-    assert_eq!(roles.get(&victim).map(String::as_str), Some("learner"));
     for voter in &healed {
         assert_eq!(cluster.liveness(observer, voter)?, "alive");
     }
