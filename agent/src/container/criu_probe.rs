@@ -5,13 +5,14 @@
 //! dumping a `sleep` whose stdin is a listening TCP socket, so the
 //! compatibility check refuses a move before anything freezes.
 //!
-//! Only a yes is kept: a dump can fail for a passing reason (CI once saw
-//! one, on a fresh machine with several agents probing at once), and a
-//! kept no would refuse every live move of a networked instance on this
-//! member until its data dir is wiped. A no is tried again at the next
-//! probe of the facts; within one probe a failed dump is retried.
+//! Only a yes is kept: a kept no would refuse every live move of a
+//! networked instance on this member until its data dir is wiped. A no is
+//! tried again at the next probe of the facts; within one probe a failed
+//! dump is retried. The sleep leads its own session (see `lone_process`):
+//! CI's failures were that, not a passing fault.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -56,13 +57,7 @@ fn probe(data_dir: &Path, timeout: Duration, attempt: u32) -> bool {
             return false;
         }
     };
-    let socket: OwnedFd = listener.into();
-    let spawned = Command::new("sleep")
-        .arg("60")
-        .stdin(Stdio::from(socket))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    let spawned = spawn_holder(listener.into());
     let mut holder = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -96,6 +91,30 @@ fn probe(data_dir: &Path, timeout: Duration, attempt: u32) -> bool {
     dumped
 }
 
+/// A `sleep` whose stdin is `socket`, in a session of its own.
+fn spawn_holder(socket: OwnedFd) -> std::io::Result<std::process::Child> {
+    let mut sleep = Command::new("sleep");
+    sleep
+        .arg("60")
+        .stdin(Stdio::from(socket))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure only makes async-signal-safe calls.
+    unsafe {
+        sleep.pre_exec(lone_process);
+    }
+    sleep.spawn()
+}
+
+/// Runs in the forked child before exec: the sleep leads its own session.
+/// CRIU refuses a process whose session leader it cannot see ("A session
+/// leader of N is outside of its pid namespace"), which is what a CI
+/// runner inside a pid namespace gave the agent's children.
+fn lone_process() -> std::io::Result<()> {
+    rustix::process::setsid()?;
+    Ok(())
+}
+
 /// The errors of a failed dump's log, without the warning CRIU logs as
 /// an error on every run where it may not raise its own file limit.
 fn dump_errors(log: &str) -> String {
@@ -122,6 +141,17 @@ mod tests {
         std::fs::write(dir.path().join(CACHE_FILE), format!("{key} yes\n")).expect("write");
         // Kept: no probe runs (there is no CRIU 9.9 to run).
         assert!(can_dump_inet(dir.path(), "9.9", Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_socket_holder_leads_its_own_session() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let mut holder = spawn_holder(listener.into()).expect("spawn sleep");
+        let pid = rustix::process::Pid::from_child(&holder);
+        let sid = rustix::process::getsid(Some(pid));
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(sid.expect("getsid"), pid);
     }
 
     #[test]
