@@ -10,7 +10,7 @@
 #     qemu-utils comes from there and Breaks bookworm's qemu-system 7.2;
 #   - a guest kernel for test VMs: the .deb linux-image-cloud-amd64 depends
 #     on, downloaded (not installed) into /var/cache/ferry-build/guest, for
-#     scripts/make-test-guest.sh.
+#     scripts/make-test-guest.sh, and likewise qemu-guest-agent's .deb.
 #
 # CRIU's source comes from Debian's sid suite (criu_<ver>.orig.tar.xz),
 # fetched with `apt-get source` through a sid `deb-src` entry whose mirror
@@ -259,6 +259,17 @@ fetch_guest_kernel() {
 	(cd "$GUEST_DIR" && apt-get -qq download "$pkg") >>"$LOG" 2>&1
 }
 
+# The test guest's QEMU guest agent (for `ferry exec` into a VM).
+fetch_guest_agent() {
+	if compgen -G "$GUEST_DIR/qemu-guest-agent_*.deb" >/dev/null; then
+		return 0
+	fi
+	mkdir -p "$GUEST_DIR"
+	chown _apt "$GUEST_DIR" 2>/dev/null || true
+	log "downloading qemu-guest-agent (for the test guest; not installed)"
+	(cd "$GUEST_DIR" && apt-get -qq download qemu-guest-agent) >>"$LOG" 2>&1
+}
+
 # --- main ------------------------------------------------------------------
 
 apt_install_missing "${RUNTIME_PKGS[@]}"
@@ -273,6 +284,7 @@ fi
 
 install_qemu
 fetch_guest_kernel
+fetch_guest_agent
 
 trap - ERR
 echo

@@ -4,24 +4,33 @@
 # /init that prints "tick N" to the serial console every 100 ms and, when
 # a virtio disk is attached, keeps an ext2 filesystem on it with /hello
 # (one line per boot) and /log (every tenth tick); with dirty=N on its
-# command line it keeps rewriting N MiB of memory). No download.
+# command line it keeps rewriting N MiB of memory), and Debian's QEMU
+# guest agent (qemu-ga, from the .deb install-deps.sh downloaded, with the
+# host's copies of its libraries) on its virtio port. No download.
 #
 #   scripts/make-test-guest.sh OUT
 set -Eeuo pipefail
 out=${1:?usage: make-test-guest.sh OUT}
 deb=$(ls /var/cache/ferry-build/guest/linux-image-*.deb 2>/dev/null | sort -V | tail -n1)
 [[ -n $deb ]] || { echo "no guest kernel .deb in /var/cache/ferry-build/guest: run scripts/install-deps.sh" >&2; exit 1; }
+qga_deb=$(ls /var/cache/ferry-build/guest/qemu-guest-agent_*.deb 2>/dev/null | sort -V | tail -n1)
+[[ -n $qga_deb ]] || { echo "no qemu-guest-agent .deb in /var/cache/ferry-build/guest: run scripts/install-deps.sh" >&2; exit 1; }
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 dpkg-deb -x "$deb" "$work/kernel"
 cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
 root="$work/initrd"
-mkdir -p "$root"/{bin,dev,proc,sys,mnt,lib/modules}
+mkdir -p "$root"/{bin,dev,proc,sys,mnt,tmp,run,lib/modules}
 cp /bin/busybox "$root/bin/"
+dpkg-deb -x "$qga_deb" "$work/qga"
+cp "$work/qga/usr/sbin/qemu-ga" "$root/bin/"
+for lib in $(ldd "$work/qga/usr/sbin/qemu-ga" | grep -o '/[^ ]*'); do
+	cp -L --parents "$lib" "$root/"
+done
 # virtio_blk and what it needs are modules in this kernel (no modules.dep).
 modules=(virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev
-	virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk)
+	virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk char/virtio_console)
 for m in "${modules[@]}"; do
 	ko=$(find "$work"/kernel/lib/modules -path "*/kernel/drivers/$m.ko*" | head -n1)
 	case $ko in
@@ -35,7 +44,7 @@ cat >"$root/init" <<'INIT'
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
 	insmod /lib/modules/$m.ko 2>/dev/null
 done
 disk=
@@ -44,6 +53,15 @@ if [ -b /dev/vda ]; then
 	mount -t ext2 /dev/vda /mnt 2>/dev/null || { mke2fs -q /dev/vda && mount -t ext2 /dev/vda /mnt; }
 	echo "boot at $(cut -d' ' -f1 /proc/uptime)" >>/mnt/hello; sync
 	disk=1
+fi
+# The guest agent, on the port QEMU names org.qemu.guest_agent.0.
+port=
+for i in $(seq 1 20); do
+	port=$(grep -l org.qemu.guest_agent.0 /sys/class/virtio-ports/*/name 2>/dev/null | head -n1)
+	[ -n "$port" ] && break; sleep 0.05
+done
+if [ -n "$port" ]; then
+	qemu-ga -m virtio-serial -p /dev/$(basename $(dirname $port)) -t /tmp -f /run/qemu-ga.pid -d
 fi
 echo "BOOTED"
 # dirty=N on the kernel command line: keep rewriting N MiB of its memory

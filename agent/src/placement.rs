@@ -190,6 +190,52 @@ fn score(m: &Member, ask: &Ask) -> i64 {
     (memory >> 20) as i64 - 256 * instances - load + home + upgraded
 }
 
+/// Named x86 CPU models, roughly the most capable first: the default of a
+/// new VM is the first of them the most members' QEMU runs.
+const CPU_MODELS_BEST_FIRST: &[&str] = &[
+    "EPYC-Milan",
+    "Icelake-Server",
+    "Cooperlake",
+    "Cascadelake-Server",
+    "EPYC-Rome",
+    "Skylake-Server",
+    "EPYC",
+    "Skylake-Client",
+    "Broadwell",
+    "Haswell",
+    "IvyBridge",
+    "SandyBridge",
+    "Westmere",
+    "Nehalem",
+    "Penryn",
+    "qemu64",
+];
+
+/// The CPU model a new VM gets when none is named: one every member with
+/// QEMU runs without unavailable features (so it can move anywhere), or
+/// failing that the one the most of them run; `None` when none runs any.
+pub fn default_cpu_model(members: &[Member]) -> Option<String> {
+    let runs = |f: &HostFacts, model: &str| {
+        f.runtimes
+            .vm_cpu_models
+            .get(model)
+            .is_some_and(|missing| missing.is_empty())
+    };
+    let with_qemu: Vec<&HostFacts> = members
+        .iter()
+        .filter_map(|m| m.facts.as_ref())
+        .filter(|f| f.runtimes.qemu.is_some())
+        .collect();
+    let mut best: Option<(&str, usize)> = None;
+    for model in CPU_MODELS_BEST_FIRST {
+        let count = with_qemu.iter().filter(|f| runs(f, model)).count();
+        if count > 0 && best.is_none_or(|(_, most)| count > most) {
+            best = Some((model, count));
+        }
+    }
+    best.map(|(model, _)| model.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +389,41 @@ mod tests {
         // Right after bootstrap, before any facts: still placed.
         members[0].facts = None;
         assert_eq!(choose(&members, &ask), Ok(1));
+    }
+
+    fn with_models(id: NodeId, runnable: &[&str], lacking: &[&str]) -> Member {
+        let mut m = member(id, 4, 0);
+        let runtimes = &mut m.facts.as_mut().unwrap().runtimes;
+        runtimes.qemu = Some("7.2.0".into());
+        for model in runnable {
+            runtimes.vm_cpu_models.insert(model.to_string(), vec![]);
+        }
+        for model in lacking {
+            let missing = vec!["avx512f".to_string()];
+            runtimes.vm_cpu_models.insert(model.to_string(), missing);
+        }
+        m
+    }
+
+    #[test]
+    fn a_new_vm_gets_the_most_capable_cpu_model_every_member_runs() {
+        let members = [
+            with_models(1, &["Haswell", "Westmere", "qemu64"], &["Icelake-Server"]),
+            with_models(2, &["Icelake-Server", "Haswell", "qemu64"], &[]),
+            // No QEMU: does not count.
+            member(3, 4, 0),
+        ];
+        assert_eq!(default_cpu_model(&members).as_deref(), Some("Haswell"));
+    }
+
+    #[test]
+    fn without_a_common_cpu_model_the_one_most_members_run_is_chosen() {
+        let members = [
+            with_models(1, &["Westmere"], &["qemu64"]),
+            with_models(2, &["Westmere"], &["qemu64"]),
+            with_models(3, &["qemu64"], &["Westmere"]),
+        ];
+        assert_eq!(default_cpu_model(&members).as_deref(), Some("Westmere"));
+        assert_eq!(default_cpu_model(&[member(1, 4, 0)]), None);
     }
 }

@@ -91,6 +91,7 @@ async fn a_guest_boots_counts_pauses_and_quits_over_qmp() {
         serial_log: path("console.log"),
         qmp_socket: path("qmp.sock"),
         status_socket: None,
+        guest_agent_socket: path("qga.sock"),
         pid_file: path("qemu.pid"),
         incoming: false,
         daemonize: false,

@@ -40,8 +40,9 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// The VM's QEMU CPU model, named so it can move (never 'host').
-    #[arg(long, value_name = "NAME", default_value = "qemu64")]
-    cpu_model: String,
+    /// Default: the most capable one every member's QEMU runs.
+    #[arg(long, value_name = "NAME", requires = "vm")]
+    cpu_model: Option<String>,
     /// Member to run it on (default: the one with the most memory).
     #[arg(long, value_name = "NODE")]
     target: Option<String>,

@@ -179,13 +179,23 @@ impl Rate {
     }
 }
 
-/// "job 3: Preparing, memory images, 42.1 MiB at 35.2 MiB/s"
+/// "job 3: Preparing, memory images, 42.1 MiB at 35.2 MiB/s", with each
+/// stage's bytes when several ran ("(disk 256.0 MiB, memory 44.0 MiB)").
 fn progress_line(id: u64, view: &JobView, rate: &mut Rate) -> String {
     match &view.progress {
         Some(p) => {
             let per_sec = rate.sample(p.bytes);
+            let parts: Vec<String> = p
+                .parts
+                .iter()
+                .map(|(stage, bytes)| format!("{stage} {:.1} MiB", mib(*bytes)))
+                .collect();
+            let parts = match parts.len() {
+                0 | 1 => String::new(),
+                _ => format!(" ({})", parts.join(", ")),
+            };
             format!(
-                "job {id}: {}, {}, {:.1} MiB at {:.1} MiB/s",
+                "job {id}: {}, {}, {:.1} MiB at {:.1} MiB/s{parts}",
                 view.phase,
                 p.stage,
                 mib(p.bytes),
@@ -416,6 +426,7 @@ mod tests {
         view.progress = Some(ferry_agent::api::jobs::TransferProgress {
             stage: "memory images".into(),
             bytes: 10 << 20,
+            parts: vec![("rootfs".into(), 0), ("memory images".into(), 10 << 20)],
         });
         let line = progress_line(3, &view, &mut rate);
         assert!(
@@ -423,6 +434,10 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains(" at 0.0 MiB/s"), "{line}");
+        assert!(
+            line.ends_with("(rootfs 0.0 MiB, memory images 10.0 MiB)"),
+            "{line}"
+        );
         view.progress = None;
         assert_eq!(progress_line(3, &view, &mut rate), "job 3: Preparing");
     }

@@ -38,7 +38,8 @@ pub struct VmLaunch {
     pub append: Option<String>,
     pub cpus: u32,
     pub memory_mib: u64,
-    pub cpu_model: String,
+    /// `None`: the agent picks one every member runs.
+    pub cpu_model: Option<String>,
 }
 
 /// The rootfs of a reserved instance follows; its spec is the one in the

@@ -48,8 +48,12 @@ pub struct JobView {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferProgress {
-    /// "rootfs", "memory images" or "rootfs delta".
+    /// "rootfs", "memory images" or "rootfs delta"; a VM's "boot files",
+    /// "disk" (the mirror) and "memory" (QEMU's migration stream).
     pub stage: String,
     /// File bytes received so far, all stages together.
     pub bytes: u64,
+    /// The bytes of each stage so far.
+    #[serde(default)]
+    pub parts: Vec<(String, u64)>,
 }

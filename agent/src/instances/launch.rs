@@ -66,7 +66,8 @@ fn machine_of(vm: &VmLaunch) -> VmSpec {
     VmSpec {
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
-        cpu_model: vm.cpu_model.clone(),
+        // Named by then (`with_cpu_model`).
+        cpu_model: vm.cpu_model.clone().unwrap_or_default(),
         kernel: vm.kernel.is_some(),
         initrd: vm.initrd.is_some(),
         append: vm.append.clone(),
@@ -100,7 +101,24 @@ async fn stage_vm(
     }
 }
 
+/// A VM launched without `--cpu-model` gets the most capable model every
+/// member's QEMU runs, so it can move to any of them.
+fn with_cpu_model(agent: &Agent, mut req: LaunchRequest) -> Result<LaunchRequest, ApiError> {
+    let Some(vm) = req.vm.as_mut().filter(|vm| vm.cpu_model.is_none()) else {
+        return Ok(req);
+    };
+    let model = crate::placement::default_cpu_model(&agent.placement_members()).ok_or_else(|| {
+        err(
+            ErrorKind::Unavailable,
+            "no member's QEMU runs a known CPU model (install QEMU with scripts/install-deps.sh, or name one with --cpu-model)",
+        )
+    })?;
+    vm.cpu_model = Some(model);
+    Ok(req)
+}
+
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
+    let req = with_cpu_model(agent, req)?;
     if req.vm.is_none() && req.command.is_empty() {
         return Err(err(
             ErrorKind::BadRequest,

@@ -49,7 +49,6 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     };
     write_frame(&mut send, &answer).await?;
     ready?;
-    agent.transfers().stage(job.id, "disk and memory");
     let (note, paused_ms) = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME).await? {
         FinalHeader::Frozen { note, paused_ms } => (note, paused_ms),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
@@ -205,14 +204,15 @@ pub async fn serve_stream(
     channel: Channel,
 ) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
-    if !driver.live_streams(name).contains(&purpose) {
+    let Some(purpose) = driver.live_streams(name).iter().find(|p| **p == purpose) else {
         return Err(MoveError::Local(format!(
             "no live stream '{purpose}' for {name}"
         )));
-    }
+    };
     let path: PathBuf = driver.live_socket(name, purpose);
     let local = connect(&path).await?;
-    let counter = agent.transfers().stage(job.id, "disk and memory");
+    // Each stream counts under its purpose: a VM's "disk" and "memory".
+    let counter = agent.transfers().stage(job.id, purpose);
     let bytes = splice(local, channel, Some(&counter)).await?;
     let total = agent.transfers().received_so_far(job.id) + bytes;
     agent.transfers().received(job.id, total);

@@ -1,7 +1,7 @@
 //! Live figures of the transfers an agent receives, for `job show`, and
 //! the totals the target reports when a move is done.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +15,7 @@ use crate::transfer::tree::Stamps;
 /// the ones the target reports when the job is done.
 #[derive(Default)]
 pub struct Transfers {
-    jobs: Mutex<HashMap<JobId, (&'static str, Arc<AtomicU64>)>>,
+    jobs: Mutex<HashMap<JobId, Stages>>,
     /// When the source froze (wall clock ms, as the target saw it), for the
     /// downtime figure.
     froze_at: Mutex<HashMap<JobId, u64>>,
@@ -29,14 +29,16 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    /// Count bytes for `job` under `stage`; bytes add up across stages.
+    /// Count bytes for `job` under `stage` (from now the current one).
     pub fn stage(&self, job: JobId, stage: &'static str) -> Arc<AtomicU64> {
         let mut jobs = lock(&self.jobs);
-        let entry = jobs
-            .entry(job)
-            .or_insert_with(|| (stage, Arc::new(AtomicU64::new(0))));
-        entry.0 = stage;
-        entry.1.clone()
+        let stages = jobs.entry(job).or_default();
+        stages.current = stage;
+        stages
+            .counters
+            .entry(stage)
+            .or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone()
     }
 
     pub fn end(&self, job: JobId) {
@@ -92,15 +94,53 @@ impl Transfers {
     }
 
     pub fn get(&self, job: JobId) -> Option<TransferProgress> {
-        lock(&self.jobs)
-            .get(&job)
-            .map(|(stage, bytes)| TransferProgress {
-                stage: stage.to_string(),
-                bytes: bytes.load(Ordering::Relaxed),
-            })
+        let jobs = lock(&self.jobs);
+        let stages = jobs.get(&job)?;
+        let parts: Vec<(String, u64)> = stages
+            .counters
+            .iter()
+            .map(|(stage, bytes)| (stage.to_string(), bytes.load(Ordering::Relaxed)))
+            .collect();
+        Some(TransferProgress {
+            stage: stages.current.to_string(),
+            bytes: parts.iter().map(|(_, n)| n).sum(),
+            parts,
+        })
     }
+}
+
+/// One job's byte counters, one per stage (a VM's disk and memory streams
+/// run at once).
+#[derive(Default)]
+struct Stages {
+    current: &'static str,
+    counters: BTreeMap<&'static str, Arc<AtomicU64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_stage_counts_apart_and_the_bytes_add_up() {
+        let transfers = Transfers::default();
+        let disk = transfers.stage(7, "disk");
+        disk.fetch_add(300, Ordering::Relaxed);
+        let memory = transfers.stage(7, "memory");
+        memory.fetch_add(20, Ordering::Relaxed);
+        // The disk stream goes on while the memory one runs.
+        disk.fetch_add(5, Ordering::Relaxed);
+        let progress = transfers.get(7).expect("progress");
+        assert_eq!(progress.stage, "memory");
+        assert_eq!(progress.bytes, 325);
+        assert_eq!(
+            progress.parts,
+            vec![("disk".to_string(), 305), ("memory".to_string(), 20)]
+        );
+        assert!(transfers.get(8).is_none());
+    }
 }

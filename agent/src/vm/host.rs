@@ -430,10 +430,12 @@ impl Driver for VmHost {
         Ok(())
     }
 
-    async fn exec(&self, name: &InstanceName, _argv: &[String]) -> Result<ExecOutput, DriverError> {
-        Err(DriverError::BadInput(format!(
-            "'{name}' is a VM: ferry exec needs the QEMU guest agent, which ferry does not drive yet; use its console (console.log) or the guest's own network service"
-        )))
+    /// Through the QEMU guest agent, when the guest runs one.
+    async fn exec(&self, name: &InstanceName, argv: &[String]) -> Result<ExecOutput, DriverError> {
+        let socket = self.dir(name).guest_agent();
+        super::guest_agent::exec(&socket, argv, self.timeout)
+            .await
+            .map_err(|e| DriverError::Runtime(format!("{name}: {e}")))
     }
 
     async fn mounted_filesystems(&self, _name: &InstanceName, _pid: u32) -> Vec<String> {
@@ -463,13 +465,13 @@ impl Driver for VmHost {
     }
 
     fn live_streams(&self, _name: &InstanceName) -> &'static [&'static str] {
-        &["nbd", "migration"]
+        &["disk", "memory"]
     }
 
     fn live_socket(&self, name: &InstanceName, purpose: &str) -> PathBuf {
         let dir = self.dir(name);
         match purpose {
-            "nbd" => dir.nbd_socket(),
+            "disk" => dir.nbd_socket(),
             _ => dir.incoming_socket(),
         }
     }

@@ -117,7 +117,7 @@ async fn mirror_and_migrate(
     go_on: &(dyn Fn() -> bool + Send + Sync),
     timeout: Duration,
 ) -> Result<LiveEnd, DriverError> {
-    let nbd = relay.join("nbd.sock");
+    let nbd = relay.join("disk.sock");
     let target = json!({
         "driver": "nbd", "node-name": MIRROR_NODE,
         "server": { "type": "unix", "path": nbd }, "export": DISK_NODE,
@@ -127,7 +127,7 @@ async fn mirror_and_migrate(
         "job-id": MIRROR_JOB, "device": DISK_NODE, "target": MIRROR_NODE, "sync": "full",
     });
     qmp.execute("blockdev-mirror", Some(mirror)).await?;
-    wait_mirror_ready(qmp, timeout).await?;
+    let disk_bytes = wait_mirror_ready(qmp, timeout).await?;
     crate::hooks::hold_at(hooks, "live-mirror").await;
     capabilities(qmp, true).await?;
     let bandwidth = match settings.bandwidth {
@@ -140,10 +140,10 @@ async fn mirror_and_migrate(
     };
     let params = json!({ "max-bandwidth": bandwidth, "downtime-limit": downtime });
     qmp.execute("migrate-set-parameters", Some(params)).await?;
-    let uri = format!("unix:{}", relay.join("migration.sock").display());
+    let uri = format!("unix:{}", relay.join("memory.sock").display());
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     crate::hooks::hold_at(hooks, "live-memory").await;
-    wait_migration(qmp, &["pre-switchover"], timeout).await?;
+    let copying = wait_migration(qmp, &["pre-switchover"], timeout).await?;
     // The guest is paused here: the last moment the move may still stop.
     if !go_on() {
         return Err(runtime(
@@ -160,30 +160,63 @@ async fn mirror_and_migrate(
         Some(json!({ "state": "pre-switchover" })),
     )
     .await?;
-    let info = wait_migration(qmp, &["completed"], timeout).await?;
+    let done = wait_migration(qmp, &["completed"], timeout).await?;
     Ok(LiveEnd {
-        note: Some(figures(&info)),
-        paused_ms: info["downtime"].as_u64().unwrap_or(0),
+        note: Some(figures(disk_bytes, &done.last, copying.dirty_rate)),
+        paused_ms: done.last["downtime"].as_u64().unwrap_or(0),
     })
 }
 
-/// "QEMU: 92 MiB of memory in 1300 ms, downtime 80 ms".
-fn figures(info: &Value) -> String {
+/// "QEMU mirrored 256 MiB of disk, moved 92 MiB of memory in 1300 ms at
+/// 850 Mbit/s (the guest dirtied 12.0 MiB/s), its downtime 80 ms".
+fn figures(disk_bytes: u64, info: &Value, dirty_rate: Option<u64>) -> String {
     let ram = info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20;
     let total = info["total-time"].as_u64().unwrap_or(0);
+    let mbps = info["ram"]["mbps"].as_f64().unwrap_or(0.0);
     let downtime = info["downtime"].as_u64().unwrap_or(0);
-    format!("QEMU moved {ram} MiB of memory in {total} ms, its downtime {downtime} ms")
+    let dirtied = dirty_rate.map_or(String::new(), |rate| {
+        format!(
+            " (the guest dirtied {:.1} MiB/s)",
+            rate as f64 / f64::from(1 << 20)
+        )
+    });
+    format!(
+        "QEMU mirrored {} MiB of disk, moved {ram} MiB of memory in {total} ms at {mbps:.0} Mbit/s{dirtied}, its downtime {downtime} ms",
+        disk_bytes >> 20
+    )
+}
+
+/// What `query-migrate` said when it reached the state waited for, and
+/// the guest's dirty rate as QEMU last measured it (bytes per second).
+struct Migration {
+    last: Value,
+    dirty_rate: Option<u64>,
 }
 
 /// Poll `query-migrate` until its status is one of `want`; a failed or
 /// cancelled migration is an error with QEMU's reason.
-async fn wait_migration(qmp: &Qmp, want: &[&str], timeout: Duration) -> Result<Value, DriverError> {
+async fn wait_migration(
+    qmp: &Qmp,
+    want: &[&str],
+    timeout: Duration,
+) -> Result<Migration, DriverError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut dirty_rate = None;
     loop {
         let info = qmp.execute("query-migrate", None).await?;
+        let ram = &info["ram"];
+        if let (Some(pages), Some(size)) = (
+            ram["dirty-pages-rate"].as_u64().filter(|n| *n > 0),
+            ram["page-size"].as_u64(),
+        ) {
+            dirty_rate = Some(pages.saturating_mul(size));
+        }
         let status = info["status"].as_str().unwrap_or("");
         if want.contains(&status) {
-            return Ok(info);
+            return Ok(Migration {
+                last: info,
+                dirty_rate,
+            });
         }
         if matches!(status, "failed" | "cancelled" | "cancelling") {
             let why = info["error-desc"].as_str().unwrap_or(status);
@@ -204,7 +237,8 @@ fn mirror_job(jobs: &Value) -> Option<&Value> {
         .find(|j| j["device"].as_str() == Some(MIRROR_JOB))
 }
 
-async fn wait_mirror_ready(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+/// Wait for the mirror to be ready; returns the disk bytes it copied.
+async fn wait_mirror_ready(qmp: &Qmp, timeout: Duration) -> Result<u64, DriverError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let jobs = qmp.execute("query-block-jobs", None).await?;
@@ -214,7 +248,9 @@ async fn wait_mirror_ready(qmp: &Qmp, timeout: Duration) -> Result<(), DriverErr
                     "the disk mirror ended before it was ready (the target's disk went away?)",
                 ))
             }
-            Some(job) if job["ready"].as_bool() == Some(true) => return Ok(()),
+            Some(job) if job["ready"].as_bool() == Some(true) => {
+                return Ok(job["offset"].as_u64().unwrap_or(0))
+            }
             Some(job) if tokio::time::Instant::now() >= deadline => {
                 let (done, len) = (job["offset"].as_u64(), job["len"].as_u64());
                 return Err(runtime(format!(

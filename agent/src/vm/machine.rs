@@ -76,6 +76,10 @@ impl VmDir {
     pub fn qmp(&self) -> PathBuf {
         self.root.join("qmp.sock")
     }
+    /// The guest agent's port (`ferry exec`).
+    pub fn guest_agent(&self) -> PathBuf {
+        self.root.join("qga.sock")
+    }
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("qemu.pid")
     }
@@ -118,6 +122,7 @@ impl Machine {
             serial_log: dir.console(),
             qmp_socket: dir.qmp(),
             status_socket: None,
+            guest_agent_socket: dir.guest_agent(),
             pid_file: dir.pid_file(),
             incoming,
             daemonize: false,

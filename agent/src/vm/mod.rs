@@ -3,6 +3,7 @@
 //! the driver (`host::VmHost`). What was measured of QEMU on this machine
 //! kind is in docs/vm-migration-recipe.md.
 
+mod guest_agent;
 pub mod host;
 pub mod live;
 pub mod machine;

@@ -45,6 +45,9 @@ pub struct QemuConfig {
     /// A second QMP monitor, for status queries while an operation holds
     /// the first (a QMP socket serves one client at a time).
     pub status_socket: Option<PathBuf>,
+    /// The QEMU guest agent's port (`org.qemu.guest_agent.0`), served on
+    /// this socket: `ferry exec` when the guest runs qemu-ga.
+    pub guest_agent_socket: PathBuf,
     /// QEMU writes its pid here (it runs on when the agent restarts).
     pub pid_file: PathBuf,
     /// Wait for an incoming migration (`-incoming defer`), paused (`-S`).
@@ -123,6 +126,18 @@ impl QemuConfig {
             qmp.push(",server=on,wait=off");
             argv.extend(["-qmp".into(), qmp]);
         }
+        let agent = path_arg(
+            "socket,id=qga0,server=on,wait=off,path=",
+            &self.guest_agent_socket,
+        );
+        argv.extend([
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-chardev".into(),
+            agent,
+            "-device".into(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        ]);
         argv.extend(["-pidfile".into(), self.pid_file.clone().into()]);
         if self.incoming {
             argv.extend(["-incoming".into(), "defer".into(), "-S".into()]);
@@ -151,6 +166,7 @@ mod tests {
             serial_log: "/i/console.log".into(),
             qmp_socket: "/i/qmp.sock".into(),
             status_socket: None,
+            guest_agent_socket: "/i/qga.sock".into(),
             pid_file: "/i/qemu.pid".into(),
             incoming: false,
             daemonize: false,
@@ -178,6 +194,8 @@ mod tests {
             "virtio-blk-pci,drive=disk0",
             "-qmp unix:/i/qmp.sock,server=on,wait=off",
             "path=/i/console.log",
+            "socket,id=qga0,server=on,wait=off,path=/i/qga.sock",
+            "name=org.qemu.guest_agent.0",
         ] {
             assert!(line.contains(part), "{part} missing in {line}");
         }
