@@ -103,6 +103,12 @@ pub trait Driver: Send + Sync {
     fn rootfs(&self, name: &InstanceName) -> PathBuf;
     /// Where a move's final memory images of `name` live here.
     fn images(&self, name: &InstanceName) -> PathBuf;
+    /// Files that move with `name` besides its rootfs (its snapshots),
+    /// sent once while it runs: nothing changes them during a move (the
+    /// instance's operations wait for its job).
+    fn kept_files(&self, _name: &InstanceName) -> Option<PathBuf> {
+        None
+    }
     /// A move's staging area of `name` (images, restore configs).
     fn staging(&self, name: &InstanceName) -> PathBuf;
     /// Whether `name` has the memory state of a stateful stop (or of a

@@ -82,6 +82,9 @@ impl Driver for Kinds {
     fn images(&self, name: &InstanceName) -> PathBuf {
         self.of(name).images(name)
     }
+    fn kept_files(&self, name: &InstanceName) -> Option<PathBuf> {
+        self.of(name).kept_files(name)
+    }
     fn staging(&self, name: &InstanceName) -> PathBuf {
         self.of(name).staging(name)
     }

@@ -224,7 +224,7 @@ fn bad_instance_input_gets_one_clear_line_and_loses_nothing() -> Result<()> {
 }
 
 #[test]
-fn stateful_snapshot_restore_takes_the_counter_back() -> Result<()> {
+fn a_stateful_snapshot_moves_with_the_container_and_restore_takes_the_counter_back() -> Result<()> {
     if !require_container_runtime() {
         return Ok(());
     }
@@ -242,22 +242,26 @@ fn stateful_snapshot_restore_takes_the_counter_back() -> Result<()> {
         1,
         "a snapshot leaves it running"
     );
+    // The snapshot moves with it: restored on n1, where it went live.
+    cluster.ferry_ok(0, &["move", "c1", "--target", "n1"])?;
+    let on_n1 = cluster.agents[0].data_dir.join("instances/c1/snapshots/s1");
+    assert!(
+        on_n1.join("rootfs/counter").exists(),
+        "the snapshot stayed behind"
+    );
     let later = cluster.wait_counter("c1", at_snapshot + 10)?;
     let list = cluster.ferry_json(0, &["snapshot", "list", "c1"])?;
     assert_eq!(list[0]["name"], "s1");
     assert_eq!(list[0]["stateful"], true);
     cluster.ferry_ok(0, &["snapshot", "restore", "c1", "s1"])?;
-    let back = cluster.counter(1, "c1")?;
+    let back = cluster.counter(0, "c1")?;
     assert!(
         back >= at_snapshot && back < later,
         "after restore the counter is {back}; snapshot {at_snapshot}, before restore {later}"
     );
     assert_eq!(cluster.running_copies("c1"), 1);
     cluster.ferry_ok(0, &["snapshot", "delete", "c1", "s1"])?;
-    assert!(!cluster.agents[1]
-        .data_dir
-        .join("instances/c1/snapshots/s1")
-        .exists());
+    assert!(!on_n1.exists());
     let err = cluster.ferry_err(0, &["snapshot", "restore", "c1", "s1"])?;
     assert!(err.contains("no snapshot named 's1'"), "{err}");
     Ok(())

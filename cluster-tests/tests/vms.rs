@@ -181,7 +181,7 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
     let job = cluster.ferry_json(0, &["job", "show", "1"])?;
     let notes = job["notes"].to_string();
     assert!(
-        notes.contains("QEMU mirrored") && notes.contains("MiB of memory"),
+        notes.contains("QEMU copied") && notes.contains("MiB of memory"),
         "no QEMU figures: {job}"
     );
     live_move(&cluster, 1, 0)?;

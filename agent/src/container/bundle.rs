@@ -61,8 +61,11 @@ impl InstanceDir {
     pub fn held_marker(&self) -> PathBuf {
         self.root.join("held")
     }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
     pub fn snapshot(&self, snap: &SnapshotName) -> PathBuf {
-        self.root.join("snapshots").join(snap.as_str())
+        self.snapshots().join(snap.as_str())
     }
 }
 

@@ -13,6 +13,7 @@ use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::net::InstanceNet;
 
+mod runtime_facts;
 mod snapshots;
 use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
@@ -257,6 +258,11 @@ impl Driver for Host {
 
     fn images(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).migration().join("images")
+    }
+
+    /// Its snapshots move with it.
+    fn kept_files(&self, name: &InstanceName) -> Option<PathBuf> {
+        Some(self.dir(name).snapshots())
     }
 
     fn staging(&self, name: &InstanceName) -> PathBuf {
@@ -531,7 +537,7 @@ impl Driver for Host {
     }
 
     async fn mounted_filesystems(&self, _name: &InstanceName, pid: u32) -> Vec<String> {
-        tokio::task::spawn_blocking(move || mounted_types(pid))
+        tokio::task::spawn_blocking(move || runtime_facts::mounted_types(pid))
             .await
             .unwrap_or_default()
     }
@@ -551,47 +557,12 @@ impl Driver for Host {
     }
 
     async fn precopy_unavailable(&self, _name: &InstanceName) -> Option<String> {
-        let check = tokio::process::Command::new("criu")
-            .args(["check", "--feature", "mem_dirty_track"])
-            .kill_on_drop(true)
-            .output();
-        let tracked = tokio::time::timeout(self.timeout, check)
-            .await
-            .is_ok_and(|o| o.is_ok_and(|o| o.status.success()));
-        (!tracked).then(|| {
-            "this kernel does not track dirty memory ('criu check --feature mem_dirty_track' fails)"
-                .to_string()
-        })
+        self.dirty_tracking_missing().await
     }
 
     async fn runtimes(&self) -> Runtimes {
-        let timeout = crate::facts::RUNTIME_COMMAND_TIMEOUT;
-        let data_dir = self.data_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut runtimes = crate::facts::probe_runtimes(timeout);
-            runtimes.criu_inet = match (&runtimes.criu, runtimes.criu_check) {
-                (Some(version), true) => {
-                    super::criu_probe::can_dump_inet(&data_dir, version, timeout)
-                }
-                _ => false,
-            };
-            runtimes
-        })
-        .await
-        .unwrap_or_default()
+        self.probe_runtimes().await
     }
-}
-
-/// Filesystem types mounted inside the container whose init is `pid`.
-pub fn mounted_types(pid: u32) -> Vec<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap_or_default();
-    let mut types: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
-        .collect();
-    types.sort();
-    types.dedup();
-    types
 }
 
 #[cfg(test)]

@@ -189,7 +189,7 @@ pub async fn serve(
             let (_, stamps) =
                 tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
             agent.transfers().remember_stamps(job.id, stamps);
-            Ok(())
+            send_kept(agent, &name, channel).await
         }
         _ => {
             let _guard = agent.locks().lock(name.as_str()).await;
@@ -205,15 +205,33 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
         .member_name(job.target)
         .ok_or(MoveError::NotAMember(job.target))?;
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
-    let (mut send, mut recv) = open(agent, job, job.target, TransferPart::PushRootfs).await?;
-    let (_, stamps) = tree::send(&mut send, &mut recv, &rootfs, false, None).await?;
+    let mut channel = open(agent, job, job.target, TransferPart::PushRootfs).await?;
+    let (_, stamps) = tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
     agent.transfers().remember_stamps(job.id, stamps);
-    let _ = send.finish();
-    pushed(&mut recv, &target_name).await?;
+    send_kept(agent, &instance_name(job)?, &mut channel).await?;
+    let _ = channel.0.finish();
+    pushed(&mut channel.1, &target_name).await?;
     let mut channel = open(agent, job, job.target, TransferPart::PushFinal).await?;
     freeze_and_send(agent, job, &mut channel).await?;
     let _ = channel.0.finish();
     pushed(&mut channel.1, &target_name).await
+}
+
+/// After the rootfs, on its channel: the files that move with the
+/// instance besides it (its snapshots), if its driver keeps any.
+async fn send_kept(
+    agent: &Agent,
+    name: &InstanceName,
+    channel: &mut Channel,
+) -> Result<(), MoveError> {
+    let Some(dir) = agent.driver().kept_files(name) else {
+        return Ok(());
+    };
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| MoveError::Local(format!("cannot create {}: {e}", dir.display())))?;
+    tree::send(&mut channel.0, &mut channel.1, &dir, false, None).await?;
+    Ok(())
 }
 
 async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), MoveError> {

@@ -37,25 +37,14 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
 }
 
 async fn pull_parts(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
-    let rootfs = agent.driver().rootfs(&instance_name(job)?);
     // Filesystem pre-sync while the instance runs.
-    let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Rootfs).await?;
-    let counter = agent.transfers().stage(job.id, "rootfs");
-    let reserve = agent.reserve();
-    let full = tree::receive_counted(
-        &mut send,
-        &mut recv,
-        &rootfs,
-        false,
-        &counter,
-        Some(&reserve),
-    )
-    .await?;
-    let _ = send.finish();
+    let mut channel = source::open(agent, job, job.source, TransferPart::Rootfs).await?;
+    let bytes = receive_rootfs(agent, job, &mut channel).await?;
+    let _ = channel.0.finish();
     // Final: the source freezes and dumps; images and rootfs delta follow.
     agent.transfers().froze(job.id);
     let mut channel = source::open(agent, job, job.source, TransferPart::Final).await?;
-    let result = receive_final(agent, job, &mut channel, full.bytes).await;
+    let result = receive_final(agent, job, &mut channel, bytes).await;
     let _ = channel.0.finish();
     result
 }
@@ -94,6 +83,29 @@ async fn receive_final(
     Ok(note)
 }
 
+/// The rootfs and the kept files, while the instance runs; their bytes.
+async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<u64, MoveError> {
+    let counter = agent.transfers().stage(job.id, "rootfs");
+    let rootfs = agent.driver().rootfs(&instance_name(job)?);
+    let reserve = agent.reserve();
+    let (send, recv) = channel;
+    let full = tree::receive_counted(send, recv, &rootfs, false, &counter, Some(&reserve)).await?;
+    Ok(full.bytes + receive_kept(agent, job, channel).await?)
+}
+
+/// After the rootfs, on its channel: the files that move with the
+/// instance besides it (its snapshots), if its driver keeps any.
+async fn receive_kept(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<u64, MoveError> {
+    let Some(dir) = agent.driver().kept_files(&instance_name(job)?) else {
+        return Ok(0);
+    };
+    let counter = agent.transfers().stage(job.id, "snapshots");
+    let reserve = agent.reserve();
+    let (send, recv) = channel;
+    let kept = tree::receive_counted(send, recv, &dir, false, &counter, Some(&reserve)).await?;
+    Ok(kept.bytes)
+}
+
 /// Push mode: take a part the source sends and acknowledge it; with the
 /// final part, propose Frozen before the acknowledgement.
 pub async fn serve_push(
@@ -105,20 +117,9 @@ pub async fn serve_push(
     let name = instance_name(job)?;
     let _guard = agent.locks().lock(name.as_str()).await;
     let received = if matches!(part, TransferPart::PushRootfs) {
-        let counter = agent.transfers().stage(job.id, "rootfs");
-        let rootfs = agent.driver().rootfs(&name);
-        let reserve = agent.reserve();
-        tree::receive_counted(
-            &mut channel.0,
-            &mut channel.1,
-            &rootfs,
-            false,
-            &counter,
-            Some(&reserve),
-        )
-        .await
-        .map(|t| agent.transfers().received(job.id, t.bytes))
-        .map_err(MoveError::from)
+        receive_rootfs(agent, job, channel)
+            .await
+            .map(|bytes| agent.transfers().received(job.id, bytes))
     } else {
         agent.transfers().froze(job.id);
         let rootfs_bytes = agent.transfers().received_so_far(job.id);
