@@ -167,6 +167,9 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
     wait_ticks(&on_n1, stopped_at + 5, Duration::from_secs(30))?;
     assert_consecutive(&ticks(&on_n1), "through the stateful stop");
     assert_eq!(boots(&on_n1), 1, "the guest booted again");
+    // A stateful snapshot (disk and memory); it moves with the VM below.
+    cluster.ferry_ok(0, &["snapshot", "create", "v1", "s1", "--stateful"])?;
+    let at_snapshot = *ticks(&on_n1).last().unwrap();
 
     // A live (stateful) move: memory and disk go to n2, the source's
     // QEMU and files go; and back, and there again.
@@ -211,7 +214,29 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
         "{before_move} missing from the guest's /log: {log}"
     );
 
-    cluster.ferry_ok(0, &["delete", "v1"])?;
+    // Back to the snapshot, on n2 where it moved: the guest goes on from
+    // its memory then (the counter back where it was), not booting again.
+    let on_n2 = console(&cluster, 1, "v1");
+    let seen = ticks(&on_n2).len();
+    let latest = *ticks(&on_n2).last().unwrap();
+    cluster.ferry_ok(0, &["snapshot", "restore", "v1", "s1"])?;
+    wait_for(
+        "the guest to count on from the snapshot",
+        BOOT,
+        || match ticks(&on_n2).get(seen + 5) {
+            Some(_) => Ok(()),
+            None => bail!("no new ticks on n2"),
+        },
+    )?;
+    let resumed = ticks(&on_n2)[seen];
+    assert!(
+        resumed <= at_snapshot + 20 && resumed + 20 < latest,
+        "after the restore the counter is at {resumed}: snapshot at {at_snapshot}, before the restore {latest}"
+    );
+    assert_eq!(boots(&on_n2), 0, "the guest booted on the restore");
+    cluster.ferry_ok(0, &["snapshot", "delete", "v1", "s1"])?;
+
+    cluster.ferry_ok(0, &["delete", "v1", "--force"])?;
     let n2_dir = cluster.agents[1].data_dir.join("instances/v1");
     wait_for("v1's files to go", Duration::from_secs(10), || {
         if n2_dir.exists() {

@@ -28,43 +28,56 @@ use crate::transfer::tree;
 /// Target, Preparing: the whole live move; returns the source's note.
 pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
-    let (mut send, mut recv) = source::open(agent, job, job.source, TransferPart::Live).await?;
+    let mut channel = source::open(agent, job, job.source, TransferPart::Live).await?;
     let counter = agent.transfers().stage(job.id, "boot files");
     let reserve = agent.reserve();
     let files = driver.live_files(name);
     let boot = tree::receive_counted(
-        &mut send,
-        &mut recv,
+        &mut channel.0,
+        &mut channel.1,
         &files,
         false,
         &counter,
         Some(&reserve),
     )
     .await?;
+    let kept = super::target::receive_kept(agent, job, &mut channel).await?;
+    let (send, recv) = &mut channel;
     let spec = super::target::spec(agent, job)?;
     let ready = driver.receive_live(name, &spec, &job.options.live).await;
     let answer = match &ready {
         Ok(()) => PushAck::Received,
         Err(e) => PushAck::Failed(e.to_string()),
     };
-    write_frame(&mut send, &answer).await?;
+    write_frame(send, &answer).await?;
     ready?;
-    let (note, paused_ms) = match read_frame::<FinalHeader>(&mut recv, MAX_FRAME).await? {
+    let (note, paused_ms) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
         FinalHeader::Frozen { note, paused_ms } => (note, paused_ms),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
     agent.transfers().froze_for(job.id, paused_ms);
     driver.live_received(name).await?;
     let relayed = agent.transfers().received_so_far(job.id);
-    agent.transfers().received(job.id, relayed + boot.bytes);
+    agent
+        .transfers()
+        .received(job.id, relayed + boot.bytes + kept);
     let _ = send.finish();
     Ok(note)
 }
 
 /// Source: serve the target's `Live` channel.
-pub async fn serve(agent: &Agent, job: &Job, (send, recv): &mut Channel) -> Result<(), MoveError> {
+pub async fn serve(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
-    tree::send(send, recv, &driver.live_files(name), false, None).await?;
+    tree::send(
+        &mut channel.0,
+        &mut channel.1,
+        &driver.live_files(name),
+        false,
+        None,
+    )
+    .await?;
+    source::send_kept(agent, name, channel).await?;
+    let (send, recv) = channel;
     match read_frame::<PushAck>(recv, MAX_FRAME).await? {
         PushAck::Received => {}
         PushAck::Failed(why) => {

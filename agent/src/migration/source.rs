@@ -219,7 +219,7 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
 
 /// After the rootfs, on its channel: the files that move with the
 /// instance besides it (its snapshots), if its driver keeps any.
-async fn send_kept(
+pub(super) async fn send_kept(
     agent: &Agent,
     name: &InstanceName,
     channel: &mut Channel,

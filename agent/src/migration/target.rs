@@ -95,7 +95,11 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
 
 /// After the rootfs, on its channel: the files that move with the
 /// instance besides it (its snapshots), if its driver keeps any.
-async fn receive_kept(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<u64, MoveError> {
+pub(super) async fn receive_kept(
+    agent: &Agent,
+    job: &Job,
+    channel: &mut Channel,
+) -> Result<u64, MoveError> {
     let Some(dir) = agent.driver().kept_files(&instance_name(job)?) else {
         return Ok(0);
     };

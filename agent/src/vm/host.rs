@@ -20,6 +20,8 @@ use super::qmp::Qmp;
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, RunState, Status};
 
+mod snapshots;
+
 /// How long a guest has to power off when asked, before QEMU is quit.
 const POWERDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -214,6 +216,11 @@ impl Driver for VmHost {
         self.dir(name).migration().join("images")
     }
 
+    /// Its snapshots move with it.
+    fn kept_files(&self, name: &InstanceName) -> Option<PathBuf> {
+        Some(self.dir(name).snapshots())
+    }
+
     fn staging(&self, name: &InstanceName) -> PathBuf {
         self.dir(name).migration()
     }
@@ -323,31 +330,33 @@ impl Driver for VmHost {
 
     async fn snapshot(
         &self,
-        _name: &InstanceName,
-        _snap: &SnapshotName,
-        _stateful: bool,
+        name: &InstanceName,
+        snap: &SnapshotName,
+        stateful: bool,
     ) -> Result<(), DriverError> {
-        Err(unsupported("a snapshot"))
+        self.take_snapshot(name, snap, stateful).await
     }
 
     async fn restore_snapshot(
         &self,
-        _name: &InstanceName,
-        _snap: &SnapshotName,
-        _stateful: bool,
+        name: &InstanceName,
+        snap: &SnapshotName,
+        stateful: bool,
     ) -> Result<(), DriverError> {
-        Err(unsupported("a snapshot"))
+        self.back_to_snapshot(name, snap, stateful).await
     }
 
     async fn reset_to_snapshot(
         &self,
-        _name: &InstanceName,
-        _snap: &SnapshotName,
+        name: &InstanceName,
+        snap: &SnapshotName,
     ) -> Result<(), DriverError> {
-        Err(unsupported("a snapshot"))
+        self.disk_from_snapshot(name, snap).await
     }
 
-    async fn delete_snapshot(&self, _name: &InstanceName, _snap: &SnapshotName) {}
+    async fn delete_snapshot(&self, name: &InstanceName, snap: &SnapshotName) {
+        let _ = tokio::fs::remove_dir_all(self.dir(name).snapshots().join(snap.as_str())).await;
+    }
 
     async fn freeze(&self, name: &InstanceName) -> Result<(), DriverError> {
         let qmp = self.qmp(&self.dir(name)).await?;

@@ -76,6 +76,9 @@ impl VmDir {
     pub fn qmp(&self) -> PathBuf {
         self.root.join("qmp.sock")
     }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
     /// The guest agent's port (`ferry exec`).
     pub fn guest_agent(&self) -> PathBuf {
         self.root.join("qga.sock")
