@@ -101,11 +101,25 @@ async fn direct(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u64
         vm_dir(&root.join("src"), guest, disk, false)?,
         vm_dir(&root.join("dst"), guest, disk, true)?,
     );
+    let moved = direct_move(&m, (&src, &dst), root, disk).await;
+    // Neither QEMU outlives the run, however it ended.
+    for dir in [&src, &dst] {
+        machine::quit(dir, None).await;
+    }
+    moved
+}
+
+async fn direct_move(
+    m: &Machine,
+    (src, dst): (&VmDir, &VmDir),
+    root: &Path,
+    disk: u64,
+) -> Result<Run> {
     let log = |d: &VmDir| d.qemu_log();
-    machine::spawn(&m.config(&src, false), &log(&src), TIMEOUT).await?;
+    machine::spawn(&m.config(src, false), &log(src), TIMEOUT).await?;
     let source = Qmp::connect(&src.qmp(), TIMEOUT).await?;
     wait_dirtying(&src.console()).await?;
-    machine::spawn(&m.config(&dst, true), &log(&dst), TIMEOUT).await?;
+    machine::spawn(&m.config(dst, true), &log(dst), TIMEOUT).await?;
     let target = Qmp::connect(&dst.qmp(), TIMEOUT).await?;
     let sockets = (
         dst.migration().join("disk.sock"),
