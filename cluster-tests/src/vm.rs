@@ -97,3 +97,30 @@ pub fn kill_vms(data_dir: &Path) {
         }
     }
 }
+
+/// The test guest launched as VM `v1` on `target`, counting on its console.
+pub fn launch_vm(cluster: &crate::Cluster, target: &str) -> Result<()> {
+    let guest = cluster.root().join("guest");
+    let (kernel, initrd, disk) = test_guest(&guest)?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
+    let launch = [
+        "launch",
+        "v1",
+        "--vm",
+        "--disk",
+        &disk,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--memory",
+        "256M",
+        "--target",
+        target,
+    ];
+    cluster.ferry_ok(0, &launch)?;
+    Ok(())
+}

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use cluster_tests::vm::{boots, launch_vm, require_qemu, ticks};
 use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
 use serde_json::Value;
 
@@ -352,7 +353,7 @@ fn stages(job: &Value) -> Vec<(String, String)> {
 
 #[test]
 fn a_rolling_upgrade_takes_each_member_in_turn_and_brings_its_instances_home() -> Result<()> {
-    if !require_container_runtime() {
+    if !require_container_runtime() || !require_qemu() {
         return Ok(());
     }
     let mut cluster = Cluster::new();
@@ -361,6 +362,18 @@ fn a_rolling_upgrade_takes_each_member_in_turn_and_brings_its_instances_home() -
     for (name, member) in [("c1", "n1"), ("c2", "n2"), ("c3", "n3")] {
         cluster.launch_counter(name, member, &rootfs)?;
     }
+    // And a VM on n2: it leaves live with the containers and comes back.
+    launch_vm(&cluster, "n2")?;
+    let vm_console = cluster.agents[1].data_dir.join("instances/v1/console.log");
+    wait_for(
+        "the VM to count",
+        Duration::from_secs(90),
+        || match ticks(&vm_console).last() {
+            Some(n) if *n >= 10 => Ok(()),
+            _ => bail!("the VM on n2 has not counted to 10"),
+        },
+    )?;
+    let vm_before = *ticks(&vm_console).last().unwrap();
     let before: Vec<u64> = ["c1", "c2", "c3"]
         .iter()
         .map(|n| cluster.counter(0, n))
@@ -401,6 +414,17 @@ fn a_rolling_upgrade_takes_each_member_in_turn_and_brings_its_instances_home() -
             before[i]
         );
     }
+    assert_eq!(owner_of(&cluster, 0, "v1")?, "n2", "v1 is not back home");
+    // Its counter went on from where it was (a reboot would start at 1).
+    wait_for(
+        "the VM to count on n2",
+        Duration::from_secs(30),
+        || match ticks(&vm_console).first() {
+            Some(first) if *first > vm_before => Ok(()),
+            first => bail!("the VM's first tick back on n2 is {first:?}, before {vm_before}"),
+        },
+    )?;
+    assert_eq!(boots(&vm_console), 0, "the VM booted again");
     for member in ["n1", "n2", "n3"] {
         assert_eq!(member_state(&cluster, 0, member)?, "online");
     }

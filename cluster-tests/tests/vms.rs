@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cluster_tests::vm::{boots, guest_file, require_qemu, test_guest, ticks};
+use cluster_tests::vm::{boots, guest_file, launch_vm, require_qemu, ticks};
 use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -34,32 +34,6 @@ fn cpu_model_of(cluster: &Cluster, name: &str) -> Result<String> {
     model
         .map(str::to_string)
         .with_context(|| format!("no machine line with a CPU model in: {out}"))
-}
-
-fn launch_vm(cluster: &Cluster, target: &str) -> Result<()> {
-    let guest = cluster.root().join("guest");
-    let (kernel, initrd, disk) = test_guest(&guest)?;
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
-    let launch = [
-        "launch",
-        "v1",
-        "--vm",
-        "--disk",
-        &disk,
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-        "--memory",
-        "256M",
-        "--target",
-        target,
-    ];
-    cluster.ferry_ok(0, &launch)?;
-    Ok(())
 }
 
 /// Wait until the guest's counter in `log` passed `at_least`.

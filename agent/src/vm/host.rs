@@ -248,8 +248,8 @@ impl Driver for VmHost {
             .map_err(|e| file_error("cannot create", &boot, e))?;
         for (file, dest) in [
             ("disk.qcow2", dir.disk()),
-            ("vmlinuz", dir.kernel()),
-            ("initrd", dir.initrd()),
+            ("boot/vmlinuz", dir.kernel()),
+            ("boot/initrd", dir.initrd()),
         ] {
             let from = source.join(file);
             if from.exists() {

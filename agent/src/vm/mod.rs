@@ -26,8 +26,8 @@ pub struct VmFiles {
 }
 
 /// Put a new VM's files into `dest` as its driver imports them:
-/// `disk.qcow2` (converted by `qemu-img`), `vmlinuz`, `initrd`; returns the
-/// disk's virtual size.
+/// `disk.qcow2` (converted by `qemu-img`), `boot/vmlinuz`, `boot/initrd`;
+/// returns the disk's virtual size.
 pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<u64, DriverError> {
     tokio::fs::create_dir_all(dest)
         .await
@@ -59,9 +59,15 @@ pub async fn stage(files: &VmFiles, dest: &Path, timeout: Duration) -> Result<u6
             why.trim()
         )));
     }
+    // The layout of a VM's files (`VmDir::files`): an upload to another
+    // member lands there as it is.
+    let boot = dest.join("boot");
+    tokio::fs::create_dir_all(&boot)
+        .await
+        .map_err(|e| machine::file_error("cannot create", &boot, e))?;
     for (from, name) in [(&files.kernel, "vmlinuz"), (&files.initrd, "initrd")] {
         if let Some(from) = from {
-            tokio::fs::copy(from, dest.join(name)).await.map_err(|e| {
+            tokio::fs::copy(from, boot.join(name)).await.map_err(|e| {
                 DriverError::BadInput(format!("cannot read {}: {e}", from.display()))
             })?;
         }
