@@ -6,7 +6,8 @@
 # (one line per boot) and /log (every tenth tick); with dirty=N on its
 # command line it keeps rewriting N MiB of memory), and Debian's QEMU
 # guest agent (qemu-ga, from the .deb install-deps.sh downloaded, with the
-# host's copies of its libraries) on its virtio port. No download.
+# host's copies of its libraries) on its virtio port; on ferry's cluster
+# network it configures the address its command line gives. No download.
 #
 #   scripts/make-test-guest.sh OUT
 set -Eeuo pipefail
@@ -28,11 +29,13 @@ cp "$work/qga/usr/sbin/qemu-ga" "$root/bin/"
 for lib in $(ldd "$work/qga/usr/sbin/qemu-ga" | grep -o '/[^ ]*'); do
 	cp -L --parents "$lib" "$root/"
 done
-# virtio_blk and what it needs are modules in this kernel (no modules.dep).
-modules=(virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev
-	virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk char/virtio_console)
+# virtio_blk, virtio_net and what they need are modules in this kernel
+# (no modules.dep).
+modules=(drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev
+	drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
+	drivers/char/virtio_console net/core/failover drivers/net/net_failover drivers/net/virtio_net)
 for m in "${modules[@]}"; do
-	ko=$(find "$work"/kernel/lib/modules -path "*/kernel/drivers/$m.ko*" | head -n1)
+	ko=$(find "$work"/kernel/lib/modules -path "*/kernel/$m.ko*" | head -n1)
 	case $ko in
 	*.xz) xz -dc "$ko" >"$root/lib/modules/$(basename "$m").ko" ;;
 	*.zst) zstd -dqc "$ko" >"$root/lib/modules/$(basename "$m").ko" ;;
@@ -44,9 +47,23 @@ cat >"$root/init" <<'INIT'
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console \
+	failover net_failover virtio_net; do
 	insmod /lib/modules/$m.ko 2>/dev/null
 done
+# On ferry's cluster network: the address and gateway are on the command
+# line (ferry.ip=, ferry.gateway=); with ferry.echo, a TCP echo server on
+# port 7000 (the network tests' server).
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
+ip=$(arg ferry.ip); gateway=$(arg ferry.gateway)
+if [ -n "$ip" ]; then
+	for i in $(seq 1 20); do [ -d /sys/class/net/eth0 ] && break; sleep 0.05; done
+	ip link set lo up; ip link set eth0 up
+	ip addr add "$ip/32" dev eth0
+	ip route add "$gateway" dev eth0; ip route add default via "$gateway"
+	echo "NETWORK $ip"
+	grep -q ferry.echo /proc/cmdline && nc -ll -p 7000 -e /bin/cat &
+fi
 disk=
 for i in $(seq 1 20); do [ -b /dev/vda ] && break; sleep 0.05; done
 if [ -b /dev/vda ]; then

@@ -259,6 +259,12 @@ pub trait Driver: Send + Sync {
             "'{name}' cannot move live by its runtime"
         )))
     }
+    /// Source, after `send_live`: wait until the runtime has sent the
+    /// rest (a VM in post-copy sends the pages the target lacks while it
+    /// runs); the relay carries on until then.
+    async fn live_sent(&self, _name: &InstanceName) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// Target: wait until the receiving copy holds the whole state.
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
         Err(DriverError::Runtime(format!(

@@ -232,6 +232,9 @@ impl Driver for Kinds {
             .send_live(name, relay_dir, settings, go_on)
             .await
     }
+    async fn live_sent(&self, name: &InstanceName) -> Result<(), DriverError> {
+        self.of(name).live_sent(name).await
+    }
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.of(name).live_received(name).await
     }

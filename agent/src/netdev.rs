@@ -59,6 +59,19 @@ pub fn host_iface(ip: Ipv4Addr) -> String {
     format!("fv{:08x}", u32::from(ip))
 }
 
+/// The bridge's MAC, from the gateway address (locally administered).
+pub fn gateway_mac(gateway: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = gateway.octets();
+    [0x02, 0xfe, a, b, c, d]
+}
+
+/// A VM's NIC's MAC, from its address: the same on every member, as the
+/// migrated NIC must be (and unlike the bridge's, `0x06`).
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x06, 0xfe, a, b, c, d]
+}
+
 fn peer_iface(ip: Ipv4Addr) -> String {
     format!("fp{:08x}", u32::from(ip))
 }
@@ -175,6 +188,13 @@ pub async fn ensure_bridge(subnet: &Subnet) -> Result<(), NetError> {
                 })?
         }
     };
+    // The same MAC on every member's bridge: a VM's guest keeps the
+    // gateway's MAC in its ARP cache through a live move (a container's
+    // namespace is made anew on the target; a guest's memory is not).
+    let mac = LinkUnspec::new_with_index(index).address(gateway_mac(subnet.gateway()).to_vec());
+    let set = handle.link().set(mac.build()).execute();
+    set.await
+        .map_err(netlink(format!("set the MAC of {BRIDGE}")))?;
     let gateway = IpAddr::V4(subnet.gateway());
     let add = handle.address().add(index, gateway, 32).replace().execute();
     add.await
@@ -240,6 +260,36 @@ pub async fn attach(ns: &Path, ip: Ipv4Addr, up: bool) -> Result<(), NetError> {
     set.await
         .map_err(netlink(format!("put {host} on {BRIDGE}")))?;
     configure_inside(ns, &peer, ip, gateway).await
+}
+
+/// A VM's tap (QEMU made it, named `host_iface(ip)`) on the bridge, up
+/// (routed here) or down (a held copy receives nothing until released).
+pub async fn attach_tap(ip: Ipv4Addr, up: bool) -> Result<(), NetError> {
+    let handle = connect(None).await?;
+    let bridge = link_index(&handle, BRIDGE)
+        .await
+        .ok_or_else(|| NetError::Netlink {
+            what: format!("find bridge {BRIDGE}"),
+            reason: "the cluster network is not set up on this member yet".into(),
+        })?;
+    let tap = host_iface(ip);
+    let index = need_index(&handle, &tap).await?;
+    let on_bridge = LinkUnspec::new_with_index(index).controller(bridge).down();
+    let set = handle.link().set(on_bridge.build()).execute();
+    set.await
+        .map_err(netlink(format!("put {tap} on {BRIDGE}")))?;
+    match up {
+        true => set_link(ip, true).await,
+        false => Ok(()),
+    }
+}
+
+/// This member's gateway address for its instances (its bridge's), once
+/// the cluster network is set up here.
+pub async fn gateway() -> Option<Ipv4Addr> {
+    let handle = connect(None).await.ok()?;
+    let bridge = link_index(&handle, BRIDGE).await?;
+    first_address(&handle, bridge).await
 }
 
 /// The bridge's IPv4 address: the gateway of the cluster subnet.

@@ -103,7 +103,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         opts.console_log_max_bytes,
         opts.runtime_timeout,
     );
-    let accel = crate::vm::host::host_accel();
+    let accel = crate::vm::probe::host_accel();
     let vms = crate::vm::host::VmHost::new(dir.root(), accel, opts.runtime_timeout);
     let data_dir = dir.root().to_path_buf();
     let driver = move |state: &StateHandle| -> Arc<dyn Driver> {

@@ -95,6 +95,7 @@ async fn a_guest_boots_counts_pauses_and_quits_over_qmp() {
         pid_file: path("qemu.pid"),
         incoming: false,
         daemonize: false,
+        nic: None,
     };
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
         .args(config.argv().unwrap())

@@ -53,6 +53,18 @@ pub struct MoveArgs {
     /// fast as the link goes; QEMU's own default cap of 128 MiB/s is lifted).
     #[arg(long, value_name = "SIZE", value_parser = crate::instances::parse_size)]
     bandwidth: Option<u64>,
+    /// A VM: send the memory over N parallel connections (QEMU's multifd),
+    /// each its own stream on the move's connection; helps where one
+    /// connection's copy is bound by a CPU and cores are spare.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    multifd: Option<u8>,
+    /// A VM: post-copy. The target runs from the switchover and fetches
+    /// the memory it lacks from the source, so a guest that dirties memory
+    /// faster than the link still moves with a short pause. Once the
+    /// target runs, there is NO WAY BACK: a failure of the target or the
+    /// link after that loses the running VM (its stopped source copy stays).
+    #[arg(long, conflicts_with = "multifd")]
+    postcopy: bool,
     /// Only run the compatibility checks and print the report.
     #[arg(long)]
     dry_run: bool,
@@ -261,6 +273,8 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
         live: ferry_raft::LiveSettings {
             downtime_limit_ms: args.downtime_limit,
             bandwidth: args.bandwidth.unwrap_or(0),
+            multifd_channels: args.multifd.unwrap_or(0),
+            postcopy: args.postcopy,
         },
         dry_run: args.dry_run,
     };

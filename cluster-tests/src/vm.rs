@@ -100,27 +100,28 @@ pub fn kill_vms(data_dir: &Path) {
 
 /// The test guest launched as VM `v1` on `target`, counting on its console.
 pub fn launch_vm(cluster: &crate::Cluster, target: &str) -> Result<()> {
+    launch_vm_with(cluster, target, "", &[])
+}
+
+/// `launch_vm` with more on the guest's command line (`ferry.echo`: an
+/// echo server on port 7000 once it is on the cluster network) and more
+/// launch options.
+pub fn launch_vm_with(
+    cluster: &crate::Cluster,
+    target: &str,
+    append: &str,
+    options: &[&str],
+) -> Result<()> {
     let guest = cluster.root().join("guest");
     let (kernel, initrd, disk) = test_guest(&guest)?;
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let (kernel, initrd, disk) = (path(&kernel), path(&initrd), path(&disk));
-    let launch = [
-        "launch",
-        "v1",
-        "--vm",
-        "--disk",
-        &disk,
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--append",
-        "console=ttyS0 quiet panic=-1",
-        "--memory",
-        "256M",
-        "--target",
-        target,
+    let append = format!("console=ttyS0 quiet panic=-1 {append}");
+    let mut launch = vec![
+        "launch", "v1", "--vm", "--disk", &disk, "--kernel", &kernel, "--initrd", &initrd,
+        "--append", &append, "--memory", "256M", "--target", target,
     ];
+    launch.extend(options);
     cluster.ferry_ok(0, &launch)?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cluster_tests::echo::{clients, downtime_ms, echoes, unbroken_gap_ms, ECHO_SERVER};
 use cluster_tests::netns::TEST_CLUSTER_SUBNET;
+use cluster_tests::vm::{boots, launch_vm_with, require_qemu};
 use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
 
 /// n1, n2, n3, each on a host of its own, bootstrapped with a cluster subnet.
@@ -234,6 +235,50 @@ fn a_move_that_fails_after_the_switch_leaves_the_server_on_its_connection() -> R
     let gap = unbroken_gap_ms(&log)?;
     eprintln!("rolled back: longest gap the client saw {gap} ms");
     assert!(route_on(&cluster, 2, &addr)?.contains("via 198.18.0.1"));
+    Ok(())
+}
+
+#[test]
+fn a_vm_on_the_cluster_network_keeps_its_address_and_the_open_connection_through_live_moves(
+) -> Result<()> {
+    if !require_container_runtime() || !require_qemu() {
+        return Ok(());
+    }
+    let (cluster, rootfs) = three_hosts()?;
+    launch_vm_with(&cluster, "n1", "ferry.echo", &["--network", "cluster"])?;
+    let addr = address(&cluster, "v1")?;
+    let console = |i: usize| cluster.agents[i].data_dir.join("instances/v1/console.log");
+    wait_for("the guest on the network", Duration::from_secs(90), || {
+        let text = std::fs::read_to_string(console(0)).unwrap_or_default();
+        match text.contains(&format!("NETWORK {addr}")) {
+            true => Ok(()),
+            false => bail!("not yet"),
+        }
+    })?;
+    // The guest's echo server, from another member's host and from a
+    // container there, over one connection.
+    wait_echo(&cluster, &addr, "the guest's echo server from n3")?;
+    let log = start_client(&cluster, &rootfs, &addr)?;
+    let mut worst = 0;
+    for (target, index, via) in [("n2", 1, "198.18.0.2"), ("n1", 0, "198.18.0.1")] {
+        let out = cluster.ferry_ok(0, &["move", "v1", "--target", target])?;
+        let downtime = downtime_ms(&out).with_context(|| format!("no downtime in: {out}"))?;
+        worst = worst.max(downtime);
+        assert_eq!(address(&cluster, "v1")?, addr, "the address changed");
+        let seen = echoes(&log).len();
+        wait_echoes(&log, seen + 10)?;
+        let gap = unbroken_gap_ms(&log)?;
+        eprintln!("VM to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
+        let route = route_on(&cluster, 1 - index, &addr)?;
+        assert!(route.contains(&format!("via {via}")), "{route}");
+        assert_eq!(boots(&console(index)), 0, "the guest booted on {target}");
+    }
+    let gap = unbroken_gap_ms(&log)?;
+    assert!(
+        gap < worst + 3_000,
+        "a gap of {gap} ms (downtime at most {worst} ms)"
+    );
+    cluster.ferry_ok(0, &["delete", "v1", "--force"])?;
     Ok(())
 }
 

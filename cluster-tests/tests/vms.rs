@@ -72,13 +72,15 @@ fn running_vms(data_dir: &Path) -> Vec<u32> {
 /// Move v1 live from agent `from` to agent `to`: the counter carries on
 /// on the target after the last tick the source showed before the move,
 /// with no boot in between. Returns that last tick.
-fn live_move(cluster: &Cluster, from: usize, to: usize) -> Result<u64> {
+fn live_move(cluster: &Cluster, from: usize, to: usize, options: &[&str]) -> Result<u64> {
     let before = ticks(&console(cluster, from, "v1"))
         .last()
         .copied()
         .unwrap_or(0);
     let target = cluster.agents[to].name.clone();
-    let out = cluster.ferry_ok(0, &["move", "v1", "--target", &target])?;
+    let mut args = vec!["move", "v1", "--target", &target];
+    args.extend(options);
+    let out = cluster.ferry_ok(0, &args)?;
     assert!(out.contains(&format!("to {target}")), "{out}");
     let on_target = console(cluster, to, "v1");
     wait_ticks(&on_target, before + 5, Duration::from_secs(30))?;
@@ -147,7 +149,7 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
 
     // A live (stateful) move: memory and disk go to n2, the source's
     // QEMU and files go; and back, and there again.
-    let before_move = live_move(&cluster, 0, 1)?;
+    let before_move = live_move(&cluster, 0, 1, &[])?;
     let n1_dir = cluster.agents[0].data_dir.join("instances/v1");
     wait_for("the source's copy to go", Duration::from_secs(10), || {
         if n1_dir.exists() || !running_vms(&cluster.agents[0].data_dir).is_empty() {
@@ -161,8 +163,14 @@ fn a_vm_stops_with_its_memory_starts_again_and_moves_with_memory_and_disk() -> R
         notes.contains("QEMU copied") && notes.contains("MiB of memory"),
         "no QEMU figures: {job}"
     );
-    live_move(&cluster, 1, 0)?;
-    live_move(&cluster, 0, 1)?;
+    // Back in post-copy (the target runs from the switchover and fetches
+    // the rest), and there again with the memory over three connections.
+    live_move(&cluster, 1, 0, &["--postcopy"])?;
+    let notes = cluster.ferry_json(0, &["job", "show", "2"])?["notes"].to_string();
+    assert!(notes.contains("post-copy from the switchover"), "{notes}");
+    live_move(&cluster, 0, 1, &["--multifd", "2"])?;
+    let notes = cluster.ferry_json(0, &["job", "show", "3"])?["notes"].to_string();
+    assert!(notes.contains("over 2 multifd channels"), "{notes}");
 
     // exec runs in the guest through its agent, on the member it is on now.
     let exec = ["exec", "v1", "--", "sh", "-c", "cat /mnt/hello; exit 3"];

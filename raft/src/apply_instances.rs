@@ -98,9 +98,6 @@ impl ClusterState {
         if is_vm != instance.spec.vm.is_some() {
             return Err(InstanceRejection::KindMismatch);
         }
-        if is_vm && instance.spec.network != NetworkMode::None {
-            return Err(InstanceRejection::VmNetwork);
-        }
         instance.spec.address = self.lease(&instance.spec)?;
         self.instances.insert(name.clone(), instance.clone());
         Ok(())
@@ -335,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_has_its_machine_and_no_cluster_network_and_only_a_vm_has_one() {
+    fn a_vm_has_its_machine_and_only_a_vm_has_one_and_it_may_lease_an_address() {
         let mut s = ClusterState::default();
         s.config.subnet = Some(crate::subnet::Subnet::parse("198.18.100.0/24").expect("subnet"));
         let with = |kind, vm: Option<VmSpec>, network| {
@@ -362,18 +359,13 @@ mod tests {
                 none,
                 InstanceRejection::KindMismatch,
             ),
-            (
-                InstanceKind::Vm,
-                machine.clone(),
-                NetworkMode::Cluster,
-                InstanceRejection::VmNetwork,
-            ),
         ];
         for (kind, vm, network, why) in cases {
             assert_eq!(rejected(&mut s, &with(kind, vm, network)), why);
         }
-        s.apply(&with(InstanceKind::Vm, machine, none));
+        s.apply(&with(InstanceKind::Vm, machine, NetworkMode::Cluster));
         assert_eq!(s.instances["v"].kind, InstanceKind::Vm);
+        assert!(s.instances["v"].spec.address.is_some(), "no address leased");
     }
 
     #[test]

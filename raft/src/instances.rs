@@ -295,6 +295,4 @@ pub enum InstanceRejection {
     AddressWithoutNetwork,
     #[error("a VM instance needs its machine (--vm with --memory), and only a VM has one")]
     KindMismatch,
-    #[error("VMs cannot join the cluster network yet; launch it with --network none")]
-    VmNetwork,
 }

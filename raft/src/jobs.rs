@@ -102,6 +102,12 @@ pub struct LiveSettings {
     pub downtime_limit_ms: u64,
     /// Bytes per second at most (0: as fast as the link goes).
     pub bandwidth: u64,
+    /// Memory over this many parallel connections (QEMU's multifd; 0: one
+    /// connection, no multifd).
+    pub multifd_channels: u8,
+    /// Post-copy: the target runs from the switchover and fetches the
+    /// pages it lacks from the source. Once it runs there is no way back.
+    pub postcopy: bool,
 }
 
 impl Default for MoveOptions {

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use ferry_raft::{
-    Command, CommandResult, Job, JobCommand, JobId, MoveOptions, NodeId, ObservedState, Phase,
+    Command, CommandResult, InstanceKind, Job, JobCommand, JobId, LiveSettings, MoveOptions,
+    NodeId, ObservedState, Phase,
 };
 
 use super::compat;
@@ -88,6 +89,18 @@ fn target_of(
     })
 }
 
+/// Settings only QEMU's migration has, asked for a container's move.
+fn vm_only_settings(kind: Option<InstanceKind>, live: &LiveSettings) -> Option<String> {
+    let asked = match (live.multifd_channels > 0, live.postcopy) {
+        (true, _) => "--multifd",
+        (_, true) => "--postcopy",
+        _ => return None,
+    };
+    (kind != Some(InstanceKind::Vm)).then(|| {
+        format!("{asked} is for a VM's live move (QEMU's migration); leave it out for a container")
+    })
+}
+
 pub async fn start_move(
     agent: &Arc<Agent>,
     mut request: MoveRequest,
@@ -99,13 +112,17 @@ pub async fn start_move(
         request.stateful,
     )?;
     request.target = Some(target_name);
-    let (running, owner) = agent.state().read(|s| {
+    let (running, owner, kind) = agent.state().read(|s| {
         let inst = s.instances.get(&request.instance);
         (
             inst.is_some_and(|i| i.observed == ObservedState::Running),
             inst.map_or(0, |i| i.owner),
+            inst.map(|i| i.kind),
         )
     });
+    if let Some(why) = vm_only_settings(kind, &request.live) {
+        return Err(ApiError::new(ErrorKind::BadRequest, why));
+    }
     if owner == target {
         return Err(ApiError::new(
             ErrorKind::Conflict,
@@ -212,5 +229,32 @@ pub async fn abort(agent: &Agent, id: JobId) -> Result<ApiReply, ApiError> {
     {
         CommandResult::Rejected(r) => Err(ApiError::new(ErrorKind::Conflict, r.to_string())),
         _ => show(agent, id).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multifd_and_post_copy_are_refused_for_a_container_and_taken_for_a_vm() {
+        let postcopy = LiveSettings {
+            postcopy: true,
+            ..LiveSettings::default()
+        };
+        let multifd = LiveSettings {
+            multifd_channels: 2,
+            ..LiveSettings::default()
+        };
+        for live in [postcopy, multifd] {
+            let why = vm_only_settings(Some(InstanceKind::Container), &live);
+            assert!(why.is_some_and(|w| w.contains("is for a VM")));
+            assert_eq!(vm_only_settings(Some(InstanceKind::Vm), &live), None);
+        }
+        let plain = LiveSettings::default();
+        assert_eq!(
+            vm_only_settings(Some(InstanceKind::Container), &plain),
+            None
+        );
     }
 }

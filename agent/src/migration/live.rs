@@ -88,33 +88,21 @@ pub async fn serve(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<()
         }
     }
     let _guard = agent.locks().lock(name.as_str()).await;
-    let result = relayed(agent, job).await;
-    let header = match &result {
-        Ok(end) => FinalHeader::Frozen {
-            note: end.note.clone(),
-            paused_ms: end.paused_ms,
-        },
-        Err(e) => FinalHeader::Refused(e.to_string()),
-    };
-    write_frame(send, &header).await?;
-    result.map(|_| ())
+    relayed(agent, job, send).await
 }
 
-/// The source's runtime moves the instance while the relay runs.
-async fn relayed(agent: &Agent, job: &Job) -> Result<crate::driver::LiveEnd, MoveError> {
+/// The source's runtime moves the instance while the relay runs; once it
+/// is paused with the target holding its state, the final header goes to
+/// the target, and the relay carries on until the runtime has sent the
+/// rest (a VM's post-copy pages; nothing otherwise).
+async fn relayed(
+    agent: &Agent,
+    job: &Job,
+    header_to: &mut quinn::SendStream,
+) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let relay_dir = driver.staging(name).join("relay");
-    let _ = tokio::fs::remove_dir_all(&relay_dir).await;
-    tokio::fs::create_dir_all(&relay_dir)
-        .await
-        .map_err(|e| MoveError::Local(format!("cannot create {}: {e}", relay_dir.display())))?;
-    let mut listeners = Vec::new();
-    for purpose in driver.live_streams(name) {
-        let path = relay_dir.join(format!("{purpose}.sock"));
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| MoveError::Local(format!("cannot listen on {}: {e}", path.display())))?;
-        listeners.push((*purpose, listener));
-    }
+    let listeners = listen(&relay_dir, driver.live_streams(name)).await?;
     let job_id = job.id;
     let go_on = move || {
         let current = agent.state().read(|s| s.jobs.get(&job_id).cloned());
@@ -124,16 +112,48 @@ async fn relayed(agent: &Agent, job: &Job) -> Result<crate::driver::LiveEnd, Mov
     let send = async {
         let moved = driver
             .send_live(name, &relay_dir, &job.options.live, &go_on)
-            .await;
+            .await
+            .map_err(MoveError::from);
+        let header = match &moved {
+            Ok(end) => FinalHeader::Frozen {
+                note: end.note.clone(),
+                paused_ms: end.paused_ms,
+            },
+            Err(e) => FinalHeader::Refused(e.to_string()),
+        };
+        let sent = async {
+            write_frame(header_to, &header).await?;
+            moved?;
+            Ok(driver.live_sent(name).await?)
+        }
+        .await;
         let _ = stop.send(());
-        moved
+        sent
     };
     // A relay that fails drops its connections: the runtime's move fails
     // on them and cleans up (the instance runs on) before `send` ends.
-    let (moved, relayed) = tokio::join!(send, relay(agent, job, listeners, stopped));
+    let (sent, relayed) = tokio::join!(send, relay(agent, job, listeners, stopped));
     let _ = tokio::fs::remove_dir_all(&relay_dir).await;
     relayed?;
-    Ok(moved?)
+    sent
+}
+
+async fn listen(
+    relay_dir: &std::path::Path,
+    purposes: &'static [&'static str],
+) -> Result<Vec<(&'static str, UnixListener)>, MoveError> {
+    let _ = tokio::fs::remove_dir_all(relay_dir).await;
+    tokio::fs::create_dir_all(relay_dir)
+        .await
+        .map_err(|e| MoveError::Local(format!("cannot create {}: {e}", relay_dir.display())))?;
+    let mut listeners = Vec::new();
+    for purpose in purposes {
+        let path = relay_dir.join(format!("{purpose}.sock"));
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| MoveError::Local(format!("cannot listen on {}: {e}", path.display())))?;
+        listeners.push((*purpose, listener));
+    }
+    Ok(listeners)
 }
 
 /// How long the relay may take to pass on what the runtime wrote before

@@ -82,6 +82,17 @@ impl VmHost {
         self.connections.lock().await.remove(&key);
     }
 
+    /// Let a paused (or loaded) guest run, and on the cluster network
+    /// announce its address here (after a launch from a memory state or a
+    /// move its tap is down until now).
+    pub(super) async fn resume(&self, dir: &VmDir, qmp: &Qmp) -> Result<(), DriverError> {
+        qmp.execute("cont", None).await?;
+        if let Ok(Machine { nic: Some(nic), .. }) = self.machine(dir).await {
+            super::net::announce(&nic, qmp).await;
+        }
+        Ok(())
+    }
+
     async fn machine(&self, dir: &VmDir) -> Result<Machine, DriverError> {
         let path = dir.machine();
         let text = tokio::fs::read(&path)
@@ -98,6 +109,20 @@ impl VmHost {
         }
         let config = self.machine(&dir).await?.config(&dir, incoming);
         machine::spawn(&config, &dir.qemu_log(), self.timeout).await?;
+        if let Some(nic) = &config.nic {
+            // QEMU greets on QMP once its devices (the tap) are made. Down
+            // while it waits for a migration: a held copy is not reachable
+            // until released.
+            let attached = match self.qmp(&dir).await {
+                Ok(_) => super::net::attach(nic, !incoming).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = attached {
+                let qmp = self.qmp(&dir).await.ok();
+                machine::quit(&dir, qmp.as_deref()).await;
+                return Err(e);
+            }
+        }
         Ok(dir)
     }
 
@@ -280,6 +305,7 @@ impl Driver for VmHost {
         let machine = Machine {
             vm,
             accel: self.accel,
+            nic: super::net::nic_for(spec).await?,
         };
         let text = serde_json::to_vec_pretty(&machine).map_err(runtime)?;
         let path = dir.machine();
@@ -300,9 +326,9 @@ impl Driver for VmHost {
     }
 
     async fn restore(&self, name: &InstanceName) -> Result<(), DriverError> {
-        let state = self.dir(name).checkpoint();
-        let qmp = self.launch_from(name, &state).await?;
-        Ok(qmp.execute("cont", None).await.map(|_| ())?)
+        let dir = self.dir(name);
+        let qmp = self.launch_from(name, &dir.checkpoint()).await?;
+        self.resume(&dir, &qmp).await
     }
 
     async fn stop(&self, name: &InstanceName, force: bool) -> Result<(), DriverError> {
@@ -364,8 +390,9 @@ impl Driver for VmHost {
     }
 
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
-        let qmp = self.qmp(&self.dir(name)).await?;
-        Ok(qmp.execute("cont", None).await.map(|_| ())?)
+        let dir = self.dir(name);
+        let qmp = self.qmp(&dir).await?;
+        self.resume(&dir, &qmp).await
     }
 
     /// QEMU writes the paused guest's memory to the final state file; it
@@ -420,7 +447,8 @@ impl Driver for VmHost {
         _spec: &InstanceSpec,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        self.qmp(&dir).await?.execute("cont", None).await?;
+        let qmp = self.qmp(&dir).await?;
+        self.resume(&dir, &qmp).await?;
         let _ = tokio::fs::remove_file(dir.held_marker()).await;
         let _ = tokio::fs::remove_dir_all(dir.migration()).await;
         Ok(())
@@ -495,7 +523,7 @@ impl Driver for VmHost {
         &self,
         name: &InstanceName,
         spec: &InstanceSpec,
-        _settings: &LiveSettings,
+        settings: &LiveSettings,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         // A leftover of an interrupted attempt goes first.
@@ -511,7 +539,7 @@ impl Driver for VmHost {
         let dir = self.launch(name, true).await?;
         let qmp = self.qmp(&dir).await?;
         let sockets = (dir.nbd_socket(), dir.incoming_socket());
-        super::live::prepare_incoming(&qmp, &sockets).await
+        super::live::prepare_incoming(&qmp, &sockets, settings).await
     }
 
     async fn send_live(
@@ -524,7 +552,18 @@ impl Driver for VmHost {
         let qmp = self.qmp(&self.dir(name)).await?;
         let timeout = self.transfer_timeout;
         let dirs = (relay_dir, self.data_dir.as_path());
-        super::live::send(&qmp, dirs, settings, go_on, timeout).await
+        let end = super::live::send(&qmp, dirs, settings, go_on, timeout).await?;
+        // Paused for the switchover: its address is the target's to
+        // announce now (a rollback's thaw announces it here again).
+        if let Some(nic) = self.machine(&self.dir(name)).await?.nic {
+            super::net::set_link(&nic, false).await?;
+        }
+        Ok(end)
+    }
+
+    async fn live_sent(&self, name: &InstanceName) -> Result<(), DriverError> {
+        let qmp = self.qmp(&self.dir(name)).await?;
+        super::live::sent(&qmp, self.transfer_timeout).await
     }
 
     async fn live_received(&self, name: &InstanceName) -> Result<(), DriverError> {
@@ -553,27 +592,5 @@ impl Driver for VmHost {
         })
         .await
         .unwrap_or_default()
-    }
-}
-
-/// The accelerator this host's VMs use: KVM where the CPU has hardware
-/// virtualisation and /dev/kvm opens; TCG otherwise (this machine kind's
-/// KVM is PVM, which runs no ordinary guest, and its CPU shows neither
-/// vmx nor svm).
-pub fn host_accel() -> Accel {
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hardware = flags
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if hardware && kvm {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
     }
 }

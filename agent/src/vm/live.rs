@@ -28,17 +28,20 @@ const MAX_BANDWIDTH: u64 = 10 << 30;
 const DOWNTIME_LIMIT_MS: u64 = 300;
 
 /// The capabilities both sides must agree on (events, the pause before
-/// the switchover); `source` adds auto-converge (a guest dirtying memory
-/// faster than the link is slowed until the migration converges). Not
-/// multifd: over the relay one of three tries left a channel unread and
-/// hung (docs/vm-migration-recipe.md).
-async fn capabilities(qmp: &Qmp, source: bool) -> Result<(), DriverError> {
+/// the switchover, multifd with its number of channels); `source` adds
+/// auto-converge (a guest dirtying memory faster than the link is slowed
+/// until the migration converges). QEMU 10 tells a multifd channel from
+/// the main one by its first bytes, so the relay may connect them on the
+/// target in any order.
+async fn capabilities(qmp: &Qmp, settings: &LiveSettings, source: bool) -> Result<(), DriverError> {
+    let channels = settings.multifd_channels;
     // Every one is set, on or off: QEMU keeps them from an earlier
     // migration.
     let caps = [
         ("events", true),
         ("pause-before-switchover", true),
-        ("multifd", false),
+        ("multifd", channels > 0),
+        ("postcopy-ram", settings.postcopy),
         ("auto-converge", source),
     ];
     let caps: Vec<Value> = caps
@@ -50,6 +53,10 @@ async fn capabilities(qmp: &Qmp, source: bool) -> Result<(), DriverError> {
         Some(json!({ "capabilities": caps })),
     )
     .await?;
+    if channels > 0 {
+        let params = json!({ "multifd-channels": channels });
+        qmp.execute("migrate-set-parameters", Some(params)).await?;
+    }
     Ok(())
 }
 
@@ -58,8 +65,9 @@ async fn capabilities(qmp: &Qmp, source: bool) -> Result<(), DriverError> {
 pub async fn prepare_incoming(
     qmp: &Qmp,
     (nbd, incoming): &(PathBuf, PathBuf),
+    settings: &LiveSettings,
 ) -> Result<(), DriverError> {
-    capabilities(qmp, false).await?;
+    capabilities(qmp, settings, false).await?;
     let addr = json!({ "type": "unix", "data": { "path": nbd } });
     qmp.execute("nbd-server-start", Some(json!({ "addr": addr })))
         .await?;
@@ -74,10 +82,11 @@ pub async fn prepare_incoming(
     Ok(())
 }
 
-/// Target: wait for the incoming migration to complete (the guest stays
-/// paused), then stop serving the disk.
+/// Target: wait for the incoming migration to complete, or in post-copy
+/// to hold the device state (the guest stays paused either way), then
+/// stop serving the disk.
 pub async fn incoming_done(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
-    wait_migration(qmp, &["completed"], timeout).await?;
+    wait_migration(qmp, &["completed", "postcopy-active"], timeout).await?;
     let _ = qmp
         .execute("block-export-del", Some(json!({ "id": EXPORT })))
         .await;
@@ -130,7 +139,7 @@ async fn mirror_and_migrate(
     qmp.execute("blockdev-mirror", Some(mirror)).await?;
     let disk_bytes = wait_mirror_ready(qmp, timeout).await?;
     crate::hooks::hold_at(hooks, "live-mirror").await;
-    capabilities(qmp, true).await?;
+    capabilities(qmp, settings, true).await?;
     let bandwidth = match settings.bandwidth {
         0 => MAX_BANDWIDTH,
         n => n,
@@ -144,6 +153,9 @@ async fn mirror_and_migrate(
     let uri = format!("unix:{}", relay.join("memory.sock").display());
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     crate::hooks::hold_at(hooks, "live-memory").await;
+    if settings.postcopy {
+        start_postcopy(qmp, timeout).await?;
+    }
     let copying = wait_migration(qmp, &["pre-switchover"], timeout).await?;
     // The guest is paused here: the last moment the move may still stop.
     if !go_on() {
@@ -161,21 +173,51 @@ async fn mirror_and_migrate(
         Some(json!({ "state": "pre-switchover" })),
     )
     .await?;
-    let done = wait_migration(qmp, &["completed"], timeout).await?;
+    // In post-copy the target holds the device state now and fetches
+    // the rest once it runs; `sent` waits for that.
+    let done = wait_migration(qmp, &["completed", "postcopy-active"], timeout).await?;
     Ok(LiveEnd {
         note: Some(figures(
             (disk_bytes, started.elapsed()),
             &done.last,
             copying.dirty_rate,
+            settings,
         )),
         paused_ms: done.last["downtime"].as_u64().unwrap_or(0),
     })
 }
 
+/// Source, after `send`: wait until QEMU has sent everything (in
+/// post-copy, the pages the running target still lacked).
+pub async fn sent(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    let status = qmp.execute("query-migrate", None).await?;
+    if status["status"].as_str() == Some("completed") {
+        return Ok(());
+    }
+    wait_migration(qmp, &["completed"], timeout)
+        .await
+        .map(|_| ())
+}
+
+/// Ask QEMU to switch to post-copy once the migration runs: it does at
+/// its next iteration, pausing the guest for the switchover as before.
+async fn start_postcopy(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    let status = wait_migration(qmp, &["active", "pre-switchover"], timeout).await?;
+    if status.last["status"].as_str() == Some("active") {
+        qmp.execute("migrate-start-postcopy", None).await?;
+    }
+    Ok(())
+}
+
 /// "QEMU copied 192 MiB of disk and 180 MiB of memory in 2400 ms (the
-/// memory in 1300 ms at 850 Mbit/s; the guest dirtied 12.0 MiB/s), its
-/// downtime 80 ms".
-fn figures((disk_bytes, took): (u64, Duration), info: &Value, dirty_rate: Option<u64>) -> String {
+/// memory in 1300 ms at 850 Mbit/s over 2 multifd channels; the guest
+/// dirtied 12.0 MiB/s), its downtime 80 ms".
+fn figures(
+    (disk_bytes, took): (u64, Duration),
+    info: &Value,
+    dirty_rate: Option<u64>,
+    settings: &LiveSettings,
+) -> String {
     let ram = info["ram"]["transferred"].as_u64().unwrap_or(0) >> 20;
     let total = info["total-time"].as_u64().unwrap_or(0);
     let mbps = info["ram"]["mbps"].as_f64().unwrap_or(0.0);
@@ -186,8 +228,19 @@ fn figures((disk_bytes, took): (u64, Duration), info: &Value, dirty_rate: Option
             rate as f64 / f64::from(1 << 20)
         )
     });
+    let multifd = match settings.multifd_channels {
+        0 => String::new(),
+        n => format!(" over {n} multifd channels"),
+    };
+    let postcopy = match (settings.postcopy, info["status"].as_str()) {
+        (true, Some("postcopy-active")) => {
+            "; post-copy from the switchover: the target runs and fetches the rest, no way back once it runs"
+        }
+        (true, _) => "; post-copy was asked for, but the memory was all copied before it began",
+        _ => "",
+    };
     format!(
-        "QEMU copied {} MiB of disk and {ram} MiB of memory in {} ms (the memory in {total} ms at {mbps:.0} Mbit/s{dirtied}), its downtime {downtime} ms",
+        "QEMU copied {} MiB of disk and {ram} MiB of memory in {} ms (the memory in {total} ms at {mbps:.0} Mbit/s{multifd}{dirtied}), its downtime {downtime} ms{postcopy}",
         disk_bytes >> 20,
         took.as_millis()
     )
@@ -225,7 +278,11 @@ async fn wait_migration(
                 dirty_rate,
             });
         }
-        if matches!(status, "failed" | "cancelled" | "cancelling") {
+        // Post-copy paused: the link to the target broke.
+        if matches!(
+            status,
+            "failed" | "cancelled" | "cancelling" | "postcopy-paused"
+        ) {
             let why = info["error-desc"].as_str().unwrap_or(status);
             return Err(runtime(format!("QEMU's migration failed: {why}")));
         }
@@ -280,5 +337,50 @@ async fn wait_job_gone(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> 
             return Err(runtime("the disk mirror did not end"));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(status: &str, settings: LiveSettings) -> String {
+        let info = json!({
+            "status": status, "total-time": 900, "downtime": 40,
+            "ram": { "transferred": 300u64 << 20, "mbps": 850.0 },
+        });
+        let copy = (64u64 << 20, Duration::from_millis(1200));
+        figures(copy, &info, Some(3 << 20), &settings)
+    }
+
+    #[test]
+    fn the_note_says_no_way_back_only_when_post_copy_began() {
+        let postcopy = LiveSettings {
+            postcopy: true,
+            ..LiveSettings::default()
+        };
+        let began = note("postcopy-active", postcopy);
+        assert!(began.contains("no way back"), "{began}");
+        let converged = note("completed", postcopy);
+        assert!(!converged.contains("no way back"), "{converged}");
+        assert!(converged.contains("before it began"), "{converged}");
+        let plain = note("completed", LiveSettings::default());
+        assert!(!plain.contains("post-copy"), "{plain}");
+    }
+
+    #[test]
+    fn the_note_has_qemus_figures_and_the_multifd_channels() {
+        let multifd = LiveSettings {
+            multifd_channels: 4,
+            ..LiveSettings::default()
+        };
+        let text = note("completed", multifd);
+        assert!(
+            text.starts_with("QEMU copied 64 MiB of disk and 300 MiB of memory in 1200 ms"),
+            "{text}"
+        );
+        assert!(text.contains("over 4 multifd channels"), "{text}");
+        assert!(text.contains("dirtied 3.0 MiB/s"), "{text}");
+        assert!(text.ends_with("its downtime 40 ms"), "{text}");
     }
 }

@@ -108,6 +108,10 @@ impl VmDir {
 pub struct Machine {
     pub vm: ferry_raft::VmSpec,
     pub accel: Accel,
+    /// On the cluster network (absent in a machine written before VMs
+    /// could be).
+    #[serde(default)]
+    pub nic: Option<super::net::Nic>,
 }
 
 impl Machine {
@@ -129,6 +133,7 @@ impl Machine {
             pid_file: dir.pid_file(),
             incoming,
             daemonize: false,
+            nic: self.nic,
         }
     }
 }

@@ -7,7 +7,8 @@ mod guest_agent;
 pub mod host;
 pub mod live;
 pub mod machine;
-mod probe;
+pub mod net;
+pub mod probe;
 pub mod qemu;
 pub mod qmp;
 

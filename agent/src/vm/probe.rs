@@ -13,6 +13,28 @@ use super::qemu::Accel;
 /// The most missing features kept per CPU model (enough to name why).
 const MISSING_KEPT: usize = 6;
 
+/// The accelerator this host's VMs use: KVM where the CPU has hardware
+/// virtualisation and /dev/kvm opens; TCG otherwise (this machine kind's
+/// KVM is PVM, which runs no ordinary guest, and its CPU shows neither
+/// vmx nor svm).
+pub fn host_accel() -> Accel {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if hardware && kvm {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
 /// "QEMU emulator version 10.0.2 (Debian ...)" → "10.0.2".
 pub fn qemu_version(text: &str) -> Option<String> {
     let rest = text.split("version ").nth(1)?;

@@ -38,6 +38,8 @@ pub struct QemuConfig {
     pub append: Option<String>,
     /// The instance's qcow2 disk (block node `disk0`, virtio-blk).
     pub disk: Option<PathBuf>,
+    /// On the cluster network: a tap QEMU makes and a virtio NIC.
+    pub nic: Option<super::net::Nic>,
     /// The serial console goes to this file.
     pub serial_log: PathBuf,
     /// QMP listens here (the agent's operations).
@@ -105,8 +107,21 @@ impl QemuConfig {
                 argv.extend([OsString::from(flag), file.into()]);
             }
         }
-        if let Some(append) = &self.append {
-            argv.extend(["-append".into(), append.into()]);
+        if self.kernel.is_some() {
+            let nic_args = self.nic.as_ref().map(super::net::Nic::kernel_args);
+            let append: Vec<String> = self.append.iter().cloned().chain(nic_args).collect();
+            if !append.is_empty() {
+                argv.extend(["-append".into(), append.join(" ").into()]);
+            }
+        }
+        if let Some(nic) = &self.nic {
+            let tap = format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                nic.ifname()
+            );
+            let device = format!("virtio-net-pci,netdev=net0,mac={},id=vnet0", nic.mac());
+            argv.extend(["-netdev".into(), tap.into()]);
+            argv.extend(["-device".into(), device.into()]);
         }
         argv.extend([
             "-chardev".into(),
@@ -170,6 +185,7 @@ mod tests {
             pid_file: "/i/qemu.pid".into(),
             incoming: false,
             daemonize: false,
+            nic: None,
         }
     }
 
@@ -208,6 +224,27 @@ mod tests {
             ..config()
         };
         assert!(joined(&incoming).ends_with("-incoming defer -S"));
+    }
+
+    #[test]
+    fn on_the_cluster_network_the_guest_gets_a_tap_nic_and_its_address_on_its_command_line() {
+        let nic = crate::vm::net::Nic {
+            address: "198.19.0.5".parse().unwrap(),
+            gateway: "198.19.0.1".parse().unwrap(),
+        };
+        let line = joined(&QemuConfig {
+            nic: Some(nic),
+            ..config()
+        });
+        let tap = format!("-netdev tap,id=net0,ifname={},script=no", nic.ifname());
+        for part in [
+            "-append console=ttyS0 ferry.ip=198.19.0.5 ferry.gateway=198.19.0.1",
+            &tap,
+            "virtio-net-pci,netdev=net0,mac=06:fe:c6:13:00:05",
+        ] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
+        assert!(!joined(&config()).contains("-netdev"));
     }
 
     #[test]

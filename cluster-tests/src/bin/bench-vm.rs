@@ -5,7 +5,9 @@
 //! sequence between two local QEMUs over direct unix sockets, in one run.
 //! TCG on this machine kind (its KVM runs only PVM guests).
 //!
-//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-vm [-- MEMORY DISK DIRTY]
+//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-vm [-- MEMORY DISK DIRTY [--multifd N | --postcopy]]
+//!
+//! The move options after the sizes apply to both paths.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use cluster_tests::{run_tool, wait_for, Cluster};
 use ferry_agent::vm::machine::{self, Machine, VmDir};
 use ferry_agent::vm::qemu::Accel;
 use ferry_agent::vm::qmp::Qmp;
+use ferry_raft::LiveSettings;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -44,6 +47,7 @@ fn machine(memory: u64, disk_bytes: u64, dirty: u64) -> Machine {
             disk_bytes,
         },
         accel: Accel::Tcg,
+        nic: None,
     }
 }
 
@@ -95,13 +99,18 @@ async fn wait_dirtying(console: &Path) -> Result<()> {
 }
 
 /// The same QMP sequence as ferry's, QEMU to QEMU over unix sockets.
-async fn direct(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u64)) -> Result<Run> {
+async fn direct(
+    root: &Path,
+    guest: &Path,
+    (memory, disk, dirty): (u64, u64, u64),
+    settings: &LiveSettings,
+) -> Result<Run> {
     let m = machine(memory, disk << 20, dirty);
     let (src, dst) = (
         vm_dir(&root.join("src"), guest, disk, false)?,
         vm_dir(&root.join("dst"), guest, disk, true)?,
     );
-    let moved = direct_move(&m, (&src, &dst), root, disk).await;
+    let moved = direct_move(&m, (&src, &dst), (root, disk), settings).await;
     // Neither QEMU outlives the run, however it ended.
     for dir in [&src, &dst] {
         machine::quit(dir, None).await;
@@ -112,8 +121,8 @@ async fn direct(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u64
 async fn direct_move(
     m: &Machine,
     (src, dst): (&VmDir, &VmDir),
-    root: &Path,
-    disk: u64,
+    (root, disk): (&Path, u64),
+    settings: &LiveSettings,
 ) -> Result<Run> {
     let log = |d: &VmDir| d.qemu_log();
     machine::spawn(&m.config(src, false), &log(src), TIMEOUT).await?;
@@ -125,19 +134,23 @@ async fn direct_move(
         dst.migration().join("disk.sock"),
         dst.migration().join("memory.sock"),
     );
-    ferry_agent::vm::live::prepare_incoming(&target, &sockets).await?;
+    ferry_agent::vm::live::prepare_incoming(&target, &sockets, settings).await?;
     let started = Instant::now();
-    let settings = ferry_raft::LiveSettings::default();
     let end = ferry_agent::vm::live::send(
         &source,
         (&dst.migration(), root),
-        &settings,
+        settings,
         &|| true,
         TIMEOUT,
     )
     .await
     .context("direct migration")?;
     ferry_agent::vm::live::incoming_done(&target, TIMEOUT).await?;
+    if settings.postcopy {
+        // The target runs and fetches the rest, as ferry's does.
+        target.execute("cont", None).await?;
+        ferry_agent::vm::live::sent(&source, TIMEOUT).await?;
+    }
     let total_ms = started.elapsed().as_millis() as u64;
     let info = source.execute("query-migrate", None).await?;
     let ram = info["ram"]["transferred"].as_u64().unwrap_or(0);
@@ -153,7 +166,12 @@ async fn direct_move(
 }
 
 /// Two agents; the VM launched on n1 and moved to n2.
-fn through_ferry(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u64)) -> Result<Run> {
+fn through_ferry(
+    root: &Path,
+    guest: &Path,
+    (memory, disk, dirty): (u64, u64, u64),
+    options: &[String],
+) -> Result<Run> {
     let mut cluster = Cluster::new();
     cluster.bootstrap("n1", 3)?;
     cluster.join("n2", 0)?;
@@ -176,7 +194,9 @@ fn through_ferry(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u6
         .enable_all()
         .build()?
         .block_on(wait_dirtying(&console))?;
-    cluster.ferry_ok(0, &["move", "v1", "--target", "n2"])?;
+    let mut args = vec!["move", "v1", "--target", "n2"];
+    args.extend(options.iter().map(String::as_str));
+    cluster.ferry_ok(0, &args)?;
     let job = cluster.ferry_json(0, &["job", "show", "1"])?;
     let figure = |k: &str| job[k].as_u64().unwrap_or(0);
     Ok(Run {
@@ -196,10 +216,17 @@ fn through_ferry(root: &Path, guest: &Path, (memory, disk, dirty): (u64, u64, u6
 }
 
 fn main() -> Result<()> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let sizes_end = all
+        .iter()
+        .position(|a| a.starts_with("--"))
+        .unwrap_or(all.len());
+    let args: Vec<u64> = all[..sizes_end]
+        .iter()
+        .map(|a| a.parse().with_context(|| format!("{a}: not a size in MiB")))
+        .collect::<Result<_>>()?;
+    let options = &all[sizes_end..];
+    let settings = live_settings(options)?;
     let (memory, disk, dirty) = (
         args.first().copied().unwrap_or(512),
         args.get(1).copied().unwrap_or(256),
@@ -210,8 +237,13 @@ fn main() -> Result<()> {
     test_guest(&guest)?;
     let sizes = (memory, disk, dirty);
     let runtime = tokio::runtime::Runtime::new()?;
-    let direct = runtime.block_on(direct(&root.path().join("direct"), &guest, sizes))?;
-    let ferry = through_ferry(&root.path().join("ferry"), &guest, sizes)?;
+    let direct = runtime.block_on(direct(
+        &root.path().join("direct"),
+        &guest,
+        sizes,
+        &settings,
+    ))?;
+    let ferry = through_ferry(&root.path().join("ferry"), &guest, sizes, options)?;
     println!("guest: {memory} MiB RAM ({dirty} MiB rewritten continuously), {disk} MiB disk (3/4 full), TCG");
     println!(
         "{:<28} {:>9} {:>12} {:>9} {:>8}",
@@ -238,6 +270,23 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The direct path's settings for ferry's move options.
+fn live_settings(options: &[String]) -> Result<LiveSettings> {
+    let mut settings = LiveSettings::default();
+    let mut words = options.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--postcopy" => settings.postcopy = true,
+            "--multifd" => {
+                let n = words.next().context("--multifd needs a number")?;
+                settings.multifd_channels = n.parse().context("--multifd N")?;
+            }
+            other => bail!("{other}: the options are --multifd N and --postcopy"),
+        }
+    }
+    Ok(settings)
 }
 
 /// MiB/s of the copy in a note "QEMU copied D MiB of disk and R MiB of

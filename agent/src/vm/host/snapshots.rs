@@ -88,7 +88,7 @@ impl VmHost {
             return self.launch(name, false).await.map(|_| ());
         }
         let qmp = self.launch_from(name, &memory).await?;
-        Ok(qmp.execute("cont", None).await.map(|_| ())?)
+        self.resume(&self.dir(name), &qmp).await
     }
 
     /// Put a snapshot's disk back (QEMU does not run); a stateful stop's
