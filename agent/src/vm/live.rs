@@ -86,7 +86,8 @@ pub async fn prepare_incoming(
 /// to hold the device state (the guest stays paused either way), then
 /// stop serving the disk.
 pub async fn incoming_done(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
-    wait_migration(qmp, &["completed", "postcopy-active"], timeout).await?;
+    let done = wait_migration(qmp, &["completed", "postcopy-active"], timeout).await?;
+    tracing::info!(status = ?done.last["status"], "the incoming migration holds the guest");
     let _ = qmp
         .execute("block-export-del", Some(json!({ "id": EXPORT })))
         .await;
@@ -157,6 +158,7 @@ async fn mirror_and_migrate(
         start_postcopy(qmp, timeout).await?;
     }
     let copying = wait_migration(qmp, &["pre-switchover"], timeout).await?;
+    tracing::info!("QEMU paused the guest for the switchover");
     // The guest is paused here: the last moment the move may still stop.
     if !go_on() {
         return Err(runtime(
@@ -176,6 +178,7 @@ async fn mirror_and_migrate(
     // In post-copy the target holds the device state now and fetches
     // the rest once it runs; `sent` waits for that.
     let done = wait_migration(qmp, &["completed", "postcopy-active"], timeout).await?;
+    tracing::info!(status = ?done.last["status"], "QEMU switched over");
     Ok(LiveEnd {
         note: Some(figures(
             (disk_bytes, started.elapsed()),
