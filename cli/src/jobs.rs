@@ -37,15 +37,6 @@ pub struct MoveArgs {
     /// Who opens the transfer connection: the target (pull) or the source (push).
     #[arg(long, value_enum, default_value = "pull")]
     mode: Mode,
-    /// Most memory pre-copy rounds before the final dump. Recorded on the job;
-    /// pre-copy itself is not implemented yet (and needs a kernel that tracks
-    /// dirty memory): the job notes that it went straight to the final dump.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    precopy_iterations: u32,
-    /// Stop pre-copying once less than this share of memory is dirty (see
-    /// --precopy-iterations).
-    #[arg(long, value_name = "PERCENT", default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
-    precopy_goal: u8,
     /// A VM: the longest pause QEMU aims for at the switchover, in ms.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     downtime_limit: u64,
@@ -268,8 +259,6 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
             Mode::Pull => TransferMode::Pull,
             Mode::Push => TransferMode::Push,
         },
-        precopy_iterations: args.precopy_iterations,
-        precopy_goal_percent: args.precopy_goal,
         live: ferry_raft::LiveSettings {
             downtime_limit_ms: args.downtime_limit,
             bandwidth: args.bandwidth.unwrap_or(0),

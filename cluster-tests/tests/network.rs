@@ -174,6 +174,32 @@ fn server_and_client() -> Result<(Cluster, String, PathBuf)> {
     Ok((cluster, addr, log))
 }
 
+/// Move `name` (holding `addr`) live to `target` (n1 or n2) while the
+/// client logging to `log` talks to it: the address stays, the client's
+/// echoes go on, and the other of n1 and n2 routes the address to
+/// `target`. Returns the move's downtime.
+fn move_keeping_the_connection(
+    cluster: &Cluster,
+    (name, addr): (&str, &str),
+    log: &Path,
+    target: &str,
+) -> Result<u64> {
+    let out = cluster.ferry_ok(0, &["move", name, "--target", target])?;
+    let downtime = downtime_ms(&out).with_context(|| format!("no downtime in: {out}"))?;
+    assert_eq!(address(cluster, name)?, addr, "the address changed");
+    let seen = echoes(log).len();
+    wait_echoes(log, seen + 10)?;
+    let gap = unbroken_gap_ms(log)?;
+    eprintln!("{name} to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
+    let (left, via) = match target {
+        "n2" => (0, "198.18.0.2"),
+        _ => (1, "198.18.0.1"),
+    };
+    let route = route_on(cluster, left, addr)?;
+    assert!(route.contains(&format!("via {via}")), "{route}");
+    Ok(downtime)
+}
+
 #[test]
 fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
     if !require_container_runtime() {
@@ -181,26 +207,17 @@ fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
     }
     let (cluster, addr, log) = server_and_client()?;
     let mut worst = 0;
-    for (target, index, via) in [("n2", 1, "198.18.0.2"), ("n1", 0, "198.18.0.1")] {
-        let out = cluster.ferry_ok(0, &["move", "srv", "--target", target])?;
-        let downtime = downtime_ms(&out).with_context(|| format!("no downtime in: {out}"))?;
-        worst = worst.max(downtime);
-        assert_eq!(address(&cluster, "srv")?, addr, "the address changed");
-        let seen = echoes(&log).len();
-        wait_echoes(&log, seen + 10)?;
-        let gap = unbroken_gap_ms(&log)?;
-        eprintln!("move to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
-        // The one left behind holds nothing for it and routes it to the
-        // member it runs on.
-        let left = 1 - index;
-        let netns = cluster.agents[left].data_dir.join("netns/srv");
-        assert!(
-            !netns.exists(),
-            "{} still has its namespace",
-            cluster.agents[left].name
-        );
-        let route = route_on(&cluster, left, &addr)?;
-        assert!(route.contains(&format!("via {via}")), "{route}");
+    for (target, index) in [("n2", 1), ("n1", 0)] {
+        worst = worst.max(move_keeping_the_connection(
+            &cluster,
+            ("srv", &addr),
+            &log,
+            target,
+        )?);
+        // The one left behind holds nothing for it.
+        let left = &cluster.agents[1 - index];
+        let netns = left.data_dir.join("netns/srv");
+        assert!(!netns.exists(), "{} still has its namespace", left.name);
     }
     let gap = unbroken_gap_ms(&log)?;
     // Retransmission backs off while the address is withdrawn: allow that
@@ -260,17 +277,13 @@ fn a_vm_on_the_cluster_network_keeps_its_address_and_the_open_connection_through
     wait_echo(&cluster, &addr, "the guest's echo server from n3")?;
     let log = start_client(&cluster, &rootfs, &addr)?;
     let mut worst = 0;
-    for (target, index, via) in [("n2", 1, "198.18.0.2"), ("n1", 0, "198.18.0.1")] {
-        let out = cluster.ferry_ok(0, &["move", "v1", "--target", target])?;
-        let downtime = downtime_ms(&out).with_context(|| format!("no downtime in: {out}"))?;
-        worst = worst.max(downtime);
-        assert_eq!(address(&cluster, "v1")?, addr, "the address changed");
-        let seen = echoes(&log).len();
-        wait_echoes(&log, seen + 10)?;
-        let gap = unbroken_gap_ms(&log)?;
-        eprintln!("VM to {target}: downtime {downtime} ms, longest gap the client saw {gap} ms");
-        let route = route_on(&cluster, 1 - index, &addr)?;
-        assert!(route.contains(&format!("via {via}")), "{route}");
+    for (target, index) in [("n2", 1), ("n1", 0)] {
+        worst = worst.max(move_keeping_the_connection(
+            &cluster,
+            ("v1", &addr),
+            &log,
+            target,
+        )?);
         assert_eq!(boots(&console(index)), 0, "the guest booted on {target}");
     }
     let gap = unbroken_gap_ms(&log)?;

@@ -87,9 +87,6 @@ pub struct MoveOptions {
     /// Move memory state (CRIU); false: stop, copy, start.
     pub stateful: bool,
     pub mode: TransferMode,
-    pub precopy_iterations: u32,
-    /// Stop pre-copying once the dirty share of memory is under this.
-    pub precopy_goal_percent: u8,
     /// For a runtime that moves the instance itself (a VM's QEMU).
     pub live: LiveSettings,
 }
@@ -115,8 +112,6 @@ impl Default for MoveOptions {
         MoveOptions {
             stateful: true,
             mode: TransferMode::Pull,
-            precopy_iterations: 3,
-            precopy_goal_percent: 10,
             live: LiveSettings::default(),
         }
     }

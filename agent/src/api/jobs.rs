@@ -12,9 +12,8 @@ pub struct MoveRequest {
     /// None: stateful if the instance runs, else stateless.
     pub stateful: Option<bool>,
     pub mode: TransferMode,
-    pub precopy_iterations: u32,
-    pub precopy_goal_percent: u8,
-    /// A VM's live move: `--downtime-limit`, `--bandwidth`, `--multifd`.
+    /// A VM's live move: `--downtime-limit`, `--bandwidth`, `--multifd`,
+    /// `--postcopy`.
     pub live: ferry_raft::LiveSettings,
     pub dry_run: bool,
 }

@@ -153,8 +153,6 @@ pub async fn start_move(
     let options = MoveOptions {
         stateful,
         mode: request.mode,
-        precopy_iterations: request.precopy_iterations,
-        precopy_goal_percent: request.precopy_goal_percent,
         live: request.live,
     };
     let result = agent

@@ -184,8 +184,6 @@ impl Sim {
             target: Some(target.into()),
             stateful,
             mode,
-            precopy_iterations: 0,
-            precopy_goal_percent: 0,
             live: Default::default(),
             dry_run: false,
         };
