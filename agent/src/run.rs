@@ -36,6 +36,8 @@ pub struct AgentOptions {
     pub voters: u8,
     /// The cluster network's range, set at bootstrap.
     pub cluster_subnet: Option<ferry_raft::subnet::Subnet>,
+    /// Finished moves the cluster keeps, set at bootstrap.
+    pub job_history: u32,
     /// Take a Raft snapshot every this many applied entries.
     pub snapshot_every: u64,
     pub gossip: GossipConfig,
@@ -187,6 +189,7 @@ pub(crate) async fn start(
         tuning: Tuning {
             voters: config.voters,
             cluster_subnet: opts.cluster_subnet,
+            job_history: opts.job_history,
             heal_after: opts.heal_after,
             job_phase_timeout: opts.job_phase_timeout,
             disk_reserve_bytes: opts.disk_reserve_bytes,

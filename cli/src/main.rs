@@ -104,6 +104,11 @@ struct AgentArgs {
     /// network but their own loopback.
     #[arg(long, value_name = "CIDR", requires = "bootstrap", value_parser = ferry_raft::subnet::Subnet::parse)]
     cluster_subnet: Option<ferry_raft::subnet::Subnet>,
+    /// Finished moves the cluster keeps (set at bootstrap); the oldest go
+    /// first, so the replicated state does not grow with every move ever
+    /// made. Evacuations keep their moves until they finish.
+    #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_JOB_HISTORY, requires = "bootstrap", value_parser = clap::value_parser!(u32).range(1..))]
+    job_history: u32,
     /// Take a Raft snapshot (and purge the log behind it) every N applied entries.
     #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
@@ -357,6 +362,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         join: args.join,
         voters: args.voters,
         cluster_subnet: args.cluster_subnet,
+        job_history: args.job_history,
         snapshot_every: args.snapshot_every,
         gossip: ferry_agent::GossipConfig {
             probe_period: args.gossip_probe_period,

@@ -159,7 +159,33 @@ impl ClusterState {
             job.phase = to;
             job.phase_ms = now_ms;
         }
+        if to.is_terminal() {
+            self.prune_finished_jobs();
+        }
         Ok(())
+    }
+
+    /// Past the configured history, the oldest finished moves go; never
+    /// one an unfinished evacuation, restore or upgrade still lists.
+    fn prune_finished_jobs(&mut self) {
+        let unfinished_parent = |job: &Job| {
+            job.parent.is_some_and(|p| {
+                self.host_jobs
+                    .get(&p)
+                    .is_some_and(|h| h.finished_ms.is_none())
+            })
+        };
+        let finished: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.phase.is_terminal() && !unfinished_parent(j))
+            .map(|j| j.id)
+            .collect();
+        let excess = finished.len().saturating_sub(self.config.job_history());
+        // Job ids grow: the first ones are the oldest.
+        for id in finished.into_iter().take(excess) {
+            self.jobs.remove(&id);
+        }
     }
 }
 
@@ -239,6 +265,50 @@ mod tests {
     }
 
     use Phase::*;
+
+    #[test]
+    fn finished_moves_past_the_history_go_oldest_first_never_an_unfinished_one_or_an_evacuations() {
+        let mut s = cluster();
+        s.config.job_history = 2;
+        create(&mut s, 2);
+        let template = s.jobs[&1].clone();
+        // 2..=5 done; 6 done but its evacuation runs on; 7 still moving.
+        for id in 2..=7 {
+            let job = Job {
+                id,
+                phase: if id == 7 { Preparing } else { Done },
+                parent: (id == 6).then_some(100),
+                ..template.clone()
+            };
+            s.jobs.insert(id, job);
+        }
+        s.host_jobs.insert(
+            100,
+            crate::hosts::HostJob {
+                id: 100,
+                kind: crate::hosts::HostJobKind::Evacuate,
+                member: 1,
+                mode: Default::default(),
+                parallel: 1,
+                items: Vec::new(),
+                abort_requested: false,
+                created_ms: 0,
+                finished_ms: None,
+                parent: None,
+                upgrade: None,
+            },
+        );
+        // Job 1 ends: of the finished 1..=5 the two newest stay.
+        walk(&mut s, &[Pending, RollingBack, RolledBack]);
+        let kept: Vec<JobId> = s.jobs.keys().copied().collect();
+        assert_eq!(kept, vec![4, 5, 6, 7]);
+        // Unset, the history is the default.
+        s.config.job_history = 0;
+        assert_eq!(
+            s.config.job_history(),
+            crate::model::DEFAULT_JOB_HISTORY as usize
+        );
+    }
 
     #[test]
     fn a_move_holds_the_instance_and_records_where_it_ran() {

@@ -142,6 +142,22 @@ pub struct ClusterConfig {
     /// The cluster network's range (`--cluster-subnet`); without it
     /// instances have no network but their own loopback.
     pub subnet: Option<crate::subnet::Subnet>,
+    /// Finished moves kept (the oldest go first; 0:
+    /// [`DEFAULT_JOB_HISTORY`]), so the state does not grow with every
+    /// move ever made.
+    pub job_history: u32,
+}
+
+/// Finished moves a cluster keeps unless its bootstrap said otherwise.
+pub const DEFAULT_JOB_HISTORY: u32 = 1000;
+
+impl ClusterConfig {
+    pub fn job_history(&self) -> usize {
+        match self.job_history {
+            0 => DEFAULT_JOB_HISTORY as usize,
+            n => n as usize,
+        }
+    }
 }
 
 /// Everything the cluster state machine holds.

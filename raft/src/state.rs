@@ -296,6 +296,7 @@ mod tests {
             voters: 3,
             ca_fingerprint: "ab".repeat(32),
             subnet: None,
+            job_history: 0,
         }
     }
 
@@ -421,6 +422,7 @@ mod tests {
                 voters: 5,
                 ca_fingerprint: "cd".into(),
                 subnet: None,
+                job_history: 0,
             },
         };
         assert_rejected_unchanged(&mut s, &other, Rejection::AlreadyInitialised);

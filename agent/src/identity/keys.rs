@@ -132,6 +132,7 @@ pub async fn ensure_bootstrap_records(agent: Arc<Agent>, serial: String) {
                     voters: agent.tuning().voters,
                     ca_fingerprint: agent.keyring().fingerprint(),
                     subnet: agent.tuning().cluster_subnet,
+                    job_history: agent.tuning().job_history,
                 },
             }
         } else {

@@ -37,6 +37,8 @@ pub struct Tuning {
     pub voters: u8,
     /// `--cluster-subnet`, recorded by the bootstrap.
     pub cluster_subnet: Option<ferry_raft::subnet::Subnet>,
+    /// `--job-history`, recorded by the bootstrap.
+    pub job_history: u32,
     /// A voter dead (by gossip) this long is replaced by a live learner.
     pub heal_after: Duration,
     /// The leader rolls back a job whose phase has not moved for this long.

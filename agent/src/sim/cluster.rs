@@ -33,6 +33,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         join: None,
         voters: 3,
         cluster_subnet: None,
+        job_history: 0,
         snapshot_every: ferry_raft::DEFAULT_SNAPSHOT_EVERY,
         gossip: Default::default(),
         heal_after: Duration::from_secs(600),

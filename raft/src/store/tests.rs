@@ -79,6 +79,7 @@ fn bootstrap_log() -> Vec<Entry> {
                     voters: 3,
                     ca_fingerprint: "ca".into(),
                     subnet: None,
+                    job_history: 0,
                 },
             },
         ),
