@@ -102,7 +102,13 @@ async fn relayed(
 ) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let relay_dir = driver.staging(name).join("relay");
-    let listeners = listen(&relay_dir, driver.live_streams(name)).await?;
+    let listeners = match listen(&relay_dir, driver.live_streams(name)).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            let _ = write_frame(header_to, &FinalHeader::Refused(e.to_string())).await;
+            return Err(e);
+        }
+    };
     let job_id = job.id;
     let go_on = move || {
         let current = agent.state().read(|s| s.jobs.get(&job_id).cloned());

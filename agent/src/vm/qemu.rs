@@ -76,6 +76,25 @@ fn path_arg(prefix: &str, path: &std::path::Path) -> OsString {
 }
 
 impl QemuConfig {
+    /// Direct kernel boot: kernel, initrd, and the command line with the
+    /// guest's cluster network address added.
+    fn boot_args(&self) -> Vec<OsString> {
+        let mut argv = Vec::new();
+        for (flag, file) in [("-kernel", &self.kernel), ("-initrd", &self.initrd)] {
+            if let Some(file) = file {
+                argv.extend([OsString::from(flag), file.into()]);
+            }
+        }
+        if self.kernel.is_some() {
+            let nic_args = self.nic.as_ref().map(super::net::Nic::kernel_args);
+            let append: Vec<String> = self.append.iter().cloned().chain(nic_args).collect();
+            if !append.is_empty() {
+                argv.extend(["-append".into(), append.join(" ").into()]);
+            }
+        }
+        argv
+    }
+
     pub fn argv(&self) -> Result<Vec<OsString>, QemuConfigError> {
         if matches!(self.cpu_model.as_str(), "host" | "max") {
             return Err(QemuConfigError::HostCpu(self.cpu_model.clone()));
@@ -102,18 +121,7 @@ impl QemuConfig {
         .iter()
         .map(OsString::from)
         .collect();
-        for (flag, file) in [("-kernel", &self.kernel), ("-initrd", &self.initrd)] {
-            if let Some(file) = file {
-                argv.extend([OsString::from(flag), file.into()]);
-            }
-        }
-        if self.kernel.is_some() {
-            let nic_args = self.nic.as_ref().map(super::net::Nic::kernel_args);
-            let append: Vec<String> = self.append.iter().cloned().chain(nic_args).collect();
-            if !append.is_empty() {
-                argv.extend(["-append".into(), append.join(" ").into()]);
-            }
-        }
+        argv.extend(self.boot_args());
         if let Some(nic) = &self.nic {
             let tap = format!(
                 "tap,id=net0,ifname={},script=no,downscript=no",
