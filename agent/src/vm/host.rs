@@ -118,8 +118,7 @@ impl VmHost {
                 Err(e) => Err(e),
             };
             if let Err(e) = attached {
-                let qmp = self.qmp(&dir).await.ok();
-                machine::quit(&dir, qmp.as_deref()).await;
+                self.quit(&dir).await;
                 return Err(e);
             }
         }

@@ -193,10 +193,6 @@ async fn mirror_and_migrate(
 /// Source, after `send`: wait until QEMU has sent everything (in
 /// post-copy, the pages the running target still lacked).
 pub async fn sent(qmp: &Qmp, timeout: Duration) -> Result<(), DriverError> {
-    let status = qmp.execute("query-migrate", None).await?;
-    if status["status"].as_str() == Some("completed") {
-        return Ok(());
-    }
     wait_migration(qmp, &["completed"], timeout)
         .await
         .map(|_| ())
