@@ -207,14 +207,22 @@ pub(crate) async fn start(
             config.cert_serial.clone(),
         ));
     }
-    tokio::spawn(crate::membership::leader_loop(agent.clone()));
     tokio::spawn(crate::membership::publish_facts(agent.clone()));
     tokio::spawn(identity::record_admin_cert(agent.clone()));
-    tokio::spawn(identity::keep_ca_key(agent.clone()));
-    tokio::spawn(crate::instances::reconciler::run(agent.clone()));
-    tokio::spawn(crate::migration::run(agent.clone()));
-    tokio::spawn(crate::hosts::runner::run(agent.clone()));
-    tokio::spawn(crate::network::upkeep(agent.clone()));
+    #[cfg(feature = "test-hooks")]
+    tokio::spawn(fill_on_request(agent.clone()));
+    // What acts on the state (runs, deletes, moves, leads) starts once the
+    // state has caught up with the cluster (`Agent::catch_up`).
+    let acting = agent.clone();
+    tokio::spawn(async move {
+        acting.catch_up().await;
+        tokio::spawn(crate::membership::leader_loop(acting.clone()));
+        tokio::spawn(identity::keep_ca_key(acting.clone()));
+        tokio::spawn(crate::instances::reconciler::run(acting.clone()));
+        tokio::spawn(crate::migration::run(acting.clone()));
+        tokio::spawn(crate::hosts::runner::run(acting.clone()));
+        tokio::spawn(crate::network::upkeep(acting));
+    });
 
     dir.save_api_info(&ApiInfo {
         address: addr.to_string(),
@@ -227,6 +235,29 @@ pub(crate) async fn start(
         dir.root().display()
     );
     Ok(agent)
+}
+
+/// A test build fills the state for a benchmark that writes the file
+/// `fill` ("INSTANCES JOBS") into the data dir, then writes `filled`.
+#[cfg(feature = "test-hooks")]
+async fn fill_on_request(agent: Arc<Agent>) {
+    let request = agent.data_dir().root().join("fill");
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let Ok(text) = std::fs::read_to_string(&request) else {
+            continue;
+        };
+        let mut numbers = text.split_whitespace().map(|n| n.parse::<u32>());
+        let (Some(Ok(instances)), Some(Ok(jobs))) = (numbers.next(), numbers.next()) else {
+            continue;
+        };
+        let _ = std::fs::remove_file(&request);
+        let result = agent
+            .write(ferry_raft::Command::TestFill { instances, jobs })
+            .await;
+        tracing::warn!(instances, jobs, ?result, "test build: state filled");
+        let _ = std::fs::write(request.with_file_name("filled"), format!("{result:?}"));
+    }
 }
 
 /// The CLI's certificate on this host: a joiner got it with its join; a

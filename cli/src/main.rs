@@ -113,12 +113,12 @@ struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = ferry_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
     /// Gossip: each agent probes one random member this often (e.g. 1s, 500ms).
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = output::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = output::parse_duration)]
     gossip_probe_period: Duration,
     /// Gossip: the shortest time a suspect member has to answer before it is
     /// declared dead (once others confirm the suspicion; three times this
     /// without confirmations).
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = output::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = output::parse_duration)]
     gossip_suspicion: Duration,
     /// Replace a voter that gossip has seen dead this long by promoting a live
     /// learner (members are never removed automatically).

@@ -542,7 +542,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&agent.data_dir)
             .arg("agent")
-            .args(["--log-level", "info"])
+            // FERRY_TEST_LOG (e.g. "info,openraft=debug") to look closer.
+            .arg("--log-level")
+            .arg(std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .args(&self.agent_flags)
             .args(extra)
             .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

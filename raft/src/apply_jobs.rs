@@ -168,6 +168,10 @@ impl ClusterState {
     /// Past the configured history, the oldest finished moves go; never
     /// one an unfinished evacuation, restore or upgrade still lists.
     fn prune_finished_jobs(&mut self) {
+        // The common case, without a walk over every job.
+        if self.jobs.len() <= self.config.job_history() {
+            return;
+        }
         let unfinished_parent = |job: &Job| {
             job.parent.is_some_and(|p| {
                 self.host_jobs

@@ -77,7 +77,7 @@ impl ClusterState {
         if let Some(job) = self.active_upgrade() {
             return Err(HostJobRejection::UpgradeRunning(job.id).into());
         }
-        if let Some(missing) = members.iter().find(|m| !self.members.contains_key(m)) {
+        if let Some(missing) = members.iter().find(|m| !self.members.contains_key(*m)) {
             return Err(HostJobRejection::NoMember(*missing).into());
         }
         upgrade.members = members

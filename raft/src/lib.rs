@@ -15,6 +15,8 @@ pub mod network;
 pub mod state;
 pub mod store;
 pub mod subnet;
+#[cfg(feature = "test-hooks")]
+pub mod test_fill;
 
 pub use hosts::*;
 pub use ids::*;
@@ -37,11 +39,18 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// How often the leader sends heartbeats, in ms.
+pub const HEARTBEAT_MS: u64 = 100;
+
 /// Default for [`raft_config`]'s `snapshot_every`.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 2_000;
 
-/// Raft timings for a LAN cluster: a leader is re-elected within about two
-/// seconds of its death, and heartbeats are cheap enough for loopback tests.
+/// Raft timings for a LAN cluster. openraft 0.9 lets a follower campaign
+/// only after the leader lease (`election_timeout_max`) and then its own
+/// election timeout have passed without a heartbeat: 650-800 ms here, so a
+/// dead leader is replaced within about a second, while a heartbeat every
+/// 100 ms leaves six of them to be lost (a CPU-starved member) before a
+/// live leader is wrongly deposed.
 /// A snapshot is taken every `snapshot_every` applied entries; the log up
 /// to a quarter of that behind it is purged.
 pub fn raft_config(
@@ -49,9 +58,9 @@ pub fn raft_config(
 ) -> Result<std::sync::Arc<openraft::Config>, Box<openraft::ConfigError>> {
     let config = openraft::Config {
         cluster_name: "ferry".into(),
-        heartbeat_interval: 150,
-        election_timeout_min: 800,
-        election_timeout_max: 1600,
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: 250,
+        election_timeout_max: 400,
         install_snapshot_timeout: 5_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
         max_in_snapshot_log_to_keep: snapshot_every / 4,

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use imbl::OrdMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::ids::NodeId;
@@ -160,22 +162,25 @@ impl ClusterConfig {
     }
 }
 
-/// Everything the cluster state machine holds.
+/// Everything the cluster state machine holds. The tables that grow with
+/// the cluster are persistent maps (`imbl`): applying a batch to a copy
+/// costs only what the batch changes, and the store writes just the rows
+/// that differ from the state before the batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub config: ClusterConfig,
-    pub members: BTreeMap<NodeId, Member>,
-    pub tokens: BTreeMap<String, JoinToken>,
+    pub members: OrdMap<NodeId, Member>,
+    pub tokens: OrdMap<String, JoinToken>,
     /// Hex serials of revoked certificates.
     pub revoked_serials: Vec<String>,
     /// Ids of members that were removed; the leader drops them from the
     /// Raft membership.
     pub removed_members: std::collections::BTreeSet<NodeId>,
     pub next_node_id: NodeId,
-    pub instances: BTreeMap<String, crate::instances::Instance>,
-    pub jobs: BTreeMap<crate::ids::JobId, crate::jobs::Job>,
+    pub instances: OrdMap<String, crate::instances::Instance>,
+    pub jobs: OrdMap<crate::ids::JobId, crate::jobs::Job>,
     /// Evacuations and restores; their ids come from `next_job_id` too.
-    pub host_jobs: BTreeMap<crate::ids::JobId, crate::hosts::HostJob>,
+    pub host_jobs: OrdMap<crate::ids::JobId, crate::hosts::HostJob>,
     pub next_job_id: crate::ids::JobId,
     /// Results of the latest `Once` writes, oldest first, so that a write
     /// retried after its reply was lost gets its first result again.
@@ -255,6 +260,21 @@ pub enum Command {
     },
     /// Host workflows (evacuate, restore, cordon).
     Host(crate::hosts::HostJobCommand),
+    /// Changes nothing. A starting agent writes one and waits until its
+    /// own state has applied it before it acts on that state: the store
+    /// does not sync what it applies, so after a crash the state may be
+    /// older than what this host already did.
+    Barrier,
+    /// Several commands committed in one entry (the agent's group commit),
+    /// each applied as if alone: one result each, in order.
+    Batch(Vec<Command>),
+    /// A test build's bulk fill (`test_fill.rs`); absent from the binary
+    /// users run.
+    #[cfg(feature = "test-hooks")]
+    TestFill {
+        instances: u32,
+        jobs: u32,
+    },
 }
 
 /// Why a command was refused by the state machine. Carried back to the
@@ -302,4 +322,6 @@ pub enum CommandResult {
         id: crate::ids::JobId,
     },
     Rejected(Rejection),
+    /// One per command of a `Batch`.
+    Batch(Vec<CommandResult>),
 }

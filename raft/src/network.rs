@@ -153,6 +153,15 @@ fn unexpected_reply<E: std::error::Error>() -> RPCError<NodeId, Node, RaftError<
 }
 
 impl<T: RaftRpcClient> RaftNetwork<TypeConfig> for PeerLink<T> {
+    /// How soon the leader tries an unreachable member again (openraft's
+    /// default: 500 ms). A restarted member that hears nothing from the
+    /// leader for its election timeout campaigns, and its higher term then
+    /// deposes the live leader: retry as often as heartbeats go.
+    fn backoff(&self) -> openraft::network::Backoff {
+        let every = Duration::from_millis(crate::HEARTBEAT_MS);
+        openraft::network::Backoff::new(std::iter::repeat(every))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -94,6 +94,12 @@ impl ClusterState {
             // Reached only for a `Once` nested in another; the outer one
             // already deduplicates.
             Command::Once { command, .. } => self.try_apply(command),
+            Command::Barrier => Ok(CommandResult::Done),
+            Command::Batch(commands) => Ok(CommandResult::Batch(
+                commands.iter().map(|c| self.apply(c)).collect(),
+            )),
+            #[cfg(feature = "test-hooks")]
+            Command::TestFill { instances, jobs } => Ok(self.test_fill(*instances, *jobs)),
             Command::InitCluster { config } => {
                 if self.config.voters != 0 {
                     return Err(Rejection::AlreadyInitialised);
@@ -135,7 +141,16 @@ impl ClusterState {
                 let member = self.members.remove(id).ok_or(Rejection::NoMember(*id))?;
                 // What it owned is lost with it, visibly; never run elsewhere
                 // without its files.
-                for instance in self.instances.values_mut().filter(|i| i.owner == *id) {
+                let owned: Vec<String> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.owner == *id)
+                    .map(|i| i.name.clone())
+                    .collect();
+                for name in &owned {
+                    let Some(instance) = self.instances.get_mut(name) else {
+                        continue;
+                    };
                     instance.observed = crate::instances::ObservedState::Lost;
                     instance.detail = Some(format!(
                         "its owner {} was removed from the cluster; 'ferry delete {}' drops the record",
@@ -212,7 +227,15 @@ impl ClusterState {
             }
             return Err(Rejection::TokenExists(name.to_string()));
         }
-        self.tokens.retain(|_, t| !t.is_prunable_at(now_ms));
+        let dead: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| t.is_prunable_at(now_ms))
+            .map(|t| t.name.clone())
+            .collect();
+        for name in &dead {
+            self.tokens.remove(name);
+        }
         self.tokens.insert(
             name.to_string(),
             JoinToken {
@@ -691,6 +714,29 @@ mod tests {
         expected = s.clone();
         assert_eq!(s.apply(&rejected), first);
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_as_if_alone_and_answers_each() {
+        let mut alone = bootstrapped();
+        let once = |request, command| Command::Once {
+            request,
+            command: Box::new(command),
+        };
+        let commands = vec![
+            once(1, token("gamma", "x", T0, T0 + HOUR)),
+            // A member's name: refused, and changes nothing.
+            once(2, token("alpha", "z", T0, T0 + HOUR)),
+            // A retry of request 1 inside the same batch: its first result.
+            once(1, token("gamma", "x", T0, T0 + HOUR)),
+            once(3, token("delta", "y", T0, T0 + HOUR)),
+        ];
+        let want: Vec<CommandResult> = commands.iter().map(|c| alone.apply(c)).collect();
+        let mut batched = bootstrapped();
+        let got = batched.apply(&Command::Batch(commands));
+        assert_eq!(got, CommandResult::Batch(want));
+        assert_eq!(batched, alone);
+        assert!(batched.tokens.contains_key("gamma") && batched.tokens.contains_key("delta"));
     }
 
     #[test]

@@ -447,8 +447,8 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Resp, RpcError> {
         let deadline = Instant::now() + timeout;
+        let key = (addr, expect.clone());
         let attempt = async {
-            let key = (addr, expect.clone());
             let (conn, reused) = match self.cached(&key) {
                 Some(conn) => (conn, true),
                 None => (self.connect(&key).await?, false),
@@ -472,11 +472,47 @@ impl Pool {
         };
         match tokio::time::timeout_at(deadline, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(RpcError::Timeout {
-                addr,
-                after: timeout,
-            }),
+            Err(_) => {
+                // A peer killed and restarted answers nothing on the old
+                // connection until QUIC's idle timeout (5 s) ends it: meet
+                // the next call with a fresh connection instead.
+                if let Some(conn) = self.cached(&key) {
+                    self.forget(&key, &conn);
+                }
+                Err(RpcError::Timeout {
+                    addr,
+                    after: timeout,
+                })
+            }
         }
+    }
+
+    /// [`Pool::call`] for requests that may be sent twice (Raft's): an
+    /// open connection gets only `answer` to answer before it is dropped
+    /// as dead and the request goes again on a fresh one, which gets all
+    /// of `timeout` (a first handshake on a busy host). A killed and
+    /// restarted peer answers nothing on the old connection until QUIC's
+    /// idle timeout; the leader must reach it before it campaigns.
+    pub async fn call_retrying<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        expect: &Expect,
+        request: &Req,
+        answer: Duration,
+        timeout: Duration,
+    ) -> Result<Resp, RpcError> {
+        let key = (addr, expect.clone());
+        if let Some(conn) = self.cached(&key) {
+            match tokio::time::timeout(answer, exchange(&conn, request)).await {
+                Ok(Err(e)) if !e.is_connection_lost() => return Err(e),
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(_)) | Err(_) => {
+                    debug!(peer = %addr, "no answer on the pooled connection; reconnecting");
+                    self.forget(&key, &conn);
+                }
+            }
+        }
+        self.call(addr, expect, request, timeout).await
     }
 
     /// Open a channel: a bi-stream on the pooled connection whose first

@@ -28,6 +28,8 @@ enum Reply {
 #[derive(Default)]
 struct Echo {
     calls: AtomicUsize,
+    /// A "hang-once" request hung already.
+    hung: std::sync::atomic::AtomicBool,
     peers: Mutex<Vec<Arc<Peer>>>,
     /// (sender identity, payload) of every datagram received.
     datagrams: Mutex<Vec<(Option<String>, Vec<u8>)>>,
@@ -59,6 +61,11 @@ impl Service for Echo {
     async fn handle(&self, peer: Arc<Peer>, request: String) -> Reply {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.peers.lock().unwrap().push(peer.clone());
+        let first_hang = request == "hang-once" && !self.hung.swap(true, Ordering::SeqCst);
+        if request == "hang" || first_hang {
+            // A peer that stopped answering (killed, not closed).
+            std::future::pending::<()>().await;
+        }
         Reply::Echo {
             text: request,
             identity: peer.cert.as_ref().map(|c| format!("{:?}", c.identity)),
@@ -168,6 +175,61 @@ async fn node_calls_node_and_pool_reuses_the_connection() {
     }
     assert_eq!(a.service.calls(), 3);
     assert_eq!(a.service.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_call_that_times_out_leaves_the_next_one_a_fresh_connection() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a_creds, _) = node(&ca, "a");
+    let (b_creds, _) = node(&ca, "b");
+    let a = start(&a_creds, localhost());
+    let pool = Pool::new(Endpoint::client(localhost(), Some(&b_creds)).unwrap());
+    let expect = Expect::Node("a".into());
+    let call = |text: &str| {
+        let text = text.to_string();
+        let (pool, expect) = (pool.clone(), expect.clone());
+        async move {
+            pool.call::<String, Reply>(a.addr, &expect, &text, Duration::from_millis(300))
+                .await
+        }
+    };
+    call("first").await.unwrap();
+    assert!(matches!(call("hang").await, Err(RpcError::Timeout { .. })));
+    call("after").await.unwrap();
+    // A killed and restarted peer never answers on the old connection.
+    assert_eq!(a.service.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_retried_call_goes_again_on_a_fresh_connection_when_the_open_one_does_not_answer() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a_creds, _) = node(&ca, "a");
+    let (b_creds, _) = node(&ca, "b");
+    let a = start(&a_creds, localhost());
+    let pool = Pool::new(Endpoint::client(localhost(), Some(&b_creds)).unwrap());
+    let expect = Expect::Node("a".into());
+    let _: Reply = pool
+        .call(a.addr, &expect, &"first".to_string(), TIMEOUT)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let reply: Reply = pool
+        .call_retrying(
+            a.addr,
+            &expect,
+            &"hang-once".to_string(),
+            Duration::from_millis(200),
+            TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Echo { ref text, .. } if text == "hang-once"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.service.connections(), 2);
 }
 
 #[tokio::test]

@@ -50,8 +50,8 @@ pub struct GossipConfig {
 impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
-            probe_period: Duration::from_secs(1),
-            suspicion: Duration::from_secs(2),
+            probe_period: Duration::from_millis(500),
+            suspicion: Duration::from_secs(1),
             load_every: Duration::from_secs(2),
         }
     }

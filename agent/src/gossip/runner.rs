@@ -26,7 +26,7 @@ type Runtime = AccumulatingRuntime<GossipId>;
 const MAX_PACKET: usize = 1100;
 /// How often the task looks at the Raft member table, suspicion deadlines
 /// and the load report clock.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
 /// A member foca does not know yet is announced to at most this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_raft::{InstanceCommand, ObservedState};
+use ferry_raft::{ClusterState, InstanceCommand, ObservedState};
 
 use super::commit;
 use super::reconcile::{self, Action};
@@ -46,7 +46,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub async fn run(agent: Arc<Agent>) {
     let shared = Arc::new(Shared::default());
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
-    let mut changes = agent.state().subscribe();
+    let mut watch = agent.state().watch();
     loop {
         let owned: Vec<InstanceName> = agent.state().read(|s| {
             s.instances
@@ -57,9 +57,9 @@ pub async fn run(agent: Arc<Agent>) {
         });
         {
             let mut r = lock(&shared.restarts);
-            let mine = |n: &String| owned.iter().any(|o| o.as_str() == n.as_str());
-            r.started.retain(|n, _| mine(n));
-            r.due.retain(|n, _| mine(n));
+            let mine: HashSet<&str> = owned.iter().map(|o| o.as_str()).collect();
+            r.started.retain(|n, _| mine.contains(n.as_str()));
+            r.due.retain(|n, _| mine.contains(n.as_str()));
         }
         for name in owned {
             if !lock(&shared.in_hand).insert(name.to_string()) {
@@ -73,9 +73,13 @@ pub async fn run(agent: Arc<Agent>) {
                 lock(&shared.in_hand).remove(name.as_str());
             });
         }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        let instances_changed =
+            |a: &ClusterState, b: &ClusterState| !a.instances.ptr_eq(&b.instances);
+        if !watch
+            .changed(Duration::from_secs(2), instances_changed)
+            .await
+        {
+            return;
         }
     }
 }

@@ -10,7 +10,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_raft::{CheckResult, Command, CommandResult, Job, JobCommand, JobId, MoveStats, Phase};
+use ferry_raft::{
+    CheckResult, ClusterState, Command, CommandResult, Job, JobCommand, JobId, MoveStats, Phase,
+};
 
 use super::plan::{self, LocalCopy, Role, Step};
 use super::{source, target};
@@ -103,7 +105,7 @@ fn my_jobs(agent: &Agent) -> Vec<Job> {
 
 pub async fn run(agent: Arc<Agent>) {
     let busy: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
-    let mut changes = agent.state().subscribe();
+    let mut watch = agent.state().watch();
     let mut last_sweep: Option<Instant> = None;
     let mut phase_clock = PhaseClock::default();
     loop {
@@ -135,9 +137,14 @@ pub async fn run(agent: Arc<Agent>) {
             last_sweep = Some(Instant::now());
             sweep_staging(&agent).await;
         }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        let moves_changed = |a: &ClusterState, b: &ClusterState| {
+            !a.jobs.ptr_eq(&b.jobs) || !a.instances.ptr_eq(&b.instances)
+        };
+        if !watch
+            .changed(Duration::from_millis(500), moves_changed)
+            .await
+        {
+            return;
         }
     }
 }

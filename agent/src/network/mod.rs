@@ -7,6 +7,8 @@ pub mod routes;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_raft::ClusterState;
+
 use crate::api::network::{LeaseView, NetworkView};
 use crate::api::ApiReply;
 use crate::node::Agent;
@@ -45,7 +47,7 @@ pub fn show(agent: &Agent) -> ApiReply {
 
 /// Runs for the agent's life; idle while the cluster has no network.
 pub async fn upkeep(agent: Arc<Agent>) {
-    let mut changes = agent.state().subscribe();
+    let mut watch = agent.state().watch();
     let mut bridge_ready = false;
     loop {
         let (subnet, desired) = agent
@@ -69,6 +71,13 @@ pub async fn upkeep(agent: Arc<Agent>) {
                 }
             }
         }
-        let _ = tokio::time::timeout(RESYNC_EVERY, changes.changed()).await;
+        let routes_changed = |a: &ClusterState, b: &ClusterState| {
+            !a.instances.ptr_eq(&b.instances)
+                || !a.members.ptr_eq(&b.members)
+                || a.config != b.config
+        };
+        if !watch.changed(RESYNC_EVERY, routes_changed).await {
+            return;
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! (`write.rs`) and peer calls (`peers.rs`) every feature uses. It starts
 //! nothing: `run.rs` builds it and spawns the loops.
 
+pub mod batch;
 mod keyring;
 mod locks;
 pub mod peers;
@@ -71,6 +72,8 @@ pub struct Agent {
     addr: SocketAddr,
     data_dir: DataDir,
     raft: Raft,
+    /// Group commit of this member's writes (`batch.rs`).
+    batcher: batch::Batcher,
     state: StateHandle,
     pool: Pool,
     /// The CA certificate, and its key while this member is a voter.
@@ -94,6 +97,7 @@ impl Agent {
             name: parts.name,
             addr: parts.addr,
             data_dir: parts.data_dir,
+            batcher: batch::Batcher::new(parts.raft.clone()),
             raft: parts.raft,
             state: parts.state,
             pool: parts.pool,

@@ -10,9 +10,15 @@ use ferry_transport::rpc::Pool;
 
 use crate::api::{Request, Response};
 
-/// openraft's RPC deadline follows the heartbeat (150 ms), shorter than a
+/// openraft's RPC deadline follows the heartbeat (100 ms), shorter than a
 /// first TLS handshake on a busy host; the spawned call gets at least this.
 const RAFT_RPC_MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long an open connection may take to answer before it is taken for
+/// dead and the call goes again on a new one: well inside the election
+/// timeout (650 ms), so a restarted member hears from the leader before it
+/// would campaign.
+const RAFT_RPC_ANSWER: Duration = Duration::from_millis(300);
 
 #[derive(Clone)]
 pub struct RaftClient {
@@ -39,10 +45,11 @@ impl RaftRpcClient for RaftClient {
         // of its own the call (and a first TLS handshake) runs to the end,
         // so the connection is there for the next heartbeat.
         let call = tokio::spawn(async move {
-            pool.call::<Request, Response>(
+            pool.call_retrying::<Request, Response>(
                 addr,
                 &expect,
                 &Request::Raft(request),
+                timeout.max(RAFT_RPC_ANSWER),
                 timeout.max(RAFT_RPC_MIN_TIMEOUT),
             )
             .await

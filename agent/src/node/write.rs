@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use ferry_raft::store::StateHandle;
-use ferry_raft::{Command, CommandResult, Node, NodeId, Raft, Rejection};
+use ferry_raft::{Command, CommandResult, Node, NodeId, Rejection};
 use ferry_transport::pki;
 use ferry_transport::rpc::Pool;
 use openraft::error::{ClientWriteError, RaftError};
 
+use super::batch::Batcher;
 use super::Agent;
 use crate::api::{parse_addr, ApiError, ApiReply, ApiRequest, ErrorKind, Request, Response};
 
@@ -77,7 +78,7 @@ fn once(command: Command) -> Command {
 /// Commit `command` through `raft` (node `me`), forwarding to the leader
 /// with `forwarder`; returns the result and the entry's log index.
 pub async fn write_indexed(
-    raft: &Raft,
+    batcher: &Batcher,
     me: NodeId,
     forwarder: &impl Forwarder,
     command: Command,
@@ -85,9 +86,10 @@ pub async fn write_indexed(
     let command = once(command);
     let deadline = tokio::time::Instant::now() + WRITE_DEADLINE;
     let mut last = String::from("no leader elected");
+    let raft = batcher.raft();
     while tokio::time::Instant::now() < deadline {
-        match raft.client_write(command.clone()).await {
-            Ok(response) => return Ok((response.data, response.log_id.index)),
+        match batcher.client_write(command.clone()).await {
+            Ok(written) => return Ok(written),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 if let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) {
                     if leader != me {
@@ -111,7 +113,15 @@ pub async fn write_indexed(
             }
             Err(e) => last = e.to_string(),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Without a leader, retry as soon as one is elected; else (or at
+        // the latest) in 100 ms.
+        let mut metrics = raft.metrics();
+        if metrics.borrow().current_leader.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        } else {
+            let elected = metrics.wait_for(|m| m.current_leader.is_some());
+            let _ = tokio::time::timeout(Duration::from_millis(100), elected).await;
+        }
     }
     Err(ApiError::new(
         ErrorKind::Unavailable,
@@ -139,11 +149,37 @@ impl Agent {
         Ok(result)
     }
 
+    /// Return once this agent's state holds everything committed before
+    /// it started: a [`Command::Barrier`] written and applied here,
+    /// retried until the cluster takes it. What acts on the state waits
+    /// for this, since a crash may have lost the unsynced tail of the
+    /// applied state (the log re-applies it, but only once a leader says
+    /// it is committed).
+    pub async fn catch_up(&self) {
+        let mut attempt = 0u32;
+        loop {
+            match self.write_indexed(Command::Barrier).await {
+                Ok((_, index)) => {
+                    let mut applied = self.state.subscribe();
+                    if applied.wait_for(|at| *at >= index).await.is_ok() {
+                        return;
+                    }
+                }
+                Err(e) if attempt.is_multiple_of(10) => {
+                    tracing::warn!(error = %e, "waiting to catch up with the cluster before acting");
+                }
+                Err(_) => {}
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// [`Agent::write`] without waiting for the local apply; also returns
     /// the entry's log index.
     pub async fn write_indexed(&self, command: Command) -> Result<(CommandResult, u64), ApiError> {
         write_indexed(
-            &self.raft,
+            &self.batcher,
             self.id,
             &PoolForwarder(&self.pool, &self.state),
             command,
@@ -201,7 +237,8 @@ mod tests {
         command: Command,
     ) -> Result<(CommandResult, u64), ApiError> {
         let node = &nodes[(id - 1) as usize];
-        write_indexed(&node.raft, id, &MemForwarder::new(id, net), command).await
+        let batcher = Batcher::new(node.raft.clone());
+        write_indexed(&batcher, id, &MemForwarder::new(id, net), command).await
     }
 
     fn follower(nodes: &[MemNode], leader: NodeId, not: Option<NodeId>) -> NodeId {
@@ -272,7 +309,8 @@ mod tests {
         let forwarder = MemForwarder::new(from, &net);
         forwarder.lose_replies.store(1, Ordering::SeqCst);
         let node = &nodes[(from - 1) as usize];
-        let (result, index) = write_indexed(&node.raft, from, &forwarder, create("c1"))
+        let batcher = Batcher::new(node.raft.clone());
+        let (result, index) = write_indexed(&batcher, from, &forwarder, create("c1"))
             .await
             .expect("retried write");
         // Applied twice, the second Create would be refused: the name exists.

@@ -2,7 +2,12 @@
 //! command through the API on 3 voters over loopback with fsync on, and
 //! the time from a leader's kill -9 to the next committed write.
 //!
-//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-raft [-- COMMITS TRIALS]
+//! With FILL_INSTANCES and FILL_JOBS (a test build of ferry, FERRY_BIN:
+//! `cargo build --release --bin ferry --features ferry-cli/test-hooks`),
+//! the commits are measured again once the state holds that many
+//! instances and finished moves.
+//!
+//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-raft [-- COMMITS TRIALS [FILL_INSTANCES FILL_JOBS]]
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +27,11 @@ fn ms(d: Duration) -> f64 {
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let commits: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
-    let trials: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
+    let mut number =
+        || -> Result<Option<usize>> { Ok(args.next().map(|a| a.parse()).transpose()?) };
+    let commits = number()?.unwrap_or(1000);
+    let trials = number()?.unwrap_or(10);
+    let fill = number()?.zip(number()?);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let mut cluster = Cluster::new();
@@ -36,64 +44,110 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     // QUIC endpoints bind inside a runtime.
     let _entered = runtime.enter();
-    // Sequential commits through one follower-or-leader agent's API.
-    let client = Client::connect(&cluster.agents[0].data_dir, None)?;
+    // Through one agent's API (the bootstrap member, most likely leading).
+    let client = std::sync::Arc::new(Client::connect(&cluster.agents[0].data_dir, None)?);
+    runtime.block_on(read_floor(&client, commits))?;
+    runtime.block_on(commit_figures(&client, commits, "empty"))?;
+    if let Some((instances, jobs)) = fill {
+        fill_state(&cluster, instances, jobs)?;
+        let label = format!("{instances} instances, {jobs} finished moves");
+        runtime.block_on(commit_figures(&client, commits, &label))?;
+    }
+    failover(&mut cluster, &runtime, trials)
+}
+
+/// The API's own round trip (a read that commits nothing): the floor
+/// under every commit latency below.
+async fn read_floor(client: &Client, reads: usize) -> Result<()> {
+    let mut latencies = Vec::with_capacity(reads);
+    for _ in 0..reads {
+        let t = Instant::now();
+        client.call(ApiRequest::ClusterList).await?;
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "API round trip (a read) over {reads} calls: p50 {:.2} ms, p99 {:.2} ms",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+    );
+    Ok(())
+}
+
+/// Sequential commit latency, then throughput with 16 clients.
+async fn commit_figures(
+    client: &std::sync::Arc<Client>,
+    commits: usize,
+    label: &str,
+) -> Result<()> {
     let mut latencies = Vec::with_capacity(commits);
     let started = Instant::now();
-    runtime.block_on(async {
-        for i in 0..commits {
-            let t = Instant::now();
-            client
-                .call(ApiRequest::TokenCreate {
-                    name: format!("bench-{i}"),
-                    ttl_secs: 60,
-                })
-                .await?;
-            latencies.push(t.elapsed());
-        }
-        anyhow::Ok(())
-    })?;
+    for i in 0..commits {
+        let t = Instant::now();
+        client.call(token(&format!("seq-{label}-{i}"))).await?;
+        latencies.push(t.elapsed());
+    }
     let elapsed = started.elapsed();
     latencies.sort();
     println!(
-        "commit latency over {commits} sequential commits: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} commits/s",
+        "[{label}] commit latency over {commits} sequential commits: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} commits/s",
         ms(percentile(&latencies, 0.5)),
         ms(percentile(&latencies, 0.99)),
         ms(*latencies.last().unwrap_or(&Duration::ZERO)),
         commits as f64 / elapsed.as_secs_f64()
     );
-
-    // Concurrent commits: 16 in flight.
-    let concurrent = commits;
     let started = Instant::now();
-    runtime.block_on(async {
-        let client = std::sync::Arc::new(client);
-        let mut tasks = tokio::task::JoinSet::new();
-        for worker in 0..16 {
-            let client = client.clone();
-            tasks.spawn(async move {
-                for i in (worker..concurrent).step_by(16) {
-                    client
-                        .call(ApiRequest::TokenCreate {
-                            name: format!("par-{i}"),
-                            ttl_secs: 60,
-                        })
-                        .await?;
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r??;
-        }
-        anyhow::Ok(())
-    })?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let client = client.clone();
+        let label = label.to_string();
+        tasks.spawn(async move {
+            for i in (worker..commits).step_by(16) {
+                client.call(token(&format!("par-{label}-{i}"))).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
     println!(
-        "throughput with 16 concurrent clients: {:.0} commits/s",
-        concurrent as f64 / started.elapsed().as_secs_f64()
+        "[{label}] throughput with 16 concurrent clients: {:.0} commits/s",
+        commits as f64 / started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
 
-    // Leader kill -9 to next committed write.
+fn token(name: &str) -> ApiRequest {
+    ApiRequest::TokenCreate {
+        name: name.replace([' ', ','], "-"),
+        ttl_secs: 60,
+    }
+}
+
+/// Ask the test build's fill hook (`ferry_agent::run`) and wait for it.
+fn fill_state(cluster: &Cluster, instances: usize, jobs: usize) -> Result<()> {
+    let dir = &cluster.agents[0].data_dir;
+    let _ = std::fs::remove_file(dir.join("filled"));
+    std::fs::write(dir.join("fill"), format!("{instances} {jobs}"))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !dir.join("filled").exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the state was not filled in 5 minutes: FERRY_BIN must be a test build \
+             (cargo build --release --bin ferry --features ferry-cli/test-hooks)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "state filled: {}",
+        std::fs::read_to_string(dir.join("filled"))?
+    );
+    Ok(())
+}
+
+/// Leader kill -9 to the next committed write, `trials` times.
+fn failover(cluster: &mut Cluster, runtime: &tokio::runtime::Runtime, trials: usize) -> Result<()> {
     let mut failovers = Vec::new();
     for trial in 0..trials {
         let leader = cluster.wait_converged(&["n1", "n2", "n3"], Duration::from_secs(60))?;
@@ -103,15 +157,11 @@ fn main() -> Result<()> {
         cluster.kill(dead);
         let t = Instant::now();
         runtime.block_on(async {
-            loop {
-                let request = ApiRequest::TokenCreate {
-                    name: format!("failover-{trial}"),
-                    ttl_secs: 60,
-                };
-                if client.call(request).await.is_ok() {
-                    break;
-                }
-            }
+            while client
+                .call(token(&format!("failover-{trial}")))
+                .await
+                .is_err()
+            {}
         });
         let took = t.elapsed();
         println!(

@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogId, LogState, OptionalSend, RaftLogReader, Vote};
@@ -18,6 +18,12 @@ use super::*;
 #[derive(Clone, Debug)]
 pub struct LogStore {
     pub(super) db: Arc<Db>,
+    pub(super) committed: Arc<Mutex<Option<LogId<NodeId>>>>,
+    pub(super) tail: Arc<Mutex<Tail>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `[lo, hi]` inclusive, or `None` when the range is empty.
@@ -44,6 +50,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         else {
             return Ok(Vec::new());
         };
+        if let Some(entries) = lock(&self.tail).get(lo, hi) {
+            return Ok(entries);
+        }
         blocking(&self.db, "read log entries", move |db| {
             db.read("read log entries", |txn, op| {
                 let log = txn.open_table(LOG).map_err(|e| op.db(e))?;
@@ -110,28 +119,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .map_err(read_vote_err)
     }
 
+    /// Kept in memory only: it would cost a write on every commit of
+    /// every member, and a start without it loses nothing: openraft
+    /// applies the rest once the leader says what is committed, and the
+    /// agent waits for that before it acts (`Command::Barrier`).
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        blocking(&self.db, "save the committed log id", move |db| {
-            db.write("save the committed log id", |txn, op| {
-                let mut meta = txn.open_table(META).map_err(|e| op.db(e))?;
-                op.put(&mut meta, KEY_COMMITTED, &committed)
-            })
-        })
-        .await
-        .map_err(write_logs_err)
+        *lock(&self.committed) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        blocking(&self.db, "read the committed log id", |db| {
-            db.read("read the committed log id", |txn, op| {
-                let meta = txn.open_table(META).map_err(|e| op.db(e))?;
-                Ok(op
-                    .get::<Option<LogId<NodeId>>>(&meta, KEY_COMMITTED)?
-                    .flatten())
-            })
-        })
-        .await
-        .map_err(read_logs_err)
+        Ok(*lock(&self.committed))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -140,6 +138,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let tail = Arc::clone(&self.tail);
+        // Synced before the callback: openraft 0.9 waits for it before it
+        // replicates, so an fsync off this path would gain nothing.
         let result = blocking(&self.db, "append log entries", move |db| {
             db.write("append log entries", |txn, op| {
                 let mut log = txn.open_table(LOG).map_err(|e| op.db(e))?;
@@ -149,7 +150,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         .map_err(|e| op.db(e))?;
                 }
                 Ok(())
-            })
+            })?;
+            lock(&tail).appended(&entries);
+            Ok(())
         })
         .await;
         match result {
@@ -165,6 +168,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        lock(&self.tail).truncated(log_id.index);
         blocking(&self.db, "truncate the log", move |db| {
             db.write("truncate the log", |txn, op| {
                 let mut log = txn.open_table(LOG).map_err(|e| op.db(e))?;
@@ -177,6 +181,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        lock(&self.tail).purged(log_id.index);
         blocking(&self.db, "purge the log", move |db| {
             db.write("purge the log", |txn, op| {
                 {

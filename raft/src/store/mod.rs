@@ -2,17 +2,24 @@
 //!
 //! Tables:
 //! - `log`: index → encoded `Entry`;
-//! - `meta`: `vote`, `committed`, `last_purged_log_id`;
-//! - `sm`: `state` (encoded [`ClusterState`]), `last_applied`,
-//!   `last_membership`: always written together in one transaction;
+//! - `meta`: `vote`, `last_purged_log_id` (the committed log id is kept in
+//!   memory only, see `LogStore::save_committed`);
+//! - `sm`: `state` (the encoded [`ClusterState`] without its tables),
+//!   `last_applied`, `last_membership`;
+//! - `members`, `tokens`, `instances`, `jobs`, `host_jobs`: one row each
+//!   (`tables.rs`), written per batch only where the batch changed them,
+//!   in the same transaction as the `sm` keys;
 //! - `snapshot`: `meta`, `data` and `seq` (the counter in snapshot ids).
 //!
-//! Every write openraft relies on (append, vote, committed, truncate, purge,
-//! apply, snapshot build and install) is one redb write transaction
-//! committed with redb's default durability (fsync) before the call returns
-//! (and, for `append`, before the flush callback fires), so the store
-//! survives `kill -9` at any moment. The redb calls are blocking and run on
-//! tokio's blocking pool.
+//! Durability comes from the log: append, vote, truncate and purge commit
+//! with an fsync before the call returns (for `append`, before the flush
+//! callback fires). Apply and a built snapshot commit without one: redb
+//! makes them durable with the next synced commit, and a crash before that
+//! loses only state the log re-applies (openraft applies the log after
+//! `last_applied` once the leader says it is committed; a purge is synced,
+//! so the entries after the persisted state are always there). One fsync
+//! per append, none per apply or commit. The redb calls are blocking and
+//! run on tokio's blocking pool.
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -21,7 +28,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::{LogId, StorageError, StorageIOError, StoredMembership};
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -41,7 +49,6 @@ const SM: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("sm");
 const SNAPSHOT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshot");
 
 const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged_log_id";
 const KEY_STATE: &str = "state";
 const KEY_LAST_APPLIED: &str = "last_applied";
@@ -55,7 +62,7 @@ const KEY_FORMAT: &str = "format";
 /// data). An agent refuses a data dir or a snapshot of another version
 /// instead of misreading it; raise it with every incompatible change of
 /// `ClusterState` or the tables.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 
 /// A storage failure, naming the database file and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,16 @@ pub enum StoreError {
         op: &'static str,
         #[source]
         source: Box<codec::CodecError>,
+    },
+    #[error(
+        "raft store {}: {op}: {what} is unreadable; restore the data dir from a backup \
+         or remove this member and join it anew",
+        .path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        op: &'static str,
+        what: &'static str,
     },
     #[error("raft store {}: {op}: the storage task failed: {message}", .path.display())]
     Task {
@@ -124,6 +141,14 @@ impl Op<'_> {
             path: self.path.to_path_buf(),
             op: self.op,
             source: Box::new(e),
+        }
+    }
+
+    fn corrupt(self, what: &'static str) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.to_path_buf(),
+            op: self.op,
+            what,
         }
     }
 
@@ -175,8 +200,28 @@ impl Db {
         op: &'static str,
         f: impl FnOnce(&WriteTransaction, Op<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_with(Durability::Immediate, op, f)
+    }
+
+    /// One write transaction committed without an fsync: durable with the
+    /// next [`Db::write`] (see the module's note on what may be lost).
+    fn write_unsynced<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&WriteTransaction, Op<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_with(Durability::None, op, f)
+    }
+
+    fn write_with<T>(
+        &self,
+        durability: Durability,
+        op: &'static str,
+        f: impl FnOnce(&WriteTransaction, Op<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let op = self.op(op);
-        let txn = self.db.begin_write().map_err(|e| op.db(e))?;
+        let mut txn = self.db.begin_write().map_err(|e| op.db(e))?;
+        txn.set_durability(durability).map_err(|e| op.db(e))?;
         let out = f(&txn, op)?;
         txn.commit().map_err(|e| op.db(e))?;
         Ok(out)
@@ -246,13 +291,36 @@ impl Applied {
         self.last_applied.map_or(0, |id| id.index)
     }
 
-    /// Write the three `sm` keys in `txn`.
-    fn persist(&self, txn: &WriteTransaction, op: Op<'_>) -> Result<(), StoreError> {
-        let mut sm = txn.open_table(SM).map_err(|e| op.db(e))?;
-        op.put(&mut sm, KEY_STATE, &self.state)?;
-        op.put(&mut sm, KEY_LAST_APPLIED, &self.last_applied)?;
-        op.put(&mut sm, KEY_MEMBERSHIP, &self.membership)?;
-        Ok(())
+    /// Write the `sm` keys and the table rows that differ from `before`
+    /// (every row, replacing what is stored, without a `before`).
+    fn persist(
+        &self,
+        before: Option<&Applied>,
+        txn: &WriteTransaction,
+        op: Op<'_>,
+    ) -> Result<(), StoreError> {
+        {
+            let mut sm = txn.open_table(SM).map_err(|e| op.db(e))?;
+            op.put(&mut sm, KEY_STATE, &tables::rest(&self.state))?;
+            op.put(&mut sm, KEY_LAST_APPLIED, &self.last_applied)?;
+            op.put(&mut sm, KEY_MEMBERSHIP, &self.membership)?;
+        }
+        match before {
+            Some(before) => tables::write_changes(txn, op, &before.state, &self.state),
+            None => tables::write_all(txn, op, &self.state),
+        }
+    }
+
+    /// The stored state machine: the `sm` keys and the tables.
+    fn load(txn: &ReadTransaction, op: Op<'_>) -> Result<Applied, StoreError> {
+        let sm = txn.open_table(SM).map_err(|e| op.db(e))?;
+        let mut applied = Applied {
+            last_applied: op.get(&sm, KEY_LAST_APPLIED)?.flatten(),
+            membership: op.get(&sm, KEY_MEMBERSHIP)?.unwrap_or_default(),
+            state: op.get(&sm, KEY_STATE)?.unwrap_or_default(),
+        };
+        tables::load(txn, op, &mut applied.state)?;
+        Ok(applied)
     }
 }
 
@@ -293,6 +361,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         txn.open_table(META).map_err(|e| op.db(e))?;
         txn.open_table(SM).map_err(|e| op.db(e))?;
         txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
+        tables::create(txn, op)?;
         let mut meta = txn.open_table(META).map_err(|e| op.db(e))?;
         match op.get::<u32>(&meta, KEY_FORMAT)? {
             Some(FORMAT_VERSION) => {}
@@ -309,12 +378,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         Ok(())
     })?;
     let (applied, seq) = db.read("load the state machine", |txn, op| {
-        let sm = txn.open_table(SM).map_err(|e| op.db(e))?;
-        let applied = Applied {
-            last_applied: op.get(&sm, KEY_LAST_APPLIED)?.flatten(),
-            membership: op.get(&sm, KEY_MEMBERSHIP)?.unwrap_or_default(),
-            state: op.get(&sm, KEY_STATE)?.unwrap_or_default(),
-        };
+        let applied = Applied::load(txn, op)?;
         let snap = txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
         let seq: u64 = op.get(&snap, KEY_SNAP_SEQ)?.unwrap_or(0);
         Ok((applied, seq))
@@ -327,6 +391,8 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     Ok((
         LogStore {
             db: Arc::clone(&db),
+            committed: Arc::default(),
+            tail: Arc::default(),
         },
         StateMachineStore {
             db,
@@ -338,9 +404,13 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
 
 mod log;
 mod state_machine;
+mod tables;
+mod tail;
+
+use tail::Tail;
 
 pub use log::LogStore;
-pub use state_machine::{SnapshotBuilder, StateHandle, StateMachineStore};
+pub use state_machine::{SnapshotBuilder, StateHandle, StateMachineStore, StateWatch};
 
 #[cfg(test)]
 mod tests;

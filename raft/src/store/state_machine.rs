@@ -49,6 +49,50 @@ impl StateHandle {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.tx.subscribe()
     }
+
+    /// Wake-ups for the changes that matter to one loop (see
+    /// [`StateWatch::changed`]).
+    pub fn watch(&self) -> StateWatch {
+        StateWatch {
+            rx: self.shared.tx.subscribe(),
+            seen: self.shared.current(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// A loop's view of state changes that skips those it does not depend on,
+/// so a loop that scans a big table does not scan it again for every
+/// unrelated commit. Comparing tables is cheap: a copy of a persistent map
+/// shares its root until written (`OrdMap::ptr_eq`).
+#[derive(Debug)]
+pub struct StateWatch {
+    shared: Arc<Shared>,
+    rx: watch::Receiver<u64>,
+    /// The state when `changed` last returned: what the loop worked on.
+    seen: Arc<Applied>,
+}
+
+impl StateWatch {
+    /// Wait until a change that `matters(before, after)` is applied, or
+    /// `timeout` passes; false once the state machine is gone.
+    pub async fn changed(
+        &mut self,
+        timeout: std::time::Duration,
+        matters: impl Fn(&ClusterState, &ClusterState) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.changed()).await {
+                Ok(Err(_)) => return false,
+                Ok(Ok(())) if !matters(&self.seen.state, &self.shared.current().state) => {}
+                Ok(Ok(())) | Err(_) => {
+                    self.seen = self.shared.current();
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 impl StateMachineStore {
@@ -81,7 +125,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut next = Applied::clone(&self.shared.current());
+        let before = self.shared.current();
+        let mut next = Applied::clone(&before);
         let mut results = Vec::new();
         for entry in entries {
             next.last_applied = Some(entry.log_id);
@@ -101,8 +146,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let next = Arc::new(next);
         let to_write = Arc::clone(&next);
         blocking(&self.db, "persist the applied state", move |db| {
-            db.write("persist the applied state", |txn, op| {
-                to_write.persist(txn, op)
+            db.write_unsynced("persist the applied state", |txn, op| {
+                to_write.persist(Some(&before), txn, op)
             })
         })
         .await
@@ -148,7 +193,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let meta_owned = meta.clone();
         blocking(&self.db, "install a snapshot", move |db| {
             db.write("install a snapshot", |txn, op| {
-                to_write.persist(txn, op)?;
+                to_write.persist(None, txn, op)?;
                 let mut snap = txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
                 op.put(&mut snap, KEY_SNAP_META, &meta_owned)?;
                 snap.insert(KEY_SNAP_DATA, data.as_slice())
@@ -207,8 +252,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let meta_owned = meta.clone();
         let data = blocking(&self.db, "store a built snapshot", move |db| {
-            db.write("store a built snapshot", |txn, op| {
-                let data = op.encode(&(FORMAT_VERSION, &*current))?;
+            // Encoded before the write transaction, which would hold up
+            // appends meanwhile; stored unsynced: the purge that relies
+            // on it is synced, and syncs it.
+            let data = db
+                .op("encode a snapshot")
+                .encode(&(FORMAT_VERSION, &*current))?;
+            db.write_unsynced("store a built snapshot", |txn, op| {
                 let mut snap = txn.open_table(SNAPSHOT).map_err(|e| op.db(e))?;
                 // A snapshot installed meanwhile may be newer: keep it.
                 let existing: Option<SnapshotMeta<NodeId, Node>> = op.get(&snap, KEY_SNAP_META)?;

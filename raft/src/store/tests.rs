@@ -209,7 +209,8 @@ async fn everything_survives_drop_and_reopen() {
 
     let (mut log, mut sm) = open(&path).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
-    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 6)));
+    // Not stored: openraft learns it from the leader again.
+    assert_eq!(log.read_committed().await.unwrap(), None);
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
     assert_eq!(state.last_log_id, Some(log_id(2, 6)));
@@ -295,6 +296,31 @@ async fn truncate_removes_the_tail_durably() {
     #[allow(clippy::reversed_empty_ranges)]
     let inverted = log.try_get_log_entries(5..2).await.unwrap();
     assert!(inverted.is_empty());
+}
+
+#[tokio::test]
+async fn removed_and_changed_rows_stay_so_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let remove = normal(2, 7, Command::RemoveMember { id: 2 });
+    let revoke = normal(
+        2,
+        8,
+        Command::RevokeToken {
+            name: "beta".into(),
+        },
+    );
+    let want = {
+        let (mut log, mut sm) = open(&path).unwrap();
+        sm.apply(bootstrap_log()).await.unwrap();
+        sm.apply([remove, revoke]).await.unwrap();
+        // A synced write carries the unsynced applies to disk with it.
+        log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        sm.state().read(|s| s.clone())
+    };
+    assert!(!want.members.contains_key(&2), "the removal applied");
+    let (_log, sm) = open(&path).unwrap();
+    sm.state().read(|s| assert_eq!(*s, want));
 }
 
 #[test]
@@ -383,13 +409,22 @@ async fn acknowledged_writes_survive_kill_9() {
     assert_eq!(indexes, (1..=last).collect::<Vec<_>>(), "log has a hole");
     let vote = log.read_vote().await.unwrap().unwrap();
     assert!(vote.leader_id().term >= acked);
+    // Apply is not synced: the applied state may lag what was acked, by
+    // what the next synced append had not yet carried to disk, but it is
+    // a whole state at its index, and the log holds what comes after it.
     let (applied, _) = sm.applied_state().await.unwrap();
     let applied = applied.unwrap().index;
-    assert!(applied >= acked);
+    assert!(applied + 1 >= acked, "applied {applied}, acked {acked}");
     sm.state().read(|s| {
         assert_eq!(s.members.len() as u64, applied);
         assert_eq!(s.next_node_id, applied + 1);
     });
+    // Re-applying the log from there (as openraft does once it knows the
+    // entries are committed) reaches every acked write.
+    let rest = log.try_get_log_entries(applied + 1..=acked).await.unwrap();
+    sm.apply(rest).await.unwrap();
+    sm.state()
+        .read(|s| assert_eq!(s.members.len() as u64, acked.max(applied)));
 }
 
 #[test]
