@@ -146,13 +146,13 @@ fn owner_agent_kill_9_and_restart_keeps_exactly_one_copy() -> Result<()> {
     cluster.kill(1);
     // The container does not depend on its agent.
     assert_eq!(cluster.running_copies("c1"), 1);
-    let before: u64 = std::fs::read_to_string(
-        cluster.agents[1]
-            .data_dir
-            .join("instances/c1/bundle/rootfs/counter"),
-    )?
-    .trim()
-    .parse()?;
+    // The counter is rewritten in place: wait for a complete value.
+    let counter = cluster.agents[1]
+        .data_dir
+        .join("instances/c1/bundle/rootfs/counter");
+    let before: u64 = wait_for("a complete counter", Duration::from_secs(15), || {
+        Ok(std::fs::read_to_string(&counter)?.trim().parse::<u64>()?)
+    })?;
     cluster.restart(1)?;
     cluster.wait_running(None)?;
     let after = cluster.counter(0, "c1")?;

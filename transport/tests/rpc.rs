@@ -177,14 +177,19 @@ async fn node_calls_node_and_pool_reuses_the_connection() {
     assert_eq!(a.service.connections(), 1);
 }
 
-#[tokio::test]
-async fn a_call_that_times_out_leaves_the_next_one_a_fresh_connection() {
+/// Node "a" serving, and node "b"'s pool with what to expect of "a".
+fn server_and_client_pool() -> (Server, Pool, Expect) {
     let ca = ClusterCa::generate().unwrap();
     let (a_creds, _) = node(&ca, "a");
     let (b_creds, _) = node(&ca, "b");
     let a = start(&a_creds, localhost());
     let pool = Pool::new(Endpoint::client(localhost(), Some(&b_creds)).unwrap());
-    let expect = Expect::Node("a".into());
+    (a, pool, Expect::Node("a".into()))
+}
+
+#[tokio::test]
+async fn a_call_that_times_out_leaves_the_next_one_a_fresh_connection() {
+    let (a, pool, expect) = server_and_client_pool();
     let call = |text: &str| {
         let text = text.to_string();
         let (pool, expect) = (pool.clone(), expect.clone());
@@ -202,12 +207,7 @@ async fn a_call_that_times_out_leaves_the_next_one_a_fresh_connection() {
 
 #[tokio::test]
 async fn a_retried_call_goes_again_on_a_fresh_connection_when_the_open_one_does_not_answer() {
-    let ca = ClusterCa::generate().unwrap();
-    let (a_creds, _) = node(&ca, "a");
-    let (b_creds, _) = node(&ca, "b");
-    let a = start(&a_creds, localhost());
-    let pool = Pool::new(Endpoint::client(localhost(), Some(&b_creds)).unwrap());
-    let expect = Expect::Node("a".into());
+    let (a, pool, expect) = server_and_client_pool();
     let _: Reply = pool
         .call(a.addr, &expect, &"first".to_string(), TIMEOUT)
         .await

@@ -113,21 +113,10 @@ impl Batcher {
 mod tests {
     use std::collections::BTreeSet;
 
-    use ferry_raft::{InstanceCommand, InstanceKind, InstanceSpec, Rejection};
+    use ferry_raft::Rejection;
 
     use super::*;
-    use crate::sim::net::{cluster, leader, MemNet};
-
-    fn create(name: &str) -> Command {
-        Command::Instance(InstanceCommand::Create {
-            name: name.into(),
-            kind: InstanceKind::Container,
-            spec: InstanceSpec::default(),
-            owner: 1,
-            desired: ferry_raft::DesiredState::Running,
-            now_ms: 1,
-        })
-    }
+    use crate::sim::net::{cluster, create, leader, MemNet};
 
     #[tokio::test]
     async fn writes_that_wait_together_share_an_entry_and_each_gets_its_own_result() {

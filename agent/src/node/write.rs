@@ -214,21 +214,8 @@ pub async fn commit(agent: &Agent, command: Command) -> Result<CommandResult, Ap
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use ferry_raft::{DesiredState, InstanceCommand, InstanceKind, InstanceSpec};
-
     use super::*;
-    use crate::sim::net::{cluster, leader, MemForwarder, MemNet, MemNode};
-
-    fn create(name: &str) -> Command {
-        Command::Instance(InstanceCommand::Create {
-            name: name.into(),
-            kind: InstanceKind::Container,
-            spec: InstanceSpec::default(),
-            owner: 1,
-            desired: DesiredState::Running,
-            now_ms: 1,
-        })
-    }
+    use crate::sim::net::{cluster, create, leader, MemForwarder, MemNet, MemNode};
 
     async fn write_on(
         nodes: &[MemNode],

@@ -162,6 +162,18 @@ pub struct MemNode {
     _dir: tempfile::TempDir,
 }
 
+/// A command that creates container `name` on node 1.
+pub fn create(name: &str) -> Command {
+    Command::Instance(ferry_raft::InstanceCommand::Create {
+        name: name.into(),
+        kind: ferry_raft::InstanceKind::Container,
+        spec: ferry_raft::InstanceSpec::default(),
+        owner: 1,
+        desired: ferry_raft::DesiredState::Running,
+        now_ms: 1,
+    })
+}
+
 pub fn node_of(id: NodeId) -> Node {
     Node {
         name: format!("n{id}"),
