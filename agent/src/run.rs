@@ -243,7 +243,7 @@ pub(crate) async fn start(
 async fn fill_on_request(agent: Arc<Agent>) {
     let request = agent.data_dir().root().join("fill");
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let Ok(text) = std::fs::read_to_string(&request) else {
             continue;
         };
