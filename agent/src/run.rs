@@ -211,18 +211,7 @@ pub(crate) async fn start(
     tokio::spawn(identity::record_admin_cert(agent.clone()));
     #[cfg(feature = "test-hooks")]
     tokio::spawn(fill_on_request(agent.clone()));
-    // What acts on the state (runs, deletes, moves, leads) starts once the
-    // state has caught up with the cluster (`Agent::catch_up`).
-    let acting = agent.clone();
-    tokio::spawn(async move {
-        acting.catch_up().await;
-        tokio::spawn(crate::membership::leader_loop(acting.clone()));
-        tokio::spawn(identity::keep_ca_key(acting.clone()));
-        tokio::spawn(crate::instances::reconciler::run(acting.clone()));
-        tokio::spawn(crate::migration::run(acting.clone()));
-        tokio::spawn(crate::hosts::runner::run(acting.clone()));
-        tokio::spawn(crate::network::upkeep(acting));
-    });
+    tokio::spawn(acting_loops(agent.clone()));
 
     dir.save_api_info(&ApiInfo {
         address: addr.to_string(),
@@ -235,6 +224,18 @@ pub(crate) async fn start(
         dir.root().display()
     );
     Ok(agent)
+}
+
+/// What acts on the state (runs, deletes, moves, leads) starts once the
+/// state has caught up with the cluster (`Agent::catch_up`).
+async fn acting_loops(agent: Arc<Agent>) {
+    agent.catch_up().await;
+    tokio::spawn(crate::membership::leader_loop(agent.clone()));
+    tokio::spawn(identity::keep_ca_key(agent.clone()));
+    tokio::spawn(crate::instances::reconciler::run(agent.clone()));
+    tokio::spawn(crate::migration::run(agent.clone()));
+    tokio::spawn(crate::hosts::runner::run(agent.clone()));
+    tokio::spawn(crate::network::upkeep(agent));
 }
 
 /// A test build fills the state for a benchmark that writes the file

@@ -77,6 +77,11 @@ impl ClusterState {
         }
     }
 
+    /// Each command of a group commit, as if alone.
+    fn apply_batch(&mut self, commands: &[Command]) -> CommandResult {
+        CommandResult::Batch(commands.iter().map(|c| self.apply(c)).collect())
+    }
+
     /// The member with this name, if any.
     pub fn member_by_name(&self, name: &str) -> Option<&Member> {
         self.members.values().find(|m| m.name == name)
@@ -95,9 +100,7 @@ impl ClusterState {
             // already deduplicates.
             Command::Once { command, .. } => self.try_apply(command),
             Command::Barrier => Ok(CommandResult::Done),
-            Command::Batch(commands) => Ok(CommandResult::Batch(
-                commands.iter().map(|c| self.apply(c)).collect(),
-            )),
+            Command::Batch(commands) => Ok(self.apply_batch(commands)),
             #[cfg(feature = "test-hooks")]
             Command::TestFill { instances, jobs } => Ok(self.test_fill(*instances, *jobs)),
             Command::InitCluster { config } => {
