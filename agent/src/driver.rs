@@ -103,6 +103,11 @@ pub trait Driver: Send + Sync {
     fn rootfs(&self, name: &InstanceName) -> PathBuf;
     /// Where a move's final memory images of `name` live here.
     fn images(&self, name: &InstanceName) -> PathBuf;
+    /// An empty [`Driver::images`] directory for `bytes` of incoming
+    /// images (a driver may keep them in memory when they fit).
+    async fn stage_images(&self, name: &InstanceName, _bytes: u64) -> Result<PathBuf, DriverError> {
+        Ok(self.images(name))
+    }
     /// Files that move with `name` besides its rootfs (its snapshots),
     /// sent once while it runs: nothing changes them during a move (the
     /// instance's operations wait for its job).

@@ -82,6 +82,10 @@ impl Driver for Kinds {
     fn images(&self, name: &InstanceName) -> PathBuf {
         self.of(name).images(name)
     }
+
+    async fn stage_images(&self, name: &InstanceName, bytes: u64) -> Result<PathBuf, DriverError> {
+        self.of(name).stage_images(name, bytes).await
+    }
     fn kept_files(&self, name: &InstanceName) -> Option<PathBuf> {
         self.of(name).kept_files(name)
     }

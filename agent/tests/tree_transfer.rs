@@ -43,10 +43,20 @@ impl Service for Receiver {
         mut recv: quinn::RecvStream,
     ) {
         let progress = std::sync::atomic::AtomicU64::new(0);
-        let reserve = self.reserve.as_ref();
-        let result =
-            tree::receive_counted(&mut send, &mut recv, &self.dest, delta, &progress, reserve)
-                .await;
+        // As a move does: the first pass synced, the final one not (and
+        // synced as a whole after it).
+        let writing = tree::Writing {
+            progress: &progress,
+            reserve: self.reserve.as_ref(),
+            synced: !delta,
+        };
+        let mut result =
+            tree::receive_counted(&mut send, &mut recv, &self.dest, delta, writing).await;
+        if delta && result.is_ok() {
+            if let Err(e) = tree::sync(&self.dest).await {
+                result = Err(e);
+            }
+        }
         let _ = send.finish();
         let _ = self.done.send(result.map_err(|e| e.to_string()));
     }

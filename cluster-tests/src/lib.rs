@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod echo;
 pub mod faults;
+pub mod figures;
 pub mod netns;
 pub mod partition;
 pub mod vm;

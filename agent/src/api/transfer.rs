@@ -45,6 +45,8 @@ pub enum FinalHeader {
     Frozen {
         note: Option<String>,
         paused_ms: u64,
+        /// Bytes of memory images that follow (0 for none).
+        images_bytes: u64,
     },
     Refused(String),
 }

@@ -32,15 +32,9 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     let counter = agent.transfers().stage(job.id, "boot files");
     let reserve = agent.reserve();
     let files = driver.live_files(name);
-    let boot = tree::receive_counted(
-        &mut channel.0,
-        &mut channel.1,
-        &files,
-        false,
-        &counter,
-        Some(&reserve),
-    )
-    .await?;
+    let writing = tree::Writing::synced(&counter, &reserve);
+    let boot =
+        tree::receive_counted(&mut channel.0, &mut channel.1, &files, false, writing).await?;
     let kept = super::target::receive_kept(agent, job, &mut channel).await?;
     let (send, recv) = &mut channel;
     let spec = super::target::spec(agent, job)?;
@@ -52,7 +46,9 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     write_frame(send, &answer).await?;
     ready?;
     let (note, paused_ms) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
-        FinalHeader::Frozen { note, paused_ms } => (note, paused_ms),
+        FinalHeader::Frozen {
+            note, paused_ms, ..
+        } => (note, paused_ms),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
     agent.transfers().froze_for(job.id, paused_ms);
@@ -124,6 +120,7 @@ async fn relayed(
             Ok(end) => FinalHeader::Frozen {
                 note: end.note.clone(),
                 paused_ms: end.paused_ms,
+                images_bytes: 0,
             },
             Err(e) => FinalHeader::Refused(e.to_string()),
         };

@@ -126,14 +126,17 @@ pub async fn freeze(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
     // retried final pass): a status that cannot be read must not let a
     // running copy be dumped and go on running.
     let state = driver.status(name).await?.map(|s| s.state);
+    let started = std::time::Instant::now();
     if state != Some(RunState::Paused) {
         driver.freeze(name).await?;
     }
+    let frozen = started.elapsed();
     if let Err(e) = driver.dump_frozen(name).await {
         // Nothing left this host: the instance may run on.
         let _ = driver.thaw(name).await;
         return Err(e.into());
     }
+    tracing::debug!(job = job.id, ?frozen, dumped = ?started.elapsed(), "frozen and dumped");
     Ok(Some(note))
 }
 
@@ -153,12 +156,30 @@ async fn send_final(
     note: Option<String>,
 ) -> Result<(), MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
-    write_frame(send, &FinalHeader::Frozen { note, paused_ms: 0 }).await?;
+    let images = driver.images(name);
+    let images_bytes = match job.options.stateful {
+        true => {
+            let dir = images.clone();
+            tokio::task::spawn_blocking(move || tree::size_of(&dir))
+                .await
+                .unwrap_or(0)
+        }
+        false => 0,
+    };
+    let header = FinalHeader::Frozen {
+        note,
+        paused_ms: 0,
+        images_bytes,
+    };
+    write_frame(send, &header).await?;
+    let started = std::time::Instant::now();
     if job.options.stateful {
-        tree::send(send, recv, &driver.images(name), false, None).await?;
+        tree::send(send, recv, &images, false, None).await?;
     }
+    let images_sent = started.elapsed();
     let first_pass = agent.transfers().take_stamps(job.id);
     tree::send(send, recv, &driver.rootfs(name), true, first_pass.as_ref()).await?;
+    tracing::debug!(job = job.id, ?images_sent, rootfs_delta_sent = ?started.elapsed(), "final state sent");
     Ok(())
 }
 

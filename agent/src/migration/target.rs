@@ -59,21 +59,27 @@ async fn receive_final(
 ) -> Result<Option<String>, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let reserve = agent.reserve();
-    let note = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
-        FinalHeader::Frozen { note, .. } => note,
+    let (note, images_bytes) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
+        FinalHeader::Frozen {
+            note, images_bytes, ..
+        } => (note, images_bytes),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
     let mut bytes = rootfs_bytes;
+    // Unsynced, both: nothing committed depends on the images surviving
+    // this host, and the rootfs is synced before Done (`finish`).
     if job.options.stateful {
         let counter = agent.transfers().stage(job.id, "memory images");
-        let images = driver.images(name);
-        bytes += tree::receive_counted(send, recv, &images, false, &counter, Some(&reserve))
+        let images = driver.stage_images(name, images_bytes).await?;
+        let into = tree::Writing::unsynced(&counter, &reserve);
+        bytes += tree::receive_counted(send, recv, &images, false, into)
             .await?
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
     let rootfs = driver.rootfs(name);
-    bytes += tree::receive_counted(send, recv, &rootfs, true, &counter, Some(&reserve))
+    let into = tree::Writing::unsynced(&counter, &reserve);
+    bytes += tree::receive_counted(send, recv, &rootfs, true, into)
         .await?
         .bytes;
     driver
@@ -89,7 +95,8 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let reserve = agent.reserve();
     let (send, recv) = channel;
-    let full = tree::receive_counted(send, recv, &rootfs, false, &counter, Some(&reserve)).await?;
+    let writing = tree::Writing::synced(&counter, &reserve);
+    let full = tree::receive_counted(send, recv, &rootfs, false, writing).await?;
     Ok(full.bytes + receive_kept(agent, job, channel).await?)
 }
 
@@ -106,7 +113,8 @@ pub(super) async fn receive_kept(
     let counter = agent.transfers().stage(job.id, "snapshots");
     let reserve = agent.reserve();
     let (send, recv) = channel;
-    let kept = tree::receive_counted(send, recv, &dir, false, &counter, Some(&reserve)).await?;
+    let writing = tree::Writing::synced(&counter, &reserve);
+    let kept = tree::receive_counted(send, recv, &dir, false, writing).await?;
     Ok(kept.bytes)
 }
 
@@ -162,6 +170,7 @@ pub async fn serve_push(
 /// Switched: restore held stopped (unless a held copy is here already),
 /// then Restored; a failed restore switches back.
 pub async fn restore(agent: &Agent, job: &Job, name: &InstanceName, local: LocalCopy) -> Proposal {
+    let started = std::time::Instant::now();
     let result = if !job.options.stateful || local == LocalCopy::Frozen {
         Ok(())
     } else {
@@ -174,6 +183,7 @@ pub async fn restore(agent: &Agent, job: &Job, name: &InstanceName, local: Local
             Err(e) => Err(e),
         }
     };
+    tracing::debug!(job = job.id, restored = ?started.elapsed(), "held restore");
     match result {
         Ok(()) => Proposal::to(Phase::Restored),
         Err(e) => {
@@ -192,11 +202,20 @@ pub async fn restore(agent: &Agent, job: &Job, name: &InstanceName, local: Local
 pub async fn finish(agent: &Agent, job: &Job, name: &InstanceName) -> Option<Proposal> {
     let result = async {
         let spec = spec(agent, job)?;
+        let started = std::time::Instant::now();
         if job.options.stateful {
             agent.driver().release_held(name, &spec).await?;
         } else if job.was_running {
             agent.driver().configure(name, &spec, false).await?;
             agent.driver().start(name).await?;
+        }
+        agent.transfers().thawed(job.id);
+        tracing::debug!(job = job.id, released = ?started.elapsed(), "the copy runs");
+        // The final pass was written unsynced; Done lets the source
+        // delete its copy, so this one must be on disk first.
+        let rootfs = agent.driver().rootfs(name);
+        if rootfs.exists() {
+            tree::sync(&rootfs).await?;
         }
         Ok::<(), MoveError>(())
     }

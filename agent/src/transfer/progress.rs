@@ -62,9 +62,15 @@ impl Transfers {
         lock(&self.bytes).get(&job).copied().unwrap_or(0)
     }
 
+    /// The copy of `job` runs from now (the first call counts).
+    pub fn thawed(&self, job: JobId) {
+        lock(&self.thawed_at).entry(job).or_insert_with(now_ms);
+    }
+
     /// (downtime ms, bytes) for `job`, the downtime ending at the first
-    /// call (`now`, when the copy runs): a `Done` proposed again after a
-    /// lost one reports the same figures.
+    /// [`Transfers::thawed`] or, without one, the first call (`now`, when
+    /// the copy runs): a `Done` proposed again after a lost one reports
+    /// the same figures.
     pub fn figures(&self, job: JobId, now: u64) -> (u64, u64) {
         let thawed = *lock(&self.thawed_at).entry(job).or_insert(now);
         let froze = lock(&self.froze_at).get(&job).copied();
@@ -124,6 +130,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_downtime_ends_when_the_copy_runs_not_when_done_is_proposed() {
+        let transfers = Transfers::default();
+        transfers.froze_for(3, 1_000);
+        transfers.thawed(3);
+        // Done proposed an hour later (after the rootfs sync, say).
+        let later = now_ms() + 3_600_000;
+        let (downtime, _) = transfers.figures(3, later);
+        assert!((1_000..1_500).contains(&downtime), "{downtime}");
+        assert_eq!(transfers.figures(3, later + 5).0, downtime);
+    }
 
     #[test]
     fn each_stage_counts_apart_and_the_bytes_add_up() {

@@ -14,7 +14,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cluster_tests::Cluster;
+use cluster_tests::{figures, Cluster};
 use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
 
@@ -134,6 +134,12 @@ fn main() -> Result<()> {
         println!(
             "{size} members: kill -9 to dead on all others over {trials} trials: median {median:.0} ms, max {max:.0} ms"
         );
+        figures::report(
+            &format!("gossip: kill -9 to dead on all, {size} members"),
+            &format!("{median:.0} ms (median of {trials})"),
+            &format!("max {max:.0} ms"),
+            "<= 3000 ms",
+        );
     }
     drop(bench);
 
@@ -196,6 +202,12 @@ fn false_positives(secs: u64) -> Result<()> {
     }
     println!(
         "false positives over {secs} s, n5 sharing CPU 1 with two busy loops: {suspect} suspect and {dead} dead answers out of {samples} liveness answers"
+    );
+    figures::report(
+        &format!("gossip: false suspicions, one member CPU-saturated {secs} s"),
+        &format!("{} of {samples} answers", suspect + dead),
+        "-",
+        "0",
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cluster_tests::{busybox_rootfs, dirtying_workload as workload, wait_for, Cluster};
+use cluster_tests::{busybox_rootfs, dirtying_workload as workload, figures, wait_for, Cluster};
 
 fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
     // A restored container inherits runc's stdio: no pipe here, or reading
@@ -119,6 +119,12 @@ fn main() -> Result<()> {
             dump.as_millis(),
             restore.as_millis(),
             down as f64 / floor.max(1) as f64
+        );
+        figures::report(
+            &format!("container downtime, {mib} MiB dirtied"),
+            &format!("{down} ms = {:.2}x", down as f64 / floor.max(1) as f64),
+            &format!("runc checkpoint+restore to tmpfs {floor} ms"),
+            "<= 1.2x",
         );
         cluster.ferry_ok(0, &["delete", &name, "--force"])?;
     }

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use cluster_tests::Cluster;
+use cluster_tests::{figures, Cluster};
 use ferry_agent::api::ApiRequest;
 use ferry_agent::client::Client;
 
@@ -46,19 +46,26 @@ fn main() -> Result<()> {
     let _entered = runtime.enter();
     // Through one agent's API (the bootstrap member, most likely leading).
     let client = std::sync::Arc::new(Client::connect(&cluster.agents[0].data_dir, None)?);
-    runtime.block_on(read_floor(&client, commits))?;
-    runtime.block_on(commit_figures(&client, commits, "empty"))?;
+    let floor = runtime.block_on(read_floor(&client, commits))?;
+    let floor = format!("API read p50 {floor:.2} ms");
+    let empty = runtime.block_on(commit_figures(&client, commits, "empty", &floor))?;
     if let Some((instances, jobs)) = fill {
         fill_state(&cluster, instances, jobs)?;
         let label = format!("{instances} instances, {jobs} finished moves");
-        runtime.block_on(commit_figures(&client, commits, &label))?;
+        let full = runtime.block_on(commit_figures(&client, commits, &label, &floor))?;
+        figures::report(
+            &format!("commit p50, {label}"),
+            &format!("{full:.2} ms = {:.2}x", full / empty),
+            &format!("empty state {empty:.2} ms"),
+            "<= 1.2x",
+        );
     }
     failover(&mut cluster, &runtime, trials)
 }
 
 /// The API's own round trip (a read that commits nothing): the floor
 /// under every commit latency below.
-async fn read_floor(client: &Client, reads: usize) -> Result<()> {
+async fn read_floor(client: &Client, reads: usize) -> Result<f64> {
     let mut latencies = Vec::with_capacity(reads);
     for _ in 0..reads {
         let t = Instant::now();
@@ -71,15 +78,16 @@ async fn read_floor(client: &Client, reads: usize) -> Result<()> {
         ms(percentile(&latencies, 0.5)),
         ms(percentile(&latencies, 0.99)),
     );
-    Ok(())
+    Ok(ms(percentile(&latencies, 0.5)))
 }
 
-/// Sequential commit latency, then throughput with 16 clients.
+/// Sequential commit latency, then throughput with 16 clients; the p50.
 async fn commit_figures(
     client: &std::sync::Arc<Client>,
     commits: usize,
     label: &str,
-) -> Result<()> {
+    floor: &str,
+) -> Result<f64> {
     let mut latencies = Vec::with_capacity(commits);
     let started = Instant::now();
     for i in 0..commits {
@@ -96,6 +104,19 @@ async fn commit_figures(
         ms(*latencies.last().unwrap_or(&Duration::ZERO)),
         commits as f64 / elapsed.as_secs_f64()
     );
+    let (p50, p99) = (
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+    );
+    if label == "empty" {
+        figures::report(
+            "commit p50, 3 voters, fsync",
+            &format!("{p50:.2} ms"),
+            floor,
+            "<= 1.5 ms",
+        );
+        figures::report("commit p99", &format!("{p99:.2} ms"), floor, "<= 5 ms");
+    }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..16 {
@@ -111,11 +132,18 @@ async fn commit_figures(
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    println!(
-        "[{label}] throughput with 16 concurrent clients: {:.0} commits/s",
-        commits as f64 / started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    let rate = commits as f64 / started.elapsed().as_secs_f64();
+    println!("[{label}] throughput with 16 concurrent clients: {rate:.0} commits/s");
+    if label == "empty" {
+        let sequential = format!("sequential {:.0}/s", commits as f64 / elapsed.as_secs_f64());
+        figures::report(
+            "commits/s, 16 clients",
+            &format!("{rate:.0}"),
+            &sequential,
+            ">= 2000",
+        );
+    }
+    Ok(p50)
 }
 
 fn token(name: &str) -> ApiRequest {
@@ -173,11 +201,19 @@ fn failover(cluster: &mut Cluster, runtime: &tokio::runtime::Runtime, trials: us
     }
     failovers.sort();
     if !failovers.is_empty() {
-        println!(
-            "leader kill -9 to next commit over {trials} trials: median {:.0} ms, min {:.0} ms, max {:.0} ms",
+        let (median, min, max) = (
             ms(percentile(&failovers, 0.5)),
             ms(failovers[0]),
-            ms(*failovers.last().unwrap_or(&Duration::ZERO))
+            ms(*failovers.last().unwrap_or(&Duration::ZERO)),
+        );
+        println!(
+            "leader kill -9 to next commit over {trials} trials: median {median:.0} ms, min {min:.0} ms, max {max:.0} ms"
+        );
+        figures::report(
+            &format!("leader kill -9 to next commit, median of {trials}"),
+            &format!("{median:.0} ms"),
+            &format!("min {min:.0}, max {max:.0} ms"),
+            "<= 1000 ms",
         );
     }
     Ok(())

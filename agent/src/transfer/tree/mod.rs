@@ -15,7 +15,7 @@ mod receive;
 mod scan;
 mod send;
 
-pub use receive::{receive, receive_counted};
+pub use receive::{receive, receive_counted, sync, Writing};
 pub use scan::scan;
 pub use send::send;
 

@@ -139,31 +139,73 @@ fn place(root: &Path, rel: &Path, path: &Path, entry: &Entry) -> Result<(), Tree
     apply_by_path(path, entry)
 }
 
-/// Receive a tree into `root` (created if missing). With `delta`, answer
-/// the sender's manifest with what `root` lacks and delete what the sender
-/// no longer has.
+/// How a received tree is written: every file byte added to `progress`
+/// as it arrives; with `reserve`, a file that would cross the disk
+/// reserve refused before it is created; with `synced`, every file and
+/// directory synced as it completes (else the caller syncs, with [`sync`],
+/// before anything committed depends on them).
+#[derive(Clone, Copy)]
+pub struct Writing<'a> {
+    pub progress: &'a AtomicU64,
+    pub reserve: Option<&'a Reserve>,
+    pub synced: bool,
+}
+
+impl<'a> Writing<'a> {
+    pub fn synced(progress: &'a AtomicU64, reserve: &'a Reserve) -> Self {
+        Writing {
+            progress,
+            reserve: Some(reserve),
+            synced: true,
+        }
+    }
+
+    pub fn unsynced(progress: &'a AtomicU64, reserve: &'a Reserve) -> Self {
+        Writing {
+            synced: false,
+            ..Writing::synced(progress, reserve)
+        }
+    }
+}
+
+/// Receive a tree into `root` (created if missing), synced. With `delta`,
+/// answer the sender's manifest with what `root` lacks and delete what the
+/// sender no longer has.
 pub async fn receive(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
     delta: bool,
 ) -> Result<Transferred, TreeError> {
-    receive_counted(send, recv, root, delta, &AtomicU64::new(0), None).await
+    let writing = Writing {
+        progress: &AtomicU64::new(0),
+        reserve: None,
+        synced: true,
+    };
+    receive_counted(send, recv, root, delta, writing).await
 }
 
-/// [`receive`], adding every file byte to `progress` as it arrives; with
-/// `reserve`, a file that would cross the disk reserve is refused before
-/// it is created.
+/// [`receive`], written as `writing` says.
 pub async fn receive_counted(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
     delta: bool,
-    progress: &AtomicU64,
-    reserve: Option<&Reserve>,
+    writing: Writing<'_>,
 ) -> Result<Transferred, TreeError> {
-    let result = receive_tree(send, recv, root, delta, progress, reserve).await;
+    let result = receive_tree(send, recv, root, delta, writing).await;
     tell_peer(send, result).await
+}
+
+/// Make everything written on `root`'s filesystem durable (one `syncfs`,
+/// after an unsynced receive).
+pub async fn sync(root: &Path) -> Result<(), TreeError> {
+    let root = root.to_path_buf();
+    blocking(move || {
+        let dir = std::fs::File::open(&root).map_err(io("open", &root))?;
+        rustix::fs::syncfs(&dir).map_err(|e| io("sync", &root)(e.into()))
+    })
+    .await
 }
 
 async fn receive_tree(
@@ -171,8 +213,7 @@ async fn receive_tree(
     recv: &mut quinn::RecvStream,
     root: &Path,
     delta: bool,
-    progress: &AtomicU64,
-    reserve: Option<&Reserve>,
+    writing: Writing<'_>,
 ) -> Result<Transferred, TreeError> {
     let owned = root.to_path_buf();
     let root_fd = blocking(move || {
@@ -217,11 +258,11 @@ async fn receive_tree(
         let owned_root = root.to_path_buf();
         match entry.kind.clone() {
             EntryKind::File { size } => {
-                if let Some(reserve) = reserve {
+                if let Some(reserve) = writing.reserve {
                     reserve.check(size, &format!("receiving {}", entry.path))?;
                 }
                 let file = blocking(create_new(owned_root, rel, path.clone())).await?;
-                let received = receive_file(recv, file, path, entry, size, progress).await?;
+                let received = receive_file(recv, (file, path), entry, size, writing).await?;
                 total.files += 1;
                 total.bytes += received;
             }
@@ -235,7 +276,8 @@ async fn receive_tree(
             _ => blocking(move || place(&owned_root, &rel, &path, &entry)).await?,
         }
     }
-    blocking(move || apply_dirs(&root_fd, &dirs)).await?;
+    let synced = writing.synced;
+    blocking(move || apply_dirs(&root_fd, &dirs, synced)).await?;
     Ok(total)
 }
 
@@ -243,7 +285,7 @@ async fn receive_tree(
 /// path "", last), each through a descriptor opened beneath the root and
 /// synced; a directory the sender replaced since (by a symlink, say) is
 /// left alone.
-fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry]) -> Result<(), TreeError> {
+fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry], synced: bool) -> Result<(), TreeError> {
     for entry in dirs.iter().rev() {
         let rel = Path::new(&entry.path);
         let dir = if entry.path.is_empty() {
@@ -255,7 +297,9 @@ fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry]) -> Result<(), TreeError> {
         };
         if let Some(dir) = dir {
             apply_by_fd(&dir, rel, entry)?;
-            dir.sync_all().map_err(io("sync", rel))?;
+            if synced {
+                dir.sync_all().map_err(io("sync", rel))?;
+            }
         }
     }
     Ok(())
@@ -317,16 +361,16 @@ async fn answer_manifest(
 }
 
 /// One file's chunks into `file` (created at `path`), checked against the
-/// announced size and the sender's SHA-256, then synced, its metadata set
-/// through the same descriptor; its byte count.
+/// announced size and the sender's SHA-256, then synced (if `writing`
+/// says so), its metadata set through the same descriptor; its byte count.
 async fn receive_file(
     recv: &mut quinn::RecvStream,
-    mut file: std::fs::File,
-    path: PathBuf,
+    (mut file, path): (std::fs::File, PathBuf),
     entry: Entry,
     size: u64,
-    progress: &AtomicU64,
+    writing: Writing<'_>,
 ) -> Result<u64, TreeError> {
+    let progress = writing.progress;
     let mut context = Context::new(&SHA256);
     // All of the file so far, and its data without holes.
     let (mut received, mut data) = (0u64, 0u64);
@@ -386,11 +430,13 @@ async fn receive_file(
             received: got,
         });
     }
-    let holes = received - data;
+    let (holes, synced) = (received - data, writing.synced);
     blocking(move || {
         // A trailing hole has no data after it to set the length.
         file.set_len(received).map_err(io("truncate", &path))?;
-        file.sync_all().map_err(io("sync", &path))?;
+        if synced {
+            file.sync_all().map_err(io("sync", &path))?;
+        }
         apply_by_fd(&file, &path, &entry)
     })
     .await?;
