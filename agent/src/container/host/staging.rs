@@ -64,13 +64,18 @@ impl Host {
         });
         let dir = memory.unwrap_or_else(|| self.dir(name).migration());
         super::create_dirs(std::slice::from_ref(&dir)).await?;
+        tracing::debug!(instance = %name, bytes, "memory images staged in {}", dir.display());
         Ok(dir)
     }
 
-    /// Remove both staging directories of `name`.
+    /// Remove both staging directories of `name` (and this agent's
+    /// directory on `/dev/shm` once nothing else is staged there).
     pub(super) async fn clear_staging(&self, name: &InstanceName) {
         if let Some(dir) = self.memory_dir(name) {
-            let _ = tokio::fs::remove_dir_all(dir).await;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            if let Some(root) = dir.parent() {
+                let _ = tokio::fs::remove_dir(root).await;
+            }
         }
         let _ = tokio::fs::remove_dir_all(self.dir(name).migration()).await;
     }
@@ -135,6 +140,7 @@ mod tests {
         assert_eq!(host.migration_dir(&name), big);
         host.clear_staging(&name).await;
         assert!(!big.exists());
+        assert!(!root.exists(), "an empty staging root stays on /dev/shm");
     }
 
     #[tokio::test]
