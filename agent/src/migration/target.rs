@@ -71,15 +71,15 @@ async fn receive_final(
     if job.options.stateful {
         let counter = agent.transfers().stage(job.id, "memory images");
         let images = driver.stage_images(name, images_bytes).await?;
-        let into = tree::Writing::unsynced(&counter, &reserve);
-        bytes += tree::receive_counted(send, recv, &images, false, into)
+        let writing = tree::Writing::unsynced(&counter, &reserve);
+        bytes += tree::receive_counted(send, recv, &images, false, writing)
             .await?
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
     let rootfs = driver.rootfs(name);
-    let into = tree::Writing::unsynced(&counter, &reserve);
-    bytes += tree::receive_counted(send, recv, &rootfs, true, into)
+    let writing = tree::Writing::unsynced(&counter, &reserve);
+    bytes += tree::receive_counted(send, recv, &rootfs, true, writing)
         .await?
         .bytes;
     driver
