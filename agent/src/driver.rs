@@ -4,6 +4,7 @@
 //! (`vm::host::VmHost`) implement it; `kinds::Kinds` sends each call to the
 //! one of the instance's kind. Nothing above this trait names a runtime.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -177,8 +178,14 @@ pub trait Driver: Send + Sync {
     /// Undo [`Driver::freeze`].
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError>;
     /// Final dump of a frozen instance into [`Driver::images`]; it stays
-    /// frozen, so a rollback can thaw it.
-    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError>;
+    /// frozen, so a rollback can thaw it. With `page_server`, the memory
+    /// pages go to the page server listening there as they are dumped
+    /// (see [`Driver::page_server`]) and the images hold the rest.
+    async fn dump_frozen(
+        &self,
+        name: &InstanceName,
+        page_server: Option<SocketAddr>,
+    ) -> Result<(), DriverError>;
     /// A frozen copy that cannot thaw: end it without letting it run (its
     /// state is all in the final dump) and make the final dump its
     /// checkpoint, so [`Driver::restore`] brings it back from there.
@@ -219,6 +226,30 @@ pub trait Driver: Send + Sync {
     // A live move the runtime drives itself (QEMU's migration) instead of
     // a final dump of files: the engine relays the streams the source's
     // runtime opens, each to its own stream on the move's connection.
+
+    // A final dump whose memory pages stream to the target while they are
+    // dumped (CRIU's page server), instead of files sent after the dump.
+
+    /// Whether `name`'s final dump can send its pages to a page server.
+    fn streams_pages(&self, _name: &InstanceName) -> bool {
+        false
+    }
+    /// About how many bytes `name`'s memory takes now, when the runtime
+    /// knows.
+    fn memory_in_use(&self, _name: &InstanceName) -> Option<u64> {
+        None
+    }
+    /// Target: a page server writing into a fresh [`Driver::images`] of
+    /// `name` (staged for about `bytes`), fed through its socket.
+    async fn page_server(
+        &self,
+        name: &InstanceName,
+        _bytes: u64,
+    ) -> Result<PageServer, DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' has no page server here"
+        )))
+    }
 
     /// Whether the runtime moves `name` live by itself.
     fn moves_itself(&self, _name: &InstanceName) -> bool {
@@ -276,6 +307,14 @@ pub trait Driver: Send + Sync {
             "'{name}' cannot move live by its runtime"
         )))
     }
+}
+
+/// A running page server: what the source's dump sends goes into
+/// `socket`; `done` ends once the server has written every page (or
+/// failed, with its reasons).
+pub struct PageServer {
+    pub socket: tokio::net::UnixStream,
+    pub done: futures::future::BoxFuture<'static, Result<(), DriverError>>,
 }
 
 /// What this host holds of `name`, for the migration plan.

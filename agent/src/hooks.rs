@@ -7,8 +7,9 @@
 //!   engine waits while the file `hold` exists in the agent's data dir;
 //!   also `live-mirror` (a VM's disk mirror ready, memory not started)
 //!   and `live-memory` (its memory migration started), on the source.
-//! - the file `fail-dump` (`fail-restore`) in the data dir makes the next
-//!   CRIU dump (restore) of a move fail, as a failing CRIU would.
+//! - the file `fail-dump` (`fail-restore`, `fail-thaw`) in the data dir
+//!   makes a move's CRIU dump (restore, a container's thaw) fail, as a
+//!   failing runtime would.
 
 use std::path::Path;
 
@@ -35,7 +36,8 @@ pub async fn hold_at(data_dir: &Path, phase: &str) {
 #[cfg(not(feature = "test-hooks"))]
 pub async fn hold_at(_data_dir: &Path, _phase: &str) {}
 
-/// Whether a test asked CRIU's `op` ("dump", "restore") to fail here.
+/// Whether a test asked the runtime's `op` ("dump", "restore", "thaw") to
+/// fail here.
 #[cfg(feature = "test-hooks")]
 pub fn criu_fails(data_dir: &Path, op: &str) -> bool {
     let asked = data_dir.join(format!("fail-{op}")).exists();

@@ -5,13 +5,14 @@
 //! instance the state no longer has (a leftover being removed) is a VM
 //! when its files say so.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceKind, InstanceSpec, LiveSettings, Runtimes};
 
 use crate::api::names::{InstanceName, SnapshotName};
-use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, Status};
+use crate::driver::{Driver, DriverError, ExecOutput, PageServer, ProcessExit, Status};
 
 /// The kind of an instance by name, from the replicated state.
 pub type KindOf = Box<dyn Fn(&InstanceName) -> Option<InstanceKind> + Send + Sync>;
@@ -166,8 +167,12 @@ impl Driver for Kinds {
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.of(name).thaw(name).await
     }
-    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
-        self.of(name).dump_frozen(name).await
+    async fn dump_frozen(
+        &self,
+        name: &InstanceName,
+        page_server: Option<SocketAddr>,
+    ) -> Result<(), DriverError> {
+        self.of(name).dump_frozen(name, page_server).await
     }
     async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.of(name).keep_final_dump(name).await
@@ -204,6 +209,19 @@ impl Driver for Kinds {
     }
     async fn precopy_unavailable(&self, name: &InstanceName) -> Option<String> {
         self.of(name).precopy_unavailable(name).await
+    }
+    fn streams_pages(&self, name: &InstanceName) -> bool {
+        self.of(name).streams_pages(name)
+    }
+    fn memory_in_use(&self, name: &InstanceName) -> Option<u64> {
+        self.of(name).memory_in_use(name)
+    }
+    async fn page_server(
+        &self,
+        name: &InstanceName,
+        bytes: u64,
+    ) -> Result<PageServer, DriverError> {
+        self.of(name).page_server(name, bytes).await
     }
     fn moves_itself(&self, name: &InstanceName) -> bool {
         self.of(name).moves_itself(name)

@@ -373,11 +373,13 @@ fn check_end(cluster: &Cluster, job: &serde_json::Value, before: u64) -> Result<
     }
     let leftovers = |i: usize, path: &str| cluster.agents[i].data_dir.join(path);
     wait_for("no leftovers once healed", Duration::from_secs(25), || {
+        let staging = |i: usize| cluster.agents[i].staging("c1");
         for path in [
-            leftovers(other, "instances/c1"),
-            leftovers(owner, "instances/c1/migration"),
+            Some(leftovers(other, "instances/c1")),
+            staging(owner),
+            staging(other),
         ] {
-            if path.exists() {
+            if let Some(path) = path.filter(|p| p.exists()) {
                 bail!("{} is still there", path.display());
             }
         }

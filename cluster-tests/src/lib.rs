@@ -335,6 +335,18 @@ impl AgentProc {
         (state["status"] == "running" && pid > 0).then_some(pid)
     }
 
+    /// This agent's staging area of a move of container `id`, if it has
+    /// one: in memory (`/dev/shm/<cgroup parent>/<id>`, the parent named
+    /// as the agent names it) or on disk (`instances/<id>/migration`).
+    pub fn staging(&self, id: &str) -> Option<PathBuf> {
+        let dir = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let digest = ferry_transport::pki::sha256_hex(dir.to_string_lossy().as_bytes());
+        let parent = format!("ferry-{}-{}", self.name, &digest[..8]);
+        let memory = Path::new("/dev/shm").join(parent).join(id);
+        let disk = self.data_dir.join("instances").join(id).join("migration");
+        [memory, disk].into_iter().find(|d| d.exists())
+    }
+
     /// runc's status of container `id` on this agent ("paused" while frozen).
     pub fn container_status(&self, id: &str) -> Option<String> {
         self.containers()
@@ -571,7 +583,8 @@ impl Cluster {
             }
         });
         let name = agent.name.clone();
-        let ready = rx.recv_timeout(Duration::from_secs(30));
+        // A joiner waits up to 45 s for its join (three write deadlines).
+        let ready = rx.recv_timeout(Duration::from_secs(60));
         if ready.is_err() {
             let status = child.try_wait().ok().flatten();
             let _ = child.kill();

@@ -219,6 +219,26 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(config)
 }
 
+/// The kernel buffers of an agent's UDP socket. A move's bulk stream
+/// arrives in bursts that a busy receiver reads late: with the default
+/// (208 KiB) a 64 MiB container's move lost 2.5 % of its datagrams to a
+/// full buffer (`UdpRcvbufErrors`), and each loss halves the sender's
+/// congestion window.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// Set both buffers to [`UDP_BUFFER`], past the host's `rmem_max` when
+/// the agent may (root); the kernel's own size otherwise.
+fn widen_buffers(socket: &UdpSocket) {
+    use rustix::net::sockopt;
+    let recv = sockopt::set_socket_recv_buffer_size_force(socket, UDP_BUFFER)
+        .or_else(|_| sockopt::set_socket_recv_buffer_size(socket, UDP_BUFFER));
+    let send = sockopt::set_socket_send_buffer_size_force(socket, UDP_BUFFER)
+        .or_else(|_| sockopt::set_socket_send_buffer_size(socket, UDP_BUFFER));
+    if let Err(e) = recv.and(send) {
+        tracing::debug!("UDP buffers left at the kernel's size: {e}");
+    }
+}
+
 /// Path MTU discovery up to the largest UDP payload: where the path
 /// carries more than Ethernet's 1500 bytes (loopback, jumbo frames) a
 /// move's bulk streams take far fewer packets; elsewhere discovery
@@ -313,6 +333,7 @@ impl Endpoint {
         let endpoint_config = EndpointConfig::new(Arc::new(reset_key(&loaded.key)));
         let socket =
             UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        widen_buffers(&socket);
         let inner = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime()?)
             .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Endpoint {

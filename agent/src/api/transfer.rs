@@ -22,6 +22,23 @@ pub enum TransferPart {
     /// Source to target during a live move: one connection of the
     /// source's runtime, relayed as raw bytes to the target's runtime.
     Stream { purpose: String },
+    /// Source to target, after the freeze of a stateful move: the final
+    /// dump's memory pages as the runtime writes them (CRIU's page-server
+    /// protocol, raw), for the target's page server. `stream` names this
+    /// attempt (the freeze header says which stream it sent); `bytes` is
+    /// about what the pages take (where the target stages them).
+    Pages { stream: u64, bytes: u64 },
+}
+
+/// What the source sent on a [`TransferPart::Pages`] stream, end to end:
+/// the target compares it with what it passed to its page server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageStream {
+    pub stream: u64,
+    pub bytes: u64,
+    /// XXH3-128 of every byte (QUIC authenticates them on the way; this
+    /// checks the relays at both ends).
+    pub checksum: u128,
 }
 
 /// The target's answer at the end of a pushed part.
@@ -47,6 +64,9 @@ pub enum FinalHeader {
         paused_ms: u64,
         /// Bytes of memory images that follow (0 for none).
         images_bytes: u64,
+        /// The memory pages, when they went on a stream of their own
+        /// during the dump (then the images that follow are the rest).
+        pages: Option<PageStream>,
     },
     Refused(String),
 }

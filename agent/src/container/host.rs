@@ -3,6 +3,7 @@
 //! state root and cgroup parent; memory state through CRIU (runc drives
 //! it).
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,12 +14,13 @@ use ferry_raft::{HostFacts, InstanceSpec, Runtimes};
 use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::net::InstanceNet;
 
+mod final_dump;
 mod runtime_facts;
 mod snapshots;
 mod staging;
-use super::runc::{ContainerState, Runc, RuncError, Status as RuncStatus};
+use super::runc::{ContainerState, Dump, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
-use crate::driver::{Driver, DriverError, ExecOutput, ProcessExit, RunState, Status};
+use crate::driver::{Driver, DriverError, ExecOutput, PageServer, ProcessExit, RunState, Status};
 
 impl From<RuncError> for DriverError {
     fn from(e: RuncError) -> Self {
@@ -334,7 +336,10 @@ impl Driver for Host {
         let _ = tokio::fs::remove_dir_all(dir.checkpoint()).await;
         let dumped = async {
             create_dirs(&[dir.checkpoint(), dir.criu_work()]).await?;
-            let ends = (false, self.net.keeps_connections(name));
+            let ends = Dump {
+                tcp_established: self.net.keeps_connections(name),
+                ..Dump::default()
+            };
             let (images, work) = (dir.checkpoint(), dir.criu_work());
             self.runc
                 .checkpoint(name.as_str(), &images, &work, ends, &dir.runc_log())
@@ -407,6 +412,11 @@ impl Driver for Host {
 
     /// Its address is announced here again before it runs.
     async fn thaw(&self, name: &InstanceName) -> Result<(), DriverError> {
+        if crate::hooks::criu_fails(&self.data_dir, "thaw") {
+            return Err(DriverError::Runtime(
+                "runc resume failed (test hook)".into(),
+            ));
+        }
         self.net.announce(name).await;
         Ok(self
             .runc
@@ -416,38 +426,16 @@ impl Driver for Host {
 
     /// `runc checkpoint --leave-running` of the paused container: it stays
     /// paused (never killed).
-    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
-        if crate::hooks::criu_fails(&self.data_dir, "dump") {
-            return Err(DriverError::Runtime("CRIU dump failed (test hook)".into()));
-        }
-        let dir = self.dir(name);
-        let staging = self.fresh_staging(name, self.memory_in_use(name)).await?;
-        let (images, work) = (staging.join("images"), staging.join("work"));
-        create_dirs(&[images.clone(), work.clone()]).await?;
-        // The images are the instance only if nothing ran since the freeze
-        // and nothing runs after it: paused before the dump and still
-        // paused after it, or the move must not go on.
-        self.expect_paused(name, "before its final dump").await?;
-        let keep = (true, self.net.keeps_connections(name));
-        self.runc
-            .checkpoint(name.as_str(), &images, &work, keep, &dir.runc_log())
-            .await?;
-        self.expect_paused(name, "after its final dump").await
+    async fn dump_frozen(
+        &self,
+        name: &InstanceName,
+        page_server: Option<SocketAddr>,
+    ) -> Result<(), DriverError> {
+        self.final_dump(name, page_server).await
     }
 
     async fn keep_final_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        let images = self.images(name);
-        if !images.join("inventory.img").exists() {
-            return Err(DriverError::Runtime(format!(
-                "no final dump of '{name}' in {}",
-                images.display()
-            )));
-        }
-        self.stop_container(name, true).await?;
-        self.keep_images(&images, &dir.checkpoint()).await?;
-        self.clear_staging(name).await;
-        Ok(())
+        self.keep_dump(name).await
     }
 
     /// The bundle's config names a CRIU config with `leave-stopped`.
@@ -557,6 +545,22 @@ impl Driver for Host {
                 "Install CRIU >= 4 (scripts/install-deps.sh)".to_string(),
             )
         })
+    }
+
+    fn streams_pages(&self, _name: &InstanceName) -> bool {
+        true
+    }
+
+    fn memory_in_use(&self, name: &InstanceName) -> Option<u64> {
+        self.cgroup_memory(name)
+    }
+
+    async fn page_server(
+        &self,
+        name: &InstanceName,
+        bytes: u64,
+    ) -> Result<PageServer, DriverError> {
+        self.start_page_server(name, bytes).await
     }
 
     async fn precopy_unavailable(&self, _name: &InstanceName) -> Option<String> {

@@ -62,7 +62,7 @@ const CRIU_REASONS: usize = 3;
 
 /// CRIU's own reasons (its `Error (file:line): ...` lines, first ones
 /// first: the first is usually the cause), without timestamps.
-fn criu_errors(log_text: &str) -> Vec<String> {
+pub(super) fn criu_errors(log_text: &str) -> Vec<String> {
     let mut reasons: Vec<String> = Vec::new();
     for line in log_text.lines() {
         let Some(at) = line.find("Error (") else {
@@ -165,6 +165,28 @@ pub struct Runc {
     /// Every runc call (and the CRIU work it drives) ends within this, or
     /// is killed.
     timeout: std::time::Duration,
+}
+
+/// How a checkpoint dumps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dump {
+    /// The container keeps its state (running or paused) after the dump.
+    pub leave_running: bool,
+    /// Established TCP connections are dumped (and restored) too.
+    pub tcp_established: bool,
+    /// The memory pages go to CRIU's page server there, not into the
+    /// image directory.
+    pub page_server: Option<std::net::SocketAddr>,
+}
+
+impl Dump {
+    pub fn leaving_running(tcp_established: bool) -> Self {
+        Dump {
+            leave_running: true,
+            tcp_established,
+            page_server: None,
+        }
+    }
 }
 
 impl Runc {
@@ -411,7 +433,7 @@ impl Runc {
         id: &str,
         images: &Path,
         work: &Path,
-        (leave_running, tcp_established): (bool, bool),
+        dump: Dump,
         log: &Path,
     ) -> Result<(), RuncError> {
         let mut cmd = self.command(log);
@@ -419,11 +441,14 @@ impl Runc {
             .arg(images)
             .arg("--work-path")
             .arg(work);
-        if leave_running {
+        if dump.leave_running {
             cmd.arg("--leave-running");
         }
-        if tcp_established {
+        if dump.tcp_established {
             cmd.arg("--tcp-established");
+        }
+        if let Some(server) = dump.page_server {
+            cmd.arg("--page-server").arg(server.to_string());
         }
         cmd.arg(id);
         let result = self.run("checkpoint", id, log, cmd).await.map(|_| ());
@@ -579,7 +604,7 @@ exit 1
         std::fs::create_dir_all(&work).unwrap();
         let log = dir.path().join("runc.log");
         let err = runc
-            .checkpoint("c1", &images, &work, (true, false), &log)
+            .checkpoint("c1", &images, &work, Dump::leaving_running(false), &log)
             .await
             .unwrap_err()
             .to_string();

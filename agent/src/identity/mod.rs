@@ -186,7 +186,7 @@ async fn join_identity(
             continue;
         };
         match pool
-            .call::<Request, Response>(member_addr, &expect, &request, WRITE_DEADLINE)
+            .call::<Request, Response>(member_addr, &expect, &request, JOIN_DEADLINE)
             .await
         {
             Ok(Response::Joined(accepted)) => {
@@ -208,6 +208,12 @@ async fn join_identity(
     }
     Err(IdentityError::Join(last_error))
 }
+
+/// How long a joiner waits for the member it asked: longer than that
+/// member's own write deadline (it may forward to a voter, which commits
+/// within its own), so the member's answer, an error naming the cause,
+/// arrives before the joiner gives up on it.
+const JOIN_DEADLINE: std::time::Duration = WRITE_DEADLINE.saturating_mul(3);
 
 /// What the joiner knows of itself when the cluster accepts it.
 struct Joined {

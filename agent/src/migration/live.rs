@@ -10,12 +10,10 @@
 //! source sends the freeze header and the target proposes Frozen.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_raft::Job;
 use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::error::{instance_name, MoveError};
@@ -23,6 +21,7 @@ use super::{plan, source};
 use crate::api::transfer::{FinalHeader, PushAck, TransferPart};
 use crate::node::peers::Channel;
 use crate::node::Agent;
+use crate::transfer::relay::{self, Tap};
 use crate::transfer::tree;
 
 /// Target, Preparing: the whole live move; returns the source's note.
@@ -121,6 +120,7 @@ async fn relayed(
                 note: end.note.clone(),
                 paused_ms: end.paused_ms,
                 images_bytes: 0,
+                pages: None,
             },
             Err(e) => FinalHeader::Refused(e.to_string()),
         };
@@ -192,7 +192,10 @@ async fn relay(
                 let part = TransferPart::Stream { purpose: purpose.to_string() };
                 carried.push(async move {
                     let channel = source::open(agent, job, job.target, part).await?;
-                    splice(local, channel, None).await.map_err(MoveError::from)
+                    relay::splice(local, channel, Tap::default(), Tap::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(MoveError::from)
                 });
             }
             // A connection that ends, well or not, ends only itself: the
@@ -249,7 +252,9 @@ pub async fn serve_stream(
     let local = connect(&path).await?;
     // Each stream counts under its purpose: a VM's "disk" and "memory".
     let counter = agent.transfers().stage(job.id, purpose);
-    let bytes = splice(local, channel, Some(&counter)).await?;
+    let (inbound, _) =
+        relay::splice(local, channel, Tap::counted(&counter), Tap::default()).await?;
+    let bytes = inbound.bytes;
     let total = agent.transfers().received_so_far(job.id) + bytes;
     agent.transfers().received(job.id, total);
     Ok(())
@@ -274,49 +279,6 @@ async fn connect(path: &std::path::Path) -> Result<UnixStream, MoveError> {
                     path.display()
                 )))
             }
-        }
-    }
-}
-
-/// Copy both ways between a local socket and a QUIC stream pair until
-/// both ends are done; returns the bytes that came from the stream.
-async fn splice(
-    local: UnixStream,
-    (mut send, mut recv): Channel,
-    counter: Option<&AtomicU64>,
-) -> std::io::Result<u64> {
-    let (mut local_read, mut local_write) = local.into_split();
-    let inbound = async {
-        let n = copy(&mut recv, &mut local_write, counter).await?;
-        // The runtime may have closed its end already.
-        let _ = local_write.shutdown().await;
-        Ok::<u64, std::io::Error>(n)
-    };
-    let outbound = async {
-        copy(&mut local_read, &mut send, None).await?;
-        let _ = send.finish();
-        Ok::<(), std::io::Error>(())
-    };
-    let (n, _) = tokio::try_join!(inbound, outbound)?;
-    Ok(n)
-}
-
-async fn copy<R, W>(from: &mut R, to: &mut W, counter: Option<&AtomicU64>) -> std::io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(total);
-        }
-        to.write_all(&buf[..n]).await?;
-        total += n as u64;
-        if let Some(counter) = counter {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }

@@ -2,14 +2,16 @@
 //! participant does next) and `compat` (the compatibility check) are pure,
 //! layer 0; `engine` drives jobs (decide → act → report), `source` and
 //! `target` are the two halves (`live` when the runtime moves the
-//! instance itself, relayed), `serve` answers transfer channels, `jobs`
-//! the operator's job requests.
+//! instance itself, relayed; `pages` a final dump's memory pages streamed
+//! while they are dumped), `serve` answers transfer channels, `jobs` the
+//! operator's job requests.
 
 pub mod compat;
 pub mod engine;
 mod error;
 pub mod jobs;
 mod live;
+mod pages;
 pub mod plan;
 mod serve;
 mod source;

@@ -19,7 +19,10 @@ pub async fn serve_transfer(
     };
     let pushed = matches!(
         req.part,
-        TransferPart::PushRootfs | TransferPart::PushFinal | TransferPart::Stream { .. }
+        TransferPart::PushRootfs
+            | TransferPart::PushFinal
+            | TransferPart::Stream { .. }
+            | TransferPart::Pages { .. }
     );
     // Pull: we are the source, the peer the target; push: the other way.
     let (we, they) = if pushed {
@@ -28,8 +31,12 @@ pub async fn serve_transfer(
         (job.source, job.target)
     };
     let peer_ok = agent.peer(they).is_ok_and(|p| p.name == peer_name);
-    // A live move's relayed streams come from the source in pull mode.
-    let relayed = matches!(req.part, TransferPart::Stream { .. });
+    // A live move's relayed streams come from the source in pull mode,
+    // and a final dump's pages in either mode.
+    let relayed = matches!(
+        req.part,
+        TransferPart::Stream { .. } | TransferPart::Pages { .. }
+    );
     let mode_ok = relayed || (job.options.mode == TransferMode::Push) == pushed;
     if we != agent.id() || !peer_ok || !mode_ok {
         tracing::warn!(
@@ -38,6 +45,9 @@ pub async fn serve_transfer(
             "refused a transfer channel from a non-participant or in the wrong mode"
         );
         return;
+    }
+    if let TransferPart::Pages { stream, bytes } = req.part {
+        return super::pages::serve(agent, &job, (stream, bytes), channel).await;
     }
     let result = if let TransferPart::Stream { purpose } = &req.part {
         return match super::live::serve_stream(agent, &job, purpose, channel).await {

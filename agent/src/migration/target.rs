@@ -59,18 +59,28 @@ async fn receive_final(
 ) -> Result<Option<String>, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let reserve = agent.reserve();
-    let (note, images_bytes) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
+    let (note, images_bytes, pages) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
         FinalHeader::Frozen {
-            note, images_bytes, ..
-        } => (note, images_bytes),
+            note,
+            images_bytes,
+            pages,
+            ..
+        } => (note, images_bytes, pages),
         FinalHeader::Refused(why) => return Err(MoveError::SourceRefused(why)),
     };
     let mut bytes = rootfs_bytes;
     // Unsynced, both: nothing committed depends on the images surviving
     // this host, and the rootfs is synced before Done (`finish`).
     if job.options.stateful {
+        // Streamed pages are in the images staged for them already.
+        let images = match &pages {
+            Some(sent) => {
+                bytes += super::pages::received(agent, job, sent).await?;
+                driver.images(name)
+            }
+            None => driver.stage_images(name, images_bytes).await?,
+        };
         let counter = agent.transfers().stage(job.id, "memory images");
-        let images = driver.stage_images(name, images_bytes).await?;
         let writing = tree::Writing::unsynced(&counter, &reserve);
         bytes += tree::receive_counted(send, recv, &images, false, writing)
             .await?

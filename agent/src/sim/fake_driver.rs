@@ -307,7 +307,11 @@ impl Driver for FakeDriver {
             .map_err(io_error("cannot keep", &checkpoint))
     }
 
-    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
+    async fn dump_frozen(
+        &self,
+        name: &InstanceName,
+        _page_server: Option<std::net::SocketAddr>,
+    ) -> Result<(), DriverError> {
         self.check("dump_frozen", name)?;
         if self.copy(name) != Some(Copy::Paused) {
             return Err(DriverError::Runtime(format!(

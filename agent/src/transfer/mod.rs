@@ -2,5 +2,6 @@
 //! and counting what arrives.
 
 pub(crate) mod progress;
+pub mod relay;
 pub mod space;
 pub mod tree;

@@ -4,11 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_raft::JobId;
 
 use crate::api::jobs::TransferProgress;
 use crate::clock::now_ms;
+use crate::transfer::relay::Passed;
 use crate::transfer::tree::Stamps;
 
 /// Live figures of the transfers this agent receives, for `job show`, and
@@ -26,7 +28,15 @@ pub struct Transfers {
     /// On the source: what the first pass of each job's rootfs saw, for
     /// its final pass.
     stamps: Mutex<HashMap<JobId, Stamps>>,
+    /// On the target: how each job's last page stream ended (its stream
+    /// id, what passed to the page server or why it failed), for the
+    /// final pass to wait on.
+    pages: Mutex<HashMap<JobId, (u64, PagesOutcome)>>,
+    pages_ended: tokio::sync::Notify,
 }
+
+/// What a page stream passed to the target's page server, or why not.
+pub type PagesOutcome = Result<Passed, String>;
 
 impl Transfers {
     /// Count bytes for `job` under `stage` (from now the current one).
@@ -85,6 +95,7 @@ impl Transfers {
         lock(&self.thawed_at).remove(&job);
         lock(&self.bytes).remove(&job);
         lock(&self.stamps).remove(&job);
+        lock(&self.pages).remove(&job);
     }
 
     /// The source sent `job`'s rootfs once; its final pass compares with
@@ -97,6 +108,41 @@ impl Transfers {
     /// the source: then every file counts as changed).
     pub fn take_stamps(&self, job: JobId) -> Option<Stamps> {
         lock(&self.stamps).remove(&job)
+    }
+
+    /// Page stream `stream` of `job` ended so.
+    pub fn pages_ended(&self, job: JobId, stream: u64, outcome: PagesOutcome) {
+        lock(&self.pages).insert(job, (stream, outcome));
+        self.pages_ended.notify_waiters();
+    }
+
+    /// How page stream `stream` of `job` ended, waiting for it at most
+    /// `within`; `None` if it did not end by then.
+    pub async fn pages_of(
+        &self,
+        job: JobId,
+        stream: u64,
+        within: Duration,
+    ) -> Option<PagesOutcome> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ended = self.pages_ended.notified();
+            tokio::pin!(ended);
+            // Registered before the look, so an end in between wakes it.
+            ended.as_mut().enable();
+            if let Some(outcome) = self.take_pages(job, stream) {
+                return Some(outcome);
+            }
+            tokio::time::timeout_at(deadline, ended).await.ok()?;
+        }
+    }
+
+    fn take_pages(&self, job: JobId, stream: u64) -> Option<PagesOutcome> {
+        let mut pages = lock(&self.pages);
+        match pages.get(&job) {
+            Some((s, _)) if *s == stream => pages.remove(&job).map(|(_, outcome)| outcome),
+            _ => None,
+        }
     }
 
     pub fn get(&self, job: JobId) -> Option<TransferProgress> {
@@ -141,6 +187,24 @@ mod tests {
         let (downtime, _) = transfers.figures(3, later);
         assert!((1_000..1_500).contains(&downtime), "{downtime}");
         assert_eq!(transfers.figures(3, later + 5).0, downtime);
+    }
+
+    #[tokio::test]
+    async fn the_final_pass_waits_for_its_own_page_stream_only() {
+        let transfers = Arc::new(Transfers::default());
+        let passed = Passed {
+            bytes: 9,
+            checksum: Some(0xab),
+        };
+        // An earlier attempt's stream does not answer for this one.
+        transfers.pages_ended(4, 1, Err("cut".into()));
+        let short = Duration::from_millis(20);
+        assert_eq!(transfers.pages_of(4, 2, short).await, None);
+        let waiter = transfers.clone();
+        let wait =
+            tokio::spawn(async move { waiter.pages_of(4, 2, Duration::from_secs(10)).await });
+        transfers.pages_ended(4, 2, Ok(passed.clone()));
+        assert_eq!(wait.await.unwrap(), Some(Ok(passed)));
     }
 
     #[test]

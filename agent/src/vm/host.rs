@@ -396,7 +396,11 @@ impl Driver for VmHost {
 
     /// QEMU writes the paused guest's memory to the final state file; it
     /// stays paused, so a rollback can let it go on.
-    async fn dump_frozen(&self, name: &InstanceName) -> Result<(), DriverError> {
+    async fn dump_frozen(
+        &self,
+        name: &InstanceName,
+        _page_server: Option<std::net::SocketAddr>,
+    ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         self.expect_paused(&dir, name).await?;
         let qmp = self.qmp(&dir).await?;

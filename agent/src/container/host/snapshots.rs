@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::super::bundle;
-use super::super::runc::{RuncError, Status as RuncStatus};
+use super::super::runc::{Dump, RuncError, Status as RuncStatus};
 use super::{create_dirs, Host};
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::DriverError;
@@ -40,7 +40,7 @@ impl Host {
             if stateful {
                 let images = target.join("checkpoint");
                 create_dirs(&[images.clone(), dir.criu_work()]).await?;
-                let keep = (true, self.net.keeps_connections(name));
+                let keep = Dump::leaving_running(self.net.keeps_connections(name));
                 self.runc
                     .checkpoint(name.as_str(), &images, &dir.criu_work(), keep, &log)
                     .await?;

@@ -26,6 +26,16 @@ pub(super) fn memory_root(cgroup_parent: &str) -> Option<PathBuf> {
     (stat.f_type as i64 == TMPFS_MAGIC).then(|| shm.join(cgroup_parent))
 }
 
+/// Whether a dump in `images` holds its memory pages (not when they
+/// went to a page server).
+pub(super) fn holds_pages(images: &Path) -> bool {
+    std::fs::read_dir(images).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("pagemap-"))
+    })
+}
+
 fn free_bytes(path: &Path) -> u64 {
     rustix::fs::statvfs(path)
         .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
@@ -80,18 +90,22 @@ impl Host {
         let _ = tokio::fs::remove_dir_all(self.dir(name).migration()).await;
     }
 
-    /// Memory the container uses now (its cgroup's `memory.current`): what
-    /// its images take, about.
-    pub(super) fn memory_in_use(&self, name: &InstanceName) -> u64 {
-        let file = Path::new("/sys/fs/cgroup")
-            .join(&self.cgroup_parent)
-            .join(name.as_str())
+    /// Memory the container uses now (its cgroup's `memory.current`, or
+    /// `memory.usage_in_bytes` under cgroup v1): what its images take,
+    /// about. `None`: unknown.
+    pub(super) fn cgroup_memory(&self, name: &InstanceName) -> Option<u64> {
+        let group = Path::new(&self.cgroup_parent).join(name.as_str());
+        let v2 = Path::new("/sys/fs/cgroup")
+            .join(&group)
             .join("memory.current");
-        std::fs::read_to_string(file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            // Unknown: assume it does not fit in memory.
-            .unwrap_or(u64::MAX)
+        let v1 = Path::new("/sys/fs/cgroup/memory")
+            .join(&group)
+            .join("memory.usage_in_bytes");
+        [v2, v1].iter().find_map(|file| {
+            std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        })
     }
 
     /// Move the final dump's images into `checkpoint` (on disk): a rename

@@ -1,0 +1,133 @@
+//! A move's final dump of a paused container into its staged images (its
+//! memory pages to the target's page server when the move streams them),
+//! the dump kept as a checkpoint when the source cannot thaw, and the
+//! target's page server: `criu page-server` writing the pages into its
+//! staged images while the source's dump sends them. The page server is
+//! fed through one end of a socket pair (its stdin, `--ps-socket 0`), so
+//! it listens on no port that anything else on the host could reach.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::Stdio;
+
+use futures::FutureExt;
+
+use super::super::runc::Dump;
+use super::{create_dirs, staging, Host};
+use crate::api::names::InstanceName;
+use crate::driver::{Driver, DriverError, PageServer};
+
+impl Host {
+    pub(super) async fn final_dump(
+        &self,
+        name: &InstanceName,
+        page_server: Option<SocketAddr>,
+    ) -> Result<(), DriverError> {
+        if crate::hooks::criu_fails(&self.data_dir, "dump") {
+            return Err(DriverError::Runtime("CRIU dump failed (test hook)".into()));
+        }
+        let dir = self.dir(name);
+        // Streamed pages leave only the small images here.
+        let bytes = match page_server {
+            Some(_) => 0,
+            None => self.cgroup_memory(name).unwrap_or(u64::MAX),
+        };
+        let staging = self.fresh_staging(name, bytes).await?;
+        let (images, work) = (staging.join("images"), staging.join("work"));
+        create_dirs(&[images.clone(), work.clone()]).await?;
+        // The images are the instance only if nothing ran since the freeze
+        // and nothing runs after it: paused before the dump and still
+        // paused after it, or the move must not go on.
+        self.expect_paused(name, "before its final dump").await?;
+        let keep = Dump {
+            page_server,
+            ..Dump::leaving_running(self.net.keeps_connections(name))
+        };
+        self.runc
+            .checkpoint(name.as_str(), &images, &work, keep, &dir.runc_log())
+            .await?;
+        self.expect_paused(name, "after its final dump").await
+    }
+
+    pub(super) async fn keep_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
+        let dir = self.dir(name);
+        let mut images = self.images(name);
+        if !staging::holds_pages(&images) {
+            // Its pages went to the target: dump again here, still paused.
+            self.final_dump(name, None).await?;
+            images = self.images(name);
+        }
+        if !images.join("inventory.img").exists() {
+            return Err(DriverError::Runtime(format!(
+                "no final dump of '{name}' in {}",
+                images.display()
+            )));
+        }
+        self.stop_container(name, true).await?;
+        self.keep_images(&images, &dir.checkpoint()).await?;
+        self.clear_staging(name).await;
+        Ok(())
+    }
+
+    pub(super) async fn start_page_server(
+        &self,
+        name: &InstanceName,
+        bytes: u64,
+    ) -> Result<PageServer, DriverError> {
+        let staging = self.fresh_staging(name, bytes).await?;
+        let (images, work) = (staging.join("images"), staging.join("work"));
+        create_dirs(&[images.clone(), work.clone()]).await?;
+        let unavailable = |e: std::io::Error| {
+            DriverError::Runtime(format!("cannot start CRIU's page server: {e}"))
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(unavailable)?;
+        let mut child = tokio::process::Command::new("criu")
+            .arg("page-server")
+            .arg("--images-dir")
+            .arg(&images)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--ps-socket", "0", "--log-file", LOG])
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // A move that gives up drops it: then it must end.
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(unavailable)?;
+        ours.set_nonblocking(true).map_err(unavailable)?;
+        let socket = tokio::net::UnixStream::from_std(ours).map_err(unavailable)?;
+        let (timeout, log) = (self.timeout, work.join(LOG));
+        let done = async move {
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => Ok(()),
+                Ok(Ok(status)) => Err(DriverError::Runtime(format!(
+                    "CRIU's page server failed ({status}): {}",
+                    reasons(&log)
+                ))),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(DriverError::Runtime(format!(
+                    "CRIU's page server did not finish within {timeout:?}; killed ({})",
+                    reasons(&log)
+                ))),
+            }
+        };
+        Ok(PageServer {
+            socket,
+            done: done.boxed(),
+        })
+    }
+}
+
+/// The page server's log, in its work dir.
+const LOG: &str = "page-server.log";
+
+fn reasons(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors = super::super::runc::criu_errors(&text);
+    match errors.is_empty() {
+        true => format!("no reason logged in {}", log.display()),
+        false => errors.join("; "),
+    }
+}
