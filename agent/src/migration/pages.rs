@@ -22,10 +22,11 @@ use crate::node::peers::Channel;
 use crate::node::Agent;
 use crate::transfer::relay::{self, Passed, Tap};
 
-/// How long the pages may take to pass on after the dump ended, and the
-/// target's final pass to wait for its page server once the source's
-/// header has come.
+/// How long the pages may take to pass on after the dump ended.
 const DRAIN: Duration = Duration::from_secs(30);
+/// How long the target's final pass waits, once the source's header has
+/// come, for its page server to be done with the stream the header names.
+const SETTLE: Duration = Duration::from_secs(30);
 
 fn local(what: &'static str) -> impl FnOnce(std::io::Error) -> MoveError {
     move |e| MoveError::Local(format!("cannot {what}: {e}"))
@@ -47,11 +48,21 @@ pub(super) async fn dump_streaming(
     let addr = listener
         .local_addr()
         .map_err(local("listen for the dump's pages"))?;
-    let stream = stream_id();
+    let stream = stream_id()?;
     let part = TransferPart::Pages { stream, bytes };
     let channel = source::open(agent, job, job.target, part).await?;
     let mut relayed = AbortOnDrop(tokio::spawn(relay_dump(listener, channel)));
-    driver.dump_frozen(name, Some(addr)).await?;
+    if let Err(e) = driver.dump_frozen(name, Some(addr)).await {
+        // The relay's own failure (the target's) is often the cause.
+        let relay = match relayed.0.is_finished() {
+            true => (&mut relayed.0).await.ok().and_then(Result::err),
+            false => None,
+        };
+        return Err(match relay {
+            Some(cause) => MoveError::Local(format!("{e} (the page stream: {cause})")),
+            None => e.into(),
+        });
+    }
     let passed = match tokio::time::timeout(DRAIN, &mut relayed.0).await {
         Ok(Ok(passed)) => passed?,
         Ok(Err(e)) => return Err(MoveError::Local(format!("the page relay ended: {e}"))),
@@ -64,6 +75,7 @@ pub(super) async fn dump_streaming(
     Ok(PageStream {
         stream,
         bytes: passed.bytes,
+        // Always there: the outbound side is checksummed.
         checksum: passed.checksum.unwrap_or_default(),
     })
 }
@@ -80,21 +92,25 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// A page stream's id: random, so no earlier attempt's stream answers
 /// for this one.
-fn stream_id() -> u64 {
+fn stream_id() -> Result<u64, MoveError> {
     let mut bytes = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    u64::from_le_bytes(bytes)
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| MoveError::Local("no randomness for a page stream's id".into()))?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 async fn relay_dump(listener: TcpListener, channel: Channel) -> Result<Passed, MoveError> {
     let dump = accept_own(&listener).await?;
+    // One connection: nobody else gets in once the dump's is there.
+    drop(listener);
     let (_, sent) = relay::splice(dump, channel, Tap::default(), Tap::checksummed(None)).await?;
     Ok(sent)
 }
 
 /// The first connection from this agent's own user (the runtime's dump
-/// runs as it); another user's is refused, so nobody else on the host
-/// can feed pages into a move.
+/// runs as it), established, not one closed already (a closed socket's
+/// row names root); another user's is refused, so nobody else on the
+/// host can feed pages into a move or keep the dump out.
 async fn accept_own(listener: &TcpListener) -> Result<TcpStream, MoveError> {
     let port = listener
         .local_addr()
@@ -113,8 +129,8 @@ async fn accept_own(listener: &TcpListener) -> Result<TcpStream, MoveError> {
     }
 }
 
-/// The owner (uid) of the TCP socket from `local_port` to `remote_port`
-/// in a `/proc/net/tcp` table.
+/// The owner (uid) of the established TCP socket from `local_port` to
+/// `remote_port` in a `/proc/net/tcp` table: state `01`, a live inode.
 fn socket_owner(table: &str, local_port: u16, remote_port: u16) -> Option<u32> {
     let port = |addr: &str| {
         addr.split_once(':')
@@ -123,21 +139,34 @@ fn socket_owner(table: &str, local_port: u16, remote_port: u16) -> Option<u32> {
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let ends = (port(fields.get(1)?)?, port(fields.get(2)?)?);
-        (ends == (local_port, remote_port))
+        let live = *fields.get(3)? == "01" && *fields.get(9)? != "0";
+        (ends == (local_port, remote_port) && live)
             .then(|| fields.get(7)?.parse().ok())
             .flatten()
     })
 }
 
 /// Target: feed the source's page stream `stream` to a page server of
-/// the job's instance; how it ends is kept for the final pass.
+/// the job's instance, while this agent's final pass of the job waits
+/// for it (else it is refused: a stream arriving at any other time would
+/// wipe staged images in use); how it ends is kept for the final pass.
 pub async fn serve(agent: &Agent, job: &Job, (stream, bytes): (u64, u64), channel: Channel) {
+    if !agent.transfers().expects_pages(job.id) {
+        tracing::warn!(job = job.id, "refused a page stream outside a final pass");
+        return;
+    }
     let outcome = receive(agent, job, bytes, channel).await;
     if let Err(e) = &outcome {
         tracing::warn!(job = job.id, "the memory page stream failed: {e}");
     }
     let outcome = outcome.map_err(|e| e.to_string());
     agent.transfers().pages_ended(job.id, stream, outcome);
+}
+
+/// Most a page stream may carry: its estimate twice over and a margin (a
+/// runaway sender must not fill the staging area).
+fn cap(bytes: u64) -> u64 {
+    bytes.saturating_mul(2).saturating_add(64 << 20)
 }
 
 async fn receive(
@@ -152,10 +181,13 @@ async fn receive(
     room.map_err(|e| MoveError::Tree(e.into()))?;
     let server = agent.driver().page_server(&name, bytes).await?;
     let counter = agent.transfers().stage(job.id, "memory pages");
-    let tap = Tap::checksummed(Some(&counter));
-    let (received, _) = relay::splice(server.socket, channel, tap, Tap::default()).await?;
-    server.done.await?;
-    Ok(received)
+    let tap = Tap::checksummed(Some(&counter)).capped(cap(bytes));
+    let spliced = relay::splice(server.socket, channel, tap, Tap::default());
+    // At once: a server that fails or hangs (killed at its timeout) ends
+    // the splice by closing its socket, and its reasons come first.
+    let (spliced, done) = tokio::join!(spliced, server.done);
+    done?;
+    Ok(spliced?.0)
 }
 
 /// Target, final pass: the bytes of the pages the source says it sent,
@@ -165,14 +197,17 @@ pub(super) async fn received(
     job: &Job,
     sent: &PageStream,
 ) -> Result<u64, MoveError> {
-    let outcome = agent.transfers().pages_of(job.id, sent.stream, DRAIN).await;
+    let outcome = agent
+        .transfers()
+        .pages_of(job.id, sent.stream, SETTLE)
+        .await;
     check(sent, outcome).map_err(MoveError::Local)
 }
 
 fn check(sent: &PageStream, outcome: Option<Result<Passed, String>>) -> Result<u64, String> {
     match outcome {
         None => Err(format!(
-            "the memory pages the source sent did not all arrive within {DRAIN:?}"
+            "the memory pages the source sent did not all arrive within {SETTLE:?}"
         )),
         Some(Err(why)) => Err(format!("receiving the memory pages failed: {why}")),
         Some(Ok(got)) if got.bytes == sent.bytes && got.checksum == Some(sent.checksum) => {
@@ -232,9 +267,12 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
                      0: 0100007F:9C40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n   \
                      1: 0100007F:D431 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 2 1\n   \
-                     2: 0100007F:D432 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 3 1\n";
+                     2: 0100007F:D432 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 3 1\n   \
+                     3: 0100007F:D434 0100007F:9C40 06 00000000:00000000 03:00001000 00000000     0        0 0 3\n";
         assert_eq!(socket_owner(table, 0xD431, 0x9C40), Some(1000));
         assert_eq!(socket_owner(table, 0xD432, 0x9C40), Some(0));
         assert_eq!(socket_owner(table, 0xD433, 0x9C40), None);
+        // Closed (TIME_WAIT, no inode): its row names root, but no one.
+        assert_eq!(socket_owner(table, 0xD434, 0x9C40), None);
     }
 }

@@ -142,7 +142,7 @@ async fn freeze(agent: &Agent, job: &Job) -> Result<Frozen, MoveError> {
     let frozen = started.elapsed();
     let streamed = driver
         .memory_in_use(name)
-        .filter(|bytes| streams_pages(driver.streams_pages(name), *bytes));
+        .filter(|bytes| worth_streaming(driver.streams_pages(name), *bytes));
     let dumped = match streamed {
         Some(bytes) => super::pages::dump_streaming(agent, job, name, bytes)
             .await
@@ -176,7 +176,7 @@ const STREAM_FROM: u64 = 16 << 20;
 /// after it): when the runtime can and knows how much memory the
 /// instance has (the target checks its room for it first), enough of it
 /// to be worth a stream.
-fn streams_pages(runtime_can: bool, memory_bytes: u64) -> bool {
+fn worth_streaming(runtime_can: bool, memory_bytes: u64) -> bool {
     runtime_can && memory_bytes >= STREAM_FROM
 }
 
@@ -389,8 +389,8 @@ mod tests {
 
     #[test]
     fn pages_stream_only_from_a_runtime_that_can_and_for_enough_memory() {
-        assert!(streams_pages(true, 64 << 20));
-        assert!(!streams_pages(false, 64 << 20));
-        assert!(!streams_pages(true, 2 << 20));
+        assert!(worth_streaming(true, 64 << 20));
+        assert!(!worth_streaming(false, 64 << 20));
+        assert!(!worth_streaming(true, 2 << 20));
     }
 }

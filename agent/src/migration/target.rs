@@ -59,6 +59,8 @@ async fn receive_final(
 ) -> Result<Option<String>, MoveError> {
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let reserve = agent.reserve();
+    // The source's page stream is taken only while this runs.
+    let _pass = agent.transfers().final_pass(job.id);
     let (note, images_bytes, pages) = match read_frame::<FinalHeader>(recv, MAX_FRAME).await? {
         FinalHeader::Frozen {
             note,

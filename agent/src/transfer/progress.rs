@@ -31,8 +31,11 @@ pub struct Transfers {
     /// On the target: how each job's last page stream ended (its stream
     /// id, what passed to the page server or why it failed), for the
     /// final pass to wait on.
-    pages: Mutex<HashMap<JobId, (u64, PagesOutcome)>>,
+    pages: Mutex<HashMap<(JobId, u64), PagesOutcome>>,
     pages_ended: tokio::sync::Notify,
+    /// On the target: the jobs whose final pass runs (it waits for their
+    /// page streams; a page stream of any other job is refused).
+    final_passes: Mutex<HashMap<JobId, usize>>,
 }
 
 /// What a page stream passed to the target's page server, or why not.
@@ -95,7 +98,7 @@ impl Transfers {
         lock(&self.thawed_at).remove(&job);
         lock(&self.bytes).remove(&job);
         lock(&self.stamps).remove(&job);
-        lock(&self.pages).remove(&job);
+        lock(&self.pages).retain(|(j, _), _| *j != job);
     }
 
     /// The source sent `job`'s rootfs once; its final pass compares with
@@ -110,9 +113,23 @@ impl Transfers {
         lock(&self.stamps).remove(&job)
     }
 
+    /// A final pass of `job` runs here until the guard goes.
+    pub fn final_pass(&self, job: JobId) -> FinalPass<'_> {
+        *lock(&self.final_passes).entry(job).or_default() += 1;
+        FinalPass {
+            transfers: self,
+            job,
+        }
+    }
+
+    /// Whether a final pass of `job` runs here (and takes page streams).
+    pub fn expects_pages(&self, job: JobId) -> bool {
+        lock(&self.final_passes).contains_key(&job)
+    }
+
     /// Page stream `stream` of `job` ended so.
     pub fn pages_ended(&self, job: JobId, stream: u64, outcome: PagesOutcome) {
-        lock(&self.pages).insert(job, (stream, outcome));
+        lock(&self.pages).insert((job, stream), outcome);
         self.pages_ended.notify_waiters();
     }
 
@@ -138,11 +155,7 @@ impl Transfers {
     }
 
     fn take_pages(&self, job: JobId, stream: u64) -> Option<PagesOutcome> {
-        let mut pages = lock(&self.pages);
-        match pages.get(&job) {
-            Some((s, _)) if *s == stream => pages.remove(&job).map(|(_, outcome)| outcome),
-            _ => None,
-        }
+        lock(&self.pages).remove(&(job, stream))
     }
 
     pub fn get(&self, job: JobId) -> Option<TransferProgress> {
@@ -158,6 +171,28 @@ impl Transfers {
             bytes: parts.iter().map(|(_, n)| n).sum(),
             parts,
         })
+    }
+}
+
+/// A final pass running (see [`Transfers::final_pass`]).
+pub struct FinalPass<'a> {
+    transfers: &'a Transfers,
+    job: JobId,
+}
+
+impl Drop for FinalPass<'_> {
+    fn drop(&mut self) {
+        let mut passes = lock(&self.transfers.final_passes);
+        let Some(n) = passes.get_mut(&self.job) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            passes.remove(&self.job);
+            drop(passes);
+            // Its page streams' outcomes go with the last pass.
+            lock(&self.transfers.pages).retain(|(j, _), _| *j != self.job);
+        }
     }
 }
 
@@ -205,6 +240,24 @@ mod tests {
             tokio::spawn(async move { waiter.pages_of(4, 2, Duration::from_secs(10)).await });
         transfers.pages_ended(4, 2, Ok(passed.clone()));
         assert_eq!(wait.await.unwrap(), Some(Ok(passed)));
+    }
+
+    #[test]
+    fn page_streams_are_taken_only_while_a_final_pass_runs() {
+        let transfers = Transfers::default();
+        assert!(!transfers.expects_pages(5));
+        let pass = transfers.final_pass(5);
+        let retry = transfers.final_pass(5);
+        assert!(transfers.expects_pages(5));
+        drop(retry);
+        assert!(transfers.expects_pages(5), "one pass still runs");
+        transfers.pages_ended(5, 1, Err("late".into()));
+        drop(pass);
+        assert!(!transfers.expects_pages(5));
+        assert!(
+            transfers.take_pages(5, 1).is_none(),
+            "an outcome outlived its pass"
+        );
     }
 
     #[test]

@@ -19,13 +19,15 @@ use xxhash_rust::xxh3::Xxh3;
 pub struct Tap<'a> {
     counter: Option<&'a AtomicU64>,
     checksum: Option<Box<Xxh3>>,
+    /// Most bytes it passes; more is an error.
+    cap: Option<u64>,
 }
 
 impl<'a> Tap<'a> {
     pub fn counted(counter: &'a AtomicU64) -> Self {
         Tap {
             counter: Some(counter),
-            checksum: None,
+            ..Tap::default()
         }
     }
 
@@ -33,6 +35,14 @@ impl<'a> Tap<'a> {
         Tap {
             counter,
             checksum: Some(Box::default()),
+            cap: None,
+        }
+    }
+
+    pub fn capped(self, cap: u64) -> Self {
+        Tap {
+            cap: Some(cap),
+            ..self
         }
     }
 }
@@ -74,7 +84,8 @@ where
 const CHUNK: usize = 256 << 10;
 
 /// Local socket to stream: each read is handed to QUIC as it is, not
-/// copied again.
+/// copied again (the reads share one buffer's allocation, so a small
+/// read does not pin a chunk of its own while QUIC holds it).
 async fn to_stream<R>(
     from: &mut R,
     to: &mut quinn::SendStream,
@@ -84,13 +95,14 @@ where
     R: AsyncRead + Unpin,
 {
     let mut bytes = 0u64;
+    let mut buf = BytesMut::new();
     loop {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        buf.reserve(CHUNK);
         if from.read_buf(&mut buf).await? == 0 {
             return Ok(tap.passed(bytes));
         }
-        let chunk = buf.freeze();
-        tap.pass(&chunk);
+        let chunk = buf.split().freeze();
+        tap.pass(&chunk)?;
         bytes += chunk.len() as u64;
         to.write_chunk(chunk).await.map_err(std::io::Error::from)?;
     }
@@ -111,21 +123,27 @@ where
         .await
         .map_err(std::io::Error::from)?
     {
+        tap.pass(&chunk.bytes)?;
         to.write_all(&chunk.bytes).await?;
-        tap.pass(&chunk.bytes);
         bytes += chunk.bytes.len() as u64;
     }
     Ok(tap.passed(bytes))
 }
 
 impl Tap<'_> {
-    fn pass(&mut self, data: &[u8]) {
+    fn pass(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if let Some(cap) = self.cap.as_mut() {
+            *cap = cap
+                .checked_sub(data.len() as u64)
+                .ok_or_else(|| std::io::Error::other("more bytes than the stream may carry"))?;
+        }
         if let Some(checksum) = self.checksum.as_mut() {
             checksum.update(data);
         }
         if let Some(counter) = self.counter {
             counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     fn passed(self, bytes: u64) -> Passed {
@@ -146,7 +164,7 @@ mod tests {
         let counter = AtomicU64::new(0);
         let mut tap = Tap::checksummed(Some(&counter));
         for chunk in data.chunks(CHUNK / 3) {
-            tap.pass(chunk);
+            tap.pass(chunk).unwrap();
         }
         let passed = tap.passed(data.len() as u64);
         assert_eq!(passed.bytes, data.len() as u64);
@@ -154,10 +172,18 @@ mod tests {
         let whole = xxhash_rust::xxh3::xxh3_128(&data);
         assert_eq!(passed.checksum, Some(whole));
         let mut other = Tap::checksummed(None);
-        other.pass(&data[1..]);
+        other.pass(&data[1..]).unwrap();
         assert_ne!(other.passed(0).checksum, Some(whole));
         let mut plain = Tap::default();
-        plain.pass(&data[..5]);
+        plain.pass(&data[..5]).unwrap();
         assert_eq!(plain.passed(5).checksum, None);
+    }
+
+    #[test]
+    fn a_capped_tap_refuses_what_goes_past_its_cap() {
+        let mut tap = Tap::default().capped(10);
+        tap.pass(&[0; 6]).unwrap();
+        tap.pass(&[0; 4]).unwrap();
+        assert!(tap.pass(&[0; 1]).is_err());
     }
 }

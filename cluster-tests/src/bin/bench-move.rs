@@ -4,6 +4,10 @@
 //! runc to tmpfs, with no network and no cluster.
 //!
 //! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-move [-- 64 256]
+//!
+//! `FERRY_BENCH_ROOTFS_FILES=N` adds N files of 1 KiB to the rootfs (how
+//! long the final rootfs pass takes shows in the agents' debug log:
+//! `FERRY_TEST_LOG=info,ferry_agent::migration=debug`).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
@@ -34,6 +38,22 @@ fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `FERRY_BENCH_ROOTFS_FILES` files of 1 KiB under `rootfs/many`, a
+/// thousand to a directory.
+fn add_files(rootfs: &std::path::Path) -> Result<()> {
+    let count: usize = match std::env::var("FERRY_BENCH_ROOTFS_FILES") {
+        Ok(n) => n.parse().context("FERRY_BENCH_ROOTFS_FILES")?,
+        Err(_) => return Ok(()),
+    };
+    for i in 0..count {
+        let dir = rootfs.join("many").join((i / 1000).to_string());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(i.to_string()), [b'x'; 1024])?;
+    }
+    println!("rootfs with {count} more files of 1 KiB");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
@@ -58,9 +78,9 @@ fn main() -> Result<()> {
             }
         })?;
     }
-    let rootfs = busybox_rootfs(cluster.root())?
-        .to_string_lossy()
-        .into_owned();
+    let rootfs = busybox_rootfs(cluster.root())?;
+    add_files(&rootfs)?;
+    let rootfs = rootfs.to_string_lossy().into_owned();
     for (job, mib) in sizes.iter().enumerate() {
         let name = format!("dirty{mib}");
         let script = workload(*mib);

@@ -16,7 +16,7 @@ use futures::FutureExt;
 use super::super::runc::Dump;
 use super::{create_dirs, staging, Host};
 use crate::api::names::InstanceName;
-use crate::driver::{Driver, DriverError, PageServer};
+use crate::driver::{Driver, DriverError, PageServer, RunState};
 
 impl Host {
     pub(super) async fn final_dump(
@@ -50,15 +50,18 @@ impl Host {
         self.expect_paused(name, "after its final dump").await
     }
 
+    /// A source that could not thaw: still paused (nothing ran since the
+    /// freeze), it is dumped again into its own images, since the final
+    /// dump's pages may have gone to the target; one no longer there (the
+    /// host restarted) keeps the final dump it has.
     pub(super) async fn keep_dump(&self, name: &InstanceName) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        let mut images = self.images(name);
-        if !staging::holds_pages(&images) {
-            // Its pages went to the target: dump again here, still paused.
+        let state = self.status(name).await?.map(|s| s.state);
+        if state == Some(RunState::Paused) {
             self.final_dump(name, None).await?;
-            images = self.images(name);
         }
-        if !images.join("inventory.img").exists() {
+        let images = self.images(name);
+        if !staging::holds_pages(&images) {
             return Err(DriverError::Runtime(format!(
                 "no final dump of '{name}' in {}",
                 images.display()

@@ -26,14 +26,15 @@ pub(super) fn memory_root(cgroup_parent: &str) -> Option<PathBuf> {
     (stat.f_type as i64 == TMPFS_MAGIC).then(|| shm.join(cgroup_parent))
 }
 
-/// Whether a dump in `images` holds its memory pages (not when they
-/// went to a page server).
+/// Whether `images` holds a whole dump: its inventory and its memory
+/// pages (not there when they went to a page server).
 pub(super) fn holds_pages(images: &Path) -> bool {
-    std::fs::read_dir(images).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("pagemap-"))
-    })
+    images.join("inventory.img").exists()
+        && std::fs::read_dir(images).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("pagemap-"))
+        })
 }
 
 fn free_bytes(path: &Path) -> u64 {
