@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use xxhash_rust::xxh3::Xxh3;
@@ -83,9 +83,9 @@ where
 /// What a relay reads from its local socket at once.
 const CHUNK: usize = 256 << 10;
 
-/// Local socket to stream: each read is handed to QUIC as it is, not
-/// copied again (the reads share one buffer's allocation, so a small
-/// read does not pin a chunk of its own while QUIC holds it).
+/// Local socket to stream: a large read is handed to QUIC as it is, not
+/// copied again; a small one is copied out, so it does not pin a whole
+/// chunk's allocation while QUIC holds it.
 async fn to_stream<R>(
     from: &mut R,
     to: &mut quinn::SendStream,
@@ -95,13 +95,19 @@ where
     R: AsyncRead + Unpin,
 {
     let mut bytes = 0u64;
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        buf.reserve(CHUNK);
         if from.read_buf(&mut buf).await? == 0 {
             return Ok(tap.passed(bytes));
         }
-        let chunk = buf.split().freeze();
+        let chunk = match buf.len() < CHUNK / 4 {
+            true => {
+                let small = Bytes::copy_from_slice(&buf);
+                buf.clear();
+                small
+            }
+            false => std::mem::replace(&mut buf, BytesMut::with_capacity(CHUNK)).freeze(),
+        };
         tap.pass(&chunk)?;
         bytes += chunk.len() as u64;
         to.write_chunk(chunk).await.map_err(std::io::Error::from)?;
