@@ -107,12 +107,12 @@ impl Host {
                 Ok(Ok(status)) if status.success() => Ok(()),
                 Ok(Ok(status)) => Err(DriverError::Runtime(format!(
                     "CRIU's page server failed ({status}): {}",
-                    reasons(&log)
+                    reasons(&log).await
                 ))),
                 Ok(Err(e)) => Err(unavailable(e)),
                 Err(_) => Err(DriverError::Runtime(format!(
                     "CRIU's page server did not finish within {timeout:?}; killed ({})",
-                    reasons(&log)
+                    reasons(&log).await
                 ))),
             }
         };
@@ -126,8 +126,8 @@ impl Host {
 /// The page server's log, in its work dir.
 const LOG: &str = "page-server.log";
 
-fn reasons(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+async fn reasons(log: &Path) -> String {
+    let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
     let errors = super::super::runc::criu_errors(&text);
     match errors.is_empty() {
         true => format!("no reason logged in {}", log.display()),
