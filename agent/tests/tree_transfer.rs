@@ -1,10 +1,10 @@
 //! A directory tree moves over a real QUIC channel: a full pass while the
-//! source changes, then a delta pass makes the copy exact.
+//! source changes, then a final pass of what changed makes the copy exact.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_agent::transfer::space::Reserve;
@@ -20,6 +20,8 @@ struct Receiver {
     dest: PathBuf,
     /// The disk reserve the receiver keeps, if any.
     reserve: Option<Reserve>,
+    /// The last whole pass received, as a move's target keeps it.
+    held: Mutex<Option<u128>>,
     done: mpsc::UnboundedSender<Result<Transferred, String>>,
 }
 
@@ -50,8 +52,16 @@ impl Service for Receiver {
             reserve: self.reserve.as_ref(),
             synced: !delta,
         };
+        let held = self.held.lock().unwrap().take();
+        let pass = match delta {
+            true => tree::Pass::Changes { holds: held },
+            false => tree::Pass::Whole,
+        };
         let mut result =
-            tree::receive_counted(&mut send, &mut recv, &self.dest, delta, writing).await;
+            tree::receive_counted(&mut send, &mut recv, &self.dest, pass, writing).await;
+        if let (false, Ok(whole)) = (delta, &result) {
+            *self.held.lock().unwrap() = Some(whole.pass);
+        }
         if delta && result.is_ok() {
             if let Err(e) = tree::sync(&self.dest).await {
                 result = Err(e);
@@ -66,6 +76,22 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     let path = root.join(rel);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, data).unwrap();
+}
+
+/// Wait until every entry of `root` last changed longer ago than a first
+/// pass trusts (one changed just before it is always sent again).
+async fn settled(root: &Path) {
+    let newest = tree::scan(root)
+        .unwrap()
+        .iter()
+        .map(|e| e.ctime_ns)
+        .max()
+        .unwrap_or(0);
+    let due =
+        std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(newest).unwrap()) + tree::SETTLE;
+    while std::time::SystemTime::now() < due {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn same_tree(a: &Path, b: &Path) {
@@ -120,6 +146,7 @@ fn pair_keeping(
         Arc::new(Receiver {
             dest,
             reserve,
+            held: Mutex::new(None),
             done,
         }),
     ));
@@ -160,6 +187,7 @@ async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
     let dest = dest_dir.path().join("rootfs");
     let (pool, addr, expect, mut results) = pair(dest.clone());
     let to = (pool, addr, expect);
+    settled(src).await;
     let (_, first_pass) = pass(&to, &mut results, src, false, None).await;
     // What a running container can do: another file in its place, same
     // size, mode and mtime (it cannot set the ctime, or keep the inode).
@@ -180,7 +208,6 @@ async fn a_file_put_back_with_its_size_and_mtime_is_still_resent() {
 
 #[tokio::test]
 async fn full_then_delta_makes_an_exact_copy() {
-    let ca = ClusterCa::generate().unwrap();
     let source_dir = tempfile::tempdir().unwrap();
     let dest_dir = tempfile::tempdir().unwrap();
     let src = source_dir.path();
@@ -188,37 +215,11 @@ async fn full_then_delta_makes_an_exact_copy() {
     std::os::unix::fs::symlink("busybox", src.join("bin/sh")).unwrap();
     write(src, "etc/hostname", b"c1\n");
     write(src, "var/log/old", b"gone soon");
-
-    let server_creds = ca
-        .issue(&Identity::Node("target".into()), &new_serial())
-        .unwrap();
-    let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &server_creds).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let (done, mut results) = mpsc::unbounded_channel();
     let dest = dest_dir.path().join("rootfs");
-    tokio::spawn(serve(
-        endpoint,
-        Arc::new(Receiver {
-            dest: dest.clone(),
-            reserve: None,
-            done,
-        }),
-    ));
-    let client_creds = ca
-        .issue(&Identity::Node("source".into()), &new_serial())
-        .unwrap();
-    let pool = Pool::new(Endpoint::bind("127.0.0.1:0".parse().unwrap(), &client_creds).unwrap());
-    let expect = Expect::Node("target".into());
-
-    let (mut send, mut recv) = pool
-        .open_stream(addr, &expect, &false, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (sent, first_pass) = tree::send(&mut send, &mut recv, src, false, None)
-        .await
-        .unwrap();
-    let received = results.recv().await.unwrap().unwrap();
-    assert_eq!(sent, received);
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let to = (pool, addr, expect);
+    settled(src).await;
+    let (sent, first_pass) = pass(&to, &mut results, src, false, None).await;
     assert_eq!(sent.files, 3);
     same_tree(src, &dest);
 
@@ -226,18 +227,70 @@ async fn full_then_delta_makes_an_exact_copy() {
     write(src, "etc/hostname", b"c1-moved\n");
     write(src, "data/new", b"fresh");
     std::fs::remove_file(src.join("var/log/old")).unwrap();
-    let (mut send, mut recv) = pool
-        .open_stream(addr, &expect, &true, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (sent, _) = tree::send(&mut send, &mut recv, src, true, Some(&first_pass))
-        .await
-        .unwrap();
-    let received = results.recv().await.unwrap().unwrap();
-    assert_eq!(sent, received);
+    let (sent, _) = pass(&to, &mut results, src, true, Some(&first_pass)).await;
     assert_eq!(sent.files, 2, "only the changed and the new file travel");
     assert!(sent.bytes < 100);
     same_tree(src, &dest);
+}
+
+#[tokio::test]
+async fn a_final_pass_over_an_unchanged_tree_sends_nothing() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let dest_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    for i in 0..300 {
+        write(src, &format!("d{}/f{i}", i % 5), b"some bytes");
+    }
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let to = (pool, addr, expect);
+    settled(src).await;
+    let (_, first_pass) = pass(&to, &mut results, src, false, None).await;
+    let (sent, _) = pass(&to, &mut results, src, true, Some(&first_pass)).await;
+    assert_eq!((sent.files, sent.bytes), (0, 0));
+    same_tree(src, &dest);
+}
+
+#[tokio::test]
+async fn a_receiver_that_no_longer_holds_the_first_pass_gets_the_whole_tree() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let dest_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    write(src, "etc/hostname", b"c1\n");
+    write(src, "etc/passwd", b"root:x:0:0");
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    settled(src).await;
+    let (_, first_pass) = pass(&(pool, addr, expect), &mut results, src, false, None).await;
+    // What that pass wrote changed here, and this receiver (a restarted
+    // one) does not know of the pass.
+    std::fs::remove_file(dest.join("etc/passwd")).unwrap();
+    write(&dest, "stray", b"not the source's");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let to = (pool, addr, expect);
+    let (sent, _) = pass(&to, &mut results, src, true, Some(&first_pass)).await;
+    assert_eq!(sent.files, 2, "everything travels again");
+    same_tree(src, &dest);
+}
+
+#[tokio::test]
+async fn a_final_pass_deleting_many_files_says_so_in_parts() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let src = source_dir.path();
+    for i in 0..2500 {
+        write(src, &format!("d{}/f{i}", i % 7), b"");
+    }
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest = dest_dir.path().join("rootfs");
+    let (pool, addr, expect, mut results) = pair(dest.clone());
+    let to = (pool, addr, expect);
+    let (_, first_pass) = pass(&to, &mut results, src, false, None).await;
+    for i in 0..7 {
+        std::fs::remove_dir_all(src.join(format!("d{i}"))).unwrap();
+    }
+    pass(&to, &mut results, src, true, Some(&first_pass)).await;
+    same_tree(src, &dest);
+    assert!(std::fs::read_dir(&dest).unwrap().next().is_none());
 }
 
 /// `tree`'s frames as a hostile sender writes them: the same variants in
@@ -245,8 +298,12 @@ async fn full_then_delta_makes_an_exact_copy() {
 #[derive(serde::Serialize)]
 #[allow(dead_code)]
 enum HostileFrame {
-    Manifest(()),
-    Want(()),
+    Changes {
+        pass: Option<u128>,
+        removed: Vec<String>,
+        last: bool,
+    },
+    Holds(()),
     Entry(tree::Entry),
     Chunk(()),
     Hole(()),
@@ -255,6 +312,7 @@ enum HostileFrame {
         files: u64,
         bytes: u64,
         root: tree::Entry,
+        pass: u128,
     },
 }
 
@@ -292,6 +350,7 @@ async fn a_sender_swapping_a_directory_for_a_symlink_changes_nothing_outside_the
             files: 0,
             bytes: 0,
             root: entry("", tree::EntryKind::Dir, 0o755),
+            pass: 0,
         },
     ] {
         ferry_transport::frame::write_frame(&mut send, &frame)
@@ -427,26 +486,35 @@ async fn a_rootfs_arrives_as_it_was() {
 }
 
 #[tokio::test]
-async fn a_tree_of_many_files_goes_in_manifest_parts() {
+async fn a_sender_cannot_delete_through_a_symlink() {
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "keep", b"not the receiver's");
     let source_dir = tempfile::tempdir().unwrap();
     let src = source_dir.path();
-    for i in 0..2500 {
-        write(src, &format!("d{}/f{i}", i % 7), b"");
-    }
+    std::os::unix::fs::symlink(outside.path(), src.join("a")).unwrap();
     let dest_dir = tempfile::tempdir().unwrap();
     let dest = dest_dir.path().join("rootfs");
     let (pool, addr, expect, mut results) = pair(dest.clone());
-    for delta in [false, true] {
-        let (mut send, mut recv) = pool
-            .open_stream(addr, &expect, &delta, Duration::from_secs(5))
+    let to = (pool, addr, expect);
+    let (_, first_pass) = pass(&to, &mut results, src, false, None).await;
+    let (mut send, _recv) =
+        to.0.open_stream(addr, &to.2, &true, Duration::from_secs(5))
             .await
             .unwrap();
-        tree::send(&mut send, &mut recv, src, delta, None)
-            .await
-            .unwrap();
-        results.recv().await.unwrap().unwrap();
-    }
-    same_tree(src, &dest);
+    let frame = HostileFrame::Changes {
+        pass: Some(first_pass.pass()),
+        removed: vec!["a/keep".into()],
+        last: true,
+    };
+    ferry_transport::frame::write_frame(&mut send, &frame)
+        .await
+        .unwrap();
+    let receiver = results.recv().await.unwrap().unwrap_err();
+    assert!(receiver.contains("unsafe path 'a/keep'"), "{receiver}");
+    assert!(
+        outside.path().join("keep").exists(),
+        "deleted outside the root"
+    );
 }
 
 #[tokio::test]

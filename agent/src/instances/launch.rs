@@ -354,7 +354,8 @@ pub async fn receive_upload(
         let reserve = agent.reserve();
         let progress = std::sync::atomic::AtomicU64::new(0);
         let writing = tree::Writing::synced(&progress, &reserve);
-        let received = tree::receive_counted(&mut send, &mut recv, &rootfs, false, writing).await;
+        let received =
+            tree::receive_counted(&mut send, &mut recv, &rootfs, tree::Pass::Whole, writing).await;
         if let Err(e) = received {
             let _ = agent.driver().remove(name).await;
             let why = format!("receiving the rootfs failed: {e}");

@@ -384,6 +384,8 @@ fn transfer_failed(job: &Job, e: super::error::MoveError) -> Proposal {
 /// Delete this host's copy of an instance that is no longer (or not yet)
 /// ours.
 pub(super) async fn discard(agent: &Agent, job: &Job, name: &InstanceName) {
+    // Whatever comes next for this job, its first rootfs pass is not here.
+    let _ = agent.transfers().take_rootfs_pass(job.id);
     let ours = agent.state().read(|s| {
         s.instances
             .get(name.as_str())

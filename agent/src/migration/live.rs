@@ -32,8 +32,14 @@ pub async fn pull(agent: &Agent, job: &Job) -> Result<Option<String>, MoveError>
     let reserve = agent.reserve();
     let files = driver.live_files(name);
     let writing = tree::Writing::synced(&counter, &reserve);
-    let boot =
-        tree::receive_counted(&mut channel.0, &mut channel.1, &files, false, writing).await?;
+    let boot = tree::receive_counted(
+        &mut channel.0,
+        &mut channel.1,
+        &files,
+        tree::Pass::Whole,
+        writing,
+    )
+    .await?;
     let kept = super::target::receive_kept(agent, job, &mut channel).await?;
     let (send, recv) = &mut channel;
     let spec = super::target::spec(agent, job)?;

@@ -84,14 +84,16 @@ async fn receive_final(
         };
         let counter = agent.transfers().stage(job.id, "memory images");
         let writing = tree::Writing::unsynced(&counter, &reserve);
-        bytes += tree::receive_counted(send, recv, &images, false, writing)
+        bytes += tree::receive_counted(send, recv, &images, tree::Pass::Whole, writing)
             .await?
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
     let rootfs = driver.rootfs(name);
     let writing = tree::Writing::unsynced(&counter, &reserve);
-    bytes += tree::receive_counted(send, recv, &rootfs, true, writing)
+    let holds = agent.transfers().take_rootfs_pass(job.id);
+    let pass = tree::Pass::Changes { holds };
+    bytes += tree::receive_counted(send, recv, &rootfs, pass, writing)
         .await?
         .bytes;
     driver
@@ -102,13 +104,16 @@ async fn receive_final(
 }
 
 /// The rootfs and the kept files, while the instance runs; their bytes.
+/// The rootfs pass is kept for the final pass only once all of it arrived.
 async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<u64, MoveError> {
     let counter = agent.transfers().stage(job.id, "rootfs");
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let reserve = agent.reserve();
+    let _ = agent.transfers().take_rootfs_pass(job.id);
     let (send, recv) = channel;
     let writing = tree::Writing::synced(&counter, &reserve);
-    let full = tree::receive_counted(send, recv, &rootfs, false, writing).await?;
+    let full = tree::receive_counted(send, recv, &rootfs, tree::Pass::Whole, writing).await?;
+    agent.transfers().remember_rootfs_pass(job.id, full.pass);
     Ok(full.bytes + receive_kept(agent, job, channel).await?)
 }
 
@@ -126,7 +131,7 @@ pub(super) async fn receive_kept(
     let reserve = agent.reserve();
     let (send, recv) = channel;
     let writing = tree::Writing::synced(&counter, &reserve);
-    let kept = tree::receive_counted(send, recv, &dir, false, writing).await?;
+    let kept = tree::receive_counted(send, recv, &dir, tree::Pass::Whole, writing).await?;
     Ok(kept.bytes)
 }
 

@@ -28,6 +28,9 @@ pub struct Transfers {
     /// On the source: what the first pass of each job's rootfs saw, for
     /// its final pass.
     stamps: Mutex<HashMap<JobId, Stamps>>,
+    /// On the target: the id of the first pass each job's staged rootfs
+    /// holds, untouched since (a final pass takes it).
+    rootfs_passes: Mutex<HashMap<JobId, u128>>,
     /// On the target: how each job's last page stream ended (its stream
     /// id, what passed to the page server or why it failed), for the
     /// final pass to wait on.
@@ -98,6 +101,7 @@ impl Transfers {
         lock(&self.thawed_at).remove(&job);
         lock(&self.bytes).remove(&job);
         lock(&self.stamps).remove(&job);
+        lock(&self.rootfs_passes).remove(&job);
         lock(&self.pages).retain(|(j, _), _| *j != job);
     }
 
@@ -111,6 +115,17 @@ impl Transfers {
     /// the source: then every file counts as changed).
     pub fn take_stamps(&self, job: JobId) -> Option<Stamps> {
         lock(&self.stamps).remove(&job)
+    }
+
+    /// The target holds `job`'s rootfs as first pass `pass` wrote it.
+    pub fn remember_rootfs_pass(&self, job: JobId, pass: u128) {
+        lock(&self.rootfs_passes).insert(job, pass);
+    }
+
+    /// The first pass `job`'s staged rootfs holds, taken out: whatever
+    /// writes to that rootfs next may change it.
+    pub fn take_rootfs_pass(&self, job: JobId) -> Option<u128> {
+        lock(&self.rootfs_passes).remove(&job)
     }
 
     /// A final pass of `job` runs here until the guard goes.

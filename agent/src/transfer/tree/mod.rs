@@ -1,8 +1,11 @@
 //! Moving a directory tree (a rootfs, a CRIU image directory) over a QUIC
-//! stream, checksummed end to end. Two methods: `full` sends every entry;
-//! `delta` sends only what the receiver lacks or has different, and the
-//! receiver deletes what the sender no longer has (the final pass after the
-//! freeze). The receiver treats the sender as untrusted: no absolute
+//! stream, checksummed end to end. Two passes: a whole one sends every
+//! entry; a final one (after the freeze) sends only what changed since a
+//! first whole pass and names what is gone, for the receiver to delete,
+//! so its cost follows the changes, not the tree. It does so only while
+//! the receiver's tree is still what that first pass wrote (the receiver
+//! keeps the pass's id in memory, and a final pass takes it away); else
+//! the receiver empties its tree and gets all of it. The receiver treats the sender as untrusted: no absolute
 //! paths, no `..`, no writing through symlinks (metadata goes on by file
 //! descriptor), bounded frames. The sender treats the tree as untrusted (a
 //! running container may change it): files are opened beneath the root
@@ -73,24 +76,96 @@ pub struct Entry {
 
 /// What the sender saw of each entry at a first pass: inode and ctime. A
 /// container can set a file's mtime back, not its ctime, and a file put in
-/// another's place has another inode.
+/// another's place has another inode. `pass` names that first pass: the
+/// receiver learns it at the pass's end and, while its tree is still just
+/// what that pass wrote, the final pass sends it only what changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stamps(BTreeMap<String, (u64, i128)>);
+pub struct Stamps {
+    pass: u128,
+    /// Wall-clock ns, a margin before the first pass's scan began: an
+    /// entry whose ctime is not older counts as changed. The kernel stamps
+    /// ctime from a clock that ticks every few ms, so a file changed again
+    /// in the tick of its scan keeps its ctime; one changed before the scan
+    /// began cannot be.
+    settled_before: i128,
+    seen: BTreeMap<String, (u64, i128)>,
+}
+
+/// How far before a first pass's scan an entry's ctime must be for the
+/// final pass to trust it: ten times the kernel's coarsest clock tick
+/// (10 ms at HZ=100).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_NS: i128 = SETTLE.as_nanos() as i128;
 
 impl Stamps {
-    pub fn of(entries: &[Entry]) -> Stamps {
-        Stamps(
-            entries
+    /// The stamps of `entries`, scanned from `started_ns` (wall clock) on.
+    pub fn of(entries: &[Entry], started_ns: i128) -> Stamps {
+        let mut pass = [0u8; 16];
+        // A fixed pass id only risks a fallback to a full resend never
+        // being taken; the receiver still holds exactly one pass per job.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pass);
+        Stamps {
+            pass: u128::from_le_bytes(pass),
+            settled_before: started_ns - SETTLE_NS,
+            seen: entries
                 .iter()
                 .map(|e| (e.path.clone(), (e.ino, e.ctime_ns)))
                 .collect(),
-        )
+        }
     }
 
-    /// Whether `entry` is not what the first pass saw at its path.
-    fn moved(&self, entry: &Entry) -> bool {
-        self.0.get(&entry.path) != Some(&(entry.ino, entry.ctime_ns))
+    /// The pass these stamps are of.
+    pub fn pass(&self) -> u128 {
+        self.pass
     }
+
+    /// `path` was not sent after all (it changed under the first pass).
+    fn forget(&mut self, path: &str) {
+        self.seen.remove(path);
+    }
+
+    /// Whether `entry` is not what the first pass saw and sent at its path.
+    pub(super) fn moved(&self, entry: &Entry) -> bool {
+        self.seen.get(&entry.path) != Some(&(entry.ino, entry.ctime_ns))
+            || entry.ctime_ns >= self.settled_before
+    }
+
+    /// What a final pass sends, given the tree now (`entries`): the entries
+    /// that moved since the first pass, and the parent directory of each
+    /// (its mtime moves on the receiver as the child is replaced), and the
+    /// paths the first pass sent that are gone, children first.
+    pub fn changes(&self, entries: &[Entry]) -> (BTreeSet<String>, Vec<String>) {
+        let mut send = BTreeSet::new();
+        for entry in entries.iter().filter(|e| self.moved(e)) {
+            if let Some((parent, _)) = entry.path.rsplit_once('/') {
+                send.insert(parent.to_string());
+            }
+            send.insert(entry.path.clone());
+        }
+        let now: BTreeSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let mut removed: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|p| !now.contains(p.as_str()))
+            .cloned()
+            .collect();
+        for path in &removed {
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                if now.contains(parent) {
+                    send.insert(parent.to_string());
+                }
+            }
+        }
+        removed.sort_by(|a, b| b.cmp(a));
+        (send, removed)
+    }
+}
+
+/// Wall-clock ns now (for [`Stamps::of`]).
+fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 impl Entry {
@@ -108,24 +183,24 @@ impl Entry {
     }
 }
 
-/// Entries (or paths) per manifest frame: a tree of millions of files goes
-/// in many frames, each far below the frame cap.
-const MANIFEST_PART: usize = 2_000;
+/// Paths per [`Frame::Changes`]: a final pass that deletes millions of
+/// files says so in many frames, each far below the frame cap.
+const PATHS_PER_FRAME: usize = 2_000;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Frame {
-    /// Part of the sender's manifest (delta method), answered by `Want`
-    /// parts once the `last` one arrived; `changed`: paths to send whatever
-    /// the receiver holds (moved since the first pass).
-    Manifest {
-        entries: Vec<Entry>,
-        changed: Vec<String>,
+    /// Part of a final pass's list of what the first pass `pass` sent
+    /// that is gone (none: the sender has no first pass), answered by
+    /// [`Frame::Holds`] once the `last` part arrived.
+    Changes {
+        pass: Option<u128>,
+        removed: Vec<String>,
         last: bool,
     },
-    Want {
-        paths: Vec<String>,
-        last: bool,
-    },
+    /// The receiver's tree is what that first pass wrote (then the sender
+    /// sends what changed), or not (then it emptied its tree, and the
+    /// sender sends all of it).
+    Holds(bool),
     Entry(Entry),
     // As bytes, not a sequence of u8: serde's default costs ~35x more to
     // encode and decode (measured: 280 ms vs 8 ms per 64 MiB, release).
@@ -142,6 +217,7 @@ enum Frame {
         files: u64,
         bytes: u64,
         root: Box<Entry>,
+        pass: u128,
     },
     /// The other side gave up, and why (instead of a bare end of stream).
     Failed(String),
@@ -246,11 +322,22 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Tr
     }
 }
 
-/// What was moved.
+/// What was moved, and the id of the pass that moved it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
     pub files: u64,
     pub bytes: u64,
+    pub pass: u128,
+}
+
+/// Which pass a receiver takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// The whole tree, written over what is there.
+    Whole,
+    /// A final pass: what changed since a first pass. `holds`: the id of
+    /// the first pass whose tree this root still is, untouched since.
+    Changes { holds: Option<u128> },
 }
 
 /// Bytes of file content under `root` (0 if it cannot be read).
@@ -266,26 +353,6 @@ pub fn size_of(root: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// What the receiver must fetch: entries it lacks or holds differently
-/// (kind, size, mode, owner or mtime), and the paths it must delete.
-pub fn diff(source: &[Entry], target: &[Entry]) -> (Vec<String>, Vec<String>) {
-    let have: BTreeMap<&str, &Entry> = target.iter().map(|e| (e.path.as_str(), e)).collect();
-    let want = source
-        .iter()
-        .filter(|e| !have.get(e.path.as_str()).is_some_and(|h| h.matches(e)))
-        .map(|e| e.path.clone())
-        .collect();
-    let keep: BTreeSet<&str> = source.iter().map(|e| e.path.as_str()).collect();
-    let mut remove: Vec<String> = target
-        .iter()
-        .filter(|e| !keep.contains(e.path.as_str()))
-        .map(|e| e.path.clone())
-        .collect();
-    // Children before parents.
-    remove.sort_by(|a, b| b.cmp(a));
-    (want, remove)
 }
 
 /// `path` is relative and stays inside the root.
@@ -365,13 +432,82 @@ mod tests {
         }
     }
 
+    fn stamped(path: &str, ino: u64, ctime_ns: i128) -> Entry {
+        Entry {
+            ino,
+            ctime_ns,
+            ..entry(path, 1, 1)
+        }
+    }
+
+    /// First-pass stamps of `entries`, scanned long after they last changed.
+    fn first_pass(entries: &[Entry]) -> Stamps {
+        Stamps::of(entries, 100 * SETTLE_NS)
+    }
+
     #[test]
-    fn diff_wants_new_and_changed_entries_and_removes_vanished_ones() {
-        let source = [entry("a", 1, 1), entry("b", 2, 2), entry("c", 3, 3)];
-        let target = [entry("a", 1, 1), entry("b", 2, 9), entry("d", 4, 4)];
-        let (want, remove) = diff(&source, &target);
-        assert_eq!(want, ["b", "c"]);
-        assert_eq!(remove, ["d"]);
+    fn a_final_pass_sends_what_moved_with_its_directory_and_lists_what_is_gone() {
+        let first = [
+            stamped("a", 1, 1),
+            stamped("d", 2, 1),
+            stamped("d/x", 3, 1),
+            stamped("d/y", 4, 1),
+            stamped("e", 5, 1),
+            stamped("e/z", 6, 1),
+        ];
+        let stamps = first_pass(&first);
+        // d/x rewritten (ctime), d/y replaced (inode), e/z deleted, n new.
+        let now = [
+            stamped("a", 1, 1),
+            stamped("d", 2, 1),
+            stamped("d/x", 3, 2),
+            stamped("d/y", 9, 1),
+            stamped("e", 5, 1),
+            stamped("n", 7, 1),
+        ];
+        let (send, removed) = stamps.changes(&now);
+        let send: Vec<&str> = send.iter().map(String::as_str).collect();
+        assert_eq!(send, ["d", "d/x", "d/y", "e", "n"]);
+        assert_eq!(removed, ["e/z"]);
+    }
+
+    #[test]
+    fn nothing_changed_sends_nothing() {
+        let first = [stamped("a", 1, 1), stamped("b", 2, 1)];
+        let (send, removed) = first_pass(&first).changes(&first);
+        assert!(send.is_empty() && removed.is_empty());
+    }
+
+    #[test]
+    fn an_entry_changed_about_when_the_first_pass_scanned_it_is_sent_again() {
+        let scanned_from = 100 * SETTLE_NS;
+        // Its ctime may not move again if it changes within the same tick.
+        let first = [stamped("old", 1, 1), stamped("fresh", 2, scanned_from - 5)];
+        let (send, _) = Stamps::of(&first, scanned_from).changes(&first);
+        let send: Vec<&str> = send.iter().map(String::as_str).collect();
+        assert_eq!(send, ["fresh"]);
+    }
+
+    #[test]
+    fn removed_paths_come_children_first() {
+        let first = [
+            stamped("d", 1, 1),
+            stamped("d/e", 2, 1),
+            stamped("d/e/f", 3, 1),
+        ];
+        let (_, removed) = first_pass(&first).changes(&[]);
+        assert_eq!(removed, ["d/e/f", "d/e", "d"]);
+    }
+
+    #[test]
+    fn a_file_the_first_pass_skipped_is_sent_by_the_final_pass() {
+        let first = [stamped("a", 1, 1), stamped("b", 2, 1)];
+        let mut stamps = first_pass(&first);
+        stamps.forget("b");
+        let (send, removed) = stamps.changes(&first);
+        let send: Vec<&str> = send.iter().map(String::as_str).collect();
+        assert_eq!(send, ["b"]);
+        assert!(removed.is_empty());
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! so an entry the sender replaced by a symlink changes nothing outside
 //! the root.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
@@ -17,9 +16,8 @@ use ring::digest::{Context, SHA256};
 use crate::transfer::space::Reserve;
 
 use super::{
-    beneath, blocking, check_parents, diff, io, next_frame, remove_any, safe_relative, scan,
-    send_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame, Transferred, TreeError,
-    MANIFEST_PART,
+    beneath, blocking, check_parents, io, next_frame, remove_any, safe_relative, send_frame,
+    sha256_hex, tell_peer, Entry, EntryKind, Frame, Pass, Transferred, TreeError,
 };
 
 fn system_time(ns: i128) -> std::time::SystemTime {
@@ -168,21 +166,20 @@ impl<'a> Writing<'a> {
     }
 }
 
-/// Receive a tree into `root` (created if missing), synced. With `delta`,
-/// answer the sender's manifest with what `root` lacks and delete what the
-/// sender no longer has.
+/// Receive a tree into `root` (created if missing), synced, as `pass`
+/// says: the whole tree, or a final pass (what is gone deleted first).
 pub async fn receive(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
-    delta: bool,
+    pass: Pass,
 ) -> Result<Transferred, TreeError> {
     let writing = Writing {
         progress: &AtomicU64::new(0),
         reserve: None,
         synced: true,
     };
-    receive_counted(send, recv, root, delta, writing).await
+    receive_counted(send, recv, root, pass, writing).await
 }
 
 /// [`receive`], written as `writing` says.
@@ -190,10 +187,10 @@ pub async fn receive_counted(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
-    delta: bool,
+    pass: Pass,
     writing: Writing<'_>,
 ) -> Result<Transferred, TreeError> {
-    let result = receive_tree(send, recv, root, delta, writing).await;
+    let result = receive_tree(send, recv, root, pass, writing).await;
     tell_peer(send, result).await
 }
 
@@ -212,7 +209,7 @@ async fn receive_tree(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
-    delta: bool,
+    pass: Pass,
     writing: Writing<'_>,
 ) -> Result<Transferred, TreeError> {
     let owned = root.to_path_buf();
@@ -223,15 +220,20 @@ async fn receive_tree(
             .map_err(io("open", &owned))
     })
     .await?;
-    if delta {
-        answer_manifest(send, recv, root).await?;
+    if let Pass::Changes { holds } = pass {
+        answer_changes(send, recv, root, holds).await?;
     }
     let mut total = Transferred::default();
     let mut dirs: Vec<Entry> = Vec::new();
     loop {
         let entry = match next_frame(recv).await? {
             Frame::Entry(entry) => entry,
-            Frame::End { files, bytes, root } => {
+            Frame::End {
+                files,
+                bytes,
+                root,
+                pass,
+            } => {
                 if (files, bytes) != (total.files, total.bytes) {
                     return Err(TreeError::Protocol(format!(
                         "sender counted {files} files / {bytes} bytes, received {} / {}",
@@ -245,6 +247,7 @@ async fn receive_tree(
                         ..*root
                     },
                 );
+                total.pass = pass;
                 break;
             }
             other => {
@@ -305,57 +308,60 @@ fn apply_dirs(root_fd: &OwnedFd, dirs: &[Entry], synced: bool) -> Result<(), Tre
     Ok(())
 }
 
-/// Delta: read the sender's manifest, delete what it no longer has, and
-/// ask for what `root` lacks or holds differently, and for whatever the
-/// sender says moved since the first pass.
-async fn answer_manifest(
+/// A final pass: read what of its first pass the sender no longer has.
+/// If this root still holds that pass, delete it (never below a symlink)
+/// and say so; the sender then sends only what changed. Else empty the
+/// root, and it sends everything.
+async fn answer_changes(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     root: &Path,
+    holds: Option<u128>,
 ) -> Result<(), TreeError> {
-    let (mut source, mut changed) = (Vec::new(), Vec::new());
-    loop {
+    let mut removed = Vec::new();
+    let first = loop {
         match next_frame(recv).await? {
-            Frame::Manifest {
-                entries,
-                changed: moved,
+            Frame::Changes {
+                pass,
+                removed: gone,
                 last,
             } => {
-                source.extend(entries);
-                changed.extend(moved);
+                removed.extend(gone);
                 if last {
-                    break;
+                    break pass;
                 }
             }
             other => {
                 return Err(TreeError::Protocol(format!(
-                    "expected Manifest, got {other:?}"
+                    "expected Changes, got {other:?}"
                 )))
             }
         }
-    }
-    for e in &source {
-        safe_relative(&e.path)?;
-    }
+    };
+    let held = first.is_some() && first == holds;
     let owned = root.to_path_buf();
-    let want = blocking(move || {
-        let local = scan(&owned)?;
-        let (want, remove) = diff(&source, &local);
-        for path in &remove {
-            remove_any(&owned.join(safe_relative(path)?))?;
-        }
-        let mut want: BTreeSet<String> = want.into_iter().collect();
-        let known: BTreeSet<&str> = source.iter().map(|e| e.path.as_str()).collect();
-        want.extend(changed.into_iter().filter(|p| known.contains(p.as_str())));
-        Ok(want.into_iter().collect::<Vec<_>>())
+    blocking(move || match held {
+        true => remove_beneath(&owned, &removed),
+        false => empty(&owned),
     })
     .await?;
-    let parts: Vec<&[String]> = want.chunks(MANIFEST_PART).collect();
-    let count = parts.len().max(1);
-    for i in 0..count {
-        let paths = parts.get(i).map_or_else(Vec::new, |p| p.to_vec());
-        let last = i + 1 == count;
-        send_frame(send, &Frame::Want { paths, last }).await?;
+    send_frame(send, &Frame::Holds(held)).await
+}
+
+/// Delete `paths` (relative, sent by the peer) below `root`.
+fn remove_beneath(root: &Path, paths: &[String]) -> Result<(), TreeError> {
+    for path in paths {
+        let rel = safe_relative(path)?;
+        check_parents(root, &rel)?;
+        remove_any(&root.join(rel))?;
+    }
+    Ok(())
+}
+
+/// Delete everything below `root`.
+fn empty(root: &Path) -> Result<(), TreeError> {
+    for child in std::fs::read_dir(root).map_err(io("read", root))? {
+        remove_any(&child.map_err(io("read", root))?.path())?;
     }
     Ok(())
 }

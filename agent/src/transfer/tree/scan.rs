@@ -8,27 +8,28 @@ use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::{io, Entry, EntryKind, TreeError, Xattr};
+use super::{io, Entry, EntryKind, Stamps, TreeError, Xattr};
 
 fn ns(secs: i64, nsec: i64) -> i128 {
     i128::from(secs) * 1_000_000_000 + i128::from(nsec)
 }
 
 /// Extended attributes of `path` itself (not what a symlink points to);
-/// none where the filesystem keeps none.
+/// none where the filesystem keeps none. Sizes are asked first: most
+/// entries have none, and a zeroed 64 KiB buffer each cost a 10,000-file
+/// scan more than its syscalls.
 fn xattrs_of(path: &Path) -> Vec<Xattr> {
-    let mut names = vec![0u8; 64 * 1024];
-    let Ok(len) = rustix::fs::llistxattr(path, &mut names[..]) else {
+    let list = |buf: &mut [u8]| rustix::fs::llistxattr(path, buf);
+    let Some(names) = read_sized(rustix::fs::llistxattr_query(path), list) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let Ok(name) = std::str::from_utf8(name) else {
             continue;
         };
-        let mut value = vec![0u8; 64 * 1024];
-        if let Ok(n) = rustix::fs::lgetxattr(path, name, &mut value[..]) {
-            value.truncate(n);
+        let size = rustix::fs::lgetxattr_query(path, name);
+        if let Some(value) = read_sized(size, |buf| rustix::fs::lgetxattr(path, name, buf)) {
             out.push(Xattr {
                 name: name.to_string(),
                 value,
@@ -37,6 +38,20 @@ fn xattrs_of(path: &Path) -> Vec<Xattr> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// What `read` gives into a buffer of the `size` asked for just before;
+/// `None` if either failed (the size changed in between, say: then the
+/// attributes of an entry of a live tree are missed, and its ctime moved,
+/// so the final pass sends it again).
+fn read_sized(
+    size: rustix::io::Result<usize>,
+    read: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; size.ok()?];
+    let n = read(&mut buf[..]).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }
 
 /// Whether `e` says the entry went away (or a directory turned into
@@ -48,7 +63,8 @@ fn vanished(e: &std::io::Error) -> bool {
 }
 
 /// An entry for `rel` (at `path`) from its metadata, the link target read
-/// where it is one; `None` for what a tree does not carry.
+/// where it is one, without its extended attributes; `None` for what a
+/// tree does not carry.
 fn entry_of(path: &Path, rel: &Path, meta: &Metadata) -> Result<Option<Entry>, TreeError> {
     let file_type = meta.file_type();
     let kind = if file_type.is_symlink() {
@@ -85,22 +101,31 @@ fn entry_of(path: &Path, rel: &Path, meta: &Metadata) -> Result<Option<Entry>, T
         mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
         ino: meta.ino(),
         ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
-        xattrs: xattrs_of(path),
+        xattrs: Vec::new(),
     }))
 }
 
 /// The root directory's own entry (path "").
 pub fn root_entry(root: &Path) -> Result<Entry, TreeError> {
     let meta = std::fs::symlink_metadata(root).map_err(io("stat", root))?;
-    entry_of(root, Path::new(""), &meta)?
+    let mut entry = entry_of(root, Path::new(""), &meta)?
         .filter(|e| e.kind == EntryKind::Dir)
-        .ok_or_else(|| TreeError::UnsafePath(root.display().to_string()))
+        .ok_or_else(|| TreeError::UnsafePath(root.display().to_string()))?;
+    entry.xattrs = xattrs_of(root);
+    Ok(entry)
 }
 
 /// The entries of the tree at `root`, sorted by path (parents before
 /// children). The second and later names of a file with several come as
 /// [`EntryKind::Hardlink`] to the first.
 pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
+    scan_since(root, None)
+}
+
+/// [`scan`], for a final pass after `since`: the extended attributes are
+/// read only of entries that moved since (the others are not sent; most
+/// of a tree's entries, most of a scan's syscalls).
+pub(super) fn scan_since(root: &Path, since: Option<&Stamps>) -> Result<Vec<Entry>, TreeError> {
     let mut entries = Vec::new();
     let mut links: Vec<(usize, (u64, u64))> = Vec::new();
     let mut stack = vec![PathBuf::new()];
@@ -114,15 +139,20 @@ pub fn scan(root: &Path) -> Result<Vec<Entry>, TreeError> {
         };
         for child in children {
             let path = child.path();
-            let meta = match std::fs::symlink_metadata(&path) {
+            // By the directory's descriptor (fstatat), not a walk of the
+            // whole path again; the last component is not followed.
+            let meta = match child.metadata() {
                 Ok(meta) => meta,
                 Err(e) if vanished(&e) => continue,
                 Err(e) => return Err(io("stat", &path)(e)),
             };
             let rel_path = rel.join(child.file_name());
-            let Some(entry) = entry_of(&path, &rel_path, &meta)? else {
+            let Some(mut entry) = entry_of(&path, &rel_path, &meta)? else {
                 continue;
             };
+            if since.is_none_or(|s| s.moved(&entry)) {
+                entry.xattrs = xattrs_of(&path);
+            }
             if entry.kind == EntryKind::Dir {
                 stack.push(rel_path);
             } else if meta.is_file() && meta.nlink() > 1 {

@@ -9,18 +9,18 @@ use ring::digest::{Context, SHA256};
 
 use super::{
     beneath, blocking, io, next_frame, send_frame, sha256_hex, tell_peer, Entry, EntryKind, Frame,
-    Stamps, Transferred, TreeError, MANIFEST_PART,
+    Stamps, Transferred, TreeError, PATHS_PER_FRAME,
 };
 
 /// File content travels in chunks of this size.
 const CHUNK: usize = 1 << 20;
 
 /// Send the tree at `root`; returns what was sent and the stamps of the
-/// entries scanned. With `delta`, first send the manifest, marking every
-/// entry that moved since `since` (all, without it), and send what the
-/// receiver asks for. Only a first (full) pass may skip a file that
-/// changed under it (a symlink now, or gone): the final pass sends it as
-/// it then is.
+/// entries sent. With `delta` (a final pass), first say what of the first
+/// pass `since` is gone; then send what moved since it if the receiver
+/// still holds that pass, else everything. Only a first pass may skip a
+/// file that changed under it (a symlink now, or gone): the final pass
+/// sends it as it then is.
 pub async fn send(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -39,21 +39,33 @@ async fn send_tree(
     delta: bool,
     since: Option<&Stamps>,
 ) -> Result<(Transferred, Stamps), TreeError> {
-    let owned = root.to_path_buf();
+    let (owned, first) = (root.to_path_buf(), since.filter(|_| delta).cloned());
+    let started = super::wall_ns();
     let (entries, root_entry, root_fd) = blocking(move || {
-        let entries = super::scan(&owned)?;
+        let entries = super::scan::scan_since(&owned, first.as_ref())?;
         let root_entry = super::scan::root_entry(&owned)?;
         let fd = beneath::root(&owned).map_err(io("open", &owned))?;
         Ok((entries, root_entry, Arc::new(fd)))
     })
     .await?;
-    let stamps = Stamps::of(&entries);
-    let wanted = if delta {
-        Some(offer(send, recv, &entries, since).await?)
-    } else {
-        None
+    let scanned = std::time::Instant::now();
+    let mut stamps = Stamps::of(&entries, started);
+    let wanted = match delta {
+        true => offer(send, recv, &entries, since).await?,
+        false => None,
     };
-    let mut total = Transferred::default();
+    tracing::debug!(
+        root = %root.display(),
+        entries = entries.len(),
+        scan_ms = super::wall_ns().saturating_sub(started) / 1_000_000,
+        offered = ?scanned.elapsed(),
+        sending = wanted.as_ref().map_or(entries.len(), BTreeSet::len),
+        "tree scanned"
+    );
+    let mut total = Transferred {
+        pass: stamps.pass(),
+        ..Transferred::default()
+    };
     for entry in entries {
         if wanted.as_ref().is_some_and(|w| !w.contains(&entry.path)) {
             continue;
@@ -69,6 +81,7 @@ async fn send_tree(
                     entry.path
                 )));
             }
+            stamps.forget(&entry.path);
             continue;
         };
         send_frame(send, &Frame::Entry(entry.clone())).await?;
@@ -79,46 +92,37 @@ async fn send_tree(
         files: total.files,
         bytes: total.bytes,
         root: Box::new(root_entry),
+        pass: total.pass,
     };
     send_frame(send, &end).await?;
     Ok((total, stamps))
 }
 
-/// Delta: the manifest in parts, marking what moved since `since` (all,
-/// without it); the paths the receiver wants, in parts.
+/// A final pass: what of the first pass is gone, in parts; then what to
+/// send, if the receiver holds that pass (`None`: all of it).
 async fn offer(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     entries: &[Entry],
     since: Option<&Stamps>,
-) -> Result<BTreeSet<String>, TreeError> {
-    let parts: Vec<&[Entry]> = entries.chunks(MANIFEST_PART).collect();
+) -> Result<Option<BTreeSet<String>>, TreeError> {
+    let (changed, removed) = since.map(|s| s.changes(entries)).unwrap_or_default();
+    let parts: Vec<&[String]> = removed.chunks(PATHS_PER_FRAME).collect();
     let count = parts.len().max(1);
     for i in 0..count {
-        let part = parts.get(i).copied().unwrap_or(&[]);
-        let changed = part
-            .iter()
-            .filter(|e| since.is_none_or(|s| s.moved(e)))
-            .map(|e| e.path.clone())
-            .collect();
-        let frame = Frame::Manifest {
-            entries: part.to_vec(),
-            changed,
+        let frame = Frame::Changes {
+            pass: since.map(Stamps::pass),
+            removed: parts.get(i).map_or_else(Vec::new, |p| p.to_vec()),
             last: i + 1 == count,
         };
         send_frame(send, &frame).await?;
     }
-    let mut wanted = BTreeSet::new();
-    loop {
-        match next_frame(recv).await? {
-            Frame::Want { paths, last } => {
-                wanted.extend(paths);
-                if last {
-                    return Ok(wanted);
-                }
-            }
-            other => return Err(TreeError::Protocol(format!("expected Want, got {other:?}"))),
-        }
+    match next_frame(recv).await? {
+        Frame::Holds(true) if since.is_some() => Ok(Some(changed)),
+        Frame::Holds(_) => Ok(None),
+        other => Err(TreeError::Protocol(format!(
+            "expected Holds, got {other:?}"
+        ))),
     }
 }
 
