@@ -29,7 +29,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 
-RUNTIME_PKGS=(runc iptables busybox-static iproute2)
+RUNTIME_PKGS=(runc iptables busybox-static iproute2 systemd)
 BUILD_PKGS=(
 	build-essential pkg-config xz-utils
 	libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler

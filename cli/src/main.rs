@@ -57,6 +57,12 @@ enum Commands {
     /// The cluster network.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Print a shell completion script for ferry, e.g.
+    /// `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// (Internal) the parent of one container: runs the runc command that
     /// starts it, keeps its console log and records how its process ended;
     /// started by the agent for each container.
@@ -269,6 +275,12 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Commands::Completions { shell } = cli.command {
+        // Nothing to connect to: clap knows every command and flag.
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "ferry", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     if let Commands::Shim(args) = cli.command {
         // Plain blocking work, no runtime: it waits for processes and
         // copies the console to a file.
@@ -332,7 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Network(command) => {
             network::run(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
         }
-        Commands::Shim(_) => Ok(()),
+        Commands::Shim(_) | Commands::Completions { .. } => Ok(()),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod faults;
 pub mod figures;
 pub mod netns;
 pub mod partition;
+pub mod saturate;
 pub mod vm;
 
 /// The `ferry` binary under test: `$FERRY_BIN`, else the one cargo built
@@ -54,6 +55,16 @@ pub fn require_partition_tools() -> bool {
         None
     };
     require("partition tests", missing)
+}
+
+/// Whether `tool` runs (`tool --version` succeeds). Same CI rule as
+/// [`require_container_runtime`].
+pub fn require_tool(what: &str, tool: &str) -> bool {
+    let runs = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    require(what, (!runs).then(|| tool.to_string()))
 }
 
 fn require(what: &str, missing: Option<String>) -> bool {

@@ -10,10 +10,10 @@
 //!
 //! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-gossip [-- TRIALS SATURATE_SECS]
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cluster_tests::saturate::saturate;
 use cluster_tests::{figures, Cluster};
 use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
@@ -167,20 +167,7 @@ fn false_positives(secs: u64) -> Result<()> {
         bench.client(i)?;
     }
     let pid = bench.cluster.agents[4].pid().context("n5 pid")?;
-    let pin = Command::new("taskset")
-        .args(["-a", "-p", "-c", "1", &pid.to_string()])
-        .output()
-        .context("taskset (util-linux)")?;
-    if !pin.status.success() {
-        bail!("taskset failed: {}", String::from_utf8_lossy(&pin.stderr));
-    }
-    let spin = |_: usize| -> Result<Child> {
-        Ok(Command::new("taskset")
-            .args(["-c", "1", "timeout", &secs.to_string()])
-            .args(["sh", "-c", "while :; do :; done"])
-            .spawn()?)
-    };
-    let mut loops = vec![spin(0)?, spin(1)?];
+    let saturated = saturate(pid, Duration::from_secs(secs))?;
     let start = Instant::now();
     let (mut samples, mut suspect, mut dead) = (0u64, 0u64, 0u64);
     while start.elapsed() < Duration::from_secs(secs) {
@@ -196,10 +183,7 @@ fn false_positives(secs: u64) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    for l in &mut loops {
-        let _ = l.kill();
-        let _ = l.wait();
-    }
+    drop(saturated);
     println!(
         "false positives over {secs} s, n5 sharing CPU 1 with two busy loops: {suspect} suspect and {dead} dead answers out of {samples} liveness answers"
     );

@@ -1,19 +1,22 @@
 //! Raft benchmark (not a test): commit latency and throughput of a small
-//! command through the API on 3 voters over loopback with fsync on, and
-//! the time from a leader's kill -9 to the next committed write.
+//! command through the API on 3 voters over loopback with fsync on, the
+//! time from a leader's kill -9 to the next committed write, and whether
+//! a voter whose CPU is saturated (a follower, then the leader, each for
+//! SATURATE_SECS) causes elections.
 //!
 //! With FILL_INSTANCES and FILL_JOBS (a test build of ferry, FERRY_BIN:
 //! `cargo build --release --bin ferry --features ferry-cli/test-hooks`),
 //! the commits are measured again once the state holds that many
 //! instances and finished moves.
 //!
-//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-raft [-- COMMITS TRIALS [FILL_INSTANCES FILL_JOBS]]
+//! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-raft [-- COMMITS TRIALS SATURATE_SECS [FILL_INSTANCES FILL_JOBS]]
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use cluster_tests::saturate::saturate;
 use cluster_tests::{figures, Cluster};
-use ferry_agent::api::ApiRequest;
+use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
         || -> Result<Option<usize>> { Ok(args.next().map(|a| a.parse()).transpose()?) };
     let commits = number()?.unwrap_or(1000);
     let trials = number()?.unwrap_or(10);
+    let saturate_secs = number()?.unwrap_or(60) as u64;
     let fill = number()?.zip(number()?);
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -60,7 +64,13 @@ fn main() -> Result<()> {
             "<= 1.2x",
         );
     }
-    failover(&mut cluster, &runtime, trials)
+    failover(&mut cluster, &runtime, trials)?;
+    if saturate_secs > 0 {
+        for role in [Role::Follower, Role::Leader] {
+            flapping(&cluster, &runtime, role, saturate_secs)?;
+        }
+    }
+    Ok(())
 }
 
 /// The API's own round trip (a read that commits nothing): the floor
@@ -216,5 +226,93 @@ fn failover(cluster: &mut Cluster, runtime: &tokio::runtime::Runtime, trials: us
             "<= 1000 ms",
         );
     }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    Follower,
+    Leader,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::Leader => "leader",
+        }
+    }
+}
+
+/// Each voter's Raft term, as it says itself.
+async fn terms(cluster: &Cluster, clients: &[Client]) -> Result<Vec<u64>> {
+    let mut terms = Vec::new();
+    for (agent, client) in cluster.agents.iter().zip(clients) {
+        let name = agent.name.clone();
+        match client.call(ApiRequest::ClusterShow { name }).await? {
+            ApiReply::Member(detail) => terms.push(detail.raft.map_or(0, |r| r.term)),
+            other => bail!("{}: unexpected reply {other:?}", agent.name),
+        }
+    }
+    Ok(terms)
+}
+
+/// One voter in `role` shares CPU 1 with two busy loops for `secs`; a
+/// write is committed every 200 ms through another voter. Any term that
+/// moves meanwhile is an election (or a vote asked for): flapping.
+fn flapping(
+    cluster: &Cluster,
+    runtime: &tokio::runtime::Runtime,
+    role: Role,
+    secs: u64,
+) -> Result<()> {
+    let leader = cluster.wait_converged(&["n1", "n2", "n3"], Duration::from_secs(60))?;
+    let leading = cluster.index_of(&leader).unwrap_or(0);
+    let busy = match role {
+        Role::Leader => leading,
+        Role::Follower => (leading + 1) % 3,
+    };
+    let clients = (0..3)
+        .map(|i| Client::connect(&cluster.agents[i].data_dir, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let writer = &clients[(busy + 2) % 3];
+    let before = runtime.block_on(terms(cluster, &clients))?;
+    let pid = cluster.agents[busy].pid().context("the busy voter's pid")?;
+    let saturated = saturate(pid, Duration::from_secs(secs + 10))?;
+    let start = Instant::now();
+    let (mut writes, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+    while start.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        let name = format!("busy-{}-{writes}-{failed}", role.name());
+        match runtime.block_on(writer.call(token(&name))) {
+            Ok(_) => writes += 1,
+            Err(_) => failed += 1,
+        }
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = runtime.block_on(terms(cluster, &clients))?;
+    drop(saturated);
+    let elections = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b))
+        .max()
+        .unwrap_or(0);
+    let busy_name = &cluster.agents[busy].name;
+    println!(
+        "the {} {busy_name} CPU-saturated {secs} s: terms {before:?} -> {after:?}; {writes} commits, {failed} failed, slowest {:.0} ms",
+        role.name(),
+        ms(slowest)
+    );
+    figures::report(
+        &format!("elections, the {} CPU-saturated {secs} s", role.name()),
+        &elections.to_string(),
+        &format!(
+            "{writes} commits, {failed} failed, slowest {:.0} ms",
+            ms(slowest)
+        ),
+        "0",
+    );
     Ok(())
 }

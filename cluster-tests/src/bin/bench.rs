@@ -25,8 +25,8 @@ struct Run {
 
 fn runs(quick: bool, fill: bool) -> Vec<Run> {
     let mut raft = match quick {
-        true => vec!["200", "3"],
-        false => vec!["1000", "10"],
+        true => vec!["200", "3", "20"],
+        false => vec!["1000", "10", "120"],
     };
     if fill {
         raft.extend(["10000", "100000"]);
