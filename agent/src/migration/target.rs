@@ -110,6 +110,9 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let reserve = agent.reserve();
     let _ = agent.transfers().take_rootfs_pass(job.id);
+    // What an earlier attempt left (a restart of either side) goes first:
+    // the final pass deletes only what this pass sent.
+    tree::clear(&rootfs).await?;
     let (send, recv) = channel;
     let writing = tree::Writing::synced(&counter, &reserve);
     let full = tree::receive_counted(send, recv, &rootfs, tree::Pass::Whole, writing).await?;

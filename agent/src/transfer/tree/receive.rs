@@ -358,6 +358,18 @@ fn remove_beneath(root: &Path, paths: &[String]) -> Result<(), TreeError> {
     Ok(())
 }
 
+/// Delete everything below `root` (created if missing): a whole pass that
+/// a final pass will build on must start from nothing, since it writes
+/// over what is there and deletes nothing.
+pub async fn clear(root: &Path) -> Result<(), TreeError> {
+    let root = root.to_path_buf();
+    blocking(move || {
+        std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+        empty(&root)
+    })
+    .await
+}
+
 /// Delete everything below `root`.
 fn empty(root: &Path) -> Result<(), TreeError> {
     for child in std::fs::read_dir(root).map_err(io("read", root))? {
