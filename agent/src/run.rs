@@ -57,6 +57,8 @@ pub struct AgentOptions {
     /// `stop_timeout`.
     pub evacuate_on_stop: bool,
     pub stop_timeout: Duration,
+    /// Serve Prometheus metrics here (`exporter.rs`).
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +169,17 @@ pub(crate) async fn start(
         addr,
         reason: e.to_string(),
     })?;
+    let metrics = match opts.metrics {
+        Some(addr) => Some(
+            crate::exporter::bind(addr)
+                .await
+                .map_err(|e| AgentError::Bind {
+                    addr,
+                    reason: format!("metrics: {e}"),
+                })?,
+        ),
+        None => None,
+    };
     let pool = Pool::new(endpoint.clone());
     let (raft, state) = open_raft(&dir, &config, opts, &pool).await?;
     if state.read(|s| s.next_node_id > config.id && !s.members.contains_key(&config.id)) {
@@ -196,6 +209,9 @@ pub(crate) async fn start(
         },
     });
     tokio::spawn(crate::gossip::run(agent.clone(), gossip_inbox));
+    if let Some(listener) = metrics {
+        tokio::spawn(crate::exporter::serve(agent.clone(), listener));
+    }
     tokio::spawn(ferry_transport::rpc::serve(
         endpoint,
         Arc::new(crate::service::AgentService::new(agent.clone())),

@@ -157,6 +157,11 @@ struct AgentArgs {
     /// own stop timeout (systemd's TimeoutStopSec) above it.
     #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = output::parse_duration)]
     stop_timeout: Duration,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9478. Plain HTTP without authentication: keep it on
+    /// loopback or a management network.
+    #[arg(long, value_name = "ADDR", env = "FERRY_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -388,6 +393,7 @@ async fn run_agent(data_dir: PathBuf, args: AgentArgs) -> Result<()> {
         disk_reserve_bytes: args.disk_reserve,
         evacuate_on_stop: args.evacuate_on_stop,
         stop_timeout: args.stop_timeout,
+        metrics: args.metrics,
     })
     .await?;
     Ok(())

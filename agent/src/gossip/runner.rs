@@ -338,7 +338,10 @@ impl Task {
                 OwnedNotification::Defunct => {
                     tracing::warn!("gossip: the cluster declared us down")
                 }
-                OwnedNotification::ProbeFailed(_, id) => probe_failed.push(id.node),
+                OwnedNotification::ProbeFailed(_, id) => {
+                    self.agent.metrics().probe_failed();
+                    probe_failed.push(id.node)
+                }
                 _ => {}
             }
         }

@@ -19,6 +19,7 @@ use super::{source, target};
 use crate::api::names::InstanceName;
 use crate::clock::now_ms;
 use crate::driver;
+use crate::metrics::Outcome;
 use crate::node::Agent;
 
 /// How often (and at start) staging areas of ended moves are looked for.
@@ -57,18 +58,22 @@ impl Proposal {
 /// phase `job` is in); whether it was taken.
 pub async fn advance(agent: &Agent, job: &Job, proposal: Proposal) -> bool {
     let to = proposal.to;
+    let now = now_ms();
     let cmd = Command::Job(JobCommand::Advance {
         id: job.id,
         from: job.phase,
         to,
-        now_ms: now_ms(),
+        now_ms: now,
         error: proposal.error,
         report: proposal.report,
         note: proposal.note,
         stats: proposal.stats,
     });
     match agent.write(cmd).await {
-        Ok(CommandResult::Done) => true,
+        Ok(CommandResult::Done) => {
+            count_advance(agent, job, to, now);
+            true
+        }
         Ok(other) => {
             tracing::info!(job = job.id, ?other, "phase change not taken");
             false
@@ -78,6 +83,24 @@ pub async fn advance(agent: &Agent, job: &Job, proposal: Proposal) -> bool {
             false
         }
     }
+}
+
+/// The metrics of a phase change this member's proposal made.
+fn count_advance(agent: &Agent, job: &Job, to: Phase, now_ms: u64) {
+    let metrics = agent.metrics();
+    let in_phase = Duration::from_millis(now_ms.saturating_sub(job.phase_ms));
+    metrics.phase_left(job.phase, in_phase);
+    let outcome = match to {
+        Phase::Done => Outcome::Done,
+        Phase::RolledBack => Outcome::RolledBack,
+        _ => return,
+    };
+    // The figures may have come with an earlier phase change: the
+    // committed job has them all.
+    let stats = agent
+        .state()
+        .read(|s| s.jobs.get(&job.id).and_then(|j| j.stats.clone()));
+    metrics.move_ended(outcome, stats.as_ref());
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

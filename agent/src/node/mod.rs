@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::datadir::DataDir;
 use crate::driver::Driver;
 use crate::gossip::handle::Gossip;
+use crate::metrics::Metrics;
 use crate::transfer::progress::Transfers;
 
 pub use keyring::Keyring;
@@ -87,6 +88,7 @@ pub struct Agent {
     tuning: Tuning,
     /// Live figures of the transfers this agent receives.
     transfers: Transfers,
+    metrics: Metrics,
     shutdown: watch::Sender<Option<String>>,
 }
 
@@ -108,6 +110,7 @@ impl Agent {
             gossip: parts.gossip,
             tuning: parts.tuning,
             transfers: Transfers::default(),
+            metrics: Metrics::new(),
             shutdown: watch::channel(None).0,
         })
     }
@@ -165,6 +168,11 @@ impl Agent {
 
     pub fn tuning(&self) -> &Tuning {
         &self.tuning
+    }
+
+    /// What `ferry agent --metrics` serves.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn transfers(&self) -> &Transfers {

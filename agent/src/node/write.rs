@@ -178,13 +178,18 @@ impl Agent {
     /// [`Agent::write`] without waiting for the local apply; also returns
     /// the entry's log index.
     pub async fn write_indexed(&self, command: Command) -> Result<(CommandResult, u64), ApiError> {
-        write_indexed(
+        let started = std::time::Instant::now();
+        let written = write_indexed(
             &self.batcher,
             self.id,
             &PoolForwarder(&self.pool, &self.state),
             command,
         )
-        .await
+        .await;
+        if written.is_ok() {
+            self.metrics.committed(started.elapsed());
+        }
+        written
     }
 }
 

@@ -43,6 +43,7 @@ fn options(dir: &std::path::Path) -> AgentOptions {
         disk_reserve_bytes: 0,
         evacuate_on_stop: false,
         stop_timeout: Duration::from_secs(1),
+        metrics: None,
     }
 }
 
