@@ -30,6 +30,7 @@ mod kinds;
 mod membership;
 mod metrics;
 mod migration;
+mod monitor;
 mod netdev;
 mod network;
 mod node;

@@ -272,6 +272,10 @@ async fn handle_api(
         ApiRequest::Launch(request) => instances::launch::launch(agent, request).await,
         ApiRequest::InstanceList => Ok(instances::list(agent)),
         ApiRequest::Network => Ok(crate::network::show(agent)),
+        ApiRequest::Events { after, wait_ms } => {
+            let wait = std::time::Duration::from_millis(wait_ms);
+            Ok(crate::monitor::events(agent, after, wait).await)
+        }
         ApiRequest::InstanceShow { name } => instances::show(agent, &name),
         ApiRequest::Instance {
             name,

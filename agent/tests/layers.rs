@@ -47,6 +47,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hosts", 2),
     ("network", 2),
     ("exporter", 2),
+    ("monitor", 2),
     ("run", 3),
     ("service", 3),
     ("", 3),

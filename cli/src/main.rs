@@ -4,6 +4,7 @@
 mod hosts;
 mod instances;
 mod jobs;
+mod monitor;
 mod network;
 mod output;
 
@@ -57,6 +58,10 @@ enum Commands {
     /// The cluster network.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Follow what happens in the cluster as it commits: members, instance
+    /// states and owners, job phases with their figures. Each event shows
+    /// its log index; `--after INDEX` resumes without missing one.
+    Monitor(monitor::MonitorArgs),
     /// Print a shell completion script for ferry, e.g.
     /// `ferry completions bash > /etc/bash_completion.d/ferry`.
     Completions {
@@ -348,6 +353,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Commands::Network(command) => {
             network::run(&connect(&cli.data_dir, cli.agent.as_deref())?, command).await
+        }
+        Commands::Monitor(args) => {
+            monitor::run(&connect(&cli.data_dir, cli.agent.as_deref())?, args).await
         }
         Commands::Shim(_) | Commands::Completions { .. } => Ok(()),
     }

@@ -5,6 +5,7 @@ mod apply_hosts;
 mod apply_instances;
 mod apply_jobs;
 mod apply_upgrade;
+pub mod events;
 pub mod hosts;
 pub mod ids;
 pub mod instances;

@@ -3,6 +3,7 @@
 //! type lives here (layer 0), so the CLI and every feature share one
 //! vocabulary without importing each other.
 
+pub mod events;
 pub mod hosts;
 pub mod instances;
 pub mod jobs;
@@ -150,6 +151,13 @@ pub enum ApiRequest {
     },
     /// The cluster network and its leases.
     Network,
+    /// `ferry monitor`: the events of the entries after log index `after`
+    /// (`u64::MAX`: none, only where "now" is), waiting up to `wait_ms` (at
+    /// most 10 s) for one when there is none.
+    Events {
+        after: u64,
+        wait_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -193,6 +201,7 @@ pub enum ApiReply {
     HostPlan(Vec<hosts::PlannedItem>),
     Placement(Vec<hosts::CandidateView>),
     Network(network::NetworkView),
+    Events(events::EventsView),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ferry_raft::{
     ClusterState, DesiredState, EvacuateMode, EvacuatePolicy, HostItem, HostJob, HostJobKind,
-    Instance, ItemState, NodeId, ObservedState, Phase,
+    Instance, ItemState, Job, NodeId, ObservedState, Phase,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +145,13 @@ fn child_outcome(job: &HostJob, item: &HostItem, s: &ClusterState) -> Option<Ste
         Phase::RolledBack => {
             let error = child.error.as_deref().unwrap_or("rolled back");
             let why = format!("move {} to {target} failed: {error}", child.id);
+            if may_retry(job, item, child, s) {
+                return Some(settle(
+                    item,
+                    ItemState::Waiting,
+                    &format!("{why}; trying again"),
+                ));
+            }
             let owner_here = s
                 .instances
                 .get(&item.instance)
@@ -159,6 +166,27 @@ fn child_outcome(job: &HostJob, item: &HostItem, s: &ClusterState) -> Option<Ste
         }
         _ => None,
     }
+}
+
+/// Moves of one item a host job tries before it settles the item.
+pub const MOVE_ATTEMPTS: usize = 2;
+
+/// Whether a rolled-back child move is tried again: a rollback leaves the
+/// instance as it was, and a transient failure (a connection lost to a
+/// member that just restarted, say) should not leave a host unrestored.
+/// Not after an abort, nor once the item had its attempts.
+fn may_retry(job: &HostJob, item: &HostItem, child: &Job, s: &ClusterState) -> bool {
+    let failed = s
+        .jobs
+        .values()
+        .filter(|j| j.parent == Some(job.id) && j.instance == item.instance)
+        .filter(|j| j.phase == Phase::RolledBack)
+        .count();
+    let unchanged = s
+        .instances
+        .get(&item.instance)
+        .is_some_and(|i| i.owner == child.source && i.job.is_none());
+    !job.abort_requested && !child.abort_requested && unchanged && failed < MOVE_ATTEMPTS
 }
 
 /// What to do with a waiting item; `None` to wait (another job holds it).
@@ -452,11 +480,22 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_child_falls_back_to_a_stop_in_place() {
+    fn a_failed_child_is_tried_again_then_falls_back_to_a_stop_in_place() {
         let mut s = cluster(1);
         let id = create(&mut s, HostJobKind::Evacuate, EvacuateMode::Auto, 2);
         let first = steps(&s, id, &mut to_two);
         take(&mut s, id, &first);
+        let child = s.host_jobs[&id].items[0].child.unwrap();
+        end_child(&mut s, child, Phase::RolledBack);
+        let retry = steps(&s, id, &mut to_two);
+        assert!(
+            matches!(&retry[..], [Step::Settle { state: ItemState::Waiting, detail, .. }] if detail.contains("trying again")),
+            "{retry:?}"
+        );
+        take(&mut s, id, &retry);
+        let again = steps(&s, id, &mut to_two);
+        assert_eq!(moves(&again), 1, "{again:?}");
+        take(&mut s, id, &again);
         let child = s.host_jobs[&id].items[0].child.unwrap();
         end_child(&mut s, child, Phase::RolledBack);
         let got = steps(&s, id, &mut to_two);

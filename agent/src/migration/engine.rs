@@ -252,10 +252,14 @@ async fn supervise(agent: &Agent, clock: &mut PhaseClock) {
     clock.retain(&active);
     let timeout_ms =
         u64::try_from(agent.tuning().job_phase_timeout.as_millis()).unwrap_or(u64::MAX);
+    let hold = agent.gossip().config.suspicion;
     for job in active {
         let alive: HashMap<_, _> = [job.source, job.target]
             .into_iter()
-            .map(|id| (id, agent.member_alive(id)))
+            .map(|id| {
+                let dead_for = agent.gossip().dead_for(id);
+                (id, !plan::dead_long_enough(dead_for, hold))
+            })
             .collect();
         let stuck_ms = clock.stuck_ms(&job);
         if plan::ask_target_to_finish(&job, stuck_ms, timeout_ms) {

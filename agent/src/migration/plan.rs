@@ -141,6 +141,14 @@ pub struct Intervention {
     pub reason: String,
 }
 
+/// Whether the supervisor takes a member for dead: gossip has said so for
+/// at least `hold`. A member wrongly declared dead (its answers were late
+/// on a loaded host) refutes within a fraction of a second, and a move
+/// rolled back for that would have been lost for nothing.
+pub fn dead_long_enough(dead_for: Option<std::time::Duration>, hold: std::time::Duration) -> bool {
+    dead_for.is_some_and(|d| d >= hold)
+}
+
 /// Roll a stuck job back through the same compare-and-set the participants
 /// use. `stuck_ms`: how long the supervising leader has seen the job in its
 /// phase, on its own monotonic clock (never a proposer's wall clock, which
@@ -206,6 +214,15 @@ pub fn ask_target_to_finish(job: &Job, stuck_ms: u64, phase_timeout_ms: u64) -> 
 pub(crate) mod tests {
     use super::*;
     use ferry_raft::{JobKind, MoveOptions, TransferMode};
+
+    #[test]
+    fn a_member_just_declared_dead_is_not_yet_dead_to_the_supervisor() {
+        use std::time::Duration;
+        let hold = Duration::from_secs(1);
+        assert!(!dead_long_enough(None, hold));
+        assert!(!dead_long_enough(Some(Duration::from_millis(400)), hold));
+        assert!(dead_long_enough(Some(hold), hold));
+    }
 
     const PHASES: [Phase; 11] = [
         Phase::Pending,

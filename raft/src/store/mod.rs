@@ -331,11 +331,16 @@ impl Applied {
 struct Shared {
     applied: RwLock<Arc<Applied>>,
     tx: watch::Sender<u64>,
+    events: std::sync::Mutex<EventLog>,
 }
 
 impl Shared {
     fn current(&self) -> Arc<Applied> {
         Arc::clone(&self.applied.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn events(&self) -> std::sync::MutexGuard<'_, EventLog> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn replace(&self, next: Arc<Applied>) {
@@ -385,6 +390,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     })?;
     let (tx, _) = watch::channel(applied.index());
     let shared = Arc::new(Shared {
+        events: std::sync::Mutex::new(EventLog::after(applied.index())),
         applied: RwLock::new(Arc::new(applied)),
         tx,
     });
@@ -402,12 +408,16 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     ))
 }
 
+mod event_log;
 mod log;
 mod state_machine;
 mod tables;
 mod tail;
 
+use event_log::EventLog;
 use tail::Tail;
+
+pub use event_log::{EventPage, EVENTS_KEPT};
 
 pub use log::LogStore;
 pub use state_machine::{SnapshotBuilder, StateHandle, StateMachineStore, StateWatch};

@@ -12,6 +12,7 @@ use openraft::{
 };
 use tokio::sync::watch;
 
+use crate::events::{changes, Event, Tables};
 use crate::model::{ClusterState, CommandResult, Node, NodeId};
 use crate::TypeConfig;
 use ferry_transport::codec;
@@ -48,6 +49,12 @@ impl StateHandle {
     /// value is the last applied log index.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.tx.subscribe()
+    }
+
+    /// Up to about `max` events of the entries after `after` that this
+    /// member applied and still keeps (`ferry monitor`).
+    pub fn events_after(&self, after: u64, max: usize) -> EventPage {
+        self.shared.events().page(after, max)
     }
 
     /// Wake-ups for the changes that matter to one loop (see
@@ -128,8 +135,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let before = self.shared.current();
         let mut next = Applied::clone(&before);
         let mut results = Vec::new();
+        let mut events = Vec::new();
+        let at_ms = wall_clock_ms();
         for entry in entries {
             next.last_applied = Some(entry.log_id);
+            let tables = Tables::of(&next.state);
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::Done,
                 EntryPayload::Normal(cmd) => next.state.apply(&cmd),
@@ -139,6 +149,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             };
             results.push(result);
+            let index = entry.log_id.index;
+            events.extend(
+                changes(&tables, &Tables::of(&next.state))
+                    .into_iter()
+                    .map(|change| Event {
+                        index,
+                        at_ms,
+                        change,
+                    }),
+            );
         }
         if results.is_empty() {
             return Ok(results);
@@ -152,6 +172,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(write_sm_err)?;
+        // Before the state: whoever the new state wakes finds its events.
+        self.shared.events().record(next.index(), events);
         self.shared.replace(next);
         Ok(results)
     }
@@ -203,6 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.shared.events().restart_after(applied.index());
         self.shared.replace(applied);
         Ok(())
     }
@@ -280,4 +303,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+/// This member's wall clock (an event's time; apply itself never reads it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -1,11 +1,15 @@
-//! `ferry agent --metrics ADDR`: every agent's endpoint parses as
-//! OpenMetrics (openmetrics-parser, a strict parser), its gauges agree with
-//! the cluster, and a live move of a real container changes the counters
-//! of the agent whose proposal ended it.
+//! What an operator watches, around one live move of a real container:
+//! `ferry agent --metrics ADDR` (every agent's endpoint parses as
+//! OpenMetrics with a strict parser, its gauges agree with the cluster,
+//! the move changes the counters of the agent whose proposal ended it) and
+//! `ferry monitor` (follows the move's phases as they commit; resumes
+//! from an index with exactly what came after it).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cluster_tests::{busybox_rootfs, require_container_runtime, wait_for, Cluster};
@@ -73,8 +77,77 @@ fn scrape_all(ports: &[u16]) -> Result<Vec<Exposition>> {
     ports.iter().map(|p| scrape(*p)).collect()
 }
 
+/// The events member 0 keeps after `after`, as `ferry monitor --once`
+/// prints them.
+fn kept_after(cluster: &Cluster, after: u64) -> Result<Vec<serde_json::Value>> {
+    let after = after.to_string();
+    let args = ["monitor", "--once", "--format", "json", "--after", &after];
+    let out = cluster.ferry_ok(0, &args)?;
+    Ok(out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+/// `ferry monitor --format json` on member 0 after the last event it
+/// keeps now, its events (one JSON object a line) sent to the returned
+/// channel.
+fn follow(cluster: &Cluster) -> Result<(Child, mpsc::Receiver<serde_json::Value>)> {
+    let last = kept_after(cluster, 0)?
+        .last()
+        .and_then(|e| e["index"].as_u64())
+        .unwrap_or(0);
+    let data_dir = &cluster.agents[0].data_dir;
+    let mut child = std::process::Command::new(cluster_tests::ferry_bin())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["monitor", "--format", "json", "--after", &last.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(cluster.root().join("monitor.err"))?)
+        .spawn()?;
+    let stdout = child.stdout.take().context("monitor stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                let _ = tx.send(event);
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+/// Events from `rx` until one's text contains `says`, within `within`.
+fn events_until(
+    rx: &mpsc::Receiver<serde_json::Value>,
+    says: &str,
+    within: Duration,
+) -> Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(event) = rx.recv_timeout(left) else {
+            break;
+        };
+        let last = event["text"].as_str().is_some_and(|t| t.contains(says));
+        seen.push(event);
+        if last {
+            return Ok(seen);
+        }
+    }
+    bail!("no event saying '{says}' within {within:?}: {seen:#?}")
+}
+
+fn texts(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| format!("{} {}: {}", e["kind"], e["subject"], e["text"]))
+        .collect()
+}
+
 #[test]
-fn metrics_parse_agree_with_the_cluster_and_count_a_move() -> Result<()> {
+fn metrics_and_events_follow_a_move() -> Result<()> {
     if !require_container_runtime() {
         return Ok(());
     }
@@ -112,8 +185,15 @@ fn metrics_parse_agree_with_the_cluster_and_count_a_move() -> Result<()> {
     ensure!(total(&before, "ferry_raft_commit_seconds", None) > 0.0);
     ensure!(total(&before, "ferry_moves", Some(("outcome", "done"))) == 0.0);
 
+    let (mut monitor, events) = follow(&cluster)?;
     let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3"])?;
     ensure!(out.contains("to n3"), "{out}");
+    let followed = events_until(&events, "-> Done (", converged);
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let said = std::fs::read_to_string(cluster.root().join("monitor.err")).unwrap_or_default();
+    let followed = followed.with_context(|| format!("the monitor said: {said}"))?;
+    check_move_events(&cluster, &followed)?;
     let after = wait_for("the move in the counters", converged, || {
         let scrapes = scrape_all(&ports)?;
         let running = value(&scrapes[2], "ferry_instances", Some(("state", "running")));
@@ -140,5 +220,43 @@ fn metrics_parse_agree_with_the_cluster_and_count_a_move() -> Result<()> {
     // Only /metrics is served.
     let (status, _) = get(ports[0], "/")?;
     assert!(status.contains("404"), "{status}");
+    Ok(())
+}
+
+/// The move's events in commit order, each phase once; `--after` the
+/// switch gives exactly the events that followed it.
+fn check_move_events(cluster: &Cluster, followed: &[serde_json::Value]) -> Result<()> {
+    let said = texts(followed);
+    let phases: Vec<&str> = followed
+        .iter()
+        .filter(|e| e["kind"] == "job")
+        .filter_map(|e| e["change"]["JobPhase"]["to"].as_str())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "Checking",
+            "Preparing",
+            "Frozen",
+            "Switched",
+            "Restored",
+            "Done"
+        ],
+        "{said:#?}"
+    );
+    let owner = followed
+        .iter()
+        .position(|e| e["text"].as_str() == Some("owner n2 -> n3 (epoch 2)"))
+        .with_context(|| format!("no owner change: {said:#?}"))?;
+    let indexes: Vec<u64> = followed
+        .iter()
+        .filter_map(|e| e["index"].as_u64())
+        .collect();
+    assert!(indexes.windows(2).all(|w| w[0] <= w[1]), "{indexes:?}");
+    // Resume after the entry before the switch: the same events again.
+    let after = indexes[owner] - 1;
+    let resumed = kept_after(cluster, after)?;
+    let tail = texts(&followed[owner..]);
+    assert_eq!(texts(&resumed[..tail.len().min(resumed.len())]), tail);
     Ok(())
 }
