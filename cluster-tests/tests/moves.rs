@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cluster_tests::partition::Partition;
 use cluster_tests::{
     busybox_rootfs, require_container_runtime, require_partition_tools, wait_for, Cluster,
@@ -601,11 +601,20 @@ fn frozen_source() -> Result<(Cluster, cluster_tests::Sampler)> {
     let cluster = cluster_with_counter_sized(cluster, 0, 64)?;
     let sampler = cluster.sampler("c1");
     cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--detach"])?;
-    wait_for("n2 to freeze c1", CONVERGE, || {
+    let frozen = wait_for("n2 to freeze c1", CONVERGE, || {
         match cluster.agents[1].container_status("c1").as_deref() {
             Some("paused") => Ok(()),
             other => bail!("c1 on n2 is {other:?}"),
         }
+    });
+    // CI once saw the move never freeze: say where the job went.
+    frozen.with_context(|| {
+        let job = cluster.ferry_json(0, &["job", "show", "1"]);
+        format!(
+            "job 1: {job:?}\n---- n2 ----\n{}\n---- n3 ----\n{}",
+            cluster.log_tail(1),
+            cluster.log_tail(2)
+        )
     })?;
     Ok((cluster, sampler))
 }
