@@ -3,8 +3,8 @@
 # a real container. Installs what it needs (runc, CRIU 4), starts three
 # agents with their own data dirs, launches a busybox container that keeps a
 # counter in a shell variable, moves it live to another member and back, and
-# shows the in-memory counter carried on. Then it kills the Raft leader and
-# shows the cluster carrying on.
+# shows the in-memory counter carried on; launches an OCI image it writes
+# itself; then it kills the Raft leader and shows the cluster carrying on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +41,32 @@ start_agent() {
   echo "agent $name did not start; its log:" >&2
   cat "$work/$name.log" >&2
   return 1
+}
+
+# An OCI image layout of the tree $1 at $2, as `skopeo copy IMAGE oci:DIR`
+# writes one: the tree as one gzipped layer, a config naming the process
+# (environment, working dir, command), a manifest and an index.
+oci_layout() {
+  local tree=$1 out=$2 diff_id layer layer_size config config_size manifest manifest_size
+  mkdir -p "$out/blobs/sha256"
+  tar -C "$tree" -cf "$out/layer.tar" .
+  diff_id=$(sha256sum "$out/layer.tar" | cut -d' ' -f1)
+  gzip -n "$out/layer.tar"
+  blob() {
+    local sum; sum=$(sha256sum "$1" | cut -d' ' -f1)
+    mv "$1" "$out/blobs/sha256/$sum"
+    echo "$sum $(stat -c %s "$out/blobs/sha256/$sum")"
+  }
+  read -r layer layer_size < <(blob "$out/layer.tar.gz")
+  printf '{"architecture":"%s","os":"linux","config":{"Env":["GREETING=hello from an OCI image"],"WorkingDir":"/tmp","Cmd":["sh","-c","echo \\"$GREETING, in $(pwd)\\" > hello; exec sleep 1000000"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$(dpkg --print-architecture)" "$diff_id" >"$out/config.json"
+  read -r config config_size < <(blob "$out/config.json")
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' \
+    "$config" "$config_size" "$layer" "$layer_size" >"$out/manifest.json"
+  read -r manifest manifest_size < <(blob "$out/manifest.json")
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s}]}' \
+    "$manifest" "$manifest_size" >"$out/index.json"
+  echo '{"imageLayoutVersion":"1.0.0"}' >"$out/oci-layout"
 }
 
 echo "== bootstrap n1 and join n2, n3"
@@ -91,6 +117,17 @@ echo "== and back to n2"
 echo "counter on n2: $(counter)"
 "$ferry" --data-dir "$work/n1" list
 "$ferry" --data-dir "$work/n1" job list
+
+echo "== an OCI image (a layout written here from the busybox tree) launched on n3 with the image's own process"
+oci_layout "$root" "$work/image"
+"$ferry" --data-dir "$work/n1" launch web --image "$work/image" --target n3
+hello=""
+for _ in $(seq 1 50); do
+  hello=$("$ferry" --data-dir "$work/n1" exec web -- cat /tmp/hello 2>/dev/null) && [ -n "$hello" ] && break
+  sleep 0.1
+done
+echo "web wrote: $hello"
+"$ferry" --data-dir "$work/n1" show web | grep -E '^(rootfs|command)'
 
 leader=$("$ferry" --data-dir "$work/n1" cluster list --format json \
   | python3 -c 'import json,sys; print([m["name"] for m in json.load(sys.stdin) if m["leader"]][0])')

@@ -392,8 +392,21 @@ pub fn probe_runtimes(timeout: Duration) -> Runtimes {
         runc,
         criu,
         criu_check,
+        criu_other_users: holds_capability(&read_or_warn("/proc/self/status"), CAP_SYS_RESOURCE),
         ..Runtimes::default()
     }
+}
+
+/// Bit of CAP_SYS_RESOURCE in a capability set.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether the effective set in a `/proc/PID/status` text holds `cap`.
+fn holds_capability(status: &str, cap: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|set| set & (1 << cap) != 0)
 }
 
 pub(crate) struct CommandOutput {
@@ -476,6 +489,14 @@ fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capability_is_read_from_the_effective_set() {
+        let status = "Name:\tferry\nCapPrm:\t000001ffffffffff\nCapEff:\t000001fffeffffff\n";
+        assert!(!holds_capability(status, CAP_SYS_RESOURCE), "bit 24 clear");
+        assert!(holds_capability(status, 21), "CAP_SYS_ADMIN set");
+        assert!(!holds_capability("no such line", 21));
+    }
 
     const X86_CPUINFO: &str = "\
 processor\t: 0

@@ -25,6 +25,7 @@ mod gossip;
 pub mod hooks;
 mod hosts;
 mod identity;
+mod image;
 mod instances;
 mod kinds;
 mod membership;

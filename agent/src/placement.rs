@@ -153,6 +153,7 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
         vm,
         cpu_model: ask.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
         networked: ask.spec.network == ferry_raft::NetworkMode::Cluster,
+        uid: compat::uid_of(&ask.spec),
         memory_bytes: ask.spec.memory_bytes,
         target_free_memory_bytes: m.free_memory_bytes,
         disk_bytes: ask.disk_bytes,
@@ -252,6 +253,7 @@ mod tests {
                 criu: Some("4.1.1".into()),
                 criu_check: true,
                 criu_inet: true,
+                criu_other_users: true,
                 ..Runtimes::default()
             },
             ..Default::default()

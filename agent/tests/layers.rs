@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("driver", 0),
     ("facts", 0),
     ("hooks", 0),
+    ("image", 0),
     ("metrics", 0),
     ("token", 0),
     ("transfer", 0),

@@ -18,8 +18,15 @@ pub struct LaunchArgs {
     /// Name of the new instance (a-z, 0-9 and '-', at most 63).
     name: InstanceName,
     /// Root filesystem: a directory or a tar archive.
-    #[arg(long, value_name = "PATH", required_unless_present = "vm")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["vm", "image"])]
     rootfs: Option<std::path::PathBuf>,
+    /// An OCI image as the rootfs: a layout directory (`skopeo copy IMAGE
+    /// oci:DIR`) or an archive (`podman save`, `docker save`, `skopeo copy
+    /// IMAGE oci-archive:FILE`). Its layers are unpacked in order; its
+    /// Entrypoint, Cmd, Env, WorkingDir and User make the process, and a
+    /// command after '--' replaces its Cmd (the Entrypoint stays).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["rootfs", "vm"])]
+    image: Option<std::path::PathBuf>,
     /// A QEMU virtual machine instead of a container: needs --disk and
     /// --memory (its RAM); boots the disk, or --kernel with --initrd.
     #[arg(long, requires_all = ["disk", "memory"], conflicts_with = "rootfs")]
@@ -80,10 +87,11 @@ pub struct LaunchArgs {
     /// Print every member's placement verdict for it, and launch nothing.
     #[arg(long)]
     dry_run: bool,
-    /// The command to run, after '--' (not for a VM).
+    /// The command to run, after '--' (not for a VM; with --image, the
+    /// arguments after the image's Entrypoint instead of its Cmd).
     #[arg(
         last = true,
-        required_unless_present = "vm",
+        required_unless_present_any = ["vm", "image"],
         conflicts_with = "vm",
         value_name = "CMD"
     )]
@@ -124,7 +132,7 @@ pub enum SecurityProfile {
 #[derive(Subcommand)]
 pub enum InstanceCommand {
     /// Create and start a container (or, with --vm, a QEMU VM) instance.
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
     /// List instances.
     List {
         #[arg(long, value_enum, default_value_t)]
@@ -369,8 +377,10 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         None => String::new(),
     };
     let vm = vm_launch(&args)?;
+    let image = args.image.as_deref().map(absolute).transpose()?;
     let request = LaunchRequest {
         vm,
+        image,
         name: args.name.clone(),
         rootfs,
         target: args.target,
@@ -497,7 +507,7 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<()> {
 
 pub async fn run(client: &Client, command: InstanceCommand) -> Result<i32> {
     match command {
-        InstanceCommand::Launch(args) => launch(client, args).await?,
+        InstanceCommand::Launch(args) => launch(client, *args).await?,
         InstanceCommand::List { format } => list(client, format).await?,
         InstanceCommand::Show { name, format } => {
             let d = detail(client, &name).await?;

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod echo;
 pub mod faults;
 pub mod figures;
+pub mod image;
 pub mod netns;
 pub mod partition;
 pub mod saturate;

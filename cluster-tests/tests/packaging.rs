@@ -78,3 +78,69 @@ fn completions_are_generated_for_every_shell_and_name_the_commands() -> Result<(
     ensure!(!out.status.success(), "an unknown shell is refused");
     Ok(())
 }
+
+fn dpkg_deb(args: &[&str]) -> Result<String> {
+    let out = Command::new("dpkg-deb").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "dpkg-deb {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[test]
+fn the_deb_installs_the_binary_unit_defaults_and_completions_and_names_its_dependencies(
+) -> Result<()> {
+    if !require_tool("the .deb build", "dpkg-deb") || !require_tool("the .deb build", "objdump") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/build-deb.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--binary")
+        .arg(ferry_bin())
+        .arg("--out")
+        .arg(dir.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "build-deb.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = String::from_utf8(out.stdout)?.trim().to_string();
+    ensure!(deb.ends_with(".deb"), "printed {deb}");
+    let depends = dpkg_deb(&["--field", &deb, "Depends"])?;
+    for package in ["libc6 (>= 2.", "runc", "iptables", "iproute2"] {
+        ensure!(depends.contains(package), "Depends: {depends}");
+    }
+    let contents = dpkg_deb(&["--contents", &deb])?;
+    for path in [
+        "./usr/bin/ferry",
+        "./lib/systemd/system/ferry.service",
+        "./etc/default/ferry",
+        "./usr/share/bash-completion/completions/ferry",
+        "./usr/share/zsh/vendor-completions/_ferry",
+        "./usr/share/fish/vendor_completions.d/ferry.fish",
+    ] {
+        ensure!(contents.contains(path), "{path} missing from {contents}");
+    }
+    ensure!(contents.contains("root/root"), "owned by root: {contents}");
+    // The operator's arguments survive an upgrade.
+    let control = dir.path().join("control");
+    dpkg_deb(&["--control", &deb, &control.to_string_lossy()])?;
+    let conffiles = std::fs::read_to_string(control.join("conffiles"))?;
+    ensure!(conffiles.trim() == "/etc/default/ferry", "{conffiles}");
+    // What it unpacks runs, and the unit it ships is the one verified above.
+    let unpacked = dir.path().join("root");
+    dpkg_deb(&["--extract", &deb, &unpacked.to_string_lossy()])?;
+    let version = Command::new(unpacked.join("usr/bin/ferry"))
+        .arg("--version")
+        .output()?;
+    ensure!(version.status.success(), "ferry --version failed");
+    let shipped = std::fs::read_to_string(unpacked.join("lib/systemd/system/ferry.service"))?;
+    ensure!(shipped == unit_text()?, "the shipped unit differs");
+    Ok(())
+}

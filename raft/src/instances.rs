@@ -47,6 +47,13 @@ pub struct InstanceSpec {
     pub address: Option<std::net::Ipv4Addr>,
     /// A VM's machine: set exactly when the instance's kind is `Vm`.
     pub vm: Option<VmSpec>,
+    /// The process's environment (`NAME=value`); empty: only a `PATH`.
+    /// From the image config of `ferry launch --image`.
+    pub env: Vec<String>,
+    /// The process's working directory; empty: `/`.
+    pub cwd: String,
+    /// The uid and gid the process runs as; `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 /// What a VM instance's QEMU runs with (`ferry launch --vm`).

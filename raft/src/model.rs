@@ -55,6 +55,11 @@ pub struct Runtimes {
     /// Whether this host's CRIU can dump a process holding an internet
     /// socket (CRIU before 4.2 cannot on kernels 6.16 and later).
     pub criu_inet: bool,
+    /// Whether the agent holds CAP_SYS_RESOURCE, without which CRIU cannot
+    /// checkpoint a process running as another user than root (the kernel
+    /// refuses prlimit of another user's task): true on an ordinary host,
+    /// false in a container that drops the capability.
+    pub criu_other_users: bool,
     /// `qemu-system-<arch> --version`, when QEMU is installed.
     pub qemu: Option<String>,
     /// How this host's QEMU runs guests: "kvm", or "tcg" where KVM cannot

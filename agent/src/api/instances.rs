@@ -26,6 +26,10 @@ pub struct LaunchRequest {
     /// `--vm`: a QEMU VM instead of a container (then `rootfs` and
     /// `command` are empty).
     pub vm: Option<VmLaunch>,
+    /// `--image`: an OCI image layout or an image archive on the host of
+    /// the agent that receives the request (then `rootfs` is empty and
+    /// `command`, if given, replaces the image's command).
+    pub image: Option<String>,
 }
 
 /// What `ferry launch --vm` gives: paths on the host of the agent that

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 
 use crate::api::names::{InstanceName, SnapshotName};
 use oci_spec::runtime::{
-    LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec,
+    LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
+
+/// The environment of a process whose image gives none.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -82,6 +85,12 @@ fn io_err(op: &'static str, path: &Path, e: impl ToString) -> BundleError {
 pub struct BundleConfig<'a> {
     pub name: &'a str,
     pub command: &'a [String],
+    /// `NAME=value`; empty: a `PATH` alone.
+    pub env: &'a [String],
+    /// Empty: `/`.
+    pub cwd: &'a str,
+    /// uid and gid; `None`: root.
+    pub user: Option<(u32, u32)>,
     pub memory_bytes: Option<u64>,
     pub cgroup_parent: &'a str,
     /// A CRIU configuration file runc hands to CRIU on restore (used with
@@ -96,13 +105,26 @@ pub struct BundleConfig<'a> {
 
 pub fn spec(config: &BundleConfig<'_>) -> Result<Spec, BundleError> {
     let mut spec = Spec::default();
+    let mut env = config.env.to_vec();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    let (uid, gid) = config.user.unwrap_or((0, 0));
+    let user = UserBuilder::default()
+        .uid(uid)
+        .gid(gid)
+        .build()
+        .map_err(|e| BundleError::Spec(e.to_string()))?;
     let process = ProcessBuilder::default()
         .terminal(false)
         .args(config.command.to_vec())
-        .env(vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ])
-        .cwd("/")
+        .env(env)
+        .cwd(if config.cwd.is_empty() {
+            "/"
+        } else {
+            config.cwd
+        })
+        .user(user)
         .build()
         .map_err(|e| BundleError::Spec(e.to_string()))?;
     spec.set_process(Some(process));
@@ -284,6 +306,9 @@ mod tests {
         let spec = spec(&BundleConfig {
             name: "c1",
             command: &command,
+            env: &[],
+            cwd: "",
+            user: None,
             memory_bytes: None,
             cgroup_parent: "ferry-n1",
             criu_config: None,
@@ -292,6 +317,38 @@ mod tests {
         })
         .unwrap();
         serde_json::to_value(&spec).unwrap()
+    }
+
+    #[test]
+    fn an_image_process_keeps_its_env_dir_and_user_and_gets_a_path_only_when_it_has_none() {
+        let command = vec!["app".to_string()];
+        let process = |env: &[String]| {
+            let spec = spec(&BundleConfig {
+                name: "c1",
+                command: &command,
+                env,
+                cwd: "/srv",
+                user: Some((1001, 50)),
+                memory_bytes: None,
+                cgroup_parent: "ferry-n1",
+                criu_config: None,
+                unconfined: false,
+                netns: None,
+            })
+            .unwrap();
+            serde_json::to_value(spec.process()).unwrap()
+        };
+        let own = process(&["PATH=/app/bin".into(), "MODE=x".into()]);
+        assert_eq!(own["env"], serde_json::json!(["PATH=/app/bin", "MODE=x"]));
+        assert_eq!(own["cwd"], "/srv");
+        assert_eq!(
+            (own["user"]["uid"].as_u64(), own["user"]["gid"].as_u64()),
+            (Some(1001), Some(50))
+        );
+        let without = process(&["MODE=x".into()]);
+        assert_eq!(without["env"][0], DEFAULT_PATH);
+        assert_eq!(without["env"][1], "MODE=x");
+        assert_eq!(config(false)["process"]["cwd"], "/", "no image: /");
     }
 
     #[test]
@@ -336,6 +393,9 @@ mod tests {
         let spec = spec(&BundleConfig {
             name: "c1",
             command: &command,
+            env: &[],
+            cwd: "",
+            user: None,
             memory_bytes: Some(64 << 20),
             cgroup_parent: "ferry-n1",
             criu_config: None,

@@ -166,6 +166,9 @@ impl Host {
             &BundleConfig {
                 name: name.as_str(),
                 command: &spec.command,
+                env: &spec.env,
+                cwd: &spec.cwd,
+                user: spec.user,
                 memory_bytes: spec.memory_bytes,
                 cgroup_parent: &self.cgroup_parent,
                 criu_config: Some(criu_config.as_path()),

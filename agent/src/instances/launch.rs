@@ -119,25 +119,129 @@ fn with_cpu_model(agent: &Agent, mut req: LaunchRequest) -> Result<LaunchRequest
 
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
     let req = with_cpu_model(agent, req)?;
+    let image = match &req.image {
+        Some(path) => Some(stage_image(agent, &req.name, path).await?),
+        None => None,
+    };
+    let result = launch_staged(agent, req, image.as_ref()).await;
+    if let Some(image) = image {
+        let _ = tokio::fs::remove_dir_all(&image.dir).await;
+    }
+    result
+}
+
+/// Launch with an image (if any) unpacked already.
+async fn launch_staged(
+    agent: &Arc<Agent>,
+    mut req: LaunchRequest,
+    image: Option<&StagedImage>,
+) -> Result<ApiReply, ApiError> {
+    let from_image = match image {
+        Some(image) => Some(image.apply_to(&mut req)?),
+        None => None,
+    };
     if req.vm.is_none() && req.command.is_empty() {
-        return Err(err(
-            ErrorKind::BadRequest,
-            "no command given; put it after '--', e.g. ferry launch c1 --rootfs DIR -- sh -c '...'",
-        ));
+        let why = match image {
+            Some(_) => "the image names no command (no Entrypoint or Cmd); put one after '--'",
+            None => "no command given; put it after '--', e.g. ferry launch c1 --rootfs DIR -- sh -c '...'",
+        };
+        return Err(err(ErrorKind::BadRequest, why));
     }
     let staged = match &req.vm {
         Some(vm) => Some(stage_vm(agent, &req.name, vm).await?),
         None => None,
     };
-    let result = launch_from(agent, &req, staged.as_ref()).await;
+    let result = launch_from(agent, &req, staged.as_ref(), from_image.as_ref()).await;
     if let Some((staged, _)) = staged {
         let _ = tokio::fs::remove_dir_all(staged).await;
     }
     result
 }
 
+/// An image unpacked for a launch in this agent's tmp dir (`rootfs/`).
+struct StagedImage {
+    dir: PathBuf,
+    source: String,
+    unpacked: crate::image::Unpacked,
+}
+
+/// What an image sets in a new instance's spec.
+struct FromImage {
+    env: Vec<String>,
+    cwd: String,
+    user: Option<(u32, u32)>,
+    source: String,
+}
+
+impl StagedImage {
+    /// The request launches this image's rootfs and process (`command`,
+    /// if given, replacing the image's command).
+    fn apply_to(&self, req: &mut LaunchRequest) -> Result<FromImage, ApiError> {
+        let rootfs = self.dir.join("rootfs");
+        let process = &self.unpacked.process;
+        req.command = process.command(&req.command);
+        req.rootfs = rootfs.to_string_lossy().into_owned();
+        let user =
+            match &process.user {
+                Some(user) => Some(crate::image::resolve_user(user, &rootfs).map_err(|why| {
+                    err(ErrorKind::BadRequest, format!("the image's User: {why}"))
+                })?),
+                None => None,
+            };
+        let id = &self.unpacked.id;
+        Ok(FromImage {
+            env: process.env.clone(),
+            cwd: process.cwd.clone(),
+            user,
+            source: format!("{} (image {})", self.source, id.get(..19).unwrap_or(id)),
+        })
+    }
+}
+
+/// Unpack the image at `path` (on this host) for the launch of `name`.
+async fn stage_image(
+    agent: &Agent,
+    name: &InstanceName,
+    path: &str,
+) -> Result<StagedImage, ApiError> {
+    let dir = agent.data_dir().root().join("tmp").join(format!(
+        "{name}-image-{}",
+        ferry_transport::pki::random_hex(4)
+    ));
+    let (image, staging) = (PathBuf::from(path), dir.clone());
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let scratch = staging.join("archive");
+        let result = crate::image::unpack(&image, &staging.join("rootfs"), &scratch);
+        let _ = std::fs::remove_dir_all(scratch);
+        result
+    })
+    .await;
+    match unpacked {
+        Ok(Ok(unpacked)) => {
+            tracing::info!(instance = %name, image = %unpacked.id, layers = unpacked.layers, "unpacked {path}");
+            Ok(StagedImage {
+                dir,
+                source: path.to_string(),
+                unpacked,
+            })
+        }
+        failed => {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            Err(match failed {
+                Ok(Err(e)) => err(ErrorKind::BadRequest, e.to_string()),
+                _ => internal("the image unpacking task failed"),
+            })
+        }
+    }
+}
+
 /// The spec of a new instance, without its address yet.
-fn new_spec(agent: &Agent, req: &LaunchRequest, disk_bytes: u64) -> InstanceSpec {
+fn new_spec(
+    agent: &Agent,
+    req: &LaunchRequest,
+    disk_bytes: u64,
+    image: Option<&FromImage>,
+) -> InstanceSpec {
     let memory_bytes = match &req.vm {
         Some(vm) => Some(vm.memory_mib.saturating_mul(1 << 20)),
         None => req.memory_bytes,
@@ -161,10 +265,16 @@ fn new_spec(agent: &Agent, req: &LaunchRequest, disk_bytes: u64) -> InstanceSpec
         disk_bytes,
         ..machine_of(vm)
     });
-    spec.rootfs_source = match &req.vm {
-        Some(vm) => vm.disk.clone(),
-        None => req.rootfs.clone(),
+    spec.rootfs_source = match (&req.vm, image) {
+        (Some(vm), _) => vm.disk.clone(),
+        (None, Some(image)) => image.source.clone(),
+        (None, None) => req.rootfs.clone(),
     };
+    if let Some(image) = image {
+        spec.env = image.env.clone();
+        spec.cwd = image.cwd.clone();
+        spec.user = image.user;
+    }
     spec
 }
 
@@ -173,6 +283,7 @@ async fn launch_from(
     agent: &Arc<Agent>,
     req: &LaunchRequest,
     staged: Option<&(PathBuf, u64)>,
+    image: Option<&FromImage>,
 ) -> Result<ApiReply, ApiError> {
     let name = &req.name;
     let rootfs = staged.map_or_else(|| PathBuf::from(&req.rootfs), |s| s.0.clone());
@@ -182,7 +293,7 @@ async fn launch_from(
             format!("cannot read rootfs {}: {e}", rootfs.display()),
         )
     })?;
-    let spec = new_spec(agent, req, staged.map_or(0, |s| s.1));
+    let spec = new_spec(agent, req, staged.map_or(0, |s| s.1), image);
     let owner = place(agent, req.target.as_deref(), spec.memory_bytes)?;
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so

@@ -21,6 +21,8 @@ pub struct Needs {
     pub cpu_model: Option<String>,
     /// On the cluster network: its sockets must be dumped and restored.
     pub networked: bool,
+    /// The uid its process runs as, when not root (an image's `User`).
+    pub uid: Option<u32>,
     /// Memory the instance may use (its limit), if known.
     pub memory_bytes: Option<u64>,
     /// Free memory on the target, if known (gossip load facts).
@@ -30,6 +32,11 @@ pub struct Needs {
     /// Free disk on the target's data dir above its `--disk-reserve`, if
     /// known (gossip).
     pub target_free_disk_bytes: Option<u64>,
+}
+
+/// The uid an instance's process runs as, when it is not root.
+pub fn uid_of(spec: &ferry_raft::InstanceSpec) -> Option<u32> {
+    spec.user.map(|(uid, _)| uid).filter(|uid| *uid != 0)
 }
 
 fn item(check: &str, ok: bool, detail: String) -> CheckResult {
@@ -121,6 +128,9 @@ pub fn check(
     if needs.stateful && needs.networked {
         report.push(sockets_item(source, target));
     }
+    if let (true, Some(uid)) = (processes, needs.uid) {
+        report.push(users_item(source, target, uid));
+    }
     report.push(memory_item(target, needs));
     report.push(disk_item(target, needs));
     report
@@ -187,12 +197,21 @@ fn cpu_model_item(model: &str, target: &HostFacts) -> CheckResult {
     }
 }
 
-fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
-    let cannot: Vec<&str> = [("source", source), ("target", target)]
+/// "source", "target" or both: the sides whose runtimes lack `can`.
+fn sides_lacking<'a>(
+    source: &HostFacts,
+    target: &HostFacts,
+    can: impl Fn(&ferry_raft::Runtimes) -> bool,
+) -> Vec<&'a str> {
+    [("source", source), ("target", target)]
         .into_iter()
-        .filter(|(_, facts)| !facts.runtimes.criu_inet)
+        .filter(|(_, facts)| !can(&facts.runtimes))
         .map(|(side, _)| side)
-        .collect();
+        .collect()
+}
+
+fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
+    let cannot = sides_lacking(source, target, |r| r.criu_inet);
     if cannot.is_empty() {
         return item(
             "criu-sockets",
@@ -205,6 +224,21 @@ fn sockets_item(source: &HostFacts, target: &HostFacts) -> CheckResult {
         cannot.join(" and ")
     );
     item("criu-sockets", false, detail)
+}
+
+/// CRIU checkpoints and restores a process of another user than root
+/// only where the agent holds CAP_SYS_RESOURCE.
+fn users_item(source: &HostFacts, target: &HostFacts, uid: u32) -> CheckResult {
+    let cannot = sides_lacking(source, target, |r| r.criu_other_users);
+    if cannot.is_empty() {
+        let detail = format!("CRIU checkpoints processes of uid {uid} on both");
+        return item("criu-users", true, detail);
+    }
+    let detail = format!(
+        "its process runs as uid {uid}, and the agent on the {} lacks CAP_SYS_RESOURCE, without which CRIU cannot checkpoint another user's process (run the agent with it, or move it --stateless)",
+        cannot.join(" and ")
+    );
+    item("criu-users", false, detail)
 }
 
 fn memory_item(target: &HostFacts, needs: &Needs) -> CheckResult {
@@ -337,6 +371,7 @@ pub fn report(
             vm: inst.kind == ferry_raft::InstanceKind::Vm,
             cpu_model: inst.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
             networked: inst.spec.network == ferry_raft::NetworkMode::Cluster,
+            uid: uid_of(&inst.spec),
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
             disk_bytes,
@@ -368,6 +403,7 @@ mod tests {
                 criu: Some(criu.into()),
                 criu_check: true,
                 criu_inet: true,
+                criu_other_users: true,
                 ..Runtimes::default()
             },
             ..Default::default()
@@ -486,6 +522,36 @@ mod tests {
     }
 
     #[test]
+    fn a_process_of_another_user_moves_live_only_where_criu_may_checkpoint_it() {
+        let h = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.2.1",
+        );
+        let mut capless = h.clone();
+        capless.runtimes.criu_other_users = false;
+        let as_user = Needs {
+            uid: Some(1001),
+            ..stateful()
+        };
+        assert!(passed(&check(&baseline(), &h, &h, &as_user)));
+        let report = check(&baseline(), &capless, &h, &as_user);
+        let failed = failed(&report);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, "criu-users");
+        assert!(failed[0].1.contains("uid 1001") && failed[0].1.contains("on the source"));
+        // Root, or a stateless move, does not depend on it.
+        let root = stateful();
+        assert!(passed(&check(&baseline(), &capless, &capless, &root)));
+        let stateless = Needs {
+            stateful: false,
+            ..as_user
+        };
+        assert!(passed(&check(&baseline(), &capless, &capless, &stateless)));
+    }
+
+    #[test]
     fn a_networked_instance_needs_a_criu_that_dumps_sockets_on_both_sides() {
         let h = host(
             &["sse2", "avx2"],
@@ -595,6 +661,7 @@ mod tests {
             vm: false,
             cpu_model: None,
             networked: false,
+            uid: None,
             memory_bytes: Some(4 << 30),
             target_free_memory_bytes: Some(1 << 30),
             disk_bytes: 10 << 20,

@@ -158,6 +158,7 @@ impl Sim {
             network: None,
             ip: None,
             vm: None,
+            image: None,
         };
         crate::instances::launch::launch(&self.agents[0], request)
             .await

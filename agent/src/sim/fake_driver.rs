@@ -386,6 +386,7 @@ impl Driver for FakeDriver {
             criu: Some("4.1.1".into()),
             criu_check: true,
             criu_inet: true,
+            criu_other_users: true,
             ..Runtimes::default()
         }
     }

@@ -87,6 +87,7 @@ async fn of_two_launches_of_one_name_one_is_refused_and_the_files_are_the_winner
             network: None,
             ip: None,
             vm: None,
+            image: None,
         };
         let agent = n1.clone();
         launches.push(tokio::spawn(async move {

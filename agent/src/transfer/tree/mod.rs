@@ -13,7 +13,7 @@
 //! every file whose inode or ctime moved since the first pass (`Stamps`),
 //! which a container cannot fake.
 
-mod beneath;
+pub mod beneath;
 mod receive;
 mod scan;
 mod send;
