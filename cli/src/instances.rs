@@ -275,6 +275,12 @@ fn print_detail(d: &InstanceDetail) {
         }
         None => {
             println!("command:   {}", d.command.join(" "));
+            if d.cwd != "/" || d.user != "0:0" {
+                println!("process:   in {} as {}", d.cwd, d.user);
+            }
+            if !d.env.is_empty() {
+                println!("env:       {}", d.env.join(" "));
+            }
             if let Some(m) = d.memory_bytes {
                 println!("memory:    {} MiB", m >> 20);
             }

@@ -405,7 +405,7 @@ fn a_rolling_upgrade_takes_each_member_in_turn_and_brings_its_instances_home() -
         assert_eq!(
             owner_of(&cluster, 0, name)?,
             *home,
-            "{name} is not back home"
+            "{name} is not back home; the upgrade: {job}"
         );
         let now = cluster.counter(0, name)?;
         assert!(

@@ -118,6 +118,15 @@ fn an_image_runs_its_own_process_and_moves_live() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     assert!(source.contains("(image sha256:"), "{show}");
+    assert_eq!(
+        (show["cwd"].as_str(), show["user"].as_str()),
+        (Some("/srv"), Some("0:0"))
+    );
+    assert_eq!(
+        show["env"],
+        serde_json::json!(["MODE=from-image"]),
+        "{show}"
+    );
 
     // A live move keeps the process counting, as the image's user.
     let before = counter(&cluster, "img1")?;
@@ -151,6 +160,8 @@ fn an_image_runs_its_own_process_and_moves_live() -> Result<()> {
         APP_UID.to_string(),
         "exec runs as the image's user"
     );
+    let show = cluster.ferry_json(0, &["show", "img2"])?;
+    assert_eq!(show["user"], format!("{APP_UID}:{APP_UID}"), "{show}");
 
     // A live move of a process of another user needs CAP_SYS_RESOURCE for
     // CRIU on both sides: refused up front where the agents lack it (the

@@ -114,4 +114,10 @@ pub struct InstanceDetail {
     pub origin: Option<String>,
     /// A VM's machine.
     pub vm: Option<ferry_raft::VmSpec>,
+    /// The process's environment beyond the default `PATH` (an image's).
+    pub env: Vec<String>,
+    /// Its working directory (`/` unless an image set one).
+    pub cwd: String,
+    /// `uid:gid` it runs as (`0:0` unless an image named a user).
+    pub user: String,
 }

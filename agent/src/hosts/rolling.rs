@@ -42,12 +42,14 @@ impl UpStep {
 }
 
 /// The leader's steps for `job` now; `preflight` says whether a member may
-/// start (quorum, a target for each of its instances).
+/// start (quorum, a target for each of its instances), `alive` whether
+/// gossip takes a member for alive.
 pub fn next(
     job: &HostJob,
     upgrade: &Upgrade,
     s: &ClusterState,
     preflight: &mut dyn FnMut(NodeId) -> Result<(), String>,
+    alive: &dyn Fn(NodeId) -> bool,
 ) -> Vec<UpStep> {
     if job.is_done() {
         return Vec::new();
@@ -55,7 +57,12 @@ pub fn next(
     let mut steps: Vec<UpStep> = upgrade
         .members
         .iter()
-        .filter_map(|m| in_progress_step(m.member, m.stage, m.evacuation, m.restore, s))
+        .filter_map(|m| match (m.stage, alive(m.member)) {
+            // A restore placed while gossip still takes the restarted
+            // member for dead would leave its instances away (CI saw it).
+            (Stage::Verified, false) => None,
+            _ => in_progress_step(m.member, m.stage, m.evacuation, m.restore, s),
+        })
         .collect();
     let in_progress = upgrade
         .members
@@ -238,6 +245,10 @@ mod tests {
     }
 
     fn steps(s: &ClusterState, id: u64, ok: bool) -> Vec<UpStep> {
+        steps_alive(s, id, ok, true)
+    }
+
+    fn steps_alive(s: &ClusterState, id: u64, ok: bool, alive: bool) -> Vec<UpStep> {
         let job = &s.host_jobs[&id];
         let mut preflight = |_| {
             if ok {
@@ -246,7 +257,13 @@ mod tests {
                 Err("quorum".to_string())
             }
         };
-        next(job, job.upgrade.as_ref().unwrap(), s, &mut preflight)
+        next(
+            job,
+            job.upgrade.as_ref().unwrap(),
+            s,
+            &mut preflight,
+            &|_| alive,
+        )
     }
 
     fn take(s: &mut ClusterState, id: u64, steps: &[UpStep]) {
@@ -293,6 +310,10 @@ mod tests {
                 to: Stage::Verified,
                 detail: None,
             }],
+        );
+        assert!(
+            steps_alive(&s, id, true, false).is_empty(),
+            "no restore while gossip takes the member for dead"
         );
         let got = steps(&s, id, true);
         take(&mut s, id, &got);

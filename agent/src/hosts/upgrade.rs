@@ -24,7 +24,7 @@ const OUTPUT_LINES: usize = 5;
 pub async fn lead(agent: &Agent, job: &HostJob, upgrade: &Upgrade) -> Result<(), ApiError> {
     let steps = agent.state().read(|s| {
         let mut preflight = |member| preflight(agent, member);
-        rolling::next(job, upgrade, s, &mut preflight)
+        rolling::next(job, upgrade, s, &mut preflight, &|m| agent.member_alive(m))
     });
     for step in steps {
         let cmd = step.command(job.id, now_ms());

@@ -12,6 +12,8 @@ mod source;
 
 use std::path::{Path, PathBuf};
 
+use crate::transfer::space::Reserve;
+
 pub use process::{resolve_user, ImageProcess};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,12 @@ pub enum ImageError {
         what: String,
         digest: String,
     },
+    #[error("image {path}: no room for layer {index}: {reason}")]
+    Space {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
     #[error("image {path}: cannot unpack layer {index} ({layer}): {reason}")]
     Layer {
         path: PathBuf,
@@ -55,14 +63,32 @@ pub struct Unpacked {
 
 /// Unpack the image at `path` into the empty directory `rootfs` (blocking:
 /// call from spawn_blocking). An archive is first unpacked into `scratch`,
-/// which the caller removes afterwards.
-pub fn unpack(path: &Path, rootfs: &Path, scratch: &Path) -> Result<Unpacked, ImageError> {
+/// which the caller removes afterwards. Before each layer, `reserve` (if
+/// any) must have room for at least the layer's file: what it unpacks to
+/// is not known before, but a disk already at its reserve stops the
+/// unpacking there.
+pub fn unpack(
+    path: &Path,
+    rootfs: &Path,
+    scratch: &Path,
+    reserve: Option<&Reserve>,
+) -> Result<Unpacked, ImageError> {
     let image = source::resolve(path, scratch)?;
     std::fs::create_dir_all(rootfs).map_err(|e| ImageError::Read {
         path: rootfs.to_path_buf(),
         reason: e.to_string(),
     })?;
     for (index, layer) in image.layers.iter().enumerate() {
+        if let Some(reserve) = reserve {
+            let size = std::fs::metadata(&layer.path).map_or(0, |m| m.len());
+            reserve
+                .check(size, &format!("layer {index} of the image"))
+                .map_err(|e| ImageError::Space {
+                    path: path.to_path_buf(),
+                    index,
+                    reason: e.to_string(),
+                })?;
+        }
         layers::apply(layer, rootfs).map_err(|e| match e {
             layers::LayerError::Digest { what, digest } => ImageError::Digest {
                 path: path.to_path_buf(),

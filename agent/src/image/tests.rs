@@ -79,7 +79,8 @@ fn config_json(layers: &[Vec<u8>]) -> Vec<u8> {
     .unwrap()
 }
 
-/// An OCI layout of `layers` (gzipped), its index naming a platform.
+/// An OCI layout of `layers` (the first gzipped, the others zstd), its
+/// index naming a platform.
 fn layout(dir: &Path, layers: &[Vec<u8>]) {
     let config = blob(
         dir,
@@ -88,7 +89,15 @@ fn layout(dir: &Path, layers: &[Vec<u8>]) {
     );
     let layer_descs: Vec<_> = layers
         .iter()
-        .map(|l| blob(dir, "application/vnd.oci.image.layer.v1.tar+gzip", &gzip(l)))
+        .enumerate()
+        .map(|(i, l)| match i {
+            0 => blob(dir, "application/vnd.oci.image.layer.v1.tar+gzip", &gzip(l)),
+            _ => blob(
+                dir,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                &zstd::encode_all(&l[..], 1).unwrap(),
+            ),
+        })
         .collect();
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -109,6 +118,11 @@ fn layout(dir: &Path, layers: &[Vec<u8>]) {
     let index = serde_json::json!({ "schemaVersion": 2, "manifests": [other, desc] });
     std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Unpack without a disk reserve.
+fn unpack_free(path: &Path, rootfs: &Path, scratch: &Path) -> Result<Unpacked, ImageError> {
+    unpack(path, rootfs, scratch, None)
 }
 
 fn base_layers() -> Vec<Vec<u8>> {
@@ -148,7 +162,7 @@ fn layers_apply_in_order_with_whiteouts_and_the_config_gives_the_process() {
     let image = dir.path().join("image");
     layout(&image, &base_layers());
     let rootfs = dir.path().join("rootfs");
-    let unpacked = unpack(&image, &rootfs, &dir.path().join("scratch")).unwrap();
+    let unpacked = unpack_free(&image, &rootfs, &dir.path().join("scratch")).unwrap();
     let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
     assert_eq!(read("bin/app"), "v2", "the upper layer's file wins");
     assert!(!rootfs.join("bin/old").exists(), ".wh.old removes old");
@@ -199,7 +213,7 @@ fn a_docker_archive_unpacks_and_its_layers_are_checked_against_the_config() {
     builder.into_inner().unwrap();
 
     let rootfs = dir.path().join("rootfs");
-    let unpacked = unpack(&archive, &rootfs, &dir.path().join("scratch")).unwrap();
+    let unpacked = unpack_free(&archive, &rootfs, &dir.path().join("scratch")).unwrap();
     assert_eq!(
         std::fs::read_to_string(rootfs.join("bin/app")).unwrap(),
         "v2"
@@ -208,7 +222,8 @@ fn a_docker_archive_unpacks_and_its_layers_are_checked_against_the_config() {
 
     // A layer that is not what the config says is refused.
     std::fs::write(archive_dir.join("l1/layer.tar"), &layers[0]).unwrap();
-    let err = unpack(&archive_dir, &dir.path().join("r2"), &dir.path().join("s2")).unwrap_err();
+    let err =
+        unpack_free(&archive_dir, &dir.path().join("r2"), &dir.path().join("s2")).unwrap_err();
     assert!(matches!(err, ImageError::Digest { .. }), "{err}");
     assert!(err.to_string().contains("layer 1"), "{err}");
 }
@@ -227,7 +242,7 @@ fn a_damaged_blob_is_refused_with_its_digest() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&layer, bytes).unwrap();
-    let err = unpack(&image, &dir.path().join("rootfs"), &dir.path().join("s")).unwrap_err();
+    let err = unpack_free(&image, &dir.path().join("rootfs"), &dir.path().join("s")).unwrap_err();
     assert!(
         err.to_string().contains("does not match its digest"),
         "{err}"
@@ -252,7 +267,7 @@ fn nothing_is_written_or_removed_outside_the_rootfs() {
     let image = dir.path().join("image");
     layout(&image, &[lower, upper]);
     let rootfs = dir.path().join("rootfs");
-    let result = unpack(&image, &rootfs, &dir.path().join("s"));
+    let result = unpack_free(&image, &rootfs, &dir.path().join("s"));
     assert_eq!(
         std::fs::read_to_string(outside.join("keep")).unwrap(),
         "host file"
@@ -273,11 +288,25 @@ fn an_image_for_another_platform_only_is_refused_by_name() {
     let mut only_other = index.clone();
     only_other["manifests"] = serde_json::json!([index["manifests"][0]]);
     std::fs::write(image.join("index.json"), only_other.to_string()).unwrap();
-    let err = unpack(&image, &dir.path().join("r"), &dir.path().join("s")).unwrap_err();
+    let err = unpack_free(&image, &dir.path().join("r"), &dir.path().join("s")).unwrap_err();
     assert!(
         err.to_string().contains("holds no image for linux/"),
         "{err}"
     );
-    let err = unpack(dir.path(), &dir.path().join("r"), &dir.path().join("s")).unwrap_err();
+    let err = unpack_free(dir.path(), &dir.path().join("r"), &dir.path().join("s")).unwrap_err();
     assert!(matches!(err, ImageError::NotAnImage { .. }), "{err}");
+}
+
+#[test]
+fn a_disk_at_its_reserve_stops_the_unpacking_before_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    layout(&image, &base_layers());
+    let all = Reserve::new(dir.path(), u64::MAX / 2);
+    let rootfs = dir.path().join("rootfs");
+    let err = unpack(&image, &rootfs, &dir.path().join("s"), Some(&all)).unwrap_err();
+    assert!(matches!(err, ImageError::Space { index: 0, .. }), "{err}");
+    assert!(err.to_string().contains("--disk-reserve"), "{err}");
+    let none = Reserve::new(dir.path(), 0);
+    assert!(unpack(&image, &rootfs, &dir.path().join("s"), Some(&none)).is_ok());
 }

@@ -208,10 +208,11 @@ async fn stage_image(
         "{name}-image-{}",
         ferry_transport::pki::random_hex(4)
     ));
-    let (image, staging) = (PathBuf::from(path), dir.clone());
+    let (image, staging, reserve) = (PathBuf::from(path), dir.clone(), agent.reserve());
     let unpacked = tokio::task::spawn_blocking(move || {
         let scratch = staging.join("archive");
-        let result = crate::image::unpack(&image, &staging.join("rootfs"), &scratch);
+        let rootfs = staging.join("rootfs");
+        let result = crate::image::unpack(&image, &rootfs, &scratch, Some(&reserve));
         let _ = std::fs::remove_dir_all(scratch);
         result
     })

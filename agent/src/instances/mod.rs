@@ -105,6 +105,15 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
             }
         }),
         vm: i.spec.vm.clone(),
+        env: i.spec.env.clone(),
+        cwd: match i.spec.cwd.as_str() {
+            "" => "/".into(),
+            cwd => cwd.into(),
+        },
+        user: match i.spec.user {
+            Some((uid, gid)) => format!("{uid}:{gid}"),
+            None => "0:0".into(),
+        },
     })))
 }
 
