@@ -124,12 +124,16 @@ pub trait Driver: Send + Sync {
     fn last_exit(&self, name: &InstanceName) -> Option<ProcessExit>;
 
     /// Replace `name`'s files with the rootfs at `source` (a directory or
-    /// a tar archive; a VM's staged files).
+    /// a tar archive; a VM's staged files). With `take`, `source` is this
+    /// agent's own staging (an unpacked image, a VM's converted disk),
+    /// which the import moves in rather than copies where the filesystem
+    /// allows.
     async fn import_rootfs(
         &self,
         name: &InstanceName,
         spec: &InstanceSpec,
         source: &Path,
+        take: bool,
     ) -> Result<(), DriverError>;
     /// Unpack the rootfs at `source` (a directory or a tar archive) into
     /// `dest`, owners and modes kept, to send it elsewhere.

@@ -104,8 +104,11 @@ impl Driver for Kinds {
         name: &InstanceName,
         spec: &InstanceSpec,
         source: &Path,
+        take: bool,
     ) -> Result<(), DriverError> {
-        self.of_spec(spec).import_rootfs(name, spec, source).await
+        self.of_spec(spec)
+            .import_rootfs(name, spec, source, take)
+            .await
     }
     /// Only a container's rootfs is staged (a VM's files are staged by
     /// `vm::stage`).

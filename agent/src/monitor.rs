@@ -84,15 +84,11 @@ fn words(change: &Change, name: &impl Fn(NodeId) -> String) -> (&'static str, St
             to,
             detail,
         } => {
-            let why = detail
-                .as_ref()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
+            let (from, to, on) = (from.as_str(), to.as_str(), name(*node));
+            let why = detail.as_deref().unwrap_or_default();
             let text = format!(
-                "{} -> {} on {}{why}",
-                from.as_str(),
-                to.as_str(),
-                name(*node)
+                "{from} -> {to} on {on}{}{why}",
+                if why.is_empty() { "" } else { ": " }
             );
             ("instance", n.clone(), text)
         }
@@ -111,11 +107,8 @@ fn words(change: &Change, name: &impl Fn(NodeId) -> String) -> (&'static str, St
             source,
             target,
         } => {
-            let text = format!(
-                "move {instance} from {} to {}",
-                name(*source),
-                name(*target)
-            );
+            let (from, to) = (name(*source), name(*target));
+            let text = format!("move {instance} from {from} to {to}");
             ("job", id.to_string(), text)
         }
         Change::JobPhase {
@@ -126,26 +119,46 @@ fn words(change: &Change, name: &impl Fn(NodeId) -> String) -> (&'static str, St
             error,
             stats,
         } => {
-            let mut text = format!("{instance}: {} -> {}", from.name(), to.name());
-            if let Some(error) = error {
-                text.push_str(&format!(": {error}"));
-            }
-            if let Some(stats) = stats {
-                text.push_str(&format!(" ({})", figures(stats)));
-            }
+            let text = phase_text(instance, (&from.name(), &to.name()), error, stats);
             ("job", id.to_string(), text)
         }
-        Change::HostJobCreated { id, kind, member } => (
-            "host-job",
-            id.to_string(),
-            format!("{kind} {} started", name(*member)),
-        ),
-        Change::HostJobFinished { id, kind, member } => (
-            "host-job",
-            id.to_string(),
-            format!("{kind} {} finished", name(*member)),
-        ),
+        Change::HostJobCreated { id, kind, member } => {
+            host_job(*id, kind, name(*member), "started")
+        }
+        Change::HostJobFinished { id, kind, member } => {
+            host_job(*id, kind, name(*member), "finished")
+        }
     }
+}
+
+fn host_job(
+    id: u64,
+    kind: &impl std::fmt::Display,
+    member: String,
+    what: &str,
+) -> (&'static str, String, String) {
+    (
+        "host-job",
+        id.to_string(),
+        format!("{kind} {member} {what}"),
+    )
+}
+
+/// A job's phase change, with its error or a done move's figures.
+fn phase_text(
+    instance: &str,
+    (from, to): (&str, &str),
+    error: &Option<String>,
+    stats: &Option<MoveStats>,
+) -> String {
+    let mut text = format!("{instance}: {from} -> {to}");
+    if let Some(error) = error {
+        text.push_str(&format!(": {error}"));
+    }
+    if let Some(stats) = stats {
+        text.push_str(&format!(" ({})", figures(stats)));
+    }
+    text
 }
 
 fn figures(stats: &MoveStats) -> String {

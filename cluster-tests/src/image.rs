@@ -6,15 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ring::digest::{digest, SHA256};
-
 fn sha256(bytes: &[u8]) -> String {
-    let hex: String = digest(&SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", ferry_transport::pki::sha256_hex(bytes))
 }
 
 /// A tar of the tree at `dir` (owners, modes, symlinks as they are).

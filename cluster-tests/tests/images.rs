@@ -149,7 +149,7 @@ fn an_image_runs_its_own_process_and_moves_live() -> Result<()> {
     cluster.ferry_ok(
         0,
         &[
-            "launch", "img2", "--image", &archive, "--target", "n2", "--", "sh", "-c", script,
+            "launch", "img2", "--image", &archive, "--target", "n1", "--", "sh", "-c", script,
         ],
     )?;
     let said = read(&cluster, "img2", "/srv/override")?;
@@ -161,16 +161,23 @@ fn an_image_runs_its_own_process_and_moves_live() -> Result<()> {
         "exec runs as the image's user"
     );
     let show = cluster.ferry_json(0, &["show", "img2"])?;
+    // Launched on the member that unpacked it (the tree is moved in, not
+    // copied): nothing of the launch is left in its tmp dir.
+    let tmp = cluster.agents[0].data_dir.join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", tmp.display());
     assert_eq!(show["user"], format!("{APP_UID}:{APP_UID}"), "{show}");
 
     // A live move of a process of another user needs CAP_SYS_RESOURCE for
     // CRIU on both sides: refused up front where the agents lack it (the
     // facts say so), carried out where they have it.
-    let show = cluster.ferry_json(0, &["cluster", "show", "n2"])?;
+    let show = cluster.ferry_json(0, &["cluster", "show", "n1"])?;
     let runtimes = &show["facts"]["runtimes"];
     match runtimes["criu_other_users"].as_bool() {
         Some(false) => {
-            let err = cluster.ferry_err(0, &["move", "img2", "--target", "n1"])?;
+            let err = cluster.ferry_err(0, &["move", "img2", "--target", "n2"])?;
             assert!(
                 err.contains("criu-users") && err.contains("CAP_SYS_RESOURCE"),
                 "{err}"
@@ -178,7 +185,7 @@ fn an_image_runs_its_own_process_and_moves_live() -> Result<()> {
             assert_eq!(cluster.running_copies("img2"), 1);
         }
         Some(true) => {
-            cluster.ferry_ok(0, &["move", "img2", "--target", "n1"])?;
+            cluster.ferry_ok(0, &["move", "img2", "--target", "n2"])?;
             let uid = cluster.ferry_ok(0, &["exec", "img2", "--", "id", "-u"])?;
             assert_eq!(uid.trim(), APP_UID.to_string());
         }

@@ -296,9 +296,20 @@ impl Driver for Host {
         name: &InstanceName,
         _spec: &InstanceSpec,
         source: &Path,
+        take: bool,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
+        if take && source.is_dir() {
+            let bundle = dir.bundle();
+            tokio::fs::create_dir_all(&bundle)
+                .await
+                .map_err(|e| file_error("cannot create", &bundle, e))?;
+            // Another filesystem than the data dir's: copied below.
+            if tokio::fs::rename(source, dir.rootfs()).await.is_ok() {
+                return Ok(());
+            }
+        }
         self.stage_rootfs(source, &dir.rootfs()).await
     }
 

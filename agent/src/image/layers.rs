@@ -89,6 +89,9 @@ pub fn extract_archive(path: &Path, dest: &Path) -> Result<(), String> {
 
 /// Apply `layer` onto `rootfs`, checking its digests.
 pub fn apply(layer: &LayerFile, rootfs: &Path) -> Result<(), LayerError> {
+    // Read twice (the second time from the page cache) so that no byte of
+    // a layer that is not the one named reaches the decompressor or the
+    // rootfs; a diff_id can only be checked as the tar is applied.
     if let Some(digest) = &layer.digest {
         verify_file(&layer.path, digest)?;
     }

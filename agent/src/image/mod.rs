@@ -110,15 +110,15 @@ pub fn unpack(
     })
 }
 
-/// The SHA-256 of `bytes` as an OCI digest (`sha256:<hex>`).
+/// What a finished SHA-256 `context` gives, as an OCI digest
+/// (`sha256:<hex>`).
 fn sha256_digest(context: ring::digest::Context) -> String {
-    let hex: String = context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", crate::transfer::tree::sha256_hex(context))
+}
+
+/// The OCI digest of `bytes`.
+fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", ferry_transport::pki::sha256_hex(bytes))
 }
 
 #[cfg(test)]

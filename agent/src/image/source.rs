@@ -8,10 +8,9 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
-use ring::digest::{Context, SHA256};
 use serde::Deserialize;
 
-use super::{sha256_digest, ImageError};
+use super::{digest_of, ImageError};
 
 /// Index, manifest and config blobs are small; a larger one is refused
 /// rather than read into memory.
@@ -146,10 +145,8 @@ impl Image<'_> {
     /// A small blob, checked against its descriptor's digest.
     fn blob(&self, descriptor: &Descriptor, what: &str) -> Result<Vec<u8>, ImageError> {
         let bytes = self.small(&self.blob_path(descriptor)?)?;
-        let mut context = Context::new(&SHA256);
-        context.update(&bytes);
         let digest = descriptor.digest().to_string();
-        if sha256_digest(context) != digest {
+        if digest_of(&bytes) != digest {
             return Err(ImageError::Digest {
                 path: self.path.to_path_buf(),
                 what: what.to_string(),
@@ -272,10 +269,8 @@ impl Image<'_> {
                 })
             })
             .collect::<Result<_, ImageError>>()?;
-        let mut context = Context::new(&SHA256);
-        context.update(&config_bytes);
         Ok(Resolved {
-            id: sha256_digest(context),
+            id: digest_of(&config_bytes),
             config,
             layers,
         })

@@ -2,8 +2,6 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use ring::digest::{Context, SHA256};
-
 use super::*;
 
 /// A layer entry: a file with content, a directory, a symlink.
@@ -51,15 +49,9 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-fn digest(bytes: &[u8]) -> String {
-    let mut context = Context::new(&SHA256);
-    context.update(bytes);
-    sha256_digest(context)
-}
-
 /// Write `bytes` as a blob of the layout at `dir`; its descriptor.
 fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
-    let d = digest(bytes);
+    let d = digest_of(bytes);
     let path = dir.join("blobs/sha256").join(&d["sha256:".len()..]);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
@@ -67,7 +59,7 @@ fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
 }
 
 fn config_json(layers: &[Vec<u8>]) -> Vec<u8> {
-    let diff_ids: Vec<String> = layers.iter().map(|l| digest(l)).collect();
+    let diff_ids: Vec<String> = layers.iter().map(|l| digest_of(l)).collect();
     serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {
@@ -218,7 +210,7 @@ fn a_docker_archive_unpacks_and_its_layers_are_checked_against_the_config() {
         std::fs::read_to_string(rootfs.join("bin/app")).unwrap(),
         "v2"
     );
-    assert_eq!(unpacked.id, digest(&config));
+    assert_eq!(unpacked.id, digest_of(&config));
 
     // A layer that is not what the config says is refused.
     std::fs::write(archive_dir.join("l1/layer.tar"), &layers[0]).unwrap();

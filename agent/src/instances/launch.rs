@@ -315,7 +315,9 @@ async fn launch_from(
         // With the address apply leased for it.
         let spec = reserved_spec(agent, name).unwrap_or(spec);
         let _guard = agent.locks().lock(name.as_str()).await;
-        prepare_local(agent, name, &spec, Some(&rootfs)).await
+        // A VM's files and an unpacked image are this agent's staging.
+        let take = staged.is_some() || image.is_some();
+        prepare_local(agent, name, &spec, Some((&rootfs, take))).await
     } else {
         upload(agent, owner, req, &rootfs, meta.is_dir()).await
     };
@@ -336,23 +338,23 @@ async fn launch_from(
     show(agent, name.as_str())
 }
 
-/// Put the rootfs (from `source`, or already in place) and the runtime
-/// config into this host's instance dir; on failure remove what this
-/// request put there. The caller holds the instance's lock, and the name is
+/// Put the rootfs (from `source`, taken when its flag says it is this
+/// agent's staging, or already in place) and the runtime config into this
+/// host's instance dir; on failure remove what this request put there. The caller holds the instance's lock, and the name is
 /// reserved for this launch, so files already there are an earlier
 /// instance's leftovers.
 async fn prepare_local(
     agent: &Agent,
     name: &InstanceName,
     spec: &InstanceSpec,
-    source: Option<&Path>,
+    source: Option<(&Path, bool)>,
 ) -> Result<(), ApiError> {
     let driver = agent.driver();
     let result = async {
-        if let Some(source) = source {
+        if let Some((source, take)) = source {
             room_for(agent, name, source).await?;
             driver
-                .import_rootfs(name, spec, source)
+                .import_rootfs(name, spec, source, take)
                 .await
                 .map_err(driver_error)?;
         }

@@ -212,6 +212,7 @@ impl Driver for FakeDriver {
         name: &InstanceName,
         _spec: &InstanceSpec,
         source: &Path,
+        _take: bool,
     ) -> Result<(), DriverError> {
         self.check("import_rootfs", name)?;
         let _ = std::fs::remove_dir_all(self.dir(name));

@@ -263,6 +263,7 @@ impl Driver for VmHost {
         name: &InstanceName,
         _spec: &InstanceSpec,
         source: &Path,
+        take: bool,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
@@ -276,7 +277,8 @@ impl Driver for VmHost {
             ("boot/initrd", dir.initrd()),
         ] {
             let from = source.join(file);
-            if from.exists() {
+            let taken = take && tokio::fs::rename(&from, &dest).await.is_ok();
+            if !taken && from.exists() {
                 self.copy_in(&from, &dest).await?;
             }
         }

@@ -396,7 +396,8 @@ fn hash_hole(context: &mut Context, len: u64) {
     context.update(&len.to_le_bytes());
 }
 
-fn sha256_hex(context: Context) -> String {
+/// The hex SHA-256 a finished `context` gives.
+pub fn sha256_hex(context: Context) -> String {
     context
         .finish()
         .as_ref()
