@@ -21,6 +21,9 @@ cleanup() {
     [ -d "$dir" ] || continue
     for id in $(runc --root "$dir" list -q 2>/dev/null); do runc --root "$dir" delete --force "$id"; done
   done
+  # Layered rootfs (overlayfs) and network namespaces are mounted there.
+  awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r |
+    while read -r at; do umount -l "$at" || true; done
   echo "logs and data dirs are in $work"
 }
 trap cleanup EXIT
@@ -127,7 +130,7 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 echo "web wrote: $hello"
-"$ferry" --data-dir "$work/n1" show web | grep -E '^(rootfs|command)'
+"$ferry" --data-dir "$work/n1" show web | grep -E '^(rootfs|layers|command)'
 
 leader=$("$ferry" --data-dir "$work/n1" cluster list --format json \
   | python3 -c 'import json,sys; print([m["name"] for m in json.load(sys.stdin) if m["leader"]][0])')

@@ -135,6 +135,23 @@ pub trait Driver: Send + Sync {
         source: &Path,
         take: bool,
     ) -> Result<(), DriverError>;
+    /// Make `name`'s rootfs its own changes over image `image` (read-only,
+    /// shared): `rootfs` is then the changes alone. Whether this member's
+    /// image store holds the image already (else `store_image` it next).
+    async fn layer_on(&self, name: &InstanceName, image: &str) -> Result<bool, DriverError> {
+        let _ = (name, image);
+        Err(no_layers())
+    }
+    /// Keep the unpacked `tree` as image `image` in this member's store
+    /// (moved in with `take`); an image stored already stays.
+    async fn store_image(&self, image: &str, tree: &Path, take: bool) -> Result<(), DriverError> {
+        let _ = (image, tree, take);
+        Err(no_layers())
+    }
+    /// Image `image`'s tree in this member's store, if it is there.
+    fn image_tree(&self, _image: &str) -> Option<PathBuf> {
+        None
+    }
     /// Unpack the rootfs at `source` (a directory or a tar archive) into
     /// `dest`, owners and modes kept, to send it elsewhere.
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError>;
@@ -322,6 +339,10 @@ pub struct PageServer {
 }
 
 /// What this host holds of `name`, for the migration plan.
+fn no_layers() -> DriverError {
+    DriverError::Runtime("this runtime cannot lay instances on shared images".into())
+}
+
 pub async fn local_copy(driver: &dyn Driver, name: &InstanceName) -> LocalCopy {
     match driver.status(name).await.ok().flatten().map(|s| s.state) {
         Some(RunState::Paused) => LocalCopy::Frozen,

@@ -110,6 +110,16 @@ impl Driver for Kinds {
             .import_rootfs(name, spec, source, take)
             .await
     }
+    /// Images are a container's.
+    async fn layer_on(&self, name: &InstanceName, image: &str) -> Result<bool, DriverError> {
+        self.container.layer_on(name, image).await
+    }
+    async fn store_image(&self, image: &str, tree: &Path, take: bool) -> Result<(), DriverError> {
+        self.container.store_image(image, tree, take).await
+    }
+    fn image_tree(&self, image: &str) -> Option<PathBuf> {
+        self.container.image_tree(image)
+    }
     /// Only a container's rootfs is staged (a VM's files are staged by
     /// `vm::stage`).
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {

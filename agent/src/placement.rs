@@ -154,6 +154,7 @@ fn reject(m: &Member, ask: &Ask) -> Option<String> {
         cpu_model: ask.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
         networked: ask.spec.network == ferry_raft::NetworkMode::Cluster,
         uid: compat::uid_of(&ask.spec),
+        image: ask.spec.image.clone(),
         memory_bytes: ask.spec.memory_bytes,
         target_free_memory_bytes: m.free_memory_bytes,
         disk_bytes: ask.disk_bytes,

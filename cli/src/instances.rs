@@ -285,6 +285,9 @@ fn print_detail(d: &InstanceDetail) {
                 println!("memory:    {} MiB", m >> 20);
             }
             println!("rootfs:    {}", d.rootfs_source);
+            if let Some(image) = &d.layered_on {
+                println!("layers:    its own changes over image {image} (shared)");
+            }
         }
     }
     println!("security:  {}", d.security_profile);

@@ -555,6 +555,21 @@ impl Cluster {
     }
 }
 
+/// Mount points under `root`, deepest first (from /proc/mounts, whose
+/// octal escapes of spaces a test's paths never hold).
+fn mounts_under(root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut under: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|at| at.starts_with(&format!("{root}/")))
+        .map(str::to_string)
+        .collect();
+    under.sort_by_key(|at| std::cmp::Reverse(at.len()));
+    under
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.agents.len() {
@@ -588,13 +603,10 @@ impl Drop for Cluster {
             }
         }
         remove_empty_parents();
-        // Instance network namespaces are bind mounts under the data dirs.
-        for agent in &self.agents {
-            if let Ok(files) = std::fs::read_dir(agent.data_dir.join("netns")) {
-                for file in files.flatten() {
-                    let _ = Command::new("umount").arg("-l").arg(file.path()).output();
-                }
-            }
+        // Instance network namespaces (bind mounts) and layered rootfs
+        // (overlayfs) are mounted under the data dirs.
+        for at in mounts_under(self.root.path()) {
+            let _ = Command::new("umount").arg("-l").arg(at).output();
         }
         if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
             let root = self.root.path().to_path_buf();

@@ -54,6 +54,10 @@ pub struct InstanceSpec {
     pub cwd: String,
     /// The uid and gid the process runs as; `None`: root.
     pub user: Option<(u32, u32)>,
+    /// The image (its id, `ferry launch --image`) whose unpacked tree in
+    /// its member's image store lies read-only under the instance's own
+    /// changes (overlayfs); `None`: the rootfs is a tree of its own.
+    pub image: Option<String>,
 }
 
 /// What a VM instance's QEMU runs with (`ferry launch --vm`).

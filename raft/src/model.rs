@@ -60,6 +60,10 @@ pub struct Runtimes {
     /// refuses prlimit of another user's task): true on an ordinary host,
     /// false in a container that drops the capability.
     pub criu_other_users: bool,
+    /// Whether containers here can lie on a shared image (overlayfs with
+    /// its upper dir on the data dir's filesystem): a layered instance
+    /// moves only to a member that can.
+    pub image_layers: bool,
     /// `qemu-system-<arch> --version`, when QEMU is installed.
     pub qemu: Option<String>,
     /// How this host's QEMU runs guests: "kvm", or "tcg" where KVM cannot

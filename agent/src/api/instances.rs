@@ -120,4 +120,7 @@ pub struct InstanceDetail {
     pub cwd: String,
     /// `uid:gid` it runs as (`0:0` unless an image named a user).
     pub user: String,
+    /// The image its rootfs lies on, shared read-only with the other
+    /// instances of its member that use it (its own changes above it).
+    pub layered_on: Option<String>,
 }

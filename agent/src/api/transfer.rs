@@ -41,6 +41,15 @@ pub struct PageStream {
     pub checksum: u128,
 }
 
+/// The target's first frame on a layered instance's rootfs channel (either
+/// mode): whether the source must send the image's tree before the
+/// instance's own changes (the target's image store lacks it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImageWanted {
+    pub image: String,
+    pub wanted: bool,
+}
+
 /// The target's answer at the end of a pushed part.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PushAck {

@@ -70,6 +70,18 @@ impl InstanceDir {
     pub fn snapshot(&self, snap: &SnapshotName) -> PathBuf {
         self.snapshots().join(snap.as_str())
     }
+    /// Present when the rootfs lies on an image: the image's id.
+    pub fn image_marker(&self) -> PathBuf {
+        self.root.join("image")
+    }
+    /// A layered instance's own changes (overlayfs upper dir).
+    pub fn upper(&self) -> PathBuf {
+        self.root.join("upper")
+    }
+    /// overlayfs's work dir, beside the upper dir (same filesystem).
+    pub fn overlay_work(&self) -> PathBuf {
+        self.root.join("overlay-work")
+    }
 }
 
 fn io_err(op: &'static str, path: &Path, e: impl ToString) -> BundleError {

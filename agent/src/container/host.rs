@@ -15,9 +15,11 @@ use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::net::InstanceNet;
 
 mod final_dump;
+mod layers;
 mod runtime_facts;
 mod snapshots;
 mod staging;
+mod stop;
 use super::runc::{ContainerState, Dump, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{Driver, DriverError, ExecOutput, PageServer, ProcessExit, RunState, Status};
@@ -76,6 +78,8 @@ pub struct Host {
     net: InstanceNet,
     /// Where moves stage memory images when they fit (`staging.rs`).
     memory_staging: Option<PathBuf>,
+    /// Held while the image store changes or is checked (`layers.rs`).
+    image_store: tokio::sync::Mutex<()>,
 }
 
 impl Host {
@@ -93,6 +97,7 @@ impl Host {
             memory_staging: staging::memory_root(&cgroup_parent),
             cgroup_parent,
             net: InstanceNet::new(data_dir),
+            image_store: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -118,18 +123,6 @@ impl Host {
                 "'{name}' is not frozen {when} (runc says {other:?}); the move stops here"
             ))),
         }
-    }
-
-    /// Remove runc's record of an exited container so the id can run again.
-    async fn forget_exited(&self, name: &InstanceName) -> Result<(), RuncError> {
-        if let Some(state) = self.state(name).await? {
-            if state.status == RuncStatus::Stopped {
-                self.runc
-                    .delete(name.as_str(), true, &self.dir(name).runc_log())
-                    .await?;
-            }
-        }
-        Ok(())
     }
 
     async fn write_config(
@@ -189,6 +182,7 @@ impl Host {
 
     async fn start_container(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.forget_exited(name).await?;
+        self.mount_layers(name).await?;
         self.net.attach(name, true).await?;
         let dir = self.dir(name);
         Ok(self
@@ -199,6 +193,7 @@ impl Host {
 
     async fn restore_checkpoint(&self, name: &InstanceName) -> Result<(), DriverError> {
         self.forget_exited(name).await?;
+        self.mount_layers(name).await?;
         self.net.attach(name, true).await?;
         let dir = self.dir(name);
         let _ = tokio::fs::create_dir_all(dir.criu_work()).await;
@@ -213,31 +208,6 @@ impl Host {
                 &dir.runc_log(),
             )
             .await?)
-    }
-
-    /// SIGTERM, then SIGKILL after a grace period (at once with `force`),
-    /// then forget the container. The rootfs stays.
-    async fn stop_container(&self, name: &InstanceName, force: bool) -> Result<(), RuncError> {
-        let log = self.dir(name).runc_log();
-        let Some(state) = self.state(name).await? else {
-            return Ok(());
-        };
-        // A forced stop does not let a paused copy run again first.
-        if state.status == RuncStatus::Paused && !force {
-            self.runc.resume(name.as_str(), &log).await?;
-        }
-        if !force {
-            let _ = self.runc.kill(name.as_str(), "TERM", &log).await;
-            for _ in 0..50 {
-                match self.state(name).await? {
-                    Some(s) if s.status != RuncStatus::Stopped => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    _ => break,
-                }
-            }
-        }
-        self.runc.delete(name.as_str(), true, &log).await
     }
 }
 
@@ -262,8 +232,9 @@ impl Driver for Host {
         self.dir(name).held_marker().exists()
     }
 
+    /// A layered instance's upper dir: what a move sends.
     fn rootfs(&self, name: &InstanceName) -> PathBuf {
-        self.dir(name).rootfs()
+        self.own_tree(name)
     }
 
     fn images(&self, name: &InstanceName) -> PathBuf {
@@ -294,23 +265,24 @@ impl Driver for Host {
     async fn import_rootfs(
         &self,
         name: &InstanceName,
-        _spec: &InstanceSpec,
+        spec: &InstanceSpec,
         source: &Path,
         take: bool,
     ) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        let _ = tokio::fs::remove_dir_all(dir.root()).await;
-        if take && source.is_dir() {
-            let bundle = dir.bundle();
-            tokio::fs::create_dir_all(&bundle)
-                .await
-                .map_err(|e| file_error("cannot create", &bundle, e))?;
-            // Another filesystem than the data dir's: copied below.
-            if tokio::fs::rename(source, dir.rootfs()).await.is_ok() {
-                return Ok(());
-            }
-        }
-        self.stage_rootfs(source, &dir.rootfs()).await
+        self.import_tree(name, spec.image.as_deref(), source, take)
+            .await
+    }
+
+    async fn layer_on(&self, name: &InstanceName, image: &str) -> Result<bool, DriverError> {
+        self.layer_instance(name, image).await
+    }
+
+    async fn store_image(&self, image: &str, tree: &Path, take: bool) -> Result<(), DriverError> {
+        self.store_tree(image, tree, take).await
+    }
+
+    fn image_tree(&self, image: &str) -> Option<PathBuf> {
+        self.stored_image(image).ok().filter(|t| t.is_dir())
     }
 
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {
@@ -472,6 +444,7 @@ impl Driver for Host {
             .await
             .map_err(|e| file_error("cannot write", &marker, e))?;
         self.forget_exited(name).await?;
+        self.mount_layers(name).await?;
         let work = self.migration_dir(name).join("restore-work");
         let _ = tokio::fs::create_dir_all(&work).await;
         // Its address is not announced here until it is released: a
@@ -530,7 +503,12 @@ impl Driver for Host {
         }
         self.net.detach(name).await;
         self.clear_staging(name).await;
+        let image = self.image_of(name);
+        self.unmount_layers(name).await?;
         let _ = tokio::fs::remove_dir_all(self.dir(name).root()).await;
+        if let Some(id) = image {
+            self.forget_unused_image(&id).await;
+        }
         Ok(())
     }
 

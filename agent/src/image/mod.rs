@@ -61,24 +61,68 @@ pub struct Unpacked {
     pub layers: usize,
 }
 
-/// Unpack the image at `path` into the empty directory `rootfs` (blocking:
-/// call from spawn_blocking). An archive is first unpacked into `scratch`,
-/// which the caller removes afterwards. Before each layer, `reserve` (if
-/// any) must have room for at least the layer's file: what it unpacks to
-/// is not known before, but a disk already at its reserve stops the
-/// unpacking there.
+/// An image found and its manifest and config checked, its layers not
+/// applied yet.
+pub struct Opened {
+    path: PathBuf,
+    image: source::Resolved,
+}
+
+impl Opened {
+    /// What names the image (see [`Unpacked::id`]).
+    pub fn id(&self) -> &str {
+        &self.image.id
+    }
+
+    /// What the image gives a launch, as if unpacked.
+    pub fn unpacked(&self) -> Unpacked {
+        Unpacked {
+            id: self.image.id.clone(),
+            process: ImageProcess::of(&self.image.config),
+            layers: self.image.layers.len(),
+        }
+    }
+}
+
+/// Find the image at `path` (blocking: call from spawn_blocking). An
+/// archive is first unpacked into `scratch`, which the caller removes once
+/// done with the image.
+pub fn open(path: &Path, scratch: &Path) -> Result<Opened, ImageError> {
+    Ok(Opened {
+        path: path.to_path_buf(),
+        image: source::resolve(path, scratch)?,
+    })
+}
+
+/// Unpack the image at `path` into the empty directory `rootfs` (blocking);
+/// `scratch` as for [`open`].
+#[cfg(test)]
 pub fn unpack(
     path: &Path,
     rootfs: &Path,
     scratch: &Path,
     reserve: Option<&Reserve>,
 ) -> Result<Unpacked, ImageError> {
-    let image = source::resolve(path, scratch)?;
+    let opened = open(path, scratch)?;
+    apply_layers(&opened, rootfs, reserve)?;
+    Ok(opened.unpacked())
+}
+
+/// Apply the layers of `opened` in order into `rootfs` (blocking). Before
+/// each layer, `reserve` (if any) must have room for at least the layer's
+/// file: what it unpacks to is not known before, but a disk already at its
+/// reserve stops the unpacking there.
+pub fn apply_layers(
+    opened: &Opened,
+    rootfs: &Path,
+    reserve: Option<&Reserve>,
+) -> Result<(), ImageError> {
+    let path = opened.path.as_path();
     std::fs::create_dir_all(rootfs).map_err(|e| ImageError::Read {
         path: rootfs.to_path_buf(),
         reason: e.to_string(),
     })?;
-    for (index, layer) in image.layers.iter().enumerate() {
+    for (index, layer) in opened.image.layers.iter().enumerate() {
         if let Some(reserve) = reserve {
             let size = std::fs::metadata(&layer.path).map_or(0, |m| m.len());
             reserve
@@ -103,11 +147,7 @@ pub fn unpack(
             },
         })?;
     }
-    Ok(Unpacked {
-        id: image.id,
-        process: ImageProcess::of(&image.config),
-        layers: image.layers.len(),
-    })
+    Ok(())
 }
 
 /// What a finished SHA-256 `context` gives, as an OCI digest

@@ -158,47 +158,57 @@ async fn launch_staged(
     result
 }
 
-/// An image unpacked for a launch in this agent's tmp dir (`rootfs/`).
+/// An image for a launch: unpacked in this agent's tmp dir (`dir`), or
+/// found in this member's image store.
 struct StagedImage {
     dir: PathBuf,
     source: String,
     unpacked: crate::image::Unpacked,
+    /// Its tree: under `dir`, or the store's.
+    rootfs: PathBuf,
+    /// Whether `rootfs` is this launch's own unpacking.
+    unpacked_here: bool,
 }
 
 /// What an image sets in a new instance's spec.
 struct FromImage {
+    id: String,
     env: Vec<String>,
     cwd: String,
     user: Option<(u32, u32)>,
     source: String,
+    /// The tree is this launch's staging (moved into place).
+    take: bool,
 }
 
 impl StagedImage {
     /// The request launches this image's rootfs and process (`command`,
     /// if given, replacing the image's command).
     fn apply_to(&self, req: &mut LaunchRequest) -> Result<FromImage, ApiError> {
-        let rootfs = self.dir.join("rootfs");
         let process = &self.unpacked.process;
         req.command = process.command(&req.command);
-        req.rootfs = rootfs.to_string_lossy().into_owned();
+        req.rootfs = self.rootfs.to_string_lossy().into_owned();
         let user =
             match &process.user {
-                Some(user) => Some(crate::image::resolve_user(user, &rootfs).map_err(|why| {
-                    err(ErrorKind::BadRequest, format!("the image's User: {why}"))
-                })?),
+                Some(user) => Some(crate::image::resolve_user(user, &self.rootfs).map_err(
+                    |why| err(ErrorKind::BadRequest, format!("the image's User: {why}")),
+                )?),
                 None => None,
             };
         let id = &self.unpacked.id;
         Ok(FromImage {
+            id: id.clone(),
             env: process.env.clone(),
             cwd: process.cwd.clone(),
             user,
             source: format!("{} (image {})", self.source, id.get(..19).unwrap_or(id)),
+            take: self.unpacked_here,
         })
     }
 }
 
-/// Unpack the image at `path` (on this host) for the launch of `name`.
+/// Find the image at `path` (on this host) for the launch of `name`, and
+/// unpack it unless this member's image store holds it already.
 async fn stage_image(
     agent: &Agent,
     name: &InstanceName,
@@ -208,32 +218,62 @@ async fn stage_image(
         "{name}-image-{}",
         ferry_transport::pki::random_hex(4)
     ));
-    let (image, staging, reserve) = (PathBuf::from(path), dir.clone(), agent.reserve());
-    let unpacked = tokio::task::spawn_blocking(move || {
-        let scratch = staging.join("archive");
-        let rootfs = staging.join("rootfs");
-        let result = crate::image::unpack(&image, &rootfs, &scratch, Some(&reserve));
-        let _ = std::fs::remove_dir_all(scratch);
-        result
-    })
-    .await;
-    match unpacked {
-        Ok(Ok(unpacked)) => {
-            tracing::info!(instance = %name, image = %unpacked.id, layers = unpacked.layers, "unpacked {path}");
+    let staged = open_and_unpack(agent, PathBuf::from(path), dir.clone()).await;
+    let _ = tokio::fs::remove_dir_all(dir.join("archive")).await;
+    match staged {
+        Ok((unpacked, stored)) => {
+            let unpacked_here = stored.is_none();
+            tracing::info!(instance = %name, image = %unpacked.id, layers = unpacked.layers, unpacked_here, "image {path}");
             Ok(StagedImage {
+                rootfs: stored.unwrap_or_else(|| dir.join("rootfs")),
                 dir,
                 source: path.to_string(),
                 unpacked,
+                unpacked_here,
             })
         }
-        failed => {
+        Err(e) => {
             let _ = tokio::fs::remove_dir_all(&dir).await;
-            Err(match failed {
-                Ok(Err(e)) => err(ErrorKind::BadRequest, e.to_string()),
-                _ => internal("the image unpacking task failed"),
-            })
+            Err(e)
         }
     }
+}
+
+/// The image's launch figures, and its tree in the store if it is there
+/// (else unpacked into `dir/rootfs`).
+async fn open_and_unpack(
+    agent: &Agent,
+    image: PathBuf,
+    dir: PathBuf,
+) -> Result<(crate::image::Unpacked, Option<PathBuf>), ApiError> {
+    let failed = |e: crate::image::ImageError| err(ErrorKind::BadRequest, e.to_string());
+    let scratch = dir.join("archive");
+    let opened = tokio::task::spawn_blocking(move || crate::image::open(&image, &scratch))
+        .await
+        .map_err(|_| internal("the image reading task failed"))?
+        .map_err(failed)?;
+    let unpacked = opened.unpacked();
+    if let Some(tree) = agent.driver().image_tree(opened.id()) {
+        return Ok((unpacked, Some(tree)));
+    }
+    let reserve = agent.reserve();
+    tokio::task::spawn_blocking(move || {
+        crate::image::apply_layers(&opened, &dir.join("rootfs"), Some(&reserve))
+    })
+    .await
+    .map_err(|_| internal("the image unpacking task failed"))?
+    .map_err(failed)?;
+    Ok((unpacked, None))
+}
+
+/// Whether `owner`'s containers can lie on a shared image.
+fn can_layer(agent: &Agent, owner: NodeId) -> bool {
+    agent.state().read(|s| {
+        s.members
+            .get(&owner)
+            .and_then(|m| m.facts.as_ref())
+            .is_some_and(|f| f.runtimes.image_layers)
+    })
 }
 
 /// The spec of a new instance, without its address yet.
@@ -294,8 +334,11 @@ async fn launch_from(
             format!("cannot read rootfs {}: {e}", rootfs.display()),
         )
     })?;
-    let spec = new_spec(agent, req, staged.map_or(0, |s| s.1), image);
+    let mut spec = new_spec(agent, req, staged.map_or(0, |s| s.1), image);
     let owner = place(agent, req.target.as_deref(), spec.memory_bytes)?;
+    spec.image = image
+        .filter(|_| can_layer(agent, owner))
+        .map(|i| i.id.clone());
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -315,8 +358,8 @@ async fn launch_from(
         // With the address apply leased for it.
         let spec = reserved_spec(agent, name).unwrap_or(spec);
         let _guard = agent.locks().lock(name.as_str()).await;
-        // A VM's files and an unpacked image are this agent's staging.
-        let take = staged.is_some() || image.is_some();
+        // A VM's files and an image unpacked here are this agent's staging.
+        let take = staged.is_some() || image.is_some_and(|i| i.take);
         prepare_local(agent, name, &spec, Some((&rootfs, take))).await
     } else {
         upload(agent, owner, req, &rootfs, meta.is_dir()).await
@@ -463,25 +506,38 @@ pub async fn receive_upload(
     let result = async {
         reserved_here(agent, name).await?;
         let _guard = agent.locks().lock(name.as_str()).await;
-        let rootfs = agent.driver().rootfs(name);
-        let _ = agent.driver().remove(name).await;
-        let reserve = agent.reserve();
-        let progress = std::sync::atomic::AtomicU64::new(0);
-        let writing = tree::Writing::synced(&progress, &reserve);
-        let received =
-            tree::receive_counted(&mut send, &mut recv, &rootfs, tree::Pass::Whole, writing).await;
-        if let Err(e) = received {
-            let _ = agent.driver().remove(name).await;
-            let why = format!("receiving the rootfs failed: {e}");
-            return Err(err(ErrorKind::BadRequest, why));
-        }
         let spec = reserved_spec(agent, name).ok_or_else(|| {
             err(
                 ErrorKind::NotFound,
                 format!("'{name}' is no longer reserved"),
             )
         })?;
-        prepare_local(agent, name, &spec, None).await
+        let _ = agent.driver().remove(name).await;
+        // A layered instance's tree is its image, stored once imported.
+        let dest = match spec.image {
+            Some(_) => agent.data_dir().root().join("tmp").join(format!(
+                "{name}-upload-{}",
+                ferry_transport::pki::random_hex(4)
+            )),
+            None => agent.driver().rootfs(name),
+        };
+        let reserve = agent.reserve();
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let writing = tree::Writing::synced(&progress, &reserve);
+        let received =
+            tree::receive_counted(&mut send, &mut recv, &dest, tree::Pass::Whole, writing).await;
+        if let Err(e) = received {
+            let _ = agent.driver().remove(name).await;
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+            let why = format!("receiving the rootfs failed: {e}");
+            return Err(err(ErrorKind::BadRequest, why));
+        }
+        let import = spec.image.is_some().then_some((dest.as_path(), true));
+        let prepared = prepare_local(agent, name, &spec, import).await;
+        if spec.image.is_some() {
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+        }
+        prepared
     }
     .await;
     let reply = match result {

@@ -114,6 +114,7 @@ pub fn show(agent: &Agent, name: &str) -> Result<ApiReply, ApiError> {
             Some((uid, gid)) => format!("{uid}:{gid}"),
             None => "0:0".into(),
         },
+        layered_on: i.spec.image.clone(),
     })))
 }
 

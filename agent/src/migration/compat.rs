@@ -23,6 +23,8 @@ pub struct Needs {
     pub networked: bool,
     /// The uid its process runs as, when not root (an image's `User`).
     pub uid: Option<u32>,
+    /// The image it lies on (layered): the target must layer too.
+    pub image: Option<String>,
     /// Memory the instance may use (its limit), if known.
     pub memory_bytes: Option<u64>,
     /// Free memory on the target, if known (gossip load facts).
@@ -131,9 +133,26 @@ pub fn check(
     if let (true, Some(uid)) = (processes, needs.uid) {
         report.push(users_item(source, target, uid));
     }
+    if let Some(image) = &needs.image {
+        report.push(layers_item(target, image));
+    }
     report.push(memory_item(target, needs));
     report.push(disk_item(target, needs));
     report
+}
+
+/// A layered instance's rootfs is its changes over a shared image, which
+/// only a target that mounts overlayfs on its data dir can run.
+fn layers_item(target: &HostFacts, image: &str) -> CheckResult {
+    let short = image.get(..19).unwrap_or(image);
+    match target.runtimes.image_layers {
+        true => item("image-layers", true, format!("the target lays containers on images ({short})")),
+        false => item(
+            "image-layers",
+            false,
+            format!("it lies on image {short}, and the target cannot mount overlayfs on its data dir (a filesystem overlayfs takes as upper: ext4, xfs, btrfs, tmpfs), so it cannot run it there"),
+        ),
+    }
 }
 
 /// QEMU on the target; for a live move also a version at least the
@@ -372,6 +391,7 @@ pub fn report(
             cpu_model: inst.spec.vm.as_ref().map(|vm| vm.cpu_model.clone()),
             networked: inst.spec.network == ferry_raft::NetworkMode::Cluster,
             uid: uid_of(&inst.spec),
+            image: inst.spec.image.clone(),
             memory_bytes: inst.spec.memory_bytes,
             target_free_memory_bytes: None,
             disk_bytes,
@@ -404,6 +424,7 @@ mod tests {
                 criu_check: true,
                 criu_inet: true,
                 criu_other_users: true,
+                image_layers: true,
                 ..Runtimes::default()
             },
             ..Default::default()
@@ -552,6 +573,40 @@ mod tests {
     }
 
     #[test]
+    fn a_layered_instance_moves_only_where_containers_lie_on_images() {
+        let h = host(
+            &["sse2", "avx2"],
+            &["openat", "clone3"],
+            &["ext4", "proc", "tmpfs"],
+            "4.2.1",
+        );
+        let mut flat = h.clone();
+        flat.runtimes.image_layers = false;
+        let layered = Needs {
+            image: Some("sha256:0123456789abcdef0123".into()),
+            ..stateful()
+        };
+        assert!(passed(&check(&baseline(), &flat, &h, &layered)));
+        let failed_items = failed(&check(&baseline(), &h, &flat, &layered))
+            .into_iter()
+            .map(|(c, d)| (c.to_string(), d.to_string()))
+            .collect::<Vec<_>>();
+        assert_eq!(failed_items.len(), 1, "{failed_items:?}");
+        assert_eq!(failed_items[0].0, "image-layers");
+        assert!(failed_items[0].1.contains("overlayfs"));
+        // An instance of its own tree goes anywhere, stateless too.
+        for needs in [
+            stateful(),
+            Needs {
+                stateful: false,
+                ..stateful()
+            },
+        ] {
+            assert!(passed(&check(&baseline(), &h, &flat, &needs)));
+        }
+    }
+
+    #[test]
     fn a_networked_instance_needs_a_criu_that_dumps_sockets_on_both_sides() {
         let h = host(
             &["sse2", "avx2"],
@@ -662,6 +717,7 @@ mod tests {
             cpu_model: None,
             networked: false,
             uid: None,
+            image: None,
             memory_bytes: Some(4 << 30),
             target_free_memory_bytes: Some(1 << 30),
             disk_bytes: 10 << 20,

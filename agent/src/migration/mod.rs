@@ -4,11 +4,13 @@
 //! `target` are the two halves (`live` when the runtime moves the
 //! instance itself, relayed; `pages` a final dump's memory pages streamed
 //! while they are dumped), `serve` answers transfer channels, `jobs` the
-//! operator's job requests.
+//! operator's job requests, `image` a layered instance's image on the
+//! rootfs channel.
 
 pub mod compat;
 pub mod engine;
 mod error;
+mod image;
 pub mod jobs;
 mod live;
 mod pages;

@@ -248,6 +248,7 @@ pub async fn serve(
     match part {
         TransferPart::Live => super::live::serve(agent, job, channel).await,
         TransferPart::Rootfs => {
+            super::image::send(agent, job, channel).await?;
             let (_, stamps) =
                 tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
             agent.transfers().remember_stamps(job.id, stamps);
@@ -268,6 +269,7 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
         .ok_or(MoveError::NotAMember(job.target))?;
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let mut channel = open(agent, job, job.target, TransferPart::PushRootfs).await?;
+    super::image::send(agent, job, &mut channel).await?;
     let (_, stamps) = tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
     agent.transfers().remember_stamps(job.id, stamps);
     send_kept(agent, &instance_name(job)?, &mut channel).await?;

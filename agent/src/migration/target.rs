@@ -106,6 +106,8 @@ async fn receive_final(
 /// The rootfs and the kept files, while the instance runs; their bytes.
 /// The rootfs pass is kept for the final pass only once all of it arrived.
 async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<u64, MoveError> {
+    // Layered: the image first (if wanted), then rootfs means its changes.
+    let image_bytes = super::image::receive(agent, job, channel).await?;
     let counter = agent.transfers().stage(job.id, "rootfs");
     let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let reserve = agent.reserve();
@@ -117,7 +119,7 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     let writing = tree::Writing::synced(&counter, &reserve);
     let full = tree::receive_counted(send, recv, &rootfs, tree::Pass::Whole, writing).await?;
     agent.transfers().remember_rootfs_pass(job.id, full.pass);
-    Ok(full.bytes + receive_kept(agent, job, channel).await?)
+    Ok(image_bytes + full.bytes + receive_kept(agent, job, channel).await?)
 }
 
 /// After the rootfs, on its channel: the files that move with the

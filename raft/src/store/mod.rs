@@ -62,7 +62,7 @@ const KEY_FORMAT: &str = "format";
 /// data). An agent refuses a data dir or a snapshot of another version
 /// instead of misreading it; raise it with every incompatible change of
 /// `ClusterState` or the tables.
-pub const FORMAT_VERSION: u32 = 9;
+pub const FORMAT_VERSION: u32 = 10;
 
 /// A storage failure, naming the database file and what was being done.
 #[derive(Debug, thiserror::Error)]

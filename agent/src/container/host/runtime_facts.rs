@@ -18,6 +18,8 @@ impl Host {
                 }
                 _ => false,
             };
+            let scratch = data_dir.join("tmp").join("overlay-probe");
+            runtimes.image_layers = super::layers::overlay_works(&scratch);
             runtimes
         })
         .await

@@ -45,7 +45,8 @@ impl Host {
                     .checkpoint(name.as_str(), &images, &dir.criu_work(), keep, &log)
                     .await?;
             }
-            copy_dir(dir.rootfs(), target.join("rootfs"), self.timeout).await
+            // A layered instance's own changes: the image is kept anyway.
+            copy_dir(self.own_tree(name), target.join("rootfs"), self.timeout).await
         }
         .await;
         if cut {
@@ -70,7 +71,7 @@ impl Host {
         let dir = self.dir(name);
         let source = dir.snapshot(snap);
         self.stop_container(name, true).await?;
-        copy_dir(source.join("rootfs"), dir.rootfs(), self.timeout).await?;
+        self.rootfs_from_snapshot(name, snap).await?;
         if stateful {
             copy_dir(source.join("checkpoint"), dir.checkpoint(), self.timeout).await?;
             self.restore_checkpoint(name).await
@@ -86,12 +87,10 @@ impl Host {
         snap: &SnapshotName,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
-        Ok(copy_dir(
-            dir.snapshot(snap).join("rootfs"),
-            dir.rootfs(),
-            self.timeout,
-        )
-        .await?)
+        // overlayfs's upper dir is not changed under a mount.
+        self.unmount_layers(name).await?;
+        let own = self.own_tree(name);
+        Ok(copy_dir(dir.snapshot(snap).join("rootfs"), own, self.timeout).await?)
     }
 }
 
