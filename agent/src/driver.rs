@@ -148,6 +148,10 @@ pub trait Driver: Send + Sync {
         let _ = (image, tree, take);
         Err(no_layers())
     }
+    /// Whether this runtime lays instances on shared images here.
+    fn lays_images(&self) -> bool {
+        false
+    }
     /// Image `image`'s tree in this member's store, if it is there.
     fn image_tree(&self, _image: &str) -> Option<PathBuf> {
         None
@@ -339,6 +343,31 @@ pub struct PageServer {
 }
 
 /// What this host holds of `name`, for the migration plan.
+/// Receive image `image`'s tree (as `tree::send` sends it) into
+/// `incoming`, this agent's staging, and keep it in the store; the bytes
+/// received. `incoming` is gone afterwards either way.
+pub async fn receive_image(
+    driver: &dyn Driver,
+    image: &str,
+    incoming: &Path,
+    (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
+    writing: crate::transfer::tree::Writing<'_>,
+) -> Result<u64, DriverError> {
+    use crate::transfer::tree;
+    let received = tree::receive_counted(send, recv, incoming, tree::Pass::Whole, writing).await;
+    let stored = match received {
+        Ok(got) => driver
+            .store_image(image, incoming, true)
+            .await
+            .map(|()| got.bytes),
+        Err(e) => Err(DriverError::Runtime(format!(
+            "receiving image {image} failed: {e}"
+        ))),
+    };
+    let _ = tokio::fs::remove_dir_all(incoming).await;
+    stored
+}
+
 fn no_layers() -> DriverError {
     DriverError::Runtime("this runtime cannot lay instances on shared images".into())
 }

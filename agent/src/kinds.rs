@@ -120,6 +120,9 @@ impl Driver for Kinds {
     fn image_tree(&self, image: &str) -> Option<PathBuf> {
         self.container.image_tree(image)
     }
+    fn lays_images(&self) -> bool {
+        self.container.lays_images()
+    }
     /// Only a container's rootfs is staged (a VM's files are staged by
     /// `vm::stage`).
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {

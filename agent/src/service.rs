@@ -173,7 +173,7 @@ impl Service for AgentService {
         let agent = &self.agent;
         match (member_cert(agent, peer.cert.as_ref()), request) {
             (Some(_), Request::Upload(upload)) => {
-                instances::launch::receive_upload(agent, upload, send, recv).await
+                instances::upload::receive_upload(agent, upload, send, recv).await
             }
             (Some(name), Request::Transfer(transfer)) => {
                 migration::serve_transfer(agent, name, transfer, (send, recv)).await

@@ -409,7 +409,14 @@ fn an_image_is_unpacked_once_per_member_and_a_move_sends_only_the_changes() -> R
             left => bail!("n1 still stores {left:?}"),
         }
     })?;
-    cluster.ferry_ok(0, &["delete", "a1", "--force"])?;
+    // Launched through n1 onto n2, which has the image: n1 unpacks it to
+    // read its process, n2 takes no tree and lays a3 on its own copy.
+    cluster.ferry_ok(0, &["launch", "a3", "--image", &layout, "--target", "n2"])?;
+    counter(&cluster, "a3")?;
+    assert_layered(&cluster, 1, &["a1", "a2", "a3"]);
+    for name in ["a1", "a3"] {
+        cluster.ferry_ok(0, &["delete", name, "--force"])?;
+    }
     assert_eq!(stored_images(&cluster, 1).len(), 1, "a2 still uses it");
     cluster.ferry_ok(0, &["delete", "a2", "--force"])?;
     wait_for("n2's store emptied", CONVERGE, || {

@@ -51,6 +51,10 @@ pub struct VmLaunch {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UploadRequest {
     pub name: InstanceName,
+    /// The image the instance lies on (its spec's): the owner answers
+    /// first whether its store lacks it, and only then is a tree (the
+    /// image's) sent.
+    pub image: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

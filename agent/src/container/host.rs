@@ -80,6 +80,8 @@ pub struct Host {
     memory_staging: Option<PathBuf>,
     /// Held while the image store changes or is checked (`layers.rs`).
     image_store: tokio::sync::Mutex<()>,
+    /// Whether an overlayfs mounts on the data dir (probed at start).
+    lays_images: bool,
 }
 
 impl Host {
@@ -98,6 +100,7 @@ impl Host {
             cgroup_parent,
             net: InstanceNet::new(data_dir),
             image_store: tokio::sync::Mutex::new(()),
+            lays_images: layers::overlay_works(&data_dir.join("tmp").join("overlay-probe")),
         }
     }
 
@@ -283,6 +286,10 @@ impl Driver for Host {
 
     fn image_tree(&self, image: &str) -> Option<PathBuf> {
         self.stored_image(image).ok().filter(|t| t.is_dir())
+    }
+
+    fn lays_images(&self) -> bool {
+        self.lays_images
     }
 
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {

@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_raft::{
-    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, ObservedState,
-    RestartPolicy, VmSpec,
+    DesiredState, InstanceCommand, InstanceKind, InstanceSpec, NodeId, RestartPolicy, VmSpec,
 };
-use ferry_transport::frame::{read_frame, write_frame, MAX_FRAME};
 
 use super::{commit, driver_error, err, internal, show};
-use crate::api::instances::{LaunchRequest, UploadRequest, VmLaunch};
+use crate::api::instances::{LaunchRequest, VmLaunch};
 use crate::api::names::InstanceName;
-use crate::api::{ApiError, ApiReply, ErrorKind, Request, Response};
+use crate::api::{ApiError, ApiReply, ErrorKind};
 use crate::clock::now_ms;
 use crate::node::Agent;
 use crate::transfer::tree;
@@ -266,14 +264,31 @@ async fn open_and_unpack(
     Ok((unpacked, None))
 }
 
-/// Whether `owner`'s containers can lie on a shared image.
-fn can_layer(agent: &Agent, owner: NodeId) -> bool {
-    agent.state().read(|s| {
-        s.members
-            .get(&owner)
-            .and_then(|m| m.facts.as_ref())
-            .is_some_and(|f| f.runtimes.image_layers)
+/// How long a launch onto a member that has not reported its facts yet
+/// (it just started) waits for them.
+const FACTS_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `owner`'s containers can lie on a shared image: this agent's
+/// own runtime knows; another member's facts say (waited for a while when
+/// it has reported none yet, else its instance gets a tree of its own).
+async fn can_layer(agent: &Agent, owner: NodeId) -> bool {
+    if owner == agent.id() {
+        return agent.driver().lays_images();
+    }
+    let reported = || {
+        agent.state().read(|s| {
+            s.members
+                .get(&owner)
+                .and_then(|m| m.facts.as_ref())
+                .map(|f| f.runtimes.image_layers)
+        })
+    };
+    let mut changes = agent.state().subscribe();
+    let _ = tokio::time::timeout(FACTS_WAIT, async {
+        while reported().is_none() && changes.changed().await.is_ok() {}
     })
+    .await;
+    reported().unwrap_or(false)
 }
 
 /// The spec of a new instance, without its address yet.
@@ -336,9 +351,9 @@ async fn launch_from(
     })?;
     let mut spec = new_spec(agent, req, staged.map_or(0, |s| s.1), image);
     let owner = place(agent, req.target.as_deref(), spec.memory_bytes)?;
-    spec.image = image
-        .filter(|_| can_layer(agent, owner))
-        .map(|i| i.id.clone());
+    if let Some(image) = image {
+        spec.image = can_layer(agent, owner).await.then(|| image.id.clone());
+    }
     // The name is reserved in the replicated state before any file is
     // touched: of two launches of one name the second is refused here, so
     // every file under the name belongs to this launch.
@@ -362,7 +377,8 @@ async fn launch_from(
         let take = staged.is_some() || image.is_some_and(|i| i.take);
         prepare_local(agent, name, &spec, Some((&rootfs, take))).await
     } else {
-        upload(agent, owner, req, &rootfs, meta.is_dir()).await
+        let image = spec.image.as_deref();
+        super::upload::upload(agent, owner, req, (&rootfs, meta.is_dir()), image).await
     };
     if let Err(e) = placed {
         let delete = InstanceCommand::Delete {
@@ -386,7 +402,7 @@ async fn launch_from(
 /// host's instance dir; on failure remove what this request put there. The caller holds the instance's lock, and the name is
 /// reserved for this launch, so files already there are an earlier
 /// instance's leftovers.
-async fn prepare_local(
+pub(super) async fn prepare_local(
     agent: &Agent,
     name: &InstanceName,
     spec: &InstanceSpec,
@@ -426,159 +442,9 @@ async fn room_for(agent: &Agent, name: &InstanceName, source: &Path) -> Result<(
         .map_err(|e| err(ErrorKind::Unavailable, e.to_string()))
 }
 
-/// Send the rootfs to a remote owner over a channel, checksummed.
-async fn upload(
-    agent: &Agent,
-    owner: NodeId,
-    req: &LaunchRequest,
-    rootfs: &Path,
-    is_dir: bool,
-) -> Result<(), ApiError> {
-    let peer = agent.peer(owner)?;
-    // A tar archive is unpacked here first, so owners and special files
-    // travel the same way as from a directory.
-    let staging = agent.data_dir().root().join("tmp").join(format!(
-        "{}-{}",
-        req.name.as_str(),
-        ferry_transport::pki::random_hex(4)
-    ));
-    let send_root = if is_dir {
-        rootfs.to_path_buf()
-    } else {
-        agent
-            .driver()
-            .stage_rootfs(rootfs, &staging)
-            .await
-            .map_err(driver_error)?;
-        staging.clone()
-    };
-    let request = Request::Upload(UploadRequest {
-        name: req.name.clone(),
-    });
-    let result = async {
-        let (mut send, mut recv) = agent.open_channel(&peer, &request, UPLOAD_TIMEOUT).await?;
-        if let Err(e) = tree::send(&mut send, &mut recv, &send_root, false, None).await {
-            let why = match tree::peer_failure(&mut recv).await {
-                Some(reason) => reason,
-                None => e.to_string(),
-            };
-            let why = format!("sending the rootfs to {} failed: {why}", peer.name);
-            return Err(err(ErrorKind::Unavailable, why));
-        }
-        let _ = send.finish();
-        match read_frame::<Response>(&mut recv, MAX_FRAME).await {
-            Ok(Response::Api(_)) => Ok(()),
-            Ok(Response::Error(e)) => Err(e),
-            Ok(_) => Err(internal("unexpected reply to the upload")),
-            Err(e) => Err(err(
-                ErrorKind::Unavailable,
-                format!("{} did not confirm the upload: {e}", peer.name),
-            )),
-        }
-    }
-    .await;
-    if !is_dir {
-        let _ = tokio::fs::remove_dir_all(&staging).await;
-    }
-    result
-}
-
 /// The spec `Create` committed (with its leased address).
-fn reserved_spec(agent: &Agent, name: &InstanceName) -> Option<InstanceSpec> {
+pub(super) fn reserved_spec(agent: &Agent, name: &InstanceName) -> Option<InstanceSpec> {
     agent
         .state()
         .read(|s| s.instances.get(name.as_str()).map(|i| i.spec.clone()))
-}
-
-/// How long the owner waits to see the launcher's `Create` applied.
-const RESERVATION_WAIT: Duration = Duration::from_secs(10);
-
-/// The owner's side of an upload: only for an instance reserved in the
-/// replicated state with this agent as its owner; receive the tree, write
-/// the config.
-pub async fn receive_upload(
-    agent: &Agent,
-    req: UploadRequest,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let name = &req.name;
-    let result = async {
-        reserved_here(agent, name).await?;
-        let _guard = agent.locks().lock(name.as_str()).await;
-        let spec = reserved_spec(agent, name).ok_or_else(|| {
-            err(
-                ErrorKind::NotFound,
-                format!("'{name}' is no longer reserved"),
-            )
-        })?;
-        let _ = agent.driver().remove(name).await;
-        // A layered instance's tree is its image, stored once imported.
-        let dest = match spec.image {
-            Some(_) => agent.data_dir().root().join("tmp").join(format!(
-                "{name}-upload-{}",
-                ferry_transport::pki::random_hex(4)
-            )),
-            None => agent.driver().rootfs(name),
-        };
-        let reserve = agent.reserve();
-        let progress = std::sync::atomic::AtomicU64::new(0);
-        let writing = tree::Writing::synced(&progress, &reserve);
-        let received =
-            tree::receive_counted(&mut send, &mut recv, &dest, tree::Pass::Whole, writing).await;
-        if let Err(e) = received {
-            let _ = agent.driver().remove(name).await;
-            let _ = tokio::fs::remove_dir_all(&dest).await;
-            let why = format!("receiving the rootfs failed: {e}");
-            return Err(err(ErrorKind::BadRequest, why));
-        }
-        let import = spec.image.is_some().then_some((dest.as_path(), true));
-        let prepared = prepare_local(agent, name, &spec, import).await;
-        if spec.image.is_some() {
-            let _ = tokio::fs::remove_dir_all(&dest).await;
-        }
-        prepared
-    }
-    .await;
-    let reply = match result {
-        Ok(()) => Response::Api(ApiReply::Done),
-        Err(e) => Response::Error(e),
-    };
-    let _ = write_frame(&mut send, &reply).await;
-    let _ = send.finish();
-}
-
-/// Wait for the launcher's `Create` of `name` to apply here; refuse unless
-/// it names this agent the owner and the instance has not started yet.
-async fn reserved_here(agent: &Agent, name: &InstanceName) -> Result<(), ApiError> {
-    let record = || {
-        agent.state().read(|s| {
-            s.instances
-                .get(name.as_str())
-                .map(|i| (i.owner, i.desired, i.observed))
-        })
-    };
-    let mut changes = agent.state().subscribe();
-    let _ = tokio::time::timeout(RESERVATION_WAIT, async {
-        while record().is_none() && changes.changed().await.is_ok() {}
-    })
-    .await;
-    match record() {
-        Some((owner, DesiredState::Stopped, ObservedState::Pending | ObservedState::Stopped))
-            if owner == agent.id() =>
-        {
-            Ok(())
-        }
-        None => Err(err(
-            ErrorKind::Conflict,
-            format!("no launch of '{name}' is reserved in the cluster state"),
-        )),
-        Some(_) => Err(err(
-            ErrorKind::Conflict,
-            format!(
-                "'{name}' is not an instance being launched on {}",
-                agent.name()
-            ),
-        )),
-    }
 }

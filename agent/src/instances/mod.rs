@@ -1,4 +1,5 @@
-//! Instances as the operator sees them (layer 2): launch (`launch.rs`),
+//! Instances as the operator sees them (layer 2): launch (`launch.rs`, a
+//! remote owner's rootfs or image sent by `upload.rs`),
 //! list and show (here), the operations that need the owner's host
 //! (`ops.rs`, forwarded to the owner), what the owner reports
 //! (`report.rs`), and the reconciler loop (`reconciler.rs`) that keeps the
@@ -10,6 +11,7 @@ pub mod ops;
 pub mod reconcile;
 pub mod reconciler;
 mod report;
+pub mod upload;
 
 use ferry_raft::{Command, CommandResult, DesiredState, Instance, InstanceCommand};
 

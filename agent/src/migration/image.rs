@@ -69,15 +69,7 @@ pub(super) async fn receive(
     // Synced: the image outlives the move.
     let writing = tree::Writing::synced(&counter, &reserve);
     let (send, recv) = channel;
-    let received = tree::receive_counted(send, recv, &incoming, tree::Pass::Whole, writing).await;
-    let stored = match received {
-        Ok(got) => driver
-            .store_image(&image, &incoming, true)
-            .await
-            .map(|()| got.bytes)
-            .map_err(MoveError::from),
-        Err(e) => Err(e.into()),
-    };
-    let _ = tokio::fs::remove_dir_all(&incoming).await;
-    stored
+    let bytes =
+        crate::driver::receive_image(driver, &image, &incoming, (send, recv), writing).await?;
+    Ok(bytes)
 }

@@ -10,6 +10,7 @@ impl Host {
     pub(super) async fn probe_runtimes(&self) -> Runtimes {
         let timeout = crate::facts::RUNTIME_COMMAND_TIMEOUT;
         let data_dir = self.data_dir.clone();
+        let lays_images = self.lays_images;
         tokio::task::spawn_blocking(move || {
             let mut runtimes = crate::facts::probe_runtimes(timeout);
             runtimes.criu_inet = match (&runtimes.criu, runtimes.criu_check) {
@@ -18,8 +19,7 @@ impl Host {
                 }
                 _ => false,
             };
-            let scratch = data_dir.join("tmp").join("overlay-probe");
-            runtimes.image_layers = super::layers::overlay_works(&scratch);
+            runtimes.image_layers = lays_images;
             runtimes
         })
         .await
