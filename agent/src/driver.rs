@@ -148,6 +148,11 @@ pub trait Driver: Send + Sync {
         let _ = (image, tree, take);
         Err(no_layers())
     }
+    /// Image `image`'s tree in this member's store, kept there while the
+    /// lease lives (a launch reading it).
+    fn lease_image(&self, _image: &str) -> Option<ImageLease> {
+        None
+    }
     /// Whether this runtime lays instances on shared images here.
     fn lays_images(&self) -> bool {
         false
@@ -343,6 +348,22 @@ pub struct PageServer {
 }
 
 /// What this host holds of `name`, for the migration plan.
+/// A stored image's tree, held in the store while this lives.
+pub struct ImageLease {
+    pub tree: PathBuf,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl ImageLease {
+    /// `held` ends the lease when dropped.
+    pub fn new(tree: PathBuf, held: impl Send + Sync + 'static) -> Self {
+        ImageLease {
+            tree,
+            _held: Box::new(held),
+        }
+    }
+}
+
 /// Receive image `image`'s tree (as `tree::send` sends it) into
 /// `incoming`, this agent's staging, and keep it in the store; the bytes
 /// received. `incoming` is gone afterwards either way.

@@ -123,6 +123,9 @@ impl Driver for Kinds {
     fn lays_images(&self) -> bool {
         self.container.lays_images()
     }
+    fn lease_image(&self, image: &str) -> Option<crate::driver::ImageLease> {
+        self.container.lease_image(image)
+    }
     /// Only a container's rootfs is staged (a VM's files are staged by
     /// `vm::stage`).
     async fn stage_rootfs(&self, source: &Path, dest: &Path) -> Result<(), DriverError> {

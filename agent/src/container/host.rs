@@ -22,7 +22,9 @@ mod staging;
 mod stop;
 use super::runc::{ContainerState, Dump, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
-use crate::driver::{Driver, DriverError, ExecOutput, PageServer, ProcessExit, RunState, Status};
+use crate::driver::{
+    Driver, DriverError, ExecOutput, ImageLease, PageServer, ProcessExit, RunState, Status,
+};
 
 impl From<RuncError> for DriverError {
     fn from(e: RuncError) -> Self {
@@ -82,6 +84,8 @@ pub struct Host {
     image_store: tokio::sync::Mutex<()>,
     /// Whether an overlayfs mounts on the data dir (probed at start).
     lays_images: bool,
+    /// Images launches read from the store (`layers.rs`).
+    image_leases: layers::Leases,
 }
 
 impl Host {
@@ -92,6 +96,7 @@ impl Host {
         timeout: Duration,
     ) -> Self {
         let cgroup_parent = cgroup_parent(data_dir, node_name);
+        layers::sweep_gone(&data_dir.join("images"));
         Host {
             runc: Runc::new(data_dir.join("runc"), console_max_bytes, timeout),
             timeout,
@@ -101,6 +106,7 @@ impl Host {
             net: InstanceNet::new(data_dir),
             image_store: tokio::sync::Mutex::new(()),
             lays_images: layers::overlay_works(&data_dir.join("tmp").join("overlay-probe")),
+            image_leases: Default::default(),
         }
     }
 
@@ -286,6 +292,10 @@ impl Driver for Host {
 
     fn image_tree(&self, image: &str) -> Option<PathBuf> {
         self.stored_image(image).ok().filter(|t| t.is_dir())
+    }
+
+    fn lease_image(&self, image: &str) -> Option<ImageLease> {
+        self.lease(image)
     }
 
     fn lays_images(&self) -> bool {

@@ -117,6 +117,10 @@ fn with_cpu_model(agent: &Agent, mut req: LaunchRequest) -> Result<LaunchRequest
 
 pub async fn launch(agent: &Arc<Agent>, req: LaunchRequest) -> Result<ApiReply, ApiError> {
     let req = with_cpu_model(agent, req)?;
+    if req.vm.is_some() && req.image.is_some() {
+        let why = "--image is a container's rootfs; a VM boots from its --disk";
+        return Err(err(ErrorKind::BadRequest, why));
+    }
     let image = match &req.image {
         Some(path) => Some(stage_image(agent, &req.name, path).await?),
         None => None,
@@ -166,6 +170,8 @@ struct StagedImage {
     rootfs: PathBuf,
     /// Whether `rootfs` is this launch's own unpacking.
     unpacked_here: bool,
+    /// Holds the store's tree while the launch reads it.
+    _lease: Option<crate::driver::ImageLease>,
 }
 
 /// What an image sets in a new instance's spec.
@@ -219,15 +225,18 @@ async fn stage_image(
     let staged = open_and_unpack(agent, PathBuf::from(path), dir.clone()).await;
     let _ = tokio::fs::remove_dir_all(dir.join("archive")).await;
     match staged {
-        Ok((unpacked, stored)) => {
-            let unpacked_here = stored.is_none();
+        Ok((unpacked, lease)) => {
+            let unpacked_here = lease.is_none();
             tracing::info!(instance = %name, image = %unpacked.id, layers = unpacked.layers, unpacked_here, "image {path}");
             Ok(StagedImage {
-                rootfs: stored.unwrap_or_else(|| dir.join("rootfs")),
+                rootfs: lease
+                    .as_ref()
+                    .map_or_else(|| dir.join("rootfs"), |l| l.tree.clone()),
                 dir,
                 source: path.to_string(),
                 unpacked,
                 unpacked_here,
+                _lease: lease,
             })
         }
         Err(e) => {
@@ -237,13 +246,13 @@ async fn stage_image(
     }
 }
 
-/// The image's launch figures, and its tree in the store if it is there
-/// (else unpacked into `dir/rootfs`).
+/// The image's launch figures, and its tree in the store (leased) if it
+/// is there, else unpacked into `dir/rootfs`.
 async fn open_and_unpack(
     agent: &Agent,
     image: PathBuf,
     dir: PathBuf,
-) -> Result<(crate::image::Unpacked, Option<PathBuf>), ApiError> {
+) -> Result<(crate::image::Unpacked, Option<crate::driver::ImageLease>), ApiError> {
     let failed = |e: crate::image::ImageError| err(ErrorKind::BadRequest, e.to_string());
     let scratch = dir.join("archive");
     let opened = tokio::task::spawn_blocking(move || crate::image::open(&image, &scratch))
@@ -251,8 +260,8 @@ async fn open_and_unpack(
         .map_err(|_| internal("the image reading task failed"))?
         .map_err(failed)?;
     let unpacked = opened.unpacked();
-    if let Some(tree) = agent.driver().image_tree(opened.id()) {
-        return Ok((unpacked, Some(tree)));
+    if let Some(lease) = agent.driver().lease_image(opened.id()) {
+        return Ok((unpacked, Some(lease)));
     }
     let reserve = agent.reserve();
     tokio::task::spawn_blocking(move || {

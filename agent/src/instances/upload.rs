@@ -130,13 +130,17 @@ pub async fn receive_upload(
             }),
             Err(e) => Err(e),
         };
-        let spec = match reserved {
-            Ok(spec) if spec.image == req.image => spec,
-            Ok(_) => Err(err(
+        let spec = reserved.and_then(|spec| match spec.image == req.image {
+            true => Ok(spec),
+            false => Err(err(
                 ErrorKind::Conflict,
                 format!("the launch of '{name}' and its reservation name different images"),
-            ))?,
+            )),
+        });
+        let spec = match spec {
+            Ok(spec) => spec,
             Err(e) => {
+                // The launcher of a layered instance waits for this first.
                 if req.image.is_some() {
                     let _ = write_frame(&mut send, &ImageAnswer::Err(e.clone())).await;
                 }

@@ -13,12 +13,35 @@ use crate::node::peers::Channel;
 use crate::node::Agent;
 use crate::transfer::tree;
 
+/// The target's first frame: whether it wants the image, or why it cannot
+/// take the instance.
+type Answer = Result<ImageWanted, String>;
+
+/// How long the source waits for that answer (the target lays the
+/// instance first: a mkdir or two, an unmount).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Source: send the image's tree if the target asks for it.
 pub(super) async fn send(agent: &Agent, job: &Job, channel: &mut Channel) -> Result<(), MoveError> {
     let Some(image) = spec(agent, job)?.image else {
         return Ok(());
     };
-    let asked: ImageWanted = read_frame(&mut channel.1, MAX_FRAME).await?;
+    let answer = tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        read_frame::<Answer>(&mut channel.1, MAX_FRAME),
+    );
+    let asked = match answer.await {
+        Ok(frame) => frame?,
+        Err(_) => {
+            return Err(MoveError::Local(format!(
+                "the target did not say within {ANSWER_TIMEOUT:?} whether it has image {image}"
+            )))
+        }
+    }
+    .map_err(|why| MoveError::TargetFailed {
+        target: agent.member_name(job.target).unwrap_or_default(),
+        why,
+    })?;
     if asked.image != image {
         return Err(MoveError::Local(format!(
             "the target asked for image {}, the instance lies on {image}",
@@ -50,13 +73,23 @@ pub(super) async fn receive(
         return Ok(0);
     };
     let driver = agent.driver();
-    let have = driver.layer_on(&instance_name(job)?, &image).await?;
-    let asked = ImageWanted {
-        image: image.clone(),
-        wanted: !have,
+    let laid = match instance_name(job) {
+        Ok(name) => driver
+            .layer_on(&name, &image)
+            .await
+            .map_err(MoveError::from),
+        Err(e) => Err(e),
     };
-    write_frame(&mut channel.0, &asked).await?;
-    if have {
+    // Said either way, so the source hears why instead of waiting.
+    let answer: Answer = match &laid {
+        Ok(have) => Ok(ImageWanted {
+            image: image.clone(),
+            wanted: !have,
+        }),
+        Err(e) => Err(e.to_string()),
+    };
+    write_frame(&mut channel.0, &answer).await?;
+    if laid? {
         return Ok(0);
     }
     let incoming = agent.data_dir().root().join("tmp").join(format!(

@@ -14,7 +14,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use super::{file_error, Host};
 use crate::api::names::InstanceName;
-use crate::driver::DriverError;
+use crate::driver::{DriverError, ImageLease};
 
 /// The store's directory name of image `id` (`sha256:<hex>` → `sha256-<hex>`),
 /// refused unless it is a digest's characters (it comes from the
@@ -58,8 +58,11 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> std::io:
             "overlayfs cannot name a path holding ',' or ':'; use another --data-dir",
         ));
     }
+    // Fixed features, not the kernel's defaults: an upper dir moves to
+    // other hosts, whose overlayfs must read it the same way (no index of
+    // lower inodes, no metadata-only copies, no redirects to follow).
     let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=off",
         lower.display(),
         upper.display(),
         work.display()
@@ -69,10 +72,18 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> std::io:
     Ok(())
 }
 
-/// Detach whatever is mounted at `at` (blocking).
+/// Unmount whatever is mounted at `at`, every layer of it (blocking); a
+/// mount still busy is detached, said so (its upper dir is not reused
+/// safely while that lasts).
 fn unmount(at: &Path) -> std::io::Result<()> {
-    if is_mounted(at) {
-        rustix::mount::unmount(at, UnmountFlags::DETACH)?;
+    for _ in 0..8 {
+        if !is_mounted(at) {
+            return Ok(());
+        }
+        if let Err(e) = rustix::mount::unmount(at, UnmountFlags::empty()) {
+            tracing::warn!(path = %at.display(), "unmount: {e}; detached instead");
+            rustix::mount::unmount(at, UnmountFlags::DETACH)?;
+        }
     }
     Ok(())
 }
@@ -83,6 +94,7 @@ pub(super) fn overlay_works(scratch: &Path) -> bool {
     let [lower, upper, work, merged] =
         ["lower", "upper", "work", "merged"].map(|d| scratch.join(d));
     let works = std::fs::create_dir_all(&lower).is_ok()
+        && unmount(&merged).is_ok()
         && mount_overlay(&lower, &upper, &work, &merged).is_ok()
         && std::fs::write(merged.join("probe"), b"").is_ok();
     let _ = unmount(&merged);
@@ -135,7 +147,8 @@ impl Host {
         id: &str,
     ) -> Result<bool, DriverError> {
         let tree = self.stored_image(id)?;
-        let _store = self.image_store.lock().await;
+        let previous = self.image_of(name).filter(|p| p != id);
+        let store = self.image_store.lock().await;
         self.unmount_layers(name).await?;
         let dir = self.dir(name);
         let (root, marker, work) = (
@@ -155,7 +168,12 @@ impl Host {
             std::fs::write(&marker, id)
         })
         .await?;
-        Ok(tree.is_dir())
+        let have = tree.is_dir();
+        drop(store);
+        if let Some(previous) = previous {
+            self.forget_unused_image(&previous).await;
+        }
+        Ok(have)
     }
 
     /// Put `tree` into the store as image `id` (renamed when `take`,
@@ -190,7 +208,11 @@ impl Host {
                     let _ = std::fs::remove_dir_all(&from);
                 }
             }
-            std::fs::rename(&incoming, &to)
+            // On disk before it is named present: a rename that outlives a
+            // power cut must not name files whose data did not.
+            rustix::fs::syncfs(std::fs::File::open(&incoming)?)?;
+            std::fs::rename(&incoming, &to)?;
+            std::fs::File::open(&parent)?.sync_all()
         })
         .await
     }
@@ -206,8 +228,12 @@ impl Host {
         take: bool,
     ) -> Result<(), DriverError> {
         let dir = self.dir(name);
+        let previous = self.image_of(name);
         self.unmount_layers(name).await?;
         let _ = tokio::fs::remove_dir_all(dir.root()).await;
+        if let Some(previous) = previous.filter(|p| Some(p.as_str()) != image) {
+            self.forget_unused_image(&previous).await;
+        }
         if let Some(id) = image {
             if !self.layer_instance(name, id).await? {
                 self.store_tree(id, source, take).await?;
@@ -261,32 +287,100 @@ impl Host {
     }
 
     /// After `name`'s dir is gone: drop image `id` from the store unless
-    /// another instance here lies on it.
+    /// another instance here lies on it or a launch holds it. Renamed away
+    /// first, so a removal cut short never leaves a partial image named
+    /// present.
     pub(super) async fn forget_unused_image(&self, id: &str) {
         let Ok(tree) = self.stored_image(id) else {
             return;
         };
+        let Some(image_dir) = tree.parent().map(Path::to_path_buf) else {
+            return;
+        };
         let _store = self.image_store.lock().await;
-        let instances = self.data_dir.join("instances");
-        let wanted = id.to_string();
-        let used = tokio::task::spawn_blocking(move || {
-            let Ok(dirs) = std::fs::read_dir(instances) else {
-                return false;
-            };
-            dirs.flatten().any(|d| {
-                std::fs::read_to_string(d.path().join("image")).is_ok_and(|t| t.trim() == wanted)
-            })
-        })
-        .await
-        .unwrap_or(true);
-        if !used {
-            if let Some(image_dir) = tree.parent() {
-                tracing::info!(
-                    image = id,
-                    "no instance here uses the image any more; removed"
-                );
-                let _ = tokio::fs::remove_dir_all(image_dir).await;
+        let (instances, wanted) = (self.data_dir.join("instances"), id.to_string());
+        let used = tokio::task::spawn_blocking(move || named_by_an_instance(&instances, &wanted))
+            .await
+            .unwrap_or(true);
+        if used {
+            return;
+        }
+        let gone = self
+            .images_root()
+            .join(format!(".gone-{}", ferry_transport::pki::random_hex(4)));
+        let renamed = {
+            let leases = self.image_leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases.get(id).copied().unwrap_or(0) == 0 && std::fs::rename(&image_dir, &gone).is_ok()
+        };
+        if renamed {
+            tracing::info!(
+                image = id,
+                "no instance here uses the image any more; removed"
+            );
+            let _ = tokio::fs::remove_dir_all(&gone).await;
+        }
+    }
+
+    /// Image `id`'s tree, held in the store until the lease drops.
+    pub(super) fn lease(&self, id: &str) -> Option<ImageLease> {
+        let tree = self.stored_image(id).ok()?;
+        let mut leases = self.image_leases.lock().unwrap_or_else(|e| e.into_inner());
+        if !tree.is_dir() {
+            return None;
+        }
+        *leases.entry(id.to_string()).or_insert(0) += 1;
+        let held = Leased {
+            leases: self.image_leases.clone(),
+            id: id.to_string(),
+        };
+        Some(ImageLease::new(tree, held))
+    }
+}
+
+/// Images leased by launches, by id.
+pub(super) type Leases = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+struct Leased {
+    leases: Leases,
+    id: String,
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = leases.get_mut(&self.id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                leases.remove(&self.id);
             }
+        }
+    }
+}
+
+/// Whether an instance dir under `instances` names image `id`; any error
+/// but a missing file counts as named (an image is kept when unsure).
+fn named_by_an_instance(instances: &Path, id: &str) -> bool {
+    let dirs = match std::fs::read_dir(instances) {
+        Ok(dirs) => dirs,
+        Err(e) => return e.kind() != std::io::ErrorKind::NotFound,
+    };
+    dirs.into_iter().any(|d| {
+        let Ok(d) = d else { return true };
+        match std::fs::read_to_string(d.path().join("image")) {
+            Ok(text) => text.trim() == id,
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        }
+    })
+}
+
+/// Remove what a removal of images cut short left (blocking, at start).
+pub(super) fn sweep_gone(images: &Path) {
+    let Ok(dirs) = std::fs::read_dir(images) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        if d.file_name().to_string_lossy().starts_with(".gone-") {
+            let _ = std::fs::remove_dir_all(d.path());
         }
     }
 }
@@ -301,6 +395,75 @@ mod tests {
         for bad in ["", "../x", "sha256:AB", "a/b", ".", "x y"] {
             assert!(store_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn host(dir: &Path) -> Host {
+        Host::new(dir, "n1", 1 << 20, std::time::Duration::from_secs(10))
+    }
+
+    fn a_tree(dir: &Path) -> PathBuf {
+        let tree = dir.join("unpacked");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/sh"), b"#!").unwrap();
+        tree
+    }
+
+    const ID: &str = "sha256:0123abcd";
+
+    #[tokio::test]
+    async fn an_image_stays_while_an_instance_names_it_or_a_launch_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        host.store_tree(ID, &a_tree(dir.path()), true)
+            .await
+            .unwrap();
+        let stored = host.stored_image(ID).unwrap();
+        assert!(stored.join("bin/sh").is_file());
+        // A lease keeps it from the store's clean-up.
+        let lease = host.lease(ID).unwrap();
+        host.forget_unused_image(ID).await;
+        assert!(stored.is_dir(), "removed under a launch reading it");
+        drop(lease);
+        // So does an instance dir naming it.
+        let marker = dir.path().join("instances/c1/image");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        std::fs::write(&marker, ID).unwrap();
+        host.forget_unused_image(ID).await;
+        assert!(stored.is_dir(), "removed under an instance");
+        std::fs::remove_file(&marker).unwrap();
+        host.forget_unused_image(ID).await;
+        assert!(!stored.exists());
+        assert!(host.lease(ID).is_none());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("images"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "left in the store: {left:?}");
+    }
+
+    #[test]
+    fn an_unreadable_marker_counts_as_naming_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let instances = dir.path().join("instances");
+        assert!(
+            !named_by_an_instance(&instances, ID),
+            "no instances dir: unused"
+        );
+        std::fs::create_dir_all(instances.join("c1/image")).unwrap(); // a dir: EISDIR
+        assert!(named_by_an_instance(&instances, ID));
+    }
+
+    #[tokio::test]
+    async fn a_stored_image_is_never_replaced_and_a_taken_tree_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        host.store_tree(ID, &a_tree(dir.path()), false)
+            .await
+            .unwrap();
+        let second = dir.path().join("second");
+        std::fs::create_dir_all(&second).unwrap();
+        host.store_tree(ID, &second, true).await.unwrap();
+        assert!(!second.exists());
+        assert!(host.stored_image(ID).unwrap().join("bin/sh").is_file());
     }
 
     #[test]
