@@ -101,10 +101,9 @@ impl Service for AgentService {
             Request::Join(_) => {
                 Response::Error(ApiError::new(ErrorKind::Internal, "join handled above"))
             }
-            Request::Upload(_) | Request::Transfer(_) => Response::Error(ApiError::new(
-                ErrorKind::BadRequest,
-                "a transfer must open a channel",
-            )),
+            Request::Upload(_) | Request::Transfer(_) | Request::Relay(_) => Response::Error(
+                ApiError::new(ErrorKind::BadRequest, "a transfer must open a channel"),
+            ),
             Request::Ping => Response::Pong {
                 id: agent.id(),
                 name: agent.name().to_string(),
@@ -160,7 +159,10 @@ impl Service for AgentService {
     }
 
     fn wants_stream(&self, request: &Request) -> bool {
-        matches!(request, Request::Upload(_) | Request::Transfer(_))
+        matches!(
+            request,
+            Request::Upload(_) | Request::Transfer(_) | Request::Relay(_)
+        )
     }
 
     async fn handle_stream(
@@ -177,6 +179,9 @@ impl Service for AgentService {
             }
             (Some(name), Request::Transfer(transfer)) => {
                 migration::serve_transfer(agent, name, transfer, (send, recv)).await
+            }
+            (Some(name), Request::Relay(relay)) => {
+                migration::serve_relay(agent, name, relay, (send, recv)).await
             }
             _ => {
                 let reply =

@@ -6,18 +6,23 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use ferry_agent::api::jobs::{JobView, MoveRequest};
+use ferry_agent::api::jobs::{JobView, MoveMode, MoveRequest};
 use ferry_agent::api::{ApiReply, ApiRequest};
 use ferry_agent::client::Client;
-use ferry_raft::{CheckResult, TransferMode};
+use ferry_raft::CheckResult;
 
 use crate::output::{print_json, print_table};
 use crate::Format;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Mode {
+    /// The target connects to the source.
     Pull,
+    /// The source connects to the target.
     Push,
+    /// Both connect to the agent this command talks to, which bridges
+    /// them: for a source and target that cannot reach each other.
+    Relay,
 }
 
 #[derive(Args)]
@@ -34,7 +39,9 @@ pub struct MoveArgs {
     /// Stop, copy, start (default for a stopped instance).
     #[arg(long)]
     stateless: bool,
-    /// Who opens the transfer connection: the target (pull) or the source (push).
+    /// Who opens the transfer connections: the target (pull), the source
+    /// (push), or both to the agent this command talks to, which relays
+    /// between them (relay; that agent must be a third member).
     #[arg(long, value_enum, default_value = "pull")]
     mode: Mode,
     /// A VM: the longest pause QEMU aims for at the switchover, in ms.
@@ -111,6 +118,9 @@ fn print_job(job: &JobView) {
             "stateless"
         }
     );
+    if !job.mode.is_empty() {
+        println!("mode:      {}", job.mode);
+    }
     println!("phase:     {}", job.phase);
     if let Some(e) = &job.error {
         println!("error:     {e}");
@@ -256,8 +266,9 @@ pub async fn run_move(client: &Client, args: MoveArgs) -> Result<()> {
             _ => None,
         },
         mode: match args.mode {
-            Mode::Pull => TransferMode::Pull,
-            Mode::Push => TransferMode::Push,
+            Mode::Pull => MoveMode::Pull,
+            Mode::Push => MoveMode::Push,
+            Mode::Relay => MoveMode::Relay,
         },
         live: ferry_raft::LiveSettings {
             downtime_limit_ms: args.downtime_limit,

@@ -1,5 +1,6 @@
 //! Real network partitions for tests: iptables rules that drop every UDP
-//! datagram to or from one agent's port on loopback. Every agent byte
+//! datagram to or from one agent's port on loopback (or between two
+//! agents' ports). Every agent byte
 //! (Raft, gossip, transfers, the CLI's API calls) is QUIC on that one UDP
 //! port, so the agent is cut off completely. Loopback traffic passes
 //! INPUT once, so one rule per direction in INPUT covers both ways.
@@ -65,6 +66,28 @@ impl Partition {
         for direction in ["--dport", "--sport"] {
             iptables(&[
                 "-A", &chain, "-i", "lo", "-p", "udp", direction, &port_text, "-j", "DROP",
+            ])?;
+        }
+        iptables(&["-I", "INPUT", "-j", &chain])?;
+        Ok(partition)
+    }
+
+    /// Drop every datagram between `a` and `b` on loopback, both ways:
+    /// the two agents cannot reach each other, every other agent reaches
+    /// both.
+    pub fn between(a: u16, b: u16) -> Result<Self> {
+        remove_stale_chains();
+        let chain = format!("{PREFIX}{}-{a}-{b}", std::process::id());
+        iptables(&["-N", &chain])?;
+        let partition = Partition {
+            chain: chain.clone(),
+            healed: false,
+        };
+        for (from, to) in [(a, b), (b, a)] {
+            let (from, to) = (from.to_string(), to.to_string());
+            iptables(&[
+                "-A", &chain, "-i", "lo", "-p", "udp", "--sport", &from, "--dport", &to, "-j",
+                "DROP",
             ])?;
         }
         iptables(&["-I", "INPUT", "-j", &chain])?;

@@ -743,6 +743,46 @@ fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() ->
 }
 
 #[test]
+fn relay_mode_moves_live_between_members_that_cannot_reach_each_other() -> Result<()> {
+    if !require_container_runtime() {
+        return Ok(());
+    }
+    let cluster = cluster_with_counter(Cluster::new())?;
+    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
+    let refused = cluster.ferry(1, &["move", "c1", "--target", "n3", "--mode", "relay"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("third member"),
+        "relay through the source itself: {said}"
+    );
+    let (source, target) = (cluster.agents[1].port()?, cluster.agents[2].port()?);
+    let _cut = Partition::between(source, target)?;
+    let sampler = cluster.sampler("c1");
+    // The cut is real: a pull move across it rolls back.
+    let pulled = cluster.ferry(0, &["move", "c1", "--target", "n3"]);
+    assert!(
+        !pulled.status.success(),
+        "a pull across the cut went through"
+    );
+    assert_eq!(owner(&cluster)?, "n2");
+    let before = cluster.counter(0, "c1")?;
+    let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--mode", "relay"])?;
+    assert!(out.contains("downtime"), "{out}");
+    assert_eq!(owner(&cluster)?, "n3");
+    let after = cluster.counter(0, "c1")?;
+    assert!(
+        after >= before,
+        "the relayed move restarted the counter: {before} -> {after}"
+    );
+    let file = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/file"])?;
+    assert_eq!(file.trim(), "kept");
+    let job = cluster.ferry_json(0, &["job", "show", "2"])?;
+    assert_eq!(job["mode"], "relay via n1", "{job}");
+    assert!(sampler.finish() <= 1, "two copies ran at once");
+    Ok(())
+}
+
+#[test]
 fn push_mode_moves_live_and_stateless_with_the_source_sending() -> Result<()> {
     if !require_container_runtime() {
         return Ok(());

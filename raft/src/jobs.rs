@@ -80,6 +80,27 @@ pub enum TransferMode {
     Pull,
     /// The source connects to the target.
     Push,
+    /// The target pulls through `via`, a third member that reaches both
+    /// (`ferry move --mode relay`: the agent the CLI talks to), for a
+    /// source and target that cannot reach each other. Every transfer
+    /// channel either side opens goes to `via`, which opens it on to the
+    /// other side and copies the bytes both ways.
+    Relay { via: NodeId },
+}
+
+impl TransferMode {
+    /// Whether the source opens the transfer channels (else the target).
+    pub fn pushes(self) -> bool {
+        self == TransferMode::Push
+    }
+
+    /// The member every transfer channel goes through, if any.
+    pub fn relay(self) -> Option<NodeId> {
+        match self {
+            TransferMode::Relay { via } => Some(via),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

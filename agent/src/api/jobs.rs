@@ -1,6 +1,6 @@
 //! Job requests and views: `ferry move` and `ferry job ...`.
 
-use ferry_raft::{CheckResult, JobId, TransferMode};
+use ferry_raft::{CheckResult, JobId};
 use serde::{Deserialize, Serialize};
 
 /// What `ferry move` asks for.
@@ -11,11 +11,23 @@ pub struct MoveRequest {
     pub target: Option<String>,
     /// None: stateful if the instance runs, else stateless.
     pub stateful: Option<bool>,
-    pub mode: TransferMode,
+    pub mode: MoveMode,
     /// A VM's live move: `--downtime-limit`, `--bandwidth`, `--multifd`,
     /// `--postcopy`.
     pub live: ferry_raft::LiveSettings,
     pub dry_run: bool,
+}
+
+/// Who opens a move's transfer channels: `ferry move --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveMode {
+    /// The target, to the source.
+    Pull,
+    /// The source, to the target.
+    Push,
+    /// Both, to the agent this request goes to, which bridges them (a
+    /// source and target that cannot reach each other).
+    Relay,
 }
 
 /// A job as `ferry job show --format json` prints it (CLI.md).
@@ -32,6 +44,10 @@ pub struct JobView {
     pub done: bool,
     pub succeeded: bool,
     pub stateful: bool,
+    /// Who opened the transfer channels: "pull", "push" or "relay via
+    /// NODE".
+    #[serde(default)]
+    pub mode: String,
     pub error: Option<String>,
     pub report: Vec<CheckResult>,
     pub notes: Vec<String>,

@@ -31,6 +31,9 @@ pub enum Request {
     Upload(instances::UploadRequest),
     /// Opens a migration transfer channel (the job's target to its source).
     Transfer(transfer::TransferRequest),
+    /// Opens a transfer channel through this member, the relay of a move
+    /// in relay mode (the move's source or target only).
+    Relay(transfer::RelayRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -63,6 +63,15 @@ pub struct TransferRequest {
     pub part: TransferPart,
 }
 
+/// A transfer channel for a move in relay mode, opened to the relay by
+/// one side: the relay opens `transfer` on to the other side, `to`, and
+/// copies the bytes both ways.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayRequest {
+    pub to: ferry_raft::NodeId,
+    pub transfer: TransferRequest,
+}
+
 /// The source's first answer on a `Final` channel.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FinalHeader {

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use ferry_raft::{
     Command, CommandResult, InstanceKind, Job, JobCommand, JobId, LiveSettings, MoveOptions,
-    NodeId, ObservedState, Phase,
+    NodeId, ObservedState, Phase, TransferMode,
 };
 
 use super::compat;
-use crate::api::jobs::{JobView, MoveRequest, TransferProgress};
+use crate::api::jobs::{JobView, MoveMode, MoveRequest, TransferProgress};
 use crate::api::names::InstanceName;
 use crate::api::{ApiError, ApiReply, ApiRequest, ErrorKind};
 use crate::clock::now_ms;
@@ -36,6 +36,11 @@ pub fn job_view(agent: &Agent, job: &Job) -> JobView {
         done: job.phase.is_terminal(),
         succeeded: job.phase == Phase::Done,
         stateful: job.options.stateful,
+        mode: match job.options.mode {
+            TransferMode::Pull => "pull".into(),
+            TransferMode::Push => "push".into(),
+            TransferMode::Relay { via } => format!("relay via {}", name(via)),
+        },
         error: job.error.clone(),
         report: job.report.clone(),
         notes: job.notes.clone(),
@@ -101,6 +106,32 @@ fn vm_only_settings(kind: Option<InstanceKind>, live: &LiveSettings) -> Option<S
     })
 }
 
+/// The job's transfer mode for what the CLI asked: relay mode bridges
+/// through this agent, which must then be neither side of the move.
+fn transfer_mode(
+    agent: &Agent,
+    asked: MoveMode,
+    source: NodeId,
+    target: NodeId,
+) -> Result<TransferMode, ApiError> {
+    Ok(match asked {
+        MoveMode::Pull => TransferMode::Pull,
+        MoveMode::Push => TransferMode::Push,
+        MoveMode::Relay if agent.id() == source || agent.id() == target => {
+            let me = agent.member_name(agent.id()).unwrap_or_default();
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "--mode relay bridges the move through the agent the CLI talks to, and '{me}' is \
+                     one side of it; run the move against a third member that reaches both \
+                     ('ferry --agent ADDR move ...'), or use --mode pull"
+                ),
+            ));
+        }
+        MoveMode::Relay => TransferMode::Relay { via: agent.id() },
+    })
+}
+
 pub async fn start_move(
     agent: &Arc<Agent>,
     mut request: MoveRequest,
@@ -152,7 +183,7 @@ pub async fn start_move(
     }
     let options = MoveOptions {
         stateful,
-        mode: request.mode,
+        mode: transfer_mode(agent, request.mode, owner, target)?,
         live: request.live,
     };
     let result = agent

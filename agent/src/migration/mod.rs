@@ -5,7 +5,7 @@
 //! instance itself, relayed; `pages` a final dump's memory pages streamed
 //! while they are dumped), `serve` answers transfer channels, `jobs` the
 //! operator's job requests, `image` a layered instance's image on the
-//! rootfs channel.
+//! rootfs channel, `relay` the third member of a move in relay mode.
 
 pub mod compat;
 pub mod engine;
@@ -15,9 +15,11 @@ pub mod jobs;
 mod live;
 mod pages;
 pub mod plan;
+mod relay;
 mod serve;
 mod source;
 mod target;
 
 pub use engine::run;
+pub use relay::serve_relay;
 pub use serve::serve_transfer;

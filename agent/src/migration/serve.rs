@@ -1,7 +1,6 @@
-//! A transfer channel opened by the other participant of a move: only the
-//! job's own peer, in the job's mode, gets an answer.
-
-use ferry_raft::TransferMode;
+//! A transfer channel opened by the other participant of a move (or by the
+//! move's relay on its behalf): only the job's own peer, in the job's
+//! mode, gets an answer.
 
 use super::{source, target};
 use crate::api::transfer::{TransferPart, TransferRequest};
@@ -30,14 +29,17 @@ pub async fn serve_transfer(
     } else {
         (job.source, job.target)
     };
-    let peer_ok = agent.peer(they).is_ok_and(|p| p.name == peer_name);
+    // The relay checked that the channel came from `they`.
+    let relay = job.options.mode.relay();
+    let from_relay = relay.is_some_and(|via| agent.peer(via).is_ok_and(|p| p.name == peer_name));
+    let peer_ok = from_relay || agent.peer(they).is_ok_and(|p| p.name == peer_name);
     // A live move's relayed streams come from the source in pull mode,
     // and a final dump's pages in either mode.
     let relayed = matches!(
         req.part,
         TransferPart::Stream { .. } | TransferPart::Pages { .. }
     );
-    let mode_ok = relayed || (job.options.mode == TransferMode::Push) == pushed;
+    let mode_ok = relayed || job.options.mode.pushes() == pushed;
     if we != agent.id() || !peer_ok || !mode_ok {
         tracing::warn!(
             job = job.id,

@@ -10,8 +10,7 @@ use super::engine::Proposal;
 use super::error::{instance_name, MoveError};
 use super::plan::{self, LocalCopy};
 use crate::api::names::InstanceName;
-use crate::api::transfer::{FinalHeader, PageStream, PushAck, TransferPart, TransferRequest};
-use crate::api::Request;
+use crate::api::transfer::{FinalHeader, PageStream, PushAck, TransferPart};
 use crate::driver::RunState;
 use crate::node::peers::Channel;
 use crate::node::{commit, Agent};
@@ -20,15 +19,16 @@ use crate::transfer::tree;
 /// A transfer channel's first frame must arrive within this.
 pub const CHANNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A channel of `job` to member `peer`, its first frame asking for `part`.
+/// A channel of `job` to member `peer`, its first frame asking for `part`
+/// (in relay mode, through the relay).
 pub async fn open(
     agent: &Agent,
     job: &Job,
     peer: ferry_raft::NodeId,
     part: TransferPart,
 ) -> Result<Channel, MoveError> {
-    let peer = agent.peer(peer).map_err(MoveError::Channel)?;
-    let request = Request::Transfer(TransferRequest { job: job.id, part });
+    let (to, request) = super::relay::route(job, peer, part);
+    let peer = agent.peer(to).map_err(MoveError::Channel)?;
     agent
         .open_channel(&peer, &request, CHANNEL_TIMEOUT)
         .await

@@ -10,7 +10,7 @@ use ferry_raft::{Job, JobId, ObservedState, TransferMode};
 
 use super::fake_driver::{FakeDriver, World};
 use crate::api::instances::LaunchRequest;
-use crate::api::jobs::MoveRequest;
+use crate::api::jobs::{MoveMode, MoveRequest};
 use crate::api::names::InstanceName;
 use crate::api::ApiReply;
 use crate::datadir::DataDir;
@@ -186,7 +186,11 @@ impl Sim {
             instance: name.into(),
             target: Some(target.into()),
             stateful,
-            mode,
+            mode: match mode {
+                TransferMode::Push => MoveMode::Push,
+                TransferMode::Pull => MoveMode::Pull,
+                TransferMode::Relay { .. } => MoveMode::Relay,
+            },
             live: Default::default(),
             dry_run: false,
         };
