@@ -744,40 +744,78 @@ fn kill_9_of_the_frozen_source_ends_with_exactly_one_copy_after_its_restart() ->
 
 #[test]
 fn relay_mode_moves_live_between_members_that_cannot_reach_each_other() -> Result<()> {
-    if !require_container_runtime() {
+    if !require_container_runtime() || !require_partition_tools() {
         return Ok(());
     }
     let cluster = cluster_with_counter(Cluster::new())?;
-    cluster.ferry_ok(0, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
-    let refused = cluster.ferry(1, &["move", "c1", "--target", "n3", "--mode", "relay"]);
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && said.contains("third member"),
-        "relay through the source itself: {said}"
+    let names = ["n1", "n2", "n3"];
+    let index = |name: &str| names.iter().position(|n| *n == name).unwrap_or(0);
+    // The relay is the Raft leader (the sides must reach the leader, and
+    // the relay is the one member that reaches both); a leader owning c1
+    // refuses to relay its move, and c1 moves off it first.
+    let leader = cluster.wait_converged(&names, CONVERGE)?;
+    if owner(&cluster)? == leader {
+        let refused = cluster.ferry(index(&leader), &["move", "c1", "--mode", "relay"]);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && said.contains("third member"),
+            "{said}"
+        );
+        let other = names
+            .iter()
+            .find(|n| **n != leader)
+            .copied()
+            .unwrap_or("n1");
+        cluster.ferry_ok(0, &["move", "c1", "--target", other])?;
+    }
+    let source = owner(&cluster)?;
+    let target = names
+        .into_iter()
+        .find(|n| *n != source && *n != leader)
+        .unwrap_or("n1");
+    let via = index(&leader);
+    cluster.ferry_ok(via, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
+    let from_a_side = cluster.ferry(
+        index(&source),
+        &["move", "c1", "--target", target, "--mode", "relay"],
     );
-    let (source, target) = (cluster.agents[1].port()?, cluster.agents[2].port()?);
-    let _cut = Partition::between(source, target)?;
+    let said = String::from_utf8_lossy(&from_a_side.stderr);
+    assert!(
+        !from_a_side.status.success() && said.contains("third member"),
+        "{said}"
+    );
+    let (a, b) = (
+        cluster.agents[index(&source)].port()?,
+        cluster.agents[index(target)].port()?,
+    );
+    let _cut = Partition::between(a, b)?;
     let sampler = cluster.sampler("c1");
     // The cut is real: a pull move across it rolls back.
-    let pulled = cluster.ferry(0, &["move", "c1", "--target", "n3"]);
+    let pulled = cluster.ferry(via, &["move", "c1", "--target", target]);
+    let said = String::from_utf8_lossy(&pulled.stderr);
     assert!(
-        !pulled.status.success(),
-        "a pull across the cut went through"
+        !pulled.status.success() && said.contains("RolledBack"),
+        "{said}"
     );
-    assert_eq!(owner(&cluster)?, "n2");
-    let before = cluster.counter(0, "c1")?;
-    let out = cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--mode", "relay"])?;
+    assert_eq!(owner(&cluster)?, source);
+    let before = cluster.counter(via, "c1")?;
+    let out = cluster.ferry_ok(via, &["move", "c1", "--target", target, "--mode", "relay"])?;
     assert!(out.contains("downtime"), "{out}");
-    assert_eq!(owner(&cluster)?, "n3");
-    let after = cluster.counter(0, "c1")?;
+    assert_eq!(owner(&cluster)?, target);
+    let after = cluster.counter(via, "c1")?;
     assert!(
         after >= before,
         "the relayed move restarted the counter: {before} -> {after}"
     );
-    let file = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/file"])?;
+    let file = cluster.ferry_ok(via, &["exec", "c1", "--", "cat", "/file"])?;
     assert_eq!(file.trim(), "kept");
-    let job = cluster.ferry_json(0, &["job", "show", "2"])?;
-    assert_eq!(job["mode"], "relay via n1", "{job}");
+    let jobs = cluster.ferry_json(via, &["job", "list"])?;
+    let relayed = format!("relay via {leader}");
+    let done = jobs.as_array().is_some_and(|jobs| {
+        jobs.iter()
+            .any(|j| j["mode"] == relayed.as_str() && j["phase"] == "Done")
+    });
+    assert!(done, "no Done job {relayed}: {jobs}");
     assert!(sampler.finish() <= 1, "two copies ran at once");
     Ok(())
 }

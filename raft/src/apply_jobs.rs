@@ -87,6 +87,11 @@ impl ClusterState {
                 target,
             });
         }
+        if let Some(via) = options.mode.relay() {
+            if via == inst.owner || via == target || !self.members.contains_key(&via) {
+                return Err(JobRejection::BadRelay { via });
+            }
+        }
         let id = self.next_job_id.max(1);
         let job = Job {
             id,
@@ -335,6 +340,36 @@ mod tests {
             JobRejection::Instance(InstanceRejection::Busy { job: 1, .. })
         ));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_relay_must_be_a_member_besides_the_two_sides() {
+        let mut s = cluster();
+        let relayed = |via| MoveOptions {
+            mode: TransferMode::Relay { via },
+            ..MoveOptions::default()
+        };
+        let before = s.clone();
+        for via in [1, 2, 9] {
+            let r = s.apply(&Command::Job(JobCommand::CreateMove {
+                instance: "c1".into(),
+                target: 2,
+                options: relayed(via),
+                now_ms: 10,
+            }));
+            assert!(
+                matches!(job_rejection(r), JobRejection::BadRelay { .. }),
+                "via {via}"
+            );
+        }
+        assert_eq!(s, before);
+        let r = s.apply(&Command::Job(JobCommand::CreateMove {
+            instance: "c1".into(),
+            target: 2,
+            options: relayed(3),
+            now_ms: 10,
+        }));
+        assert!(matches!(r, CommandResult::JobCreated { .. }), "{r:?}");
     }
 
     #[test]

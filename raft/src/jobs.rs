@@ -227,4 +227,9 @@ pub enum JobRejection {
     TooLateToAbort(JobId),
     #[error(transparent)]
     Instance(#[from] InstanceRejection),
+    #[error(
+        "member {via} cannot relay this move: the relay must be a member that is neither \
+         its source nor its target"
+    )]
+    BadRelay { via: NodeId },
 }

@@ -107,7 +107,9 @@ fn vm_only_settings(kind: Option<InstanceKind>, live: &LiveSettings) -> Option<S
 }
 
 /// The job's transfer mode for what the CLI asked: relay mode bridges
-/// through this agent, which must then be neither side of the move.
+/// through this agent, which must then be neither side of the move, and
+/// needs a leader that is neither (the sides reach only the relay, and
+/// each must reach the leader for the log and its proposals).
 fn transfer_mode(
     agent: &Agent,
     asked: MoveMode,
@@ -128,7 +130,20 @@ fn transfer_mode(
                 ),
             ));
         }
-        MoveMode::Relay => TransferMode::Relay { via: agent.id() },
+        MoveMode::Relay => match agent.leader() {
+            Some(leader) if leader == source || leader == target => {
+                let name = agent.member_name(leader).unwrap_or_default();
+                return Err(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "--mode relay needs a Raft leader that reaches both sides, and the leader \
+                         '{name}' is one side of the move; try again once another member leads \
+                         ('ferry cluster list' shows the leader)"
+                    ),
+                ));
+            }
+            _ => TransferMode::Relay { via: agent.id() },
+        },
     })
 }
 

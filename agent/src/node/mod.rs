@@ -187,7 +187,12 @@ impl Agent {
 
     /// Whether this agent leads the cluster now.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.leader() == Some(self.id)
+    }
+
+    /// The member that leads the cluster as this agent knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
     }
 
     /// The voters of the Raft membership as this node sees it.

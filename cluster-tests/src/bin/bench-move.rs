@@ -8,6 +8,9 @@
 //! `FERRY_BENCH_ROOTFS_FILES=N` adds N files of 1 KiB to the rootfs (how
 //! long the final rootfs pass takes shows in the agents' debug log:
 //! `FERRY_TEST_LOG=info,ferry_agent::migration=debug`).
+//!
+//! `FERRY_BENCH_MODE=push|relay` moves in that mode (relay: from n2 to
+//! n3 through n1, the leader, which the move command goes to).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
@@ -64,11 +67,26 @@ fn main() -> Result<()> {
     } else {
         sizes
     };
+    let mode = std::env::var("FERRY_BENCH_MODE").unwrap_or_else(|_| "pull".into());
+    let mut members = vec!["n1", "n2"];
+    // Source and target; the command goes to n1 (the relay in relay mode).
+    let (from, to) = if mode == "relay" {
+        members.push("n3");
+        (1, 2)
+    } else {
+        (0, 1)
+    };
+    let suffix = match mode.as_str() {
+        "pull" => String::new(),
+        other => format!(", {other} mode"),
+    };
     let mut cluster = Cluster::new();
     cluster.bootstrap("n1", 3)?;
-    cluster.join("n2", 0)?;
-    cluster.wait_converged(&["n1", "n2"], Duration::from_secs(60))?;
-    for name in ["n1", "n2"] {
+    for name in &members[1..] {
+        cluster.join(name, 0)?;
+    }
+    cluster.wait_converged(&members, Duration::from_secs(60))?;
+    for name in &members {
         wait_for("facts", Duration::from_secs(60), || {
             let v = cluster.ferry_json(0, &["cluster", "show", name])?;
             if v["facts"].is_null() {
@@ -87,12 +105,24 @@ fn main() -> Result<()> {
         cluster.ferry_ok(
             0,
             &[
-                "launch", &name, "--rootfs", &rootfs, "--target", "n1", "--", "sh", "-c", &script,
+                "launch",
+                &name,
+                "--rootfs",
+                &rootfs,
+                "--target",
+                members[from],
+                "--",
+                "sh",
+                "-c",
+                &script,
             ],
         )?;
-        cluster.wait_workload_ready(0, &name)?;
+        cluster.wait_workload_ready(from, &name)?;
         let started = Instant::now();
-        cluster.ferry_ok(0, &["move", &name, "--target", "n2"])?;
+        cluster.ferry_ok(
+            0,
+            &["move", &name, "--target", members[to], "--mode", &mode],
+        )?;
         let wall = started.elapsed();
         let id = (job + 1).to_string();
         let view = cluster.ferry_json(0, &["job", "show", &id])?;
@@ -101,10 +131,10 @@ fn main() -> Result<()> {
             view["total_ms"].as_u64().unwrap_or(0),
             view["bytes"].as_u64().unwrap_or(0),
         );
-        // Floor: the same container, now on n2, dumped and restored by
-        // runc on this host to tmpfs.
-        let root = cluster.agents[1].data_dir.join("runc");
-        let bundle = cluster.agents[1]
+        // Floor: the same container, now on the target, dumped and
+        // restored by runc on this host to tmpfs.
+        let root = cluster.agents[to].data_dir.join("runc");
+        let bundle = cluster.agents[to]
             .data_dir
             .join(format!("instances/{name}/bundle"));
         let images = std::path::PathBuf::from(format!("/dev/shm/ferry-bench-{name}"));
@@ -141,7 +171,7 @@ fn main() -> Result<()> {
             down as f64 / floor.max(1) as f64
         );
         figures::report(
-            &format!("container downtime, {mib} MiB dirtied"),
+            &format!("container downtime, {mib} MiB dirtied{suffix}"),
             &format!("{down} ms = {:.2}x", down as f64 / floor.max(1) as f64),
             &format!("runc checkpoint+restore to tmpfs {floor} ms"),
             "<= 1.2x",
