@@ -1,9 +1,9 @@
 //! Real network partitions for tests: iptables rules that drop every UDP
-//! datagram to or from one agent's port on loopback (or between two
-//! agents' ports). Every agent byte
-//! (Raft, gossip, transfers, the CLI's API calls) is QUIC on that one UDP
-//! port, so the agent is cut off completely. Loopback traffic passes
-//! INPUT once, so one rule per direction in INPUT covers both ways.
+//! datagram to or from one agent's port on loopback, or between two
+//! agents' ports. Every agent byte (Raft, gossip, transfers, the CLI's API
+//! calls) is QUIC on that one UDP port, so the agent is cut off
+//! completely. Loopback traffic passes INPUT once, so one rule per
+//! direction in INPUT covers both ways.
 
 use std::process::Command;
 
@@ -55,40 +55,39 @@ fn remove_stale_chains() {
 impl Partition {
     /// Drop every datagram to and from `port` on loopback.
     pub fn isolate(port: u16) -> Result<Self> {
-        remove_stale_chains();
-        let chain = format!("{PREFIX}{}-{port}", std::process::id());
-        let port_text = port.to_string();
-        iptables(&["-N", &chain])?;
-        let partition = Partition {
-            chain: chain.clone(),
-            healed: false,
-        };
-        for direction in ["--dport", "--sport"] {
-            iptables(&[
-                "-A", &chain, "-i", "lo", "-p", "udp", direction, &port_text, "-j", "DROP",
-            ])?;
-        }
-        iptables(&["-I", "INPUT", "-j", &chain])?;
-        Ok(partition)
+        let port = port.to_string();
+        Self::dropping(&port, &[&["--dport", &port][..], &["--sport", &port][..]])
     }
 
     /// Drop every datagram between `a` and `b` on loopback, both ways:
     /// the two agents cannot reach each other, every other agent reaches
     /// both.
     pub fn between(a: u16, b: u16) -> Result<Self> {
+        let (a, b) = (a.to_string(), b.to_string());
+        Self::dropping(
+            &format!("{a}-{b}"),
+            &[
+                &["--sport", &a, "--dport", &b][..],
+                &["--sport", &b, "--dport", &a][..],
+            ],
+        )
+    }
+
+    /// A chain of this process named by `tag`, dropping loopback UDP that
+    /// matches each of `matches`, jumped to from INPUT.
+    fn dropping(tag: &str, matches: &[&[&str]]) -> Result<Self> {
         remove_stale_chains();
-        let chain = format!("{PREFIX}{}-{a}-{b}", std::process::id());
+        let chain = format!("{PREFIX}{}-{tag}", std::process::id());
         iptables(&["-N", &chain])?;
         let partition = Partition {
             chain: chain.clone(),
             healed: false,
         };
-        for (from, to) in [(a, b), (b, a)] {
-            let (from, to) = (from.to_string(), to.to_string());
-            iptables(&[
-                "-A", &chain, "-i", "lo", "-p", "udp", "--sport", &from, "--dport", &to, "-j",
-                "DROP",
-            ])?;
+        for matching in matches {
+            let mut rule = vec!["-A", chain.as_str(), "-i", "lo", "-p", "udp"];
+            rule.extend_from_slice(matching);
+            rule.extend_from_slice(&["-j", "DROP"]);
+            iptables(&rule)?;
         }
         iptables(&["-I", "INPUT", "-j", &chain])?;
         Ok(partition)

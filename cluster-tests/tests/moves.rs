@@ -755,12 +755,8 @@ fn relay_mode_moves_live_between_members_that_cannot_reach_each_other() -> Resul
     // refuses to relay its move, and c1 moves off it first.
     let leader = cluster.wait_converged(&names, CONVERGE)?;
     if owner(&cluster)? == leader {
-        let refused = cluster.ferry(index(&leader), &["move", "c1", "--mode", "relay"]);
-        let said = String::from_utf8_lossy(&refused.stderr);
-        assert!(
-            !refused.status.success() && said.contains("third member"),
-            "{said}"
-        );
+        let refused = cluster.ferry_err(index(&leader), &["move", "c1", "--mode", "relay"])?;
+        assert!(refused.contains("third member"), "{refused}");
         let other = names
             .iter()
             .find(|n| **n != leader)
@@ -775,15 +771,9 @@ fn relay_mode_moves_live_between_members_that_cannot_reach_each_other() -> Resul
         .unwrap_or("n1");
     let via = index(&leader);
     cluster.ferry_ok(via, &["exec", "c1", "--", "sh", "-c", "echo kept > /file"])?;
-    let from_a_side = cluster.ferry(
-        index(&source),
-        &["move", "c1", "--target", target, "--mode", "relay"],
-    );
-    let said = String::from_utf8_lossy(&from_a_side.stderr);
-    assert!(
-        !from_a_side.status.success() && said.contains("third member"),
-        "{said}"
-    );
+    let relay_move = ["move", "c1", "--target", target, "--mode", "relay"];
+    let from_a_side = cluster.ferry_err(index(&source), &relay_move)?;
+    assert!(from_a_side.contains("third member"), "{from_a_side}");
     let (a, b) = (
         cluster.agents[index(&source)].port()?,
         cluster.agents[index(target)].port()?,
@@ -791,15 +781,11 @@ fn relay_mode_moves_live_between_members_that_cannot_reach_each_other() -> Resul
     let _cut = Partition::between(a, b)?;
     let sampler = cluster.sampler("c1");
     // The cut is real: a pull move across it rolls back.
-    let pulled = cluster.ferry(via, &["move", "c1", "--target", target]);
-    let said = String::from_utf8_lossy(&pulled.stderr);
-    assert!(
-        !pulled.status.success() && said.contains("RolledBack"),
-        "{said}"
-    );
+    let pulled = cluster.ferry_err(via, &["move", "c1", "--target", target])?;
+    assert!(pulled.contains("RolledBack"), "{pulled}");
     assert_eq!(owner(&cluster)?, source);
     let before = cluster.counter(via, "c1")?;
-    let out = cluster.ferry_ok(via, &["move", "c1", "--target", target, "--mode", "relay"])?;
+    let out = cluster.ferry_ok(via, &relay_move)?;
     assert!(out.contains("downtime"), "{out}");
     assert_eq!(owner(&cluster)?, target);
     let after = cluster.counter(via, "c1")?;

@@ -69,7 +69,7 @@ pub enum Step {
 /// The next step of `role` in `job`, given its local copy.
 pub fn step(job: &Job, role: Role, local: LocalCopy) -> Step {
     use Phase::*;
-    let push = job.options.mode == ferry_raft::TransferMode::Push;
+    let push = job.options.mode.pushes();
     match (role, job.phase) {
         (Role::Source, p) if p.before_switch() && job.abort_requested => Step::Abort,
         (Role::Source, Pending) => Step::BeginChecks,

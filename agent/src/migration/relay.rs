@@ -14,7 +14,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 use super::source::CHANNEL_TIMEOUT;
 use crate::api::transfer::{RelayRequest, TransferPart, TransferRequest};
 use crate::api::Request;
-use crate::node::peers::Channel;
+use crate::node::peers::{Channel, PeerError};
 use crate::node::Agent;
 
 /// Where a participant opens a channel of `job` for `part` meant for
@@ -64,14 +64,7 @@ pub async fn serve_relay(agent: &Agent, peer_name: &str, req: RelayRequest, chan
     if let Err(why) = may_relay(&job, agent.id(), caller, req.to) {
         return refuse(channel, job_id, peer_name, why);
     }
-    let onward = match agent.peer(req.to) {
-        Ok(peer) => {
-            let request = Request::Transfer(req.transfer);
-            agent.open_channel(&peer, &request, CHANNEL_TIMEOUT).await
-        }
-        Err(e) => Err(e),
-    };
-    let onward = match onward {
+    let onward = match open_onward(agent, req).await {
         Ok(onward) => onward,
         Err(e) => {
             tracing::warn!(job = job_id, "relay: cannot open the channel on: {e}");
@@ -87,6 +80,12 @@ pub async fn serve_relay(agent: &Agent, peer_name: &str, req: RelayRequest, chan
         back,
         "relayed a channel"
     );
+}
+
+async fn open_onward(agent: &Agent, req: RelayRequest) -> Result<Channel, PeerError> {
+    let peer = agent.peer(req.to)?;
+    let request = Request::Transfer(req.transfer);
+    agent.open_channel(&peer, &request, CHANNEL_TIMEOUT).await
 }
 
 fn refuse(channel: Channel, job: u64, peer: &str, why: &str) {
