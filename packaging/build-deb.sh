@@ -62,7 +62,7 @@ Section: admin
 Priority: optional
 Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
 Depends: libc6 (>= $glibc), runc, iptables, iproute2
-Recommends: systemd, qemu-system-x86
+Recommends: systemd, qemu-system-x86, btrfs-progs
 Description: cluster agent that moves running containers and VMs between hosts
  Every host runs 'ferry agent'; the agents form a Raft cluster over QUIC
  with mutual TLS and move instances between members live: containers

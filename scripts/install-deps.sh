@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ferry needs at run time and for its tests on Debian bookworm:
 #   - apt packages: runc, iptables (CRIU locks container networks with
-#     iptables-restore), busybox-static (test rootfs), iproute2;
+#     iptables-restore), busybox-static (test rootfs), iproute2,
+#     btrfs-progs (moves by btrfs send/receive where the data dir is on
+#     btrfs; the tests make btrfs filesystems on loop devices);
 #   - CRIU >= 4.2.1, built from source: bookworm's criu 3.17.1 fails
 #     `criu check` on the kernels ferry runs on, and CRIU 4.1.1 cannot dump
 #     a process holding an internet socket on kernels 6.16 and later
@@ -29,7 +31,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
 
-RUNTIME_PKGS=(runc iptables busybox-static iproute2 systemd)
+RUNTIME_PKGS=(runc iptables busybox-static iproute2 systemd btrfs-progs)
 BUILD_PKGS=(
 	build-essential pkg-config xz-utils
 	libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler

@@ -53,6 +53,13 @@ impl DataDir {
         &self.root
     }
 
+    /// Where moves keep the btrfs snapshots (source) and received
+    /// subvolumes (target) of their rootfs passes, one directory per job,
+    /// on the instances' filesystem (a snapshot cannot leave it).
+    pub fn btrfs_moves(&self) -> PathBuf {
+        self.root.join("btrfs-moves")
+    }
+
     pub fn raft_db(&self) -> PathBuf {
         self.root.join("raft.redb")
     }

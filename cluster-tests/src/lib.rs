@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 mod agent_proc;
+pub mod btrfs;
 pub mod echo;
 pub mod faults;
 pub mod figures;

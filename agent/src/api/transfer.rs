@@ -50,6 +50,25 @@ pub struct ImageWanted {
     pub wanted: bool,
 }
 
+/// How a rootfs pass travels. The source offers what it can send (btrfs
+/// only for a rootfs that is a subvolume it could snapshot), the target
+/// answers with the first it can take; the entry stream is always there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RootfsMethod {
+    /// The tree transfer: an entry stream of every file (first pass) or
+    /// of what changed since (final pass).
+    Entries,
+    /// `btrfs send`/`receive` of a read-only snapshot; the final pass
+    /// incremental against the first pass's.
+    BtrfsSend,
+}
+
+/// The source's offer before a rootfs pass, best first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RootfsOffer {
+    pub methods: Vec<RootfsMethod>,
+}
+
 /// The target's answer at the end of a pushed part.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PushAck {

@@ -175,6 +175,10 @@ async fn receive_rootfs(
     (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
 ) -> Result<(), ApiError> {
     let rootfs = agent.driver().rootfs(name);
+    // A subvolume on btrfs, so a move can send it by btrfs later.
+    if let Err(e) = crate::transfer::btrfs::make_root(&rootfs).await {
+        return Err(err(ErrorKind::Internal, e.to_string()));
+    }
     let reserve = agent.reserve();
     let progress = std::sync::atomic::AtomicU64::new(0);
     let writing = tree::Writing::synced(&progress, &reserve);

@@ -159,6 +159,7 @@ pub async fn run(agent: Arc<Agent>) {
         if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
             last_sweep = Some(Instant::now());
             sweep_staging(&agent).await;
+            super::method::sweep(&agent).await;
         }
         let moves_changed = |a: &ClusterState, b: &ClusterState| {
             !a.jobs.ptr_eq(&b.jobs) || !a.instances.ptr_eq(&b.instances)

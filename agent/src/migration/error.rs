@@ -18,6 +18,8 @@ pub enum MoveError {
     #[error("{0}")]
     Frame(#[from] FrameError),
     #[error("{0}")]
+    Btrfs(#[from] crate::transfer::btrfs::BtrfsError),
+    #[error("{0}")]
     Driver(#[from] DriverError),
     #[error("the source refused to freeze: {0}")]
     SourceRefused(String),

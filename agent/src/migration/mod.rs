@@ -5,7 +5,9 @@
 //! instance itself, relayed; `pages` a final dump's memory pages streamed
 //! while they are dumped), `serve` answers transfer channels, `jobs` the
 //! operator's job requests, `image` a layered instance's image on the
-//! rootfs channel, `relay` the third member of a move in relay mode.
+//! rootfs channel, `method` how each rootfs pass travels (entries or btrfs
+//! send/receive, agreed on its channel), `relay` the third member of a
+//! move in relay mode.
 
 pub mod compat;
 pub mod engine;
@@ -13,6 +15,7 @@ mod error;
 mod image;
 pub mod jobs;
 mod live;
+mod method;
 mod pages;
 pub mod plan;
 mod relay;

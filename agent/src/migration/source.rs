@@ -192,9 +192,10 @@ async fn precopy_note(agent: &Agent, name: &InstanceName) -> String {
 async fn send_final(
     agent: &Agent,
     job: &Job,
-    (send, recv): &mut Channel,
+    channel: &mut Channel,
     frozen: Frozen,
 ) -> Result<(), MoveError> {
+    let (send, recv) = (&mut channel.0, &mut channel.1);
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let images = driver.images(name);
     let images_bytes = match job.options.stateful {
@@ -218,8 +219,7 @@ async fn send_final(
         tree::send(send, recv, &images, false, None).await?;
     }
     let images_sent = started.elapsed();
-    let first_pass = agent.transfers().take_stamps(job.id);
-    tree::send(send, recv, &driver.rootfs(name), true, first_pass.as_ref()).await?;
+    super::method::send_changes(agent, job, channel).await?;
     tracing::debug!(job = job.id, ?images_sent, rootfs_delta_sent = ?started.elapsed(), "final state sent");
     Ok(())
 }
@@ -244,14 +244,11 @@ pub async fn serve(
     channel: &mut Channel,
 ) -> Result<(), MoveError> {
     let name = instance_name(job)?;
-    let rootfs = agent.driver().rootfs(&name);
     match part {
         TransferPart::Live => super::live::serve(agent, job, channel).await,
         TransferPart::Rootfs => {
             super::image::send(agent, job, channel).await?;
-            let (_, stamps) =
-                tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
-            agent.transfers().remember_stamps(job.id, stamps);
+            super::method::send_first(agent, job, channel).await?;
             send_kept(agent, &name, channel).await
         }
         _ => {
@@ -267,11 +264,9 @@ pub async fn push(agent: &Agent, job: &Job) -> Result<(), MoveError> {
     let target_name = agent
         .member_name(job.target)
         .ok_or(MoveError::NotAMember(job.target))?;
-    let rootfs = agent.driver().rootfs(&instance_name(job)?);
     let mut channel = open(agent, job, job.target, TransferPart::PushRootfs).await?;
     super::image::send(agent, job, &mut channel).await?;
-    let (_, stamps) = tree::send(&mut channel.0, &mut channel.1, &rootfs, false, None).await?;
-    agent.transfers().remember_stamps(job.id, stamps);
+    super::method::send_first(agent, job, &mut channel).await?;
     send_kept(agent, &instance_name(job)?, &mut channel).await?;
     let _ = channel.0.finish();
     pushed(&mut channel.1, &target_name).await?;

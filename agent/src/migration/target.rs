@@ -11,7 +11,7 @@ use super::error::{instance_name, MoveError};
 use super::plan::LocalCopy;
 use super::source;
 use crate::api::names::InstanceName;
-use crate::api::transfer::{FinalHeader, PushAck, TransferPart};
+use crate::api::transfer::{FinalHeader, PushAck, RootfsMethod, TransferPart};
 use crate::clock::now_ms;
 use crate::node::peers::Channel;
 use crate::node::Agent;
@@ -54,9 +54,10 @@ async fn pull_parts(agent: &Agent, job: &Job) -> Result<Option<String>, MoveErro
 async fn receive_final(
     agent: &Agent,
     job: &Job,
-    (send, recv): &mut Channel,
+    channel: &mut Channel,
     rootfs_bytes: u64,
 ) -> Result<Option<String>, MoveError> {
+    let (send, recv) = (&mut channel.0, &mut channel.1);
     let (driver, name) = (agent.driver(), &instance_name(job)?);
     let reserve = agent.reserve();
     // The source's page stream is taken only while this runs.
@@ -89,13 +90,9 @@ async fn receive_final(
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
-    let rootfs = driver.rootfs(name);
-    let writing = tree::Writing::unsynced(&counter, &reserve);
-    let holds = agent.transfers().take_rootfs_pass(job.id);
-    let pass = tree::Pass::Changes { holds };
-    bytes += tree::receive_counted(send, recv, &rootfs, pass, writing)
-        .await?
-        .bytes;
+    let (delta, method) = super::method::receive_changes(agent, job, channel, &counter).await?;
+    bytes += delta;
+    let note = with_method(note, method);
     driver
         .configure(name, &spec(agent, job)?, job.options.stateful)
         .await?;
@@ -109,17 +106,22 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     // Layered: the image first (if wanted), then rootfs means its changes.
     let image_bytes = super::image::receive(agent, job, channel).await?;
     let counter = agent.transfers().stage(job.id, "rootfs");
-    let rootfs = agent.driver().rootfs(&instance_name(job)?);
-    let reserve = agent.reserve();
     let _ = agent.transfers().take_rootfs_pass(job.id);
-    // What an earlier attempt left (a restart of either side) goes first:
-    // the final pass deletes only what this pass sent.
-    tree::clear(&rootfs).await?;
-    let (send, recv) = channel;
-    let writing = tree::Writing::synced(&counter, &reserve);
-    let full = tree::receive_counted(send, recv, &rootfs, tree::Pass::Whole, writing).await?;
-    agent.transfers().remember_rootfs_pass(job.id, full.pass);
-    Ok(image_bytes + full.bytes + receive_kept(agent, job, channel).await?)
+    let _ = agent.transfers().take_btrfs_pass(job.id);
+    let (bytes, _) = super::method::receive_first(agent, job, channel, &counter).await?;
+    Ok(image_bytes + bytes + receive_kept(agent, job, channel).await?)
+}
+
+/// The job's note, with how the rootfs went when btrfs carried it.
+fn with_method(note: Option<String>, method: RootfsMethod) -> Option<String> {
+    if method != RootfsMethod::BtrfsSend {
+        return note;
+    }
+    let said = "rootfs moved by btrfs send/receive";
+    Some(match note {
+        Some(note) => format!("{note}; {said}"),
+        None => said.to_string(),
+    })
 }
 
 /// After the rootfs, on its channel: the files that move with the

@@ -31,6 +31,10 @@ pub struct Transfers {
     /// On the target: the id of the first pass each job's staged rootfs
     /// holds, untouched since (a final pass takes it).
     rootfs_passes: Mutex<HashMap<JobId, u128>>,
+    /// Either side: the jobs whose first rootfs pass went by btrfs send,
+    /// its snapshot (source) or received subvolume (target) kept for an
+    /// incremental final pass.
+    btrfs_passes: Mutex<std::collections::HashSet<JobId>>,
     /// On the target: how each job's last page stream ended (its stream
     /// id, what passed to the page server or why it failed), for the
     /// final pass to wait on.
@@ -102,6 +106,7 @@ impl Transfers {
         lock(&self.bytes).remove(&job);
         lock(&self.stamps).remove(&job);
         lock(&self.rootfs_passes).remove(&job);
+        lock(&self.btrfs_passes).remove(&job);
         lock(&self.pages).retain(|(j, _), _| *j != job);
     }
 
@@ -126,6 +131,16 @@ impl Transfers {
     /// writes to that rootfs next may change it.
     pub fn take_rootfs_pass(&self, job: JobId) -> Option<u128> {
         lock(&self.rootfs_passes).remove(&job)
+    }
+
+    /// `job`'s first rootfs pass went by btrfs send (see `btrfs_passes`).
+    pub fn remember_btrfs_pass(&self, job: JobId) {
+        lock(&self.btrfs_passes).insert(job);
+    }
+
+    /// Whether `job`'s first rootfs pass went by btrfs send, taken out.
+    pub fn take_btrfs_pass(&self, job: JobId) -> bool {
+        lock(&self.btrfs_passes).remove(&job)
     }
 
     /// A final pass of `job` runs here until the guard goes.

@@ -11,6 +11,10 @@
 //!
 //! `FERRY_BENCH_MODE=push|relay` moves in that mode (relay: from n2 to
 //! n3 through n1, the leader, which the move command goes to).
+//!
+//! `FERRY_BENCH_BTRFS=1` puts every agent's data dir on a btrfs of its
+//! own (a loop-mounted sparse image), so the rootfs goes by btrfs
+//! send/receive.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
@@ -80,7 +84,15 @@ fn main() -> Result<()> {
         "pull" => String::new(),
         other => format!(", {other} mode"),
     };
+    let mut filesystems = cluster_tests::btrfs::Filesystems::default();
     let mut cluster = Cluster::new();
+    if std::env::var("FERRY_BENCH_BTRFS").is_ok_and(|v| v == "1") {
+        for name in &members {
+            filesystems.btrfs_data_dir(cluster.root(), name, 8 << 30)?;
+        }
+        cluster.agent_flags = vec!["--disk-reserve".into(), "256M".into()];
+        println!("data dirs on btrfs");
+    }
     cluster.bootstrap("n1", 3)?;
     for name in &members[1..] {
         cluster.join(name, 0)?;

@@ -41,6 +41,20 @@ fn nameable(path: &Path) -> bool {
 
 /// Whether a filesystem other than its parent's is mounted at `path`.
 fn is_mounted(path: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    // The kernel's own answer where it gives one: a btrfs subvolume has a
+    // device number of its own without being a mount.
+    let root = StatxAttributes::MOUNT_ROOT;
+    match statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    ) {
+        Ok(s) if s.stx_attributes_mask.contains(root) => return s.stx_attributes.contains(root),
+        Ok(_) => {}
+        Err(_) => return false,
+    }
     let dev = |p: &Path| rustix::fs::lstat(p).ok().map(|s| s.st_dev);
     match (dev(path), path.parent().and_then(dev)) {
         (Some(here), Some(parent)) => here != parent,
@@ -242,7 +256,12 @@ impl Host {
             }
             return Ok(());
         }
-        if take && source.is_dir() {
+        // On btrfs the rootfs is a subvolume, so a move can send it by
+        // btrfs; a rename would make it a plain directory.
+        crate::transfer::btrfs::make_root(&dir.rootfs())
+            .await
+            .map_err(|e| DriverError::Runtime(e.to_string()))?;
+        if take && source.is_dir() && !dir.rootfs().exists() {
             let bundle = dir.bundle();
             tokio::fs::create_dir_all(&bundle)
                 .await
