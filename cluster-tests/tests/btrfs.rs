@@ -1,8 +1,9 @@
 //! Moves whose rootfs goes by btrfs send/receive: n1's and n2's data dirs
 //! sit on btrfs filesystems of their own (loop-mounted images the test
 //! makes), n3's on the test's temp dir. Between n1 and n2 both passes go
-//! by btrfs (the final one incremental); to and from n3 the entry stream
-//! takes over, and the rootfs n1 receives that way is a subvolume again.
+//! by btrfs (the final one incremental), pulled and pushed; to and from
+//! n3 the entry stream takes over, and the rootfs n1 receives that way is
+//! a subvolume again; a rootfs holding a subvolume goes as entries.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cluster_tests::{
-    busybox_rootfs, pseudo_random, require_container_runtime, require_tool, wait_for, Cluster,
+    busybox_rootfs, pseudo_random, require_container_runtime, require_tool, run_tool, wait_for,
+    Cluster,
 };
 
 /// Every tick: a line appended to /log, the count in /counter, a new
@@ -55,10 +57,10 @@ fn check_files(cluster: &Cluster, ballast_sum: &str) -> Result<()> {
     Ok(())
 }
 
-/// Move c1 to `target`; the job's notes.
-fn move_to(cluster: &Cluster, job: u64, target: &str) -> Result<String> {
+/// Move c1 to `target` in `mode`; the job's notes.
+fn move_to(cluster: &Cluster, job: u64, target: &str, mode: &str) -> Result<String> {
     let before = cluster.counter(0, "c1")?;
-    let out = cluster.ferry_ok(0, &["move", "c1", "--target", target])?;
+    let out = cluster.ferry_ok(0, &["move", "c1", "--target", target, "--mode", mode])?;
     assert!(out.contains("downtime"), "{out}");
     let show = cluster.ferry_json(0, &["job", "show", &job.to_string()])?;
     assert_eq!(show["phase"], "Done", "{show}");
@@ -72,7 +74,10 @@ fn move_to(cluster: &Cluster, job: u64, target: &str) -> Result<String> {
 
 #[test]
 fn a_rootfs_on_btrfs_moves_by_send_and_receive_and_by_entries_to_other_filesystems() -> Result<()> {
-    if !require_container_runtime() || !require_tool("btrfs moves", "mkfs.btrfs") {
+    if !require_container_runtime()
+        || !require_tool("btrfs moves", "mkfs.btrfs")
+        || !require_tool("btrfs moves", "btrfs")
+    {
         return Ok(());
     }
     let mut filesystems = cluster_tests::btrfs::Filesystems::default();
@@ -115,8 +120,13 @@ fn a_rootfs_on_btrfs_moves_by_send_and_receive_and_by_entries_to_other_filesyste
     let ballast_sum = cluster.ferry_ok(0, &["exec", "c1", "--", "md5sum", "/ballast"])?;
     let sampler = cluster.sampler("c1");
 
-    let notes = move_to(&cluster, 1, "n2")?;
+    let notes = move_to(&cluster, 1, "n2", "pull")?;
     assert!(notes.contains("btrfs send/receive"), "{notes}");
+    // The final pass was incremental: the 16 MiB ballast went once.
+    let bytes = cluster.ferry_json(0, &["job", "show", "1"])?["bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(bytes > 16 << 20 && bytes < 28 << 20, "{bytes} bytes sent");
     assert!(
         is_subvolume(&rootfs_of(&cluster, 1)),
         "n2's rootfs is no subvolume"
@@ -147,17 +157,33 @@ fn a_rootfs_on_btrfs_moves_by_send_and_receive_and_by_entries_to_other_filesyste
         },
     )?;
 
-    let notes = move_to(&cluster, 2, "n3")?;
+    let notes = move_to(&cluster, 2, "n3", "pull")?;
     assert!(!notes.contains("btrfs"), "{notes}");
     check_files(&cluster, &ballast_sum)?;
 
-    let notes = move_to(&cluster, 3, "n1")?;
+    let notes = move_to(&cluster, 3, "n1", "pull")?;
     assert!(!notes.contains("btrfs"), "{notes}");
     check_files(&cluster, &ballast_sum)?;
     assert!(
         is_subvolume(&rootfs_of(&cluster, 0)),
         "the rootfs n1 received as entries is no subvolume"
     );
+    // Pushed from n1, whose rootfs came as entries into a subvolume: by
+    // btrfs again.
+    let notes = move_to(&cluster, 4, "n2", "push")?;
+    assert!(notes.contains("btrfs send/receive"), "{notes}");
+    check_files(&cluster, &ballast_sum)?;
+
+    // A subvolume inside the rootfs would arrive empty by btrfs (a
+    // snapshot leaves it out): such a rootfs goes as entries.
+    let nested = rootfs_of(&cluster, 1).join("nested");
+    run_tool("btrfs", &["subvolume", "create", &nested.to_string_lossy()])?;
+    std::fs::write(nested.join("file"), "inside")?;
+    let notes = move_to(&cluster, 5, "n1", "pull")?;
+    assert!(!notes.contains("btrfs"), "{notes}");
+    let inside = cluster.ferry_ok(0, &["exec", "c1", "--", "cat", "/nested/file"])?;
+    assert_eq!(inside.trim(), "inside");
+    check_files(&cluster, &ballast_sum)?;
     assert_eq!(sampler.finish(), 1, "two copies ran at once");
     Ok(())
 }

@@ -130,6 +130,7 @@ pub async fn run(agent: Arc<Agent>) {
     let busy: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
     let mut watch = agent.state().watch();
     let mut last_sweep: Option<Instant> = None;
+    let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut phase_clock = PhaseClock::default();
     loop {
         for job in my_jobs(&agent) {
@@ -159,7 +160,14 @@ pub async fn run(agent: Arc<Agent>) {
         if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
             last_sweep = Some(Instant::now());
             sweep_staging(&agent).await;
-            super::method::sweep(&agent).await;
+            // Its btrfs commands may take a while: not in this loop's way.
+            if !sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (agent, sweeping) = (agent.clone(), sweeping.clone());
+                tokio::spawn(async move {
+                    super::method::sweep(&agent).await;
+                    sweeping.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
         let moves_changed = |a: &ClusterState, b: &ClusterState| {
             !a.jobs.ptr_eq(&b.jobs) || !a.instances.ptr_eq(&b.instances)

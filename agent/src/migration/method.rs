@@ -89,8 +89,12 @@ pub(super) async fn receive_first(
     counter: &AtomicU64,
 ) -> Result<(u64, RootfsMethod), MoveError> {
     let (rootfs, work) = paths(agent, job)?;
+    // The work area and the rootfs both on btrfs: the rootfs becomes a
+    // snapshot of what the work area received (one filesystem assumed:
+    // the data dir's).
+    let parent = rootfs.parent().map(Path::to_path_buf).unwrap_or_default();
     let offered = answer(channel, |btrfs_offered| async move {
-        btrfs_offered && btrfs::usable(&work_dir(agent, job)).await
+        btrfs_offered && btrfs::usable(&work_dir(agent, job)).await && btrfs::usable(&parent).await
     })
     .await?;
     let reserve = agent.reserve();
@@ -180,10 +184,23 @@ fn paths(agent: &Agent, job: &Job) -> Result<(PathBuf, PathBuf), MoveError> {
 }
 
 /// A read-only snapshot of `rootfs` at `work/name` for a send, if
-/// `rootfs` is a subvolume and the snapshot could be made.
+/// `rootfs` is a subvolume holding no other (a snapshot would leave their
+/// files out; checked again at the final pass, while frozen) and the
+/// snapshot could be made.
 async fn snapshot_for_send(rootfs: &Path, work: &Path, name: &str) -> Option<PathBuf> {
     if !btrfs::is_subvolume(rootfs) || !btrfs::tools_present().await {
         return None;
+    }
+    match btrfs::holds_subvolumes(rootfs).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::info!("{} holds subvolumes: sent as entries", rootfs.display());
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("no btrfs send of {}: {e}", rootfs.display());
+            return None;
+        }
     }
     let snapshot = work.join(name);
     let made = async {

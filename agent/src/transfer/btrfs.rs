@@ -126,6 +126,15 @@ pub async fn snapshot(from: &Path, to: &Path, read_only: bool) -> Result<(), Btr
     run(snap, "snapshot", from).await
 }
 
+/// Whether subvolume `path` holds other subvolumes: a snapshot leaves
+/// their files out (they would arrive as empty directories).
+pub async fn holds_subvolumes(path: &Path) -> Result<bool, BtrfsError> {
+    let mut list = btrfs(["subvolume", "list", "-o"]);
+    list.arg(path);
+    let listed = output(list, "subvolume list", path).await?;
+    Ok(!listed.trim().is_empty())
+}
+
 /// Remove `path`, a subvolume (read-only ones too) or a directory; gone
 /// already is fine.
 pub async fn remove(path: &Path) -> Result<(), BtrfsError> {
@@ -153,8 +162,23 @@ pub async fn remove_all_below(dir: &Path) -> Result<(), BtrfsError> {
 }
 
 /// Send the read-only `snapshot` (incremental against `parent`, which
-/// the receiver holds) on `out`; the stream's bytes.
+/// the receiver holds) on `out`; the stream's bytes. A failure is said
+/// on the stream too, so the receiver's error names it.
 pub async fn send(
+    snapshot: &Path,
+    parent: Option<&Path>,
+    out: &mut quinn::SendStream,
+) -> Result<u64, BtrfsError> {
+    let result = send_stream(snapshot, parent, out).await;
+    if let Err(e) = &result {
+        if !matches!(e, BtrfsError::Frame(_)) {
+            let _ = write_frame(out, &Piece::Failed(e.to_string())).await;
+        }
+    }
+    result
+}
+
+async fn send_stream(
     snapshot: &Path,
     parent: Option<&Path>,
     out: &mut quinn::SendStream,
@@ -165,22 +189,19 @@ pub async fn send(
     }
     cmd.arg(snapshot)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| spawn_failed("send", snapshot, e))?;
-    let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(failed("send", snapshot, "no pipes".into()));
+        .stdout(Stdio::piped());
+    let mut process = Process::spawn(cmd, "send", snapshot)?;
+    let Some(mut stdout) = process.child.stdout.take() else {
+        return Err(process.failed("no pipe".into()).await);
     };
-    let errors = tokio::spawn(read_capped(stderr));
     let (mut sum, mut bytes) = (Xxh3::new(), 0u64);
     let mut buf = Vec::with_capacity(CHUNK);
     loop {
         buf.clear();
-        let read = tokio::time::timeout(STALL_TIMEOUT, fill(&mut stdout, &mut buf)).await;
-        let n = match read {
+        let n = match tokio::time::timeout(STALL_TIMEOUT, fill(&mut stdout, &mut buf)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(failed("send", snapshot, e.to_string())),
-            Err(_) => return Err(failed("send", snapshot, stalled())),
+            Ok(Err(e)) => return Err(process.failed(e.to_string()).await),
+            Err(_) => return Err(process.failed(stalled()).await),
         };
         if n == 0 {
             break;
@@ -189,13 +210,7 @@ pub async fn send(
         bytes += n as u64;
         write_frame(out, &Piece::Data(buf.clone())).await?;
     }
-    let status = tokio::time::timeout(COMMAND_TIMEOUT, child.wait()).await;
-    let why = errors.await.unwrap_or_default();
-    if !matches!(status, Ok(Ok(s)) if s.success()) {
-        let why = format!("{} ({status:?})", why.trim());
-        let _ = write_frame(out, &Piece::Failed(why.clone())).await;
-        return Err(failed("send", snapshot, why));
-    }
+    process.finish().await?;
     let checksum = sum.digest128();
     write_frame(out, &Piece::End { bytes, checksum }).await?;
     Ok(bytes)
@@ -214,34 +229,29 @@ pub async fn receive(
         .await
         .map_err(|e| failed("receive", dir, e.to_string()))?;
     let mut cmd = btrfs(["receive", "-q", "--chroot"]);
-    cmd.arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| spawn_failed("receive", dir, e))?;
-    let (Some(mut stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
-        return Err(failed("receive", dir, "no pipes".into()));
+    cmd.arg(dir).stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut process = Process::spawn(cmd, "receive", dir)?;
+    let Some(mut stdin) = process.child.stdin.take() else {
+        return Err(process.failed("no pipe".into()).await);
     };
-    let errors = tokio::spawn(read_capped(stderr));
     let (mut sum, mut bytes) = (Xxh3::new(), 0u64);
     let (sent_bytes, sent_sum) = loop {
         let frame = tokio::time::timeout(STALL_TIMEOUT, read_frame::<Piece>(recv, MAX_FRAME));
-        match frame
-            .await
-            .map_err(|_| failed("receive", dir, stalled()))??
-        {
-            Piece::Data(data) => {
-                reserve.check(data.len() as u64, "the btrfs stream of a rootfs")?;
-                sum.update(&data);
-                bytes += data.len() as u64;
-                progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if let Err(e) = stdin.write_all(&data).await {
-                    let why = errors.await.unwrap_or_default();
-                    return Err(failed("receive", dir, format!("{e}: {}", why.trim())));
-                }
-            }
-            Piece::End { bytes, checksum } => break (bytes, checksum),
-            Piece::Failed(why) => return Err(BtrfsError::SenderFailed(why)),
+        let data = match frame.await {
+            Ok(Ok(Piece::Data(data))) => data,
+            Ok(Ok(Piece::End { bytes, checksum })) => break (bytes, checksum),
+            Ok(Ok(Piece::Failed(why))) => return Err(BtrfsError::SenderFailed(why)),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(process.failed(stalled()).await),
+        };
+        reserve.check(data.len() as u64, "the btrfs stream of a rootfs")?;
+        sum.update(&data);
+        bytes += data.len() as u64;
+        progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match tokio::time::timeout(STALL_TIMEOUT, stdin.write_all(&data)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(process.failed(e.to_string()).await),
+            Err(_) => return Err(process.failed(stalled()).await),
         }
     };
     if (sent_bytes, sent_sum) != (bytes, sum.digest128()) {
@@ -250,15 +260,67 @@ pub async fn receive(
         )));
     }
     drop(stdin);
-    let status = tokio::time::timeout(COMMAND_TIMEOUT, child.wait()).await;
-    let why = errors.await.unwrap_or_default();
-    match status {
-        Ok(Ok(s)) if s.success() => Ok(bytes),
-        other => Err(failed(
-            "receive",
-            dir,
-            format!("{} ({other:?})", why.trim()),
-        )),
+    process.finish().await?;
+    Ok(bytes)
+}
+
+/// A running btrfs send or receive and what it writes to stderr.
+struct Process {
+    child: tokio::process::Child,
+    stderr: Option<tokio::task::JoinHandle<String>>,
+    what: &'static str,
+    path: PathBuf,
+}
+
+impl Process {
+    fn spawn(
+        mut cmd: tokio::process::Command,
+        what: &'static str,
+        path: &Path,
+    ) -> Result<Process, BtrfsError> {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| spawn_failed(what, path, e))?;
+        let stderr = child.stderr.take().map(|e| tokio::spawn(read_capped(e)));
+        Ok(Process {
+            child,
+            stderr,
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Wait for its end (within [`COMMAND_TIMEOUT`], else killed); an
+    /// error naming its stderr unless it succeeded.
+    async fn finish(mut self) -> Result<(), BtrfsError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(self.failed(status.to_string()).await),
+            Ok(Err(e)) => Err(self.failed(e.to_string()).await),
+            Err(_) => Err(self
+                .failed(format!("not done within {COMMAND_TIMEOUT:?}"))
+                .await),
+        }
+    }
+
+    /// Kill it (it is no use any more) and name `why` and its stderr.
+    async fn failed(&mut self, why: String) -> BtrfsError {
+        let _ = self.child.start_kill();
+        let stderr = match self.stderr.take() {
+            // Killed, it closes stderr; the wait is bounded all the same.
+            Some(task) => tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        let why = match stderr.trim() {
+            "" => why,
+            said => format!("{said} ({why})"),
+        };
+        failed(self.what, &self.path, why)
     }
 }
 
@@ -287,17 +349,26 @@ fn btrfs<const N: usize>(args: [&str; N]) -> tokio::process::Command {
 
 /// Run a short btrfs command to its end within [`COMMAND_TIMEOUT`].
 async fn run(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     what: &'static str,
     path: &Path,
 ) -> Result<(), BtrfsError> {
+    output(cmd, what, path).await.map(drop)
+}
+
+/// As [`run`], its stdout.
+async fn output(
+    mut cmd: tokio::process::Command,
+    what: &'static str,
+    path: &Path,
+) -> Result<String, BtrfsError> {
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     let output = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
         .await
         .map_err(|_| failed(what, path, format!("not done within {COMMAND_TIMEOUT:?}")))?
         .map_err(|e| spawn_failed(what, path, e))?;
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     let why = String::from_utf8_lossy(&output.stderr);
     Err(failed(

@@ -55,9 +55,11 @@ fn is_mounted(path: &Path) -> bool {
         Ok(_) => {}
         Err(_) => return false,
     }
+    // Kernels before 5.8: another device than the parent's, unless it
+    // is a subvolume's (ferry mounts nothing there but overlayfs).
     let dev = |p: &Path| rustix::fs::lstat(p).ok().map(|s| s.st_dev);
     match (dev(path), path.parent().and_then(dev)) {
-        (Some(here), Some(parent)) => here != parent,
+        (Some(here), Some(parent)) => here != parent && !crate::transfer::btrfs::is_subvolume(path),
         _ => false,
     }
 }
