@@ -30,10 +30,15 @@ fn taskset(args: &[&str]) -> Result<()> {
 pub fn saturate(pid: u32, within: Duration) -> Result<Saturated> {
     taskset(&["-a", "-p", "-c", "1", &pid.to_string()])?;
     let secs = within.as_secs().max(1).to_string();
+    // A process group of its own: `timeout` does not pass SIGKILL on to
+    // its shell, so the drop kills the group (a loop once outlived its
+    // bench that way and spun for 20 minutes).
     let spin = || -> Result<Child> {
+        use std::os::unix::process::CommandExt;
         Ok(Command::new("taskset")
             .args(["-c", "1", "timeout", &secs])
             .args(["sh", "-c", "while :; do :; done"])
+            .process_group(0)
             .spawn()?)
     };
     let loops = vec![spin()?, spin()?];
@@ -43,7 +48,8 @@ pub fn saturate(pid: u32, within: Duration) -> Result<Saturated> {
 impl Drop for Saturated {
     fn drop(&mut self) {
         for l in &mut self.loops {
-            let _ = l.kill();
+            let group = format!("-{}", l.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
             let _ = l.wait();
         }
         let cpus = format!(

@@ -185,5 +185,14 @@ fn a_rootfs_on_btrfs_moves_by_send_and_receive_and_by_entries_to_other_filesyste
     assert_eq!(inside.trim(), "inside");
     check_files(&cluster, &ballast_sum)?;
     assert_eq!(sampler.finish(), 1, "two copies ran at once");
+    // A snapshot restored into the rootfs leaves it a subvolume.
+    cluster.ferry_ok(0, &["snapshot", "create", "c1", "s1"])?;
+    cluster.ferry_ok(0, &["snapshot", "restore", "c1", "s1"])?;
+    assert!(
+        is_subvolume(&rootfs_of(&cluster, 0)),
+        "a snapshot restore made n1's rootfs a plain directory"
+    );
+    let sum = cluster.ferry_ok(0, &["exec", "c1", "--", "md5sum", "/ballast"])?;
+    assert_eq!(sum, ballast_sum);
     Ok(())
 }

@@ -235,15 +235,25 @@ fn run_bounded(
     }
 }
 
-/// Replace `dest` with an exact copy of the directory `source` (blocking),
-/// within `timeout`.
+/// Make `dest` an exact copy of the directory `source` (blocking), within
+/// `timeout`. An existing `dest` is emptied, not replaced: a rootfs that
+/// is a btrfs subvolume stays one.
 pub fn copy_tree(
     source: &Path,
     dest: &Path,
     timeout: std::time::Duration,
 ) -> Result<(), BundleError> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| io_err("remove", dest, e))?;
+    if dest.is_dir() {
+        for child in std::fs::read_dir(dest).map_err(|e| io_err("read", dest, e))? {
+            let child = child.map_err(|e| io_err("read", dest, e))?.path();
+            let removed = match child.is_dir() && !child.is_symlink() {
+                true => std::fs::remove_dir_all(&child),
+                false => std::fs::remove_file(&child),
+            };
+            removed.map_err(|e| io_err("remove", &child, e))?;
+        }
+    } else if dest.exists() {
+        std::fs::remove_file(dest).map_err(|e| io_err("remove", dest, e))?;
     }
     std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
     let mut cp = std::process::Command::new("cp");
@@ -298,6 +308,31 @@ pub fn import_rootfs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_over_an_existing_tree_keeps_its_directory_and_nothing_stale() {
+        use std::os::unix::fs::MetadataExt;
+        let (src, dest) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir(src.path().join("d")).unwrap();
+        std::fs::write(src.path().join("d/new"), "new").unwrap();
+        std::fs::create_dir(dest.path().join("stale")).unwrap();
+        std::fs::write(dest.path().join("stale/old"), "old").unwrap();
+        std::os::unix::fs::symlink("/", dest.path().join("link")).unwrap();
+        let inode = std::fs::metadata(dest.path()).unwrap().ino();
+        let timeout = std::time::Duration::from_secs(30);
+        copy_tree(src.path(), dest.path(), timeout).unwrap();
+        assert_eq!(std::fs::metadata(dest.path()).unwrap().ino(), inode);
+        let mut names: Vec<_> = std::fs::read_dir(dest.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["d"]);
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("d/new")).unwrap(),
+            "new"
+        );
+    }
 
     #[test]
     fn a_copy_that_does_not_end_in_time_is_killed_and_says_so() {
