@@ -243,16 +243,19 @@ pub fn copy_tree(
     dest: &Path,
     timeout: std::time::Duration,
 ) -> Result<(), BundleError> {
-    if dest.is_dir() {
+    let kind = std::fs::symlink_metadata(dest).map(|m| m.file_type());
+    if kind.as_ref().is_ok_and(|k| k.is_dir()) {
         for child in std::fs::read_dir(dest).map_err(|e| io_err("read", dest, e))? {
-            let child = child.map_err(|e| io_err("read", dest, e))?.path();
-            let removed = match child.is_dir() && !child.is_symlink() {
+            let child = child.map_err(|e| io_err("read", dest, e))?;
+            let is_dir = child.file_type().is_ok_and(|k| k.is_dir());
+            let child = child.path();
+            let removed = match is_dir {
                 true => std::fs::remove_dir_all(&child),
                 false => std::fs::remove_file(&child),
             };
             removed.map_err(|e| io_err("remove", &child, e))?;
         }
-    } else if dest.exists() {
+    } else if kind.is_ok() {
         std::fs::remove_file(dest).map_err(|e| io_err("remove", dest, e))?;
     }
     std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;

@@ -164,8 +164,9 @@ pub async fn run(agent: Arc<Agent>) {
             if !sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 let (agent, sweeping) = (agent.clone(), sweeping.clone());
                 tokio::spawn(async move {
+                    // Cleared even if the sweep panics.
+                    let _done = Cleared(sweeping);
                     super::method::sweep(&agent).await;
-                    sweeping.store(false, std::sync::atomic::Ordering::Release);
                 });
             }
         }
@@ -178,6 +179,15 @@ pub async fn run(agent: Arc<Agent>) {
         {
             return;
         }
+    }
+}
+
+/// Clears its flag when dropped.
+struct Cleared(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -231,6 +231,24 @@ pub async fn receive(
     let mut cmd = btrfs(["receive", "-q", "--chroot"]);
     cmd.arg(dir).stdin(Stdio::piped()).stdout(Stdio::null());
     let mut process = Process::spawn(cmd, "receive", dir)?;
+    let received = receive_into(&mut process, recv, progress, reserve).await;
+    match received {
+        Ok(bytes) => process.finish().await.map(|()| bytes),
+        // Ended before the caller looks at (and removes) what it left.
+        Err(e) => {
+            let _ = process.child.kill().await;
+            Err(e)
+        }
+    }
+}
+
+/// Feed the stream to a running `btrfs receive`; its bytes.
+async fn receive_into(
+    process: &mut Process,
+    recv: &mut quinn::RecvStream,
+    progress: &AtomicU64,
+    reserve: &Reserve,
+) -> Result<u64, BtrfsError> {
     let Some(mut stdin) = process.child.stdin.take() else {
         return Err(process.failed("no pipe".into()).await);
     };
@@ -259,8 +277,6 @@ pub async fn receive(
             "{bytes} bytes arrived, the sender sent {sent_bytes}, or their checksums differ"
         )));
     }
-    drop(stdin);
-    process.finish().await?;
     Ok(bytes)
 }
 
@@ -335,10 +351,13 @@ async fn fill<R: AsyncRead + Unpin>(from: &mut R, buf: &mut Vec<u8>) -> std::io:
     Ok(buf.len())
 }
 
-async fn read_capped<R: AsyncRead + Unpin>(from: R) -> String {
-    let mut text = String::new();
-    let _ = from.take(STDERR_CAP).read_to_string(&mut text).await;
-    text
+/// The first [`STDERR_CAP`] bytes of `from`, read to its end: a pipe
+/// closed early would kill the writer with SIGPIPE.
+async fn read_capped<R: AsyncRead + Unpin>(mut from: R) -> String {
+    let mut kept = Vec::new();
+    let _ = (&mut from).take(STDERR_CAP).read_to_end(&mut kept).await;
+    let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+    String::from_utf8_lossy(&kept).into_owned()
 }
 
 fn btrfs<const N: usize>(args: [&str; N]) -> tokio::process::Command {
