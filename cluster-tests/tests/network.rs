@@ -214,10 +214,18 @@ fn a_live_move_keeps_the_address_and_the_open_connection() -> Result<()> {
             &log,
             target,
         )?);
-        // The one left behind holds nothing for it.
+        // The one left behind holds nothing for it, once it has deleted
+        // its copy (after Done, which the move command returns at).
         let left = &cluster.agents[1 - index];
         let netns = left.data_dir.join("netns/srv");
-        assert!(!netns.exists(), "{} still has its namespace", left.name);
+        wait_for(
+            "the source's namespace removed",
+            Duration::from_secs(30),
+            || match netns.exists() {
+                true => bail!("{} still has its namespace", left.name),
+                false => Ok(()),
+            },
+        )?;
     }
     let gap = unbroken_gap_ms(&log)?;
     // Retransmission backs off while the address is withdrawn: allow that
