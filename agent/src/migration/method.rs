@@ -81,29 +81,27 @@ pub(super) async fn send_changes(
     Ok(())
 }
 
-/// Target, first pass; the bytes and the method it went by.
+/// Target, first pass; its bytes.
 pub(super) async fn receive_first(
     agent: &Agent,
     job: &Job,
     channel: &mut Channel,
     counter: &AtomicU64,
-) -> Result<(u64, RootfsMethod), MoveError> {
+) -> Result<u64, MoveError> {
     let (rootfs, work) = paths(agent, job)?;
     // The work area and the rootfs both on btrfs: the rootfs becomes a
     // snapshot of what the work area received (one filesystem assumed:
     // the data dir's).
-    let parent = rootfs.parent().map(Path::to_path_buf).unwrap_or_default();
-    let offered = answer(channel, |btrfs_offered| async move {
-        btrfs_offered && btrfs::usable(&work_dir(agent, job)).await && btrfs::usable(&parent).await
-    })
-    .await?;
+    let parent = rootfs.parent().unwrap_or(&rootfs);
+    let can = btrfs::usable(&work).await && btrfs::usable(parent).await;
+    let offered = answer(channel, can).await?;
     let reserve = agent.reserve();
     let (send, recv) = channel;
     if offered == RootfsMethod::BtrfsSend {
         let bytes = receive_subvolume(&work, FIRST, recv, counter, &reserve).await?;
         lay_rootfs(&work.join(FIRST), &rootfs).await?;
         agent.transfers().remember_btrfs_pass(job.id);
-        return Ok((bytes, offered));
+        return Ok(bytes);
     }
     // What an earlier attempt left (a restart of either side) goes first:
     // the final pass deletes only what this pass sent. A rootfs that can
@@ -118,7 +116,7 @@ pub(super) async fn receive_first(
     let writing = tree::Writing::synced(counter, &reserve);
     let full = tree::receive_counted(send, recv, &rootfs, tree::Pass::Whole, writing).await?;
     agent.transfers().remember_rootfs_pass(job.id, full.pass);
-    Ok((full.bytes, offered))
+    Ok(full.bytes)
 }
 
 /// Target, final pass, written unsynced (the rootfs is synced before
@@ -132,11 +130,7 @@ pub(super) async fn receive_changes(
     let (rootfs, work) = paths(agent, job)?;
     let holds = agent.transfers().take_rootfs_pass(job.id);
     let first = agent.transfers().take_btrfs_pass(job.id) && btrfs::is_subvolume(&work.join(FIRST));
-    let offered = answer(
-        channel,
-        |btrfs_offered| async move { btrfs_offered && first },
-    )
-    .await?;
+    let offered = answer(channel, first).await?;
     let reserve = agent.reserve();
     let (send, recv) = channel;
     if offered == RootfsMethod::BtrfsSend {
@@ -255,16 +249,10 @@ async fn ask(
     Ok(choice)
 }
 
-/// Target: read the offer and answer btrfs when offered and `can_btrfs`
-/// (given whether it was offered) says so, else entries.
-async fn answer<F, Fut>((send, recv): &mut Channel, can_btrfs: F) -> Result<RootfsMethod, MoveError>
-where
-    F: FnOnce(bool) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
+/// Target: read the offer and answer with [`choose`]'s method.
+async fn answer((send, recv): &mut Channel, can_btrfs: bool) -> Result<RootfsMethod, MoveError> {
     let offer = read_frame::<RootfsOffer>(recv, MAX_FRAME).await?;
-    let btrfs_offered = offer.methods.contains(&RootfsMethod::BtrfsSend);
-    let choice = choose(&offer, can_btrfs(btrfs_offered).await);
+    let choice = choose(&offer, can_btrfs);
     write_frame(send, &choice).await?;
     Ok(choice)
 }

@@ -108,7 +108,7 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     let counter = agent.transfers().stage(job.id, "rootfs");
     let _ = agent.transfers().take_rootfs_pass(job.id);
     let _ = agent.transfers().take_btrfs_pass(job.id);
-    let (bytes, _) = super::method::receive_first(agent, job, channel, &counter).await?;
+    let bytes = super::method::receive_first(agent, job, channel, &counter).await?;
     Ok(image_bytes + bytes + receive_kept(agent, job, channel).await?)
 }
 
