@@ -90,9 +90,10 @@ async fn receive_final(
             .bytes;
     }
     let counter = agent.transfers().stage(job.id, "rootfs delta");
+    let started = std::time::Instant::now();
     let (delta, method) = super::method::receive_changes(agent, job, channel, &counter).await?;
     bytes += delta;
-    let note = with_method(note, method);
+    let note = with_rootfs_pass(note, method, started.elapsed());
     driver
         .configure(name, &spec(agent, job)?, job.options.stateful)
         .await?;
@@ -112,15 +113,24 @@ async fn receive_rootfs(agent: &Agent, job: &Job, channel: &mut Channel) -> Resu
     Ok(image_bytes + bytes + receive_kept(agent, job, channel).await?)
 }
 
-/// The job's note, with how the rootfs went when btrfs carried it.
-fn with_method(note: Option<String>, method: RootfsMethod) -> Option<String> {
-    if method != RootfsMethod::BtrfsSend {
-        return note;
-    }
-    let said = "rootfs moved by btrfs send/receive";
+/// The job's note, with how long the final rootfs pass took (inside the
+/// frozen window: what an operator reads when the downtime is long) and
+/// how, when btrfs carried the rootfs. `bench-move` reads it back.
+fn with_rootfs_pass(
+    note: Option<String>,
+    method: RootfsMethod,
+    took: std::time::Duration,
+) -> Option<String> {
+    let ms = took.as_millis();
+    let said = match method {
+        RootfsMethod::BtrfsSend => {
+            format!("rootfs moved by btrfs send/receive, final pass in {ms} ms")
+        }
+        RootfsMethod::Entries => format!("final rootfs pass in {ms} ms"),
+    };
     Some(match note {
         Some(note) => format!("{note}; {said}"),
-        None => said.to_string(),
+        None => said,
     })
 }
 
@@ -265,5 +275,25 @@ pub fn done(agent: &Agent, job: &Job) -> Proposal {
     Proposal {
         stats: Some(stats),
         ..Proposal::to(Phase::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_note_says_how_long_the_final_rootfs_pass_took_and_how() {
+        let took = Duration::from_millis(12);
+        let btrfs = with_rootfs_pass(None, RootfsMethod::BtrfsSend, took);
+        assert_eq!(
+            btrfs.as_deref(),
+            Some("rootfs moved by btrfs send/receive, final pass in 12 ms")
+        );
+        let entries = with_rootfs_pass(Some("x".into()), RootfsMethod::Entries, took);
+        // bench-move reads the time back after "pass in ".
+        assert_eq!(entries.as_deref(), Some("x; final rootfs pass in 12 ms"));
     }
 }

@@ -5,22 +5,25 @@
 //!
 //! cargo build --release --bin ferry && cargo run --release -p cluster-tests --bin bench-move [-- 64 256]
 //!
-//! `FERRY_BENCH_ROOTFS_FILES=N` adds N files of 1 KiB to the rootfs (how
-//! long the final rootfs pass takes shows in the agents' debug log:
-//! `FERRY_TEST_LOG=info,ferry_agent::migration=debug`).
+//! `FERRY_BENCH_ROOTFS_FILES=N` adds N files of 1 KiB to the rootfs; each
+//! move also reports how long its final rootfs pass took (the target's
+//! note on the job).
 //!
 //! `FERRY_BENCH_MODE=push|relay` moves in that mode (relay: from n2 to
 //! n3 through n1, the leader, which the move command goes to).
 //!
 //! `FERRY_BENCH_BTRFS=1` puts every agent's data dir on a btrfs of its
 //! own (a loop-mounted sparse image), so the rootfs goes by btrfs
-//! send/receive.
+//! send/receive. `FERRY_BENCH_BTRFS=compare` runs the sizes twice, on
+//! plain data dirs and then on btrfs ones, and reports the final rootfs
+//! pass by btrfs beside the one by entries.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cluster_tests::btrfs::Filesystems;
 use cluster_tests::{busybox_rootfs, dirtying_workload as workload, figures, wait_for, Cluster};
 
 fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
@@ -48,17 +51,211 @@ fn runc(root: &std::path::Path, args: &[&str]) -> Result<()> {
 /// `FERRY_BENCH_ROOTFS_FILES` files of 1 KiB under `rootfs/many`, a
 /// thousand to a directory.
 fn add_files(rootfs: &std::path::Path) -> Result<()> {
-    let count: usize = match std::env::var("FERRY_BENCH_ROOTFS_FILES") {
-        Ok(n) => n.parse().context("FERRY_BENCH_ROOTFS_FILES")?,
-        Err(_) => return Ok(()),
-    };
+    let count = extra_files()?;
     for i in 0..count {
         let dir = rootfs.join("many").join((i / 1000).to_string());
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join(i.to_string()), [b'x'; 1024])?;
     }
-    println!("rootfs with {count} more files of 1 KiB");
+    if count > 0 {
+        println!("rootfs with {count} more files of 1 KiB");
+    }
     Ok(())
+}
+
+fn extra_files() -> Result<usize> {
+    match std::env::var("FERRY_BENCH_ROOTFS_FILES") {
+        Ok(n) => n.parse().context("FERRY_BENCH_ROOTFS_FILES"),
+        Err(_) => Ok(0),
+    }
+}
+
+/// Who takes part, and which member is the source and which the target.
+struct Setup {
+    mode: String,
+    members: Vec<&'static str>,
+    from: usize,
+    to: usize,
+    /// Every data dir on a btrfs of its own.
+    btrfs: bool,
+}
+
+impl Setup {
+    fn new(btrfs: bool) -> Setup {
+        let mode = std::env::var("FERRY_BENCH_MODE").unwrap_or_else(|_| "pull".into());
+        // The command goes to n1 (the relay in relay mode).
+        let (members, from, to) = match mode.as_str() {
+            "relay" => (vec!["n1", "n2", "n3"], 1, 2),
+            _ => (vec!["n1", "n2"], 0, 1),
+        };
+        Setup {
+            mode,
+            members,
+            from,
+            to,
+            btrfs,
+        }
+    }
+
+    /// What the figures' names add: the mode, the extra files, btrfs.
+    fn suffix(&self) -> Result<String> {
+        let mut suffix = String::new();
+        if self.mode != "pull" {
+            suffix += &format!(", {} mode", self.mode);
+        }
+        let files = extra_files()?;
+        if files > 0 {
+            suffix += &format!(", {files} extra files");
+        }
+        if self.btrfs {
+            suffix += ", btrfs";
+        }
+        Ok(suffix)
+    }
+}
+
+/// A converged cluster of the setup's members, each with its facts.
+fn start(setup: &Setup, filesystems: &mut Filesystems) -> Result<Cluster> {
+    let mut cluster = Cluster::new();
+    if setup.btrfs {
+        for name in &setup.members {
+            filesystems.btrfs_data_dir(cluster.root(), name, 8 << 30)?;
+        }
+        cluster.agent_flags = vec!["--disk-reserve".into(), "256M".into()];
+        println!("data dirs on btrfs");
+    }
+    cluster.bootstrap("n1", 3)?;
+    for name in &setup.members[1..] {
+        cluster.join(name, 0)?;
+    }
+    cluster.wait_converged(&setup.members, Duration::from_secs(60))?;
+    for name in &setup.members {
+        wait_for("facts", Duration::from_secs(60), || {
+            let v = cluster.ferry_json(0, &["cluster", "show", name])?;
+            if v["facts"].is_null() {
+                bail!("no facts")
+            } else {
+                Ok(())
+            }
+        })?;
+    }
+    Ok(cluster)
+}
+
+/// One move's figures.
+struct Outcome {
+    downtime_ms: u64,
+    floor_ms: u64,
+    /// The final rootfs pass, from the target's note on the job.
+    final_pass_ms: Option<u64>,
+}
+
+/// The milliseconds in the job's note "... final ... pass in N ms".
+fn final_pass_ms(notes: &serde_json::Value) -> Option<u64> {
+    let notes = notes.as_array()?;
+    notes.iter().filter_map(|n| n.as_str()).find_map(|note| {
+        let (_, after) = note.split_once("pass in ")?;
+        after.split(' ').next()?.parse().ok()
+    })
+}
+
+/// The floor: the container, now on the target, dumped and restored by
+/// runc on this host to tmpfs; the checkpoint's and the restore's time.
+fn floor(cluster: &Cluster, to: usize, name: &str) -> Result<(Duration, Duration)> {
+    let root = cluster.agents[to].data_dir.join("runc");
+    let bundle = cluster.agents[to]
+        .data_dir
+        .join(format!("instances/{name}/bundle"));
+    let images = std::path::PathBuf::from(format!("/dev/shm/ferry-bench-{name}"));
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::create_dir_all(&images)?;
+    let images_s = images.to_string_lossy().into_owned();
+    let t = Instant::now();
+    runc(&root, &["checkpoint", "--image-path", &images_s, name]).context("floor checkpoint")?;
+    let dump = t.elapsed();
+    let t = Instant::now();
+    let bundle = bundle.to_string_lossy();
+    let restore = ["restore", "--detach", "--image-path", &images_s];
+    runc(
+        &root,
+        &[&restore[..], &["--bundle", &bundle, name]].concat(),
+    )
+    .context("floor restore")?;
+    let restore = t.elapsed();
+    let _ = std::fs::remove_dir_all(&images);
+    Ok((dump, restore))
+}
+
+/// Launch a container dirtying `mib` MiB on the source, move it, measure
+/// the floor, delete it.
+fn measure(
+    cluster: &Cluster,
+    setup: &Setup,
+    rootfs: &str,
+    job: usize,
+    mib: usize,
+) -> Result<Outcome> {
+    let name = format!("dirty{mib}");
+    let script = workload(mib);
+    let on = setup.members[setup.from];
+    let launch = ["launch", &name, "--rootfs", rootfs, "--target", on];
+    cluster.ferry_ok(0, &[&launch[..], &["--", "sh", "-c", &script]].concat())?;
+    cluster.wait_workload_ready(setup.from, &name)?;
+    let started = Instant::now();
+    let to = setup.members[setup.to];
+    cluster.ferry_ok(0, &["move", &name, "--target", to, "--mode", &setup.mode])?;
+    let wall = started.elapsed();
+    let view = cluster.ferry_json(0, &["job", "show", &job.to_string()])?;
+    let (down, total, bytes) = (
+        view["downtime_ms"].as_u64().unwrap_or(0),
+        view["total_ms"].as_u64().unwrap_or(0),
+        view["bytes"].as_u64().unwrap_or(0),
+    );
+    let final_pass = final_pass_ms(&view["notes"]);
+    let (dump, restore) = floor(cluster, setup.to, &name)?;
+    let floor_ms = (dump + restore).as_millis() as u64;
+    println!(
+        "{mib} MiB dirtied: ferry move downtime {down} ms, total {total} ms (CLI wall {} ms), {:.1} MiB sent, final rootfs pass {final_pass:?} ms; floor runc checkpoint {} ms + restore {} ms = {floor_ms} ms; downtime/floor {:.2}",
+        wall.as_millis(),
+        bytes as f64 / (1u64 << 20) as f64,
+        dump.as_millis(),
+        restore.as_millis(),
+        down as f64 / floor_ms.max(1) as f64
+    );
+    cluster.ferry_ok(0, &["delete", &name, "--force"])?;
+    Ok(Outcome {
+        downtime_ms: down,
+        floor_ms,
+        final_pass_ms: final_pass,
+    })
+}
+
+/// Every size moved once in a fresh cluster of `setup`.
+fn run(setup: &Setup, sizes: &[usize]) -> Result<Vec<Outcome>> {
+    // Declared first: it drops last, after the cluster's containers.
+    let mut filesystems = Filesystems::default();
+    let cluster = start(setup, &mut filesystems)?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    add_files(&rootfs)?;
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let suffix = setup.suffix()?;
+    let mut outcomes = Vec::new();
+    for (job, mib) in sizes.iter().enumerate() {
+        let outcome = measure(&cluster, setup, &rootfs, job + 1, *mib)?;
+        let ratio = outcome.downtime_ms as f64 / outcome.floor_ms.max(1) as f64;
+        figures::report(
+            &format!("container downtime, {mib} MiB dirtied{suffix}"),
+            &format!("{} ms = {ratio:.2}x", outcome.downtime_ms),
+            &format!("runc checkpoint+restore to tmpfs {} ms", outcome.floor_ms),
+            "<= 1.2x",
+        );
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn ms(value: Option<u64>) -> String {
+    value.map_or_else(|| "?".into(), |v| format!("{v} ms"))
 }
 
 fn main() -> Result<()> {
@@ -71,124 +268,22 @@ fn main() -> Result<()> {
     } else {
         sizes
     };
-    let mode = std::env::var("FERRY_BENCH_MODE").unwrap_or_else(|_| "pull".into());
-    let mut members = vec!["n1", "n2"];
-    // Source and target; the command goes to n1 (the relay in relay mode).
-    let (from, to) = if mode == "relay" {
-        members.push("n3");
-        (1, 2)
-    } else {
-        (0, 1)
-    };
-    let suffix = match mode.as_str() {
-        "pull" => String::new(),
-        other => format!(", {other} mode"),
-    };
-    let mut filesystems = cluster_tests::btrfs::Filesystems::default();
-    let mut cluster = Cluster::new();
-    if std::env::var("FERRY_BENCH_BTRFS").is_ok_and(|v| v == "1") {
-        for name in &members {
-            filesystems.btrfs_data_dir(cluster.root(), name, 8 << 30)?;
-        }
-        cluster.agent_flags = vec!["--disk-reserve".into(), "256M".into()];
-        println!("data dirs on btrfs");
+    let btrfs = std::env::var("FERRY_BENCH_BTRFS").unwrap_or_default();
+    if btrfs != "compare" {
+        run(&Setup::new(btrfs == "1"), &sizes)?;
+        return Ok(());
     }
-    cluster.bootstrap("n1", 3)?;
-    for name in &members[1..] {
-        cluster.join(name, 0)?;
-    }
-    cluster.wait_converged(&members, Duration::from_secs(60))?;
-    for name in &members {
-        wait_for("facts", Duration::from_secs(60), || {
-            let v = cluster.ferry_json(0, &["cluster", "show", name])?;
-            if v["facts"].is_null() {
-                bail!("no facts")
-            } else {
-                Ok(())
-            }
-        })?;
-    }
-    let rootfs = busybox_rootfs(cluster.root())?;
-    add_files(&rootfs)?;
-    let rootfs = rootfs.to_string_lossy().into_owned();
-    for (job, mib) in sizes.iter().enumerate() {
-        let name = format!("dirty{mib}");
-        let script = workload(*mib);
-        cluster.ferry_ok(
-            0,
-            &[
-                "launch",
-                &name,
-                "--rootfs",
-                &rootfs,
-                "--target",
-                members[from],
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-        )?;
-        cluster.wait_workload_ready(from, &name)?;
-        let started = Instant::now();
-        cluster.ferry_ok(
-            0,
-            &["move", &name, "--target", members[to], "--mode", &mode],
-        )?;
-        let wall = started.elapsed();
-        let id = (job + 1).to_string();
-        let view = cluster.ferry_json(0, &["job", "show", &id])?;
-        let (down, total, bytes) = (
-            view["downtime_ms"].as_u64().unwrap_or(0),
-            view["total_ms"].as_u64().unwrap_or(0),
-            view["bytes"].as_u64().unwrap_or(0),
-        );
-        // Floor: the same container, now on the target, dumped and
-        // restored by runc on this host to tmpfs.
-        let root = cluster.agents[to].data_dir.join("runc");
-        let bundle = cluster.agents[to]
-            .data_dir
-            .join(format!("instances/{name}/bundle"));
-        let images = std::path::PathBuf::from(format!("/dev/shm/ferry-bench-{name}"));
-        let _ = std::fs::remove_dir_all(&images);
-        std::fs::create_dir_all(&images)?;
-        let images_s = images.to_string_lossy().into_owned();
-        let t = Instant::now();
-        runc(&root, &["checkpoint", "--image-path", &images_s, &name])
-            .context("floor checkpoint")?;
-        let dump = t.elapsed();
-        let t = Instant::now();
-        runc(
-            &root,
-            &[
-                "restore",
-                "--detach",
-                "--image-path",
-                &images_s,
-                "--bundle",
-                &bundle.to_string_lossy(),
-                &name,
-            ],
-        )
-        .context("floor restore")?;
-        let restore = t.elapsed();
-        let _ = std::fs::remove_dir_all(&images);
-        let floor = (dump + restore).as_millis() as u64;
-        println!(
-            "{mib} MiB dirtied: ferry move downtime {down} ms, total {total} ms (CLI wall {} ms), {:.1} MiB sent; floor runc checkpoint {} ms + restore {} ms = {floor} ms; downtime/floor {:.2}",
-            wall.as_millis(),
-            bytes as f64 / (1u64 << 20) as f64,
-            dump.as_millis(),
-            restore.as_millis(),
-            down as f64 / floor.max(1) as f64
-        );
+    let by_entries = run(&Setup::new(false), &sizes)?;
+    let setup = Setup::new(true);
+    let by_btrfs = run(&setup, &sizes)?;
+    let suffix = setup.suffix()?;
+    for ((mib, entries), btrfs) in sizes.iter().zip(&by_entries).zip(&by_btrfs) {
         figures::report(
-            &format!("container downtime, {mib} MiB dirtied{suffix}"),
-            &format!("{down} ms = {:.2}x", down as f64 / floor.max(1) as f64),
-            &format!("runc checkpoint+restore to tmpfs {floor} ms"),
-            "<= 1.2x",
+            &format!("final rootfs pass, {mib} MiB dirtied{suffix}"),
+            &ms(btrfs.final_pass_ms),
+            &format!("entries {}", ms(entries.final_pass_ms)),
+            "bounded by what changed",
         );
-        cluster.ferry_ok(0, &["delete", &name, "--force"])?;
     }
     Ok(())
 }

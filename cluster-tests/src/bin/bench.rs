@@ -1,7 +1,8 @@
 //! Every benchmark in one run, its figures in one table with the floor or
 //! peer each is measured against and its target: bench-raft, bench-move
 //! and bench-gossip run one after another (their own output goes to
-//! stderr as it comes), then the table goes to stdout.
+//! stderr as it comes), then the table goes to stdout. bench-move runs a
+//! second time on a rootfs of 10,000 more files, by entries and by btrfs.
 //!
 //! cargo build --release --bin ferry -p ferry-cli && cargo build --release -p cluster-tests --bins
 //! target/release/bench [--quick] [--fill]
@@ -21,6 +22,7 @@ use cluster_tests::figures::{self, Figure};
 struct Run {
     bench: &'static str,
     args: Vec<&'static str>,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 fn runs(quick: bool, fill: bool) -> Vec<Run> {
@@ -39,14 +41,26 @@ fn runs(quick: bool, fill: bool) -> Vec<Run> {
         Run {
             bench: "bench-raft",
             args: raft,
+            env: vec![],
         },
         Run {
             bench: "bench-move",
             args: moves,
+            env: vec![],
+        },
+        // The final rootfs pass of a large tree, by entries and by btrfs.
+        Run {
+            bench: "bench-move",
+            args: vec!["64"],
+            env: vec![
+                ("FERRY_BENCH_BTRFS", "compare"),
+                ("FERRY_BENCH_ROOTFS_FILES", "10000"),
+            ],
         },
         Run {
             bench: "bench-gossip",
             args: gossip,
+            env: vec![],
         },
     ]
 }
@@ -55,9 +69,11 @@ fn runs(quick: bool, fill: bool) -> Vec<Run> {
 /// stderr as they come).
 fn run(dir: &std::path::Path, run: &Run) -> Result<Vec<Figure>> {
     let exe: PathBuf = dir.join(run.bench);
-    eprintln!("== {} {}", run.bench, run.args.join(" "));
+    let env: Vec<String> = run.env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    eprintln!("== {}{} {}", env.concat(), run.bench, run.args.join(" "));
     let mut child = Command::new(&exe)
         .args(&run.args)
+        .envs(run.env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| {
