@@ -92,7 +92,16 @@ pub struct NewsBook {
     pub load: BTreeMap<NodeId, (LoadFacts, Instant)>,
     /// Suspicion notes not yet taken by the gossip task.
     pub suspicions: Vec<(NodeId, NodeId, Incarnation)>,
-    seen: VecDeque<(NodeId, NodeId, Incarnation)>,
+    /// The bump of each member's newest identity, as the gossip task last
+    /// saw it. A restarted member starts again at incarnation 0, so notes
+    /// are told from repeats per identity: before, the notes of a
+    /// member's second failure were taken for repeats of its first, were
+    /// neither counted nor passed on, and every suspicion of it waited
+    /// out the longest time (bench-gossip: median 3.97 s to dead at 5
+    /// members over 15 trials, 1.9 s over the first 3).
+    pub identities: BTreeMap<NodeId, u64>,
+    /// (by, of, incarnation, bump of `of`'s identity).
+    seen: VecDeque<(NodeId, NodeId, Incarnation, u64)>,
 }
 
 impl NewsBook {
@@ -115,15 +124,16 @@ impl NewsBook {
                 of,
                 incarnation,
             } => {
-                let note = (by, of, incarnation);
-                if self.seen.contains(&note) {
+                let bump = self.identities.get(&of).copied().unwrap_or(0);
+                let seen = (by, of, incarnation, bump);
+                if self.seen.contains(&seen) {
                     return false;
                 }
                 if self.seen.len() >= SEEN_SUSPICIONS {
                     self.seen.pop_front();
                 }
-                self.seen.push_back(note);
-                self.suspicions.push(note);
+                self.seen.push_back(seen);
+                self.suspicions.push((by, of, incarnation));
                 true
             }
         }
@@ -210,6 +220,24 @@ mod tests {
         assert!(book.record(note.clone(), now));
         assert!(!book.record(note, now));
         assert_eq!(book.suspicions, vec![(2, 3, 0)]);
+    }
+
+    #[test]
+    fn gossip_a_note_about_a_restarted_member_is_news_though_its_incarnation_repeats() {
+        let now = Instant::now();
+        let mut book = NewsBook::default();
+        let note = News::Suspect {
+            by: 2,
+            of: 3,
+            incarnation: 0,
+        };
+        book.identities.insert(3, 100);
+        assert!(book.record(note.clone(), now));
+        // Member 3 restarted: a new identity, at incarnation 0 again.
+        book.identities.insert(3, 200);
+        assert!(book.record(note.clone(), now));
+        assert!(!book.record(note, now));
+        assert_eq!(book.suspicions, vec![(2, 3, 0), (2, 3, 0)]);
     }
 
     #[test]
