@@ -41,8 +41,8 @@ pub enum MoveError {
     NotRecorded,
     #[error(transparent)]
     Name(#[from] NameError),
-    /// A relayed stream of a live move.
-    #[error("the live move's relay failed: {0}")]
+    /// A relayed stream: a VM's migration streams, a container's pages.
+    #[error("the relayed stream failed: {0}")]
     Relay(#[from] std::io::Error),
     /// Something on this host (a socket, a directory).
     #[error("{0}")]

@@ -75,9 +75,35 @@ where
     let outbound = async {
         let passed = to_stream(&mut local_read, &mut send, outbound).await?;
         let _ = send.finish();
+        delivered(&send).await?;
         Ok::<Passed, std::io::Error>(passed)
     };
     tokio::try_join!(inbound, outbound)
+}
+
+/// How long the peer may take to acknowledge a relay's last bytes.
+const DELIVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Wait until the peer has every byte written to `send`. A relay may be
+/// its connection's last user (the pool drops a connection whose Raft
+/// call went unanswered while the relay filled it), and dropping the last
+/// user closes the connection at once, losing what QUIC still held: the
+/// end of a 64 MiB page stream, seen as "closed by peer: 0" on the target
+/// (bench-move, 6 moves in 10 on one machine).
+async fn delivered(send: &quinn::SendStream) -> std::io::Result<()> {
+    match tokio::time::timeout(DELIVERY, send.stopped()).await {
+        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(Some(code))) => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            format!("the peer stopped the stream (code {code}) before taking all of it"),
+        )),
+        Ok(Err(quinn::StoppedError::ConnectionLost(why))) => Err(lost(why)),
+        Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer did not acknowledge the stream's end within {DELIVERY:?}"),
+        )),
+    }
 }
 
 /// What a relay reads from its local socket at once.
@@ -110,7 +136,11 @@ where
         };
         tap.pass(&chunk)?;
         bytes += chunk.len() as u64;
-        to.write_chunk(chunk).await.map_err(std::io::Error::from)?;
+        to.write_chunk(chunk).await.map_err(|e| match e {
+            // The connection's own reason, which quinn's io error drops.
+            quinn::WriteError::ConnectionLost(why) => lost(why),
+            other => other.into(),
+        })?;
     }
 }
 
@@ -124,16 +154,22 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut bytes = 0u64;
-    while let Some(chunk) = from
-        .read_chunk(CHUNK, true)
-        .await
-        .map_err(std::io::Error::from)?
-    {
+    while let Some(chunk) = from.read_chunk(CHUNK, true).await.map_err(|e| match e {
+        quinn::ReadError::ConnectionLost(why) => lost(why),
+        other => other.into(),
+    })? {
         tap.pass(&chunk.bytes)?;
         to.write_all(&chunk.bytes).await?;
         bytes += chunk.bytes.len() as u64;
     }
     Ok(tap.passed(bytes))
+}
+
+fn lost(why: quinn::ConnectionError) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        format!("connection lost: {why}"),
+    )
 }
 
 impl Tap<'_> {
