@@ -100,7 +100,9 @@ fn reset((mut send, mut recv): Channel) {
 
 /// Copy one direction to its end; a failed read resets the onward stream
 /// (never a clean end the receiver would take for a whole part), a failed
-/// write stops the incoming one. The bytes copied.
+/// write stops the incoming one. A clean end waits until the far side has
+/// it all: the onward stream may be its connection's last user
+/// (`transfer::relay::delivered`). The bytes copied.
 async fn pipe(mut from: RecvStream, mut to: SendStream) -> u64 {
     let mut bytes = 0u64;
     loop {
@@ -114,6 +116,9 @@ async fn pipe(mut from: RecvStream, mut to: SendStream) -> u64 {
             }
             Ok(None) => {
                 let _ = to.finish();
+                if let Err(e) = crate::transfer::relay::delivered(&to).await {
+                    tracing::info!("relay: the far side did not take a stream's end: {e}");
+                }
                 return bytes;
             }
             Err(_) => {
