@@ -373,16 +373,10 @@ impl Task {
                 }
             }
         }
-        let identities: BTreeMap<NodeId, u64> = latest
+        lock(&self.gossip.book).identities = latest
             .iter()
             .map(|(node, (bump, _, _))| (*node, *bump))
             .collect();
-        {
-            let mut book = lock(&self.gossip.book);
-            if book.identities != identities {
-                book.identities = identities;
-            }
-        }
         let now = Instant::now();
         for (node, (_, state, incarnation)) in &latest {
             if *state == State::Suspect {
