@@ -491,16 +491,7 @@ impl Driver for Host {
         // Announced before it runs: the switch is committed, it is the
         // instance now.
         self.net.announce(name).await;
-        // A signal each, not a `kill` process each (those took tens of ms
-        // inside the downtime).
-        for pid in pids {
-            let pid = i32::try_from(pid)
-                .ok()
-                .and_then(rustix::process::Pid::from_raw);
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
-            }
-        }
+        super::runc::signal_each(&pids, rustix::process::Signal::CONT);
         // Later restores of this instance must not come back held.
         self.write_config(name, spec, false).await?;
         let _ = tokio::fs::remove_file(dir.held_marker()).await;
@@ -512,9 +503,9 @@ impl Driver for Host {
         let log = self.dir(name).runc_log();
         if let Some(state) = self.state(name).await? {
             if state.status == RuncStatus::Paused {
-                // Queue SIGKILL while frozen: when delete thaws the tasks
-                // they die before running another instruction.
-                let _ = self.runc.kill(name.as_str(), "KILL", &log).await;
+                // SIGKILL queued while frozen: when delete thaws the
+                // tasks they die before running another instruction.
+                self.runc.kill_frozen(name.as_str(), &log).await?;
             }
             self.runc.delete(name.as_str(), true, &log).await?;
         }

@@ -31,9 +31,13 @@ impl Host {
         let Some(state) = self.state(name).await? else {
             return Ok(());
         };
-        // A forced stop does not let a paused copy run again first.
-        if state.status == RuncStatus::Paused && !force {
-            self.runc.resume(name.as_str(), &log).await?;
+        // A forced stop does not let a paused copy run again first: not
+        // even for the moment runc's delete thaws it.
+        if state.status == RuncStatus::Paused {
+            match force {
+                true => self.runc.kill_frozen(name.as_str(), &log).await?,
+                false => self.runc.resume(name.as_str(), &log).await?,
+            }
         }
         if !force {
             let _ = self.runc.kill(name.as_str(), "TERM", &log).await;
