@@ -272,6 +272,18 @@ fetch_guest_agent() {
 	(cd "$GUEST_DIR" && apt-get -qq download qemu-guest-agent) >>"$LOG" 2>&1
 }
 
+# CRIU's lazy page server (ferry move --lazy, on the source) grows a pipe
+# to 819 pages; without CAP_SYS_RESOURCE the kernel refuses that past
+# fs.pipe-max-size (1 MiB by default), and the move is refused at its check.
+allow_lazy_pages() {
+	local want=4194304 now
+	now=$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || echo 0)
+	if [ "$now" -lt "$want" ]; then
+		log "raising fs.pipe-max-size from $now to $want (CRIU lazy pages)"
+		echo "$want" > /proc/sys/fs/pipe-max-size || log "cannot raise fs.pipe-max-size; ferry move --lazy will be refused"
+	fi
+}
+
 # --- main ------------------------------------------------------------------
 
 apt_install_missing "${RUNTIME_PKGS[@]}"
@@ -287,6 +299,7 @@ fi
 install_qemu
 fetch_guest_kernel
 fetch_guest_agent
+allow_lazy_pages
 
 trap - ERR
 echo

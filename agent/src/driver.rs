@@ -281,6 +281,38 @@ pub trait Driver: Send + Sync {
         )))
     }
 
+    /// Source, frozen: a lazy dump (CRIU lazy pages) into a fresh
+    /// [`Driver::images`], all but the memory pages, which its page
+    /// server then serves from the still frozen copy.
+    async fn dump_lazy(&self, name: &InstanceName) -> Result<LazyDump, DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move lazily here (--lazy is for containers)"
+        )))
+    }
+    /// Why this host cannot be the source of `name`'s lazy move, if not.
+    fn lazy_unavailable(&self, _name: &InstanceName) -> Option<String> {
+        None
+    }
+    /// Target: CRIU's lazy-pages daemon for [`Driver::images`] without
+    /// memory pages, fed through the returned socket from the source's
+    /// lazy dump; `done` ends once it has every page.
+    async fn lazy_pages_daemon(&self, name: &InstanceName) -> Result<PageServer, DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move lazily here (--lazy is for containers)"
+        )))
+    }
+    /// Target: [`Driver::restore_held`], the pages from the running
+    /// [`Driver::lazy_pages_daemon`].
+    async fn restore_held_lazily(
+        &self,
+        name: &InstanceName,
+        _spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Runtime(format!(
+            "'{name}' cannot move lazily here (--lazy is for containers)"
+        )))
+    }
+
     /// Whether the runtime moves `name` live by itself.
     fn moves_itself(&self, _name: &InstanceName) -> bool {
         false
@@ -345,6 +377,59 @@ pub trait Driver: Send + Sync {
 pub struct PageServer {
     pub socket: tokio::net::UnixStream,
     pub done: futures::future::BoxFuture<'static, Result<(), DriverError>>,
+}
+
+/// A lazy dump whose page server listens on `server` (loopback); `done`
+/// ends with the dump, once the target took every page (or failed).
+pub struct LazyDump {
+    pub server: SocketAddr,
+    pub done: futures::future::BoxFuture<'static, Result<(), DriverError>>,
+    /// The process whose tree is the dump ([`end_process_tree`] ends it).
+    pub pid: Option<u32>,
+}
+
+/// SIGKILL to `pid` and everything under it, children first seen first:
+/// a lazy dump that must end (its runc and the CRIU under it, which
+/// holds the copy's tasks in ptrace stops and would not let them go
+/// while it waits for a target that never connects).
+pub fn end_process_tree(pid: u32) {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while let Some(&parent) = tree.get(i) {
+        tree.extend(children_of(parent));
+        i += 1;
+    }
+    signal_each(&tree, rustix::process::Signal::KILL);
+}
+
+/// `signal` to each of `pids`: a system call each, not a `kill` process
+/// each (those took tens of ms inside a move's downtime).
+pub fn signal_each(pids: &[u32], signal: rustix::process::Signal) {
+    for pid in pids {
+        let pid = i32::try_from(*pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After "pid (comm)": state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid == Some(parent)
+        })
+        .collect()
 }
 
 /// What this host holds of `name`, for the migration plan.

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use ferry_raft::{HostFacts, InstanceKind, InstanceSpec, LiveSettings, Runtimes};
 
 use crate::api::names::{InstanceName, SnapshotName};
-use crate::driver::{Driver, DriverError, ExecOutput, PageServer, ProcessExit, Status};
+use crate::driver::{Driver, DriverError, ExecOutput, LazyDump, PageServer, ProcessExit, Status};
 
 /// The kind of an instance by name, from the replicated state.
 pub type KindOf = Box<dyn Fn(&InstanceName) -> Option<InstanceKind> + Send + Sync>;
@@ -202,6 +202,22 @@ impl Driver for Kinds {
         spec: &InstanceSpec,
     ) -> Result<(), DriverError> {
         self.of_spec(spec).restore_held(name, spec).await
+    }
+    async fn dump_lazy(&self, name: &InstanceName) -> Result<LazyDump, DriverError> {
+        self.of(name).dump_lazy(name).await
+    }
+    fn lazy_unavailable(&self, name: &InstanceName) -> Option<String> {
+        self.of(name).lazy_unavailable(name)
+    }
+    async fn lazy_pages_daemon(&self, name: &InstanceName) -> Result<PageServer, DriverError> {
+        self.of(name).lazy_pages_daemon(name).await
+    }
+    async fn restore_held_lazily(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        self.of_spec(spec).restore_held_lazily(name, spec).await
     }
     async fn release_held(
         &self,

@@ -56,12 +56,16 @@ pub struct MoveArgs {
     /// connection's copy is bound by a CPU and cores are spare.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
     multifd: Option<u8>,
-    /// A VM: post-copy. The target runs from the switchover and fetches
-    /// the memory it lacks from the source, so a guest that dirties memory
-    /// faster than the link still moves with a short pause. Once the
-    /// target runs, there is NO WAY BACK: a failure of the target or the
-    /// link after that loses the running VM (its stopped source copy stays).
-    #[arg(long, conflicts_with = "multifd")]
+    /// Post-copy (lazy): the target runs from the switchover and fetches
+    /// the memory it lacks from the source, so the pause stays short
+    /// however much memory there is or how fast it is dirtied. A VM:
+    /// QEMU's post-copy. A container: CRIU lazy pages (pull or relay mode;
+    /// the source needs fs.pipe-max-size >= 4194304 or CAP_SYS_RESOURCE).
+    /// Once the target runs, there is NO WAY BACK: a failure of the target,
+    /// the source or the link after that loses the memory state (a
+    /// container's copy is killed and starts afresh from its rootfs; a VM's
+    /// stopped source copy stays).
+    #[arg(long, visible_alias = "lazy", conflicts_with = "multifd")]
     postcopy: bool,
     /// Only run the compatibility checks and print the report.
     #[arg(long)]

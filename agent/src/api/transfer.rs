@@ -28,6 +28,10 @@ pub enum TransferPart {
     /// attempt (the freeze header says which stream it sent); `bytes` is
     /// about what the pages take (where the target stages them).
     Pages { stream: u64, bytes: u64 },
+    /// Target to source, a lazy move's restore: the target's lazy-pages
+    /// daemon fetching the pages from the source's lazy dump (CRIU's
+    /// page-server protocol, raw).
+    LazyPages,
 }
 
 /// What the source sent on a [`TransferPart::Pages`] stream, end to end:

@@ -15,15 +15,18 @@ use super::bundle::{self, BundleConfig, BundleError, InstanceDir};
 use super::net::InstanceNet;
 
 mod final_dump;
+mod held;
 mod layers;
+pub mod lazy;
 mod runtime_facts;
 mod snapshots;
 mod staging;
 mod stop;
-use super::runc::{ContainerState, Dump, Runc, RuncError, Status as RuncStatus};
+use super::runc::{ContainerState, Dump, Restore, Runc, RuncError, Status as RuncStatus};
 use crate::api::names::{InstanceName, SnapshotName};
 use crate::driver::{
-    Driver, DriverError, ExecOutput, ImageLease, PageServer, ProcessExit, RunState, Status,
+    Driver, DriverError, ExecOutput, ImageLease, LazyDump, PageServer, ProcessExit, RunState,
+    Status,
 };
 
 impl From<RuncError> for DriverError {
@@ -207,13 +210,16 @@ impl Host {
         let dir = self.dir(name);
         let _ = tokio::fs::create_dir_all(dir.criu_work()).await;
         let paths = (dir.bundle(), dir.checkpoint(), dir.criu_work());
-        let tcp = self.net.keeps_connections(name);
+        let how = Restore {
+            tcp_established: self.net.keeps_connections(name),
+            lazy_pages: false,
+        };
         Ok(self
             .runc
             .restore(
                 name.as_str(),
                 (&paths.0, &paths.1, &paths.2),
-                tcp,
+                how,
                 &dir.runc_log(),
             )
             .await?)
@@ -447,37 +453,27 @@ impl Driver for Host {
         name: &InstanceName,
         spec: &InstanceSpec,
     ) -> Result<(), DriverError> {
-        let dir = self.dir(name);
-        if crate::hooks::criu_fails(&self.data_dir, "restore") {
-            return Err(DriverError::Runtime(
-                "CRIU restore failed (test hook)".into(),
-            ));
-        }
-        self.write_config(name, spec, true).await?;
-        // Marked before the restore: a copy that exists here is held until
-        // the marker goes after the thaw.
-        let marker = dir.held_marker();
-        tokio::fs::write(&marker, b"")
-            .await
-            .map_err(|e| file_error("cannot write", &marker, e))?;
-        self.forget_exited(name).await?;
-        self.mount_layers(name).await?;
-        let work = self.migration_dir(name).join("restore-work");
-        let _ = tokio::fs::create_dir_all(&work).await;
-        // Its address is not announced here until it is released: a
-        // packet its sockets acknowledged now would be lost to a rollback.
-        self.net.attach(name, false).await?;
-        let (bundle, images) = (dir.bundle(), self.images(name));
-        let tcp = self.net.keeps_connections(name);
-        Ok(self
-            .runc
-            .restore(
-                name.as_str(),
-                (&bundle, &images, &work),
-                tcp,
-                &dir.runc_log(),
-            )
-            .await?)
+        self.held_restore(name, spec, false).await
+    }
+
+    async fn dump_lazy(&self, name: &InstanceName) -> Result<LazyDump, DriverError> {
+        self.dump_lazy_frozen(name).await
+    }
+
+    fn lazy_unavailable(&self, _name: &InstanceName) -> Option<String> {
+        lazy::lazy_unavailable_here()
+    }
+
+    async fn lazy_pages_daemon(&self, name: &InstanceName) -> Result<PageServer, DriverError> {
+        self.start_lazy_pages_daemon(name).await
+    }
+
+    async fn restore_held_lazily(
+        &self,
+        name: &InstanceName,
+        spec: &InstanceSpec,
+    ) -> Result<(), DriverError> {
+        self.held_restore(name, spec, true).await
     }
 
     /// SIGCONT to every task of the held container.
@@ -491,7 +487,7 @@ impl Driver for Host {
         // Announced before it runs: the switch is committed, it is the
         // instance now.
         self.net.announce(name).await;
-        super::runc::signal_each(&pids, rustix::process::Signal::CONT);
+        crate::driver::signal_each(&pids, rustix::process::Signal::CONT);
         // Later restores of this instance must not come back held.
         self.write_config(name, spec, false).await?;
         let _ = tokio::fs::remove_file(dir.held_marker()).await;

@@ -32,6 +32,8 @@ async fn first_line(out: tokio::process::ChildStdout) -> std::io::Result<String>
 /// Output of `ferry exec` kept at most (per stream).
 const MAX_EXEC_OUTPUT: usize = 1 << 20;
 
+mod lazy;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuncError {
     #[error("cannot run runc ({0}); is runc installed? (scripts/install-deps.sh)")]
@@ -179,6 +181,16 @@ pub struct Dump {
     pub page_server: Option<std::net::SocketAddr>,
 }
 
+/// How a restore runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Restore {
+    /// The TCP connections the dump kept come back too.
+    pub tcp_established: bool,
+    /// The memory pages come from CRIU's lazy-pages daemon, listening in
+    /// the restore's work dir.
+    pub lazy_pages: bool,
+}
+
 impl Dump {
     pub fn leaving_running(tcp_established: bool) -> Self {
         Dump {
@@ -250,18 +262,10 @@ impl Runc {
         if output.status.success() {
             return Ok(output);
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let message = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no error output")
-            .trim()
-            .to_string();
         Err(RuncError::Failed {
             op,
             id: id.to_string(),
-            message,
+            message: last_line(&output.stderr),
             log: log.to_path_buf(),
         })
     }
@@ -455,13 +459,12 @@ impl Runc {
         result.map_err(|e| with_criu_reasons(e, &work.join("dump.log"), log))
     }
 
-    /// CRIU restore through runc, detached (with the TCP connections the
-    /// dump kept when `tcp_established`).
+    /// CRIU restore through runc, detached.
     pub async fn restore(
         &self,
         id: &str,
         (bundle, images, work): (&Path, &Path, &Path),
-        tcp_established: bool,
+        how: Restore,
         log: &Path,
     ) -> Result<(), RuncError> {
         let mut sub: Vec<OsString> = vec![
@@ -474,8 +477,11 @@ impl Runc {
             "--bundle".into(),
             bundle.into(),
         ];
-        if tcp_established {
+        if how.tcp_established {
             sub.push("--tcp-established".into());
+        }
+        if how.lazy_pages {
+            sub.push("--lazy-pages".into());
         }
         let result = self.detached("restore", id, log, sub).await;
         result.map_err(|e| with_criu_reasons(e, &work.join("restore.log"), log))
@@ -508,7 +514,7 @@ impl Runc {
                 log: log.to_path_buf(),
             });
         }
-        signal_each(&pids, rustix::process::Signal::KILL);
+        crate::driver::signal_each(&pids, rustix::process::Signal::KILL);
         Ok(())
     }
 
@@ -563,17 +569,15 @@ impl Runc {
     }
 }
 
-/// `signal` to each of `pids`: a system call each, not a `runc kill`
-/// process each (those took tens of ms inside a move's downtime).
-pub fn signal_each(pids: &[u32], signal: rustix::process::Signal) {
-    for pid in pids {
-        let pid = i32::try_from(*pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw);
-        if let Some(pid) = pid {
-            let _ = rustix::process::kill_process(pid, signal);
-        }
-    }
+/// The last line runc wrote to stderr: its error.
+fn last_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no error output")
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]

@@ -412,8 +412,8 @@ async fn act(
         Step::Switch => Some(Proposal::to(Phase::Switched)),
         Step::RestoreHeld => Some(target::restore(agent, job, name, local).await),
         Step::ThawAndFinish => target::finish(agent, job, name).await,
-        Step::ProposeDone => Some(target::done(agent, job)),
-        Step::ThawSource => source::thaw(agent, name).await,
+        Step::ProposeDone => Some(target::done_once_paged(agent, job, name).await),
+        Step::ThawSource => source::thaw(agent, job, name).await,
         Step::FinishRollback => source::finish_rollback(agent, job, name, local).await,
         Step::DiscardReceived | Step::DeleteSourceCopy => {
             discard(agent, job, name).await;

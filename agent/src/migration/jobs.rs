@@ -94,15 +94,12 @@ fn target_of(
     })
 }
 
-/// Settings only QEMU's migration has, asked for a container's move.
+/// Settings only QEMU's migration has (multifd), asked for a container's
+/// move; post-copy is a container's lazy move.
 fn vm_only_settings(kind: Option<InstanceKind>, live: &LiveSettings) -> Option<String> {
-    let asked = match (live.multifd_channels > 0, live.postcopy) {
-        (true, _) => "--multifd",
-        (_, true) => "--postcopy",
-        _ => return None,
-    };
-    (kind != Some(InstanceKind::Vm)).then(|| {
-        format!("{asked} is for a VM's live move (QEMU's migration); leave it out for a container")
+    (live.multifd_channels > 0 && kind != Some(InstanceKind::Vm)).then(|| {
+        "--multifd is for a VM's live move (QEMU's migration); leave it out for a container"
+            .to_string()
     })
 }
 
@@ -190,17 +187,21 @@ pub async fn start_move(
         ));
     }
     let stateful = request.stateful.unwrap_or(running);
-    if request.dry_run {
-        let report = agent
-            .state()
-            .read(|s| compat::report(s, &request.instance, target, stateful, 0, None))?;
-        return Ok(ApiReply::Report(report));
-    }
     let options = MoveOptions {
         stateful,
         mode: transfer_mode(agent, request.mode, owner, target)?,
         live: request.live,
     };
+    if let Some(why) = super::lazy::refused(kind, &options) {
+        return Err(ApiError::new(ErrorKind::BadRequest, why));
+    }
+    if request.dry_run {
+        let mut report = agent
+            .state()
+            .read(|s| compat::report(s, &request.instance, target, stateful, 0, None))?;
+        report.extend(super::lazy::check(kind, &options, None));
+        return Ok(ApiReply::Report(report));
+    }
     let result = agent
         .write(Command::Job(JobCommand::CreateMove {
             instance: request.instance.clone(),
@@ -281,7 +282,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn multifd_and_post_copy_are_refused_for_a_container_and_taken_for_a_vm() {
+    fn multifd_is_refused_for_a_container_and_post_copy_taken_for_both_kinds() {
         let postcopy = LiveSettings {
             postcopy: true,
             ..LiveSettings::default()
@@ -290,10 +291,12 @@ mod tests {
             multifd_channels: 2,
             ..LiveSettings::default()
         };
-        for live in [postcopy, multifd] {
-            let why = vm_only_settings(Some(InstanceKind::Container), &live);
-            assert!(why.is_some_and(|w| w.contains("is for a VM")));
-            assert_eq!(vm_only_settings(Some(InstanceKind::Vm), &live), None);
+        let why = vm_only_settings(Some(InstanceKind::Container), &multifd);
+        assert!(why.is_some_and(|w| w.contains("is for a VM")));
+        assert_eq!(vm_only_settings(Some(InstanceKind::Vm), &multifd), None);
+        // A container's post-copy is a lazy move (CRIU lazy pages).
+        for kind in [InstanceKind::Container, InstanceKind::Vm] {
+            assert_eq!(vm_only_settings(Some(kind), &postcopy), None);
         }
         let plain = LiveSettings::default();
         assert_eq!(

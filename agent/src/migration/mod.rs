@@ -3,7 +3,7 @@
 //! layer 0; `engine` drives jobs (decide → act → report), `source` and
 //! `target` are the two halves (`live` when the runtime moves the
 //! instance itself, relayed; `pages` a final dump's memory pages streamed
-//! while they are dumped), `serve` answers transfer channels, `jobs` the
+//! while they are dumped, `lazy` a lazy move's pages fetched after it), `serve` answers transfer channels, `jobs` the
 //! operator's job requests, `image` a layered instance's image on the
 //! rootfs channel, `method` how each rootfs pass travels (entries or btrfs
 //! send/receive, agreed on its channel), `relay` the third member of a
@@ -14,6 +14,7 @@ pub mod engine;
 mod error;
 mod image;
 pub mod jobs;
+mod lazy;
 mod live;
 mod method;
 mod pages;

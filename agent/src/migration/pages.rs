@@ -82,7 +82,7 @@ pub(super) async fn dump_streaming(
 
 /// The relay ends with the dump's future, however that ends (its accept
 /// would wait forever for a dump that never connects).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

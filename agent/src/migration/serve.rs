@@ -34,10 +34,10 @@ pub async fn serve_transfer(
     let from_relay = relay.is_some_and(|via| agent.peer(via).is_ok_and(|p| p.name == peer_name));
     let peer_ok = from_relay || agent.peer(they).is_ok_and(|p| p.name == peer_name);
     // A live move's relayed streams come from the source in pull mode,
-    // and a final dump's pages in either mode.
+    // a final dump's pages in either mode, a lazy move's from the target.
     let relayed = matches!(
         req.part,
-        TransferPart::Stream { .. } | TransferPart::Pages { .. }
+        TransferPart::Stream { .. } | TransferPart::Pages { .. } | TransferPart::LazyPages
     );
     let mode_ok = relayed || job.options.mode.pushes() == pushed;
     if we != agent.id() || !peer_ok || !mode_ok {
@@ -47,6 +47,9 @@ pub async fn serve_transfer(
             "refused a transfer channel from a non-participant or in the wrong mode"
         );
         return;
+    }
+    if let TransferPart::LazyPages = req.part {
+        return super::lazy::serve(agent, &job, channel).await;
     }
     if let TransferPart::Pages { stream, bytes } = req.part {
         return super::pages::serve(agent, &job, (stream, bytes), channel).await;

@@ -58,13 +58,18 @@ pub async fn run_checks(agent: &Agent, job: &Job, name: &InstanceName) -> Propos
             room,
         )
     });
-    let report = report.unwrap_or_else(|e| {
+    let mut report = report.unwrap_or_else(|e| {
         vec![ferry_raft::CheckResult {
             check: "facts".into(),
             ok: false,
             detail: e.message,
         }]
     });
+    let kind = agent
+        .state()
+        .read(|s| s.instances.get(&job.instance).map(|i| i.kind));
+    let unavailable = agent.driver().lazy_unavailable(name);
+    report.extend(super::lazy::check(kind, &job.options, unavailable));
     let mut proposal = if compat::passed(&report) {
         Proposal::to(Phase::Preparing)
     } else {
@@ -144,6 +149,9 @@ async fn freeze(agent: &Agent, job: &Job) -> Result<Frozen, MoveError> {
         .memory_in_use(name)
         .filter(|bytes| worth_streaming(driver.streams_pages(name), *bytes));
     let dumped = match streamed {
+        _ if super::lazy::moves_lazily(agent, job, name) => {
+            super::lazy::dump(agent, job, name).await.map(|()| None)
+        }
         Some(bytes) => super::pages::dump_streaming(agent, job, name, bytes)
             .await
             .map(Some),
@@ -312,7 +320,8 @@ async fn pushed(recv: &mut quinn::RecvStream, target: &str) -> Result<(), MoveEr
 /// recorded before the rollback commits, so the owner's reconciler
 /// restores it from there (DESIGN rule 4, as `ferry start` would). `None`
 /// (try again) while that record does not commit.
-pub async fn thaw(agent: &Agent, name: &InstanceName) -> Option<Proposal> {
+pub async fn thaw(agent: &Agent, job: &Job, name: &InstanceName) -> Option<Proposal> {
+    super::lazy::end_dump(agent, job);
     let driver = agent.driver();
     let Err(e) = driver.thaw(name).await else {
         return Some(Proposal::to(Phase::RolledBack));

@@ -209,6 +209,9 @@ pub async fn restore(agent: &Agent, job: &Job, name: &InstanceName, local: Local
         Ok(())
     } else {
         match spec(agent, job) {
+            Ok(spec) if super::lazy::moves_lazily(agent, job, name) => {
+                super::lazy::restore(agent, job, name, &spec).await
+            }
             Ok(spec) => agent
                 .driver()
                 .restore_held(name, &spec)
@@ -258,7 +261,31 @@ pub async fn finish(agent: &Agent, job: &Job, name: &InstanceName) -> Option<Pro
         tracing::warn!(job = job.id, "thaw failed: {e}");
         return None;
     }
-    Some(done(agent, job))
+    Some(done_once_paged(agent, job, name).await)
+}
+
+/// [`done`], for a lazy move only once every page came; else its copy
+/// is killed at once (it ran on memory it lacked) and Done says so.
+pub async fn done_once_paged(agent: &Agent, job: &Job, name: &InstanceName) -> Proposal {
+    if super::lazy::moves_lazily(agent, job, name) {
+        match super::lazy::fetched(agent, job).await {
+            Ok(bytes) => agent.transfers().count_lazy_pages(job.id, bytes),
+            Err(why) => return lazy_failed(agent, job, name, &why).await,
+        }
+    }
+    done(agent, job)
+}
+
+async fn lazy_failed(agent: &Agent, job: &Job, name: &InstanceName, why: &str) -> Proposal {
+    tracing::error!(job = job.id, "lazy page fetch failed after the thaw: {why}");
+    if let Err(e) = agent.driver().stop(name, true).await {
+        tracing::error!(job = job.id, "cannot kill the copy that lacks pages: {e}");
+    }
+    let target = agent.member_name(job.target).unwrap_or_default();
+    Proposal {
+        error: Some(super::lazy::failed_after_running(&target, why)),
+        ..done(agent, job)
+    }
 }
 
 /// `Done` with the move's figures; proposed again, with the same figures,

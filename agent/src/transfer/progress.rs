@@ -43,7 +43,21 @@ pub struct Transfers {
     /// On the target: the jobs whose final pass runs (it waits for their
     /// page streams; a page stream of any other job is refused).
     final_passes: Mutex<HashMap<JobId, usize>>,
+    /// On the source of a lazy move: where its lazy dump serves the
+    /// pages, until the target's stream takes it.
+    lazy_servers: Mutex<HashMap<JobId, std::net::SocketAddr>>,
+    /// On the source of a lazy move: the dump's process, until it ends.
+    lazy_dumps: Mutex<HashMap<JobId, (u32, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// On the target of a lazy move: the page fetch, until it ends.
+    lazy_fetches: Mutex<HashMap<JobId, LazyFetch>>,
+    /// The lazy moves whose fetched pages count in their bytes already.
+    lazy_counted: Mutex<std::collections::HashSet<JobId>>,
 }
+
+/// A lazy move's page fetch on the target (the bytes it got), awaited by
+/// every thaw attempt.
+pub type LazyFetch =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<u64, String>>>;
 
 /// What a page stream passed to the target's page server, or why not.
 pub type PagesOutcome = Result<Passed, String>;
@@ -108,6 +122,55 @@ impl Transfers {
         lock(&self.rootfs_passes).remove(&job);
         lock(&self.btrfs_passes).remove(&job);
         lock(&self.pages).retain(|(j, _), _| *j != job);
+        lock(&self.lazy_servers).remove(&job);
+        lock(&self.lazy_dumps).remove(&job);
+        lock(&self.lazy_fetches).remove(&job);
+        lock(&self.lazy_counted).remove(&job);
+    }
+
+    /// A lazy move's fetched pages, counted in its bytes once.
+    pub fn count_lazy_pages(&self, job: JobId, bytes: u64) {
+        if lock(&self.lazy_counted).insert(job) {
+            let mut all = lock(&self.bytes);
+            let total = all.entry(job).or_default();
+            *total = total.saturating_add(bytes);
+        }
+    }
+
+    /// `job`'s lazy dump serves on `server`, its process `pid` runs until
+    /// the flag returned is set.
+    pub fn serve_lazy(
+        &self,
+        job: JobId,
+        server: std::net::SocketAddr,
+        pid: Option<u32>,
+    ) -> Arc<std::sync::atomic::AtomicBool> {
+        lock(&self.lazy_servers).insert(job, server);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(pid) = pid {
+            lock(&self.lazy_dumps).insert(job, (pid, ended.clone()));
+        }
+        ended
+    }
+
+    /// The process of `job`'s lazy dump while it runs (once ended, its
+    /// pid may be another process's).
+    pub fn take_lazy_dump(&self, job: JobId) -> Option<u32> {
+        let (pid, ended) = lock(&self.lazy_dumps).remove(&job)?;
+        (!ended.load(Ordering::SeqCst)).then_some(pid)
+    }
+
+    /// Where `job`'s lazy dump serves, once: it takes one connection.
+    pub fn take_lazy(&self, job: JobId) -> Option<std::net::SocketAddr> {
+        lock(&self.lazy_servers).remove(&job)
+    }
+
+    pub fn fetching_lazily(&self, job: JobId, fetch: LazyFetch) {
+        lock(&self.lazy_fetches).insert(job, fetch);
+    }
+
+    pub fn lazy_fetch(&self, job: JobId) -> Option<LazyFetch> {
+        lock(&self.lazy_fetches).get(&job).cloned()
     }
 
     /// The source sent `job`'s rootfs once; its final pass compares with

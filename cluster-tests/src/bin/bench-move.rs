@@ -17,6 +17,11 @@
 //! send/receive. `FERRY_BENCH_BTRFS=compare` runs the sizes twice, on
 //! plain data dirs and then on btrfs ones, and reports the final rootfs
 //! pass by btrfs beside the one by entries.
+//!
+//! `FERRY_BENCH_LAZY=compare` runs the sizes twice, stop-and-copy and then
+//! lazily (`--lazy`: CRIU lazy pages; the source needs fs.pipe-max-size
+//! of at least 4194304), and reports the lazy downtime against the
+//! stop-and-copy one.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
@@ -78,6 +83,8 @@ struct Setup {
     to: usize,
     /// Every data dir on a btrfs of its own.
     btrfs: bool,
+    /// Moves with `--lazy`.
+    lazy: bool,
 }
 
 impl Setup {
@@ -94,6 +101,7 @@ impl Setup {
             from,
             to,
             btrfs,
+            lazy: false,
         }
     }
 
@@ -102,6 +110,9 @@ impl Setup {
         let mut suffix = String::new();
         if self.mode != "pull" {
             suffix += &format!(", {} mode", self.mode);
+        }
+        if self.lazy {
+            suffix += ", lazy";
         }
         let files = extra_files()?;
         if files > 0 {
@@ -203,7 +214,9 @@ fn measure(
     cluster.wait_workload_ready(setup.from, &name)?;
     let started = Instant::now();
     let to = setup.members[setup.to];
-    cluster.ferry_ok(0, &["move", &name, "--target", to, "--mode", &setup.mode])?;
+    let lazy: &[&str] = if setup.lazy { &["--lazy"] } else { &[] };
+    let moving = ["move", &name, "--target", to, "--mode", &setup.mode];
+    cluster.ferry_ok(0, &[&moving[..], lazy].concat())?;
     let wall = started.elapsed();
     let view = cluster.ferry_json(0, &["job", "show", &job.to_string()])?;
     let (down, total, bytes) = (
@@ -268,6 +281,9 @@ fn main() -> Result<()> {
     } else {
         sizes
     };
+    if std::env::var("FERRY_BENCH_LAZY").as_deref() == Ok("compare") {
+        return compare_lazy(&sizes);
+    }
     let btrfs = std::env::var("FERRY_BENCH_BTRFS").unwrap_or_default();
     if btrfs != "compare" {
         run(&Setup::new(btrfs == "1"), &sizes)?;
@@ -283,6 +299,27 @@ fn main() -> Result<()> {
             &ms(btrfs.final_pass_ms),
             &format!("entries {}", ms(entries.final_pass_ms)),
             "bounded by what changed",
+        );
+    }
+    Ok(())
+}
+
+/// The sizes stop-and-copy, then lazily: the lazy downtime beside the
+/// stop-and-copy one.
+fn compare_lazy(sizes: &[usize]) -> Result<()> {
+    let copied = run(&Setup::new(false), sizes)?;
+    let lazy = Setup {
+        lazy: true,
+        ..Setup::new(false)
+    };
+    let lazily = run(&lazy, sizes)?;
+    for ((mib, copy), lazy) in sizes.iter().zip(&copied).zip(&lazily) {
+        let ratio = lazy.downtime_ms as f64 / copy.downtime_ms.max(1) as f64;
+        figures::report(
+            &format!("lazy move downtime, {mib} MiB dirtied"),
+            &format!("{} ms = {ratio:.2}x", lazy.downtime_ms),
+            &format!("stop-and-copy move {} ms", copy.downtime_ms),
+            "<= 0.3x",
         );
     }
     Ok(())

@@ -81,46 +81,58 @@ impl Host {
         let staging = self.fresh_staging(name, bytes).await?;
         let (images, work) = (staging.join("images"), staging.join("work"));
         create_dirs(&[images.clone(), work.clone()]).await?;
-        let unavailable = |e: std::io::Error| {
-            DriverError::Runtime(format!("cannot start CRIU's page server: {e}"))
-        };
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(unavailable)?;
-        let mut child = tokio::process::Command::new("criu")
-            .arg("page-server")
-            .arg("--images-dir")
-            .arg(&images)
-            .arg("--work-dir")
-            .arg(&work)
-            .args(["--ps-socket", "0", "--log-file", LOG])
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // A move that gives up drops it: then it must end.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(unavailable)?;
-        ours.set_nonblocking(true).map_err(unavailable)?;
-        let socket = tokio::net::UnixStream::from_std(ours).map_err(unavailable)?;
-        let (timeout, log) = (self.timeout, work.join(LOG));
-        let done = async move {
-            match tokio::time::timeout(timeout, child.wait()).await {
-                Ok(Ok(status)) if status.success() => Ok(()),
-                Ok(Ok(status)) => Err(DriverError::Runtime(format!(
-                    "CRIU's page server failed ({status}): {}",
-                    reasons(&log).await
-                ))),
-                Ok(Err(e)) => Err(unavailable(e)),
-                Err(_) => Err(DriverError::Runtime(format!(
-                    "CRIU's page server did not finish within {timeout:?}; killed ({})",
-                    reasons(&log).await
-                ))),
-            }
-        };
-        Ok(PageServer {
-            socket,
-            done: done.boxed(),
-        })
+        criu_fed(&["page-server"], (&images, &work), LOG, self.timeout)
     }
+}
+
+/// `criu <sub>` on `images` fed through one end of a socket pair (its
+/// stdin, `--ps-socket 0`); `done` ends with its exit, and a failure
+/// names the reasons in its `log` (in `work`).
+pub(super) fn criu_fed(
+    sub: &[&'static str],
+    (images, work): (&Path, &Path),
+    log: &'static str,
+    timeout: std::time::Duration,
+) -> Result<PageServer, DriverError> {
+    let what = sub.first().copied().unwrap_or("criu");
+    let unavailable =
+        move |e: std::io::Error| DriverError::Runtime(format!("cannot start CRIU's {what}: {e}"));
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(unavailable)?;
+    let mut child = tokio::process::Command::new("criu")
+        .args(sub)
+        .arg("--images-dir")
+        .arg(images)
+        .arg("--work-dir")
+        .arg(work)
+        .args(["--ps-socket", "0", "--log-file", log])
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // A move that gives up drops it: then it must end.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(unavailable)?;
+    ours.set_nonblocking(true).map_err(unavailable)?;
+    let socket = tokio::net::UnixStream::from_std(ours).map_err(unavailable)?;
+    let log = work.join(log);
+    let done = async move {
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(DriverError::Runtime(format!(
+                "CRIU's {what} failed ({status}): {}",
+                reasons(&log).await
+            ))),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(DriverError::Runtime(format!(
+                "CRIU's {what} did not finish within {timeout:?}; killed ({})",
+                reasons(&log).await
+            ))),
+        }
+    };
+    Ok(PageServer {
+        socket,
+        done: done.boxed(),
+    })
 }
 
 /// The page server's log, in its work dir.
