@@ -71,7 +71,13 @@ impl Host {
         // again, a CRIU that dies lets them go into the freezer, not back
         // to running (tried by hand: after a kill -9 of CRIU the copy
         // stayed paused, its counter still).
-        self.freeze(name).await?;
+        if let Err(e) = self.freeze(name).await {
+            // Its CRIU would hold the tasks through the caller's thaw.
+            if let Some(pid) = checkpoint.pid {
+                crate::driver::end_process_tree(pid);
+            }
+            return Err(e);
+        }
         Ok(LazyDump {
             server,
             done: checkpoint
