@@ -289,6 +289,9 @@ pub trait Driver: Send + Sync {
             "'{name}' cannot move lazily here (--lazy is for containers)"
         )))
     }
+    /// At the agent's start: end what an earlier agent process's moves
+    /// left running that nothing of this process can reach (lazy dumps).
+    fn end_leftovers(&self) {}
     /// Why this host cannot be the source of `name`'s lazy move, if not.
     fn lazy_unavailable(&self, _name: &InstanceName) -> Option<String> {
         None

@@ -206,6 +206,9 @@ impl Driver for Kinds {
     async fn dump_lazy(&self, name: &InstanceName) -> Result<LazyDump, DriverError> {
         self.of(name).dump_lazy(name).await
     }
+    fn end_leftovers(&self) {
+        self.container.end_leftovers();
+    }
     fn lazy_unavailable(&self, name: &InstanceName) -> Option<String> {
         self.of(name).lazy_unavailable(name)
     }

@@ -76,6 +76,18 @@ fn a_lazy_move_keeps_the_memory_and_its_dry_run_says_there_is_no_way_back() -> R
     Ok(())
 }
 
+/// Job 1 once it is in one of `phases`.
+fn wait_phase(cluster: &Cluster, phases: &[&str]) -> Result<serde_json::Value> {
+    let what = format!("job 1 in {phases:?}");
+    cluster_tests::wait_for(&what, std::time::Duration::from_secs(120), || {
+        let job = cluster.ferry_json(0, &["job", "show", "1"])?;
+        match job["phase"].as_str() {
+            Some(p) if phases.contains(&p) => Ok(job),
+            other => anyhow::bail!("phase {other:?}"),
+        }
+    })
+}
+
 /// Pids of every process whose command line holds all of `words`.
 fn processes_with(words: &[&str]) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -104,17 +116,8 @@ fn a_lazy_move_whose_source_dies_after_the_switch_kills_the_target_copy_and_says
     cluster.launch_counter_holding("c1", "n2", &rootfs, 256)?;
     let sampler = cluster.sampler("c1");
     cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--lazy", "--detach"])?;
-    let phase = cluster_tests::wait_for(
-        "the target's copy released",
-        std::time::Duration::from_secs(120),
-        || {
-            let job = cluster.ferry_json(0, &["job", "show", "1"])?;
-            match job["phase"].as_str() {
-                Some(p @ ("Restored" | "Done")) => Ok(p.to_string()),
-                other => anyhow::bail!("phase {other:?}"),
-            }
-        },
-    )?;
+    let job = wait_phase(&cluster, &["Restored", "Done"])?;
+    let phase = job["phase"].to_string();
     // The source's lazy dump (runc and its CRIU) dies mid-fetch.
     let source_root = cluster.agents[1].data_dir.join("runc");
     let source_root = source_root.to_string_lossy();
@@ -126,17 +129,7 @@ fn a_lazy_move_whose_source_dies_after_the_switch_kills_the_target_copy_and_says
     for runc in dumps {
         ferry_agent::driver::end_process_tree(runc);
     }
-    let job = cluster_tests::wait_for(
-        "the job to end",
-        std::time::Duration::from_secs(120),
-        || {
-            let job = cluster.ferry_json(0, &["job", "show", "1"])?;
-            match job["phase"].as_str() {
-                Some("Done") => Ok(job),
-                other => anyhow::bail!("phase {other:?}"),
-            }
-        },
-    )?;
+    let job = wait_phase(&cluster, &["Done"])?;
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("page fetch failed after the copy on 'n3' began to run"),
@@ -165,15 +158,54 @@ fn a_lazy_move_whose_target_cannot_restore_rolls_back_and_the_source_runs_on() -
     assert!(!out.status.success());
     let job = cluster.ferry_json(0, &["job", "show", "1"])?;
     assert_eq!(job["phase"], "RolledBack", "{job}");
+    // The source's copy counts again.
     let before = cluster.counter(0, "c1")?;
+    cluster.wait_counter("c1", before + 1)?;
+    assert_eq!(sampler.finish(), 1, "two copies ran at once");
+    Ok(())
+}
+
+#[test]
+fn a_lazy_dump_left_by_a_crashed_source_agent_ends_when_it_restarts() -> Result<()> {
+    if !require_container_runtime() || !lazy_pages_allowed() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new();
+    cluster.agent_env = vec![("FERRY_TEST_HOLD_AT".into(), "Switched".into())];
+    cluster.start_three()?;
+    let rootfs = busybox_rootfs(cluster.root())?;
+    cluster.launch_counter_holding("c1", "n2", &rootfs, 16)?;
+    // The target holds at Switched: the source's lazy dump waits for it.
+    std::fs::write(cluster.agents[2].data_dir.join("hold"), "")?;
+    let sampler = cluster.sampler("c1");
+    cluster.ferry_ok(0, &["move", "c1", "--target", "n3", "--lazy", "--detach"])?;
+    wait_phase(&cluster, &["Switched"])?;
+    let source_root = cluster.agents[1].data_dir.join("runc");
+    let source_root = source_root.to_string_lossy().into_owned();
+    let dump = ["runc", source_root.as_str(), "checkpoint", "--lazy-pages"];
+    assert!(!processes_with(&dump).is_empty(), "no lazy dump on n2");
+    cluster.kill(1);
+    // It outlives the agent that started it.
+    assert!(
+        !processes_with(&dump).is_empty(),
+        "the lazy dump died with n2"
+    );
+    cluster.restart(1)?;
     cluster_tests::wait_for(
-        "the source's copy counting again",
-        std::time::Duration::from_secs(30),
-        || match cluster.counter(0, "c1")? {
-            n if n > before => Ok(()),
-            n => anyhow::bail!("counter at {n}"),
+        "the restarted n2 to end the lazy dump",
+        std::time::Duration::from_secs(60),
+        || match processes_with(&dump).len() {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} still running"),
         },
     )?;
+    // The target cannot fetch from it: the move switches back and the
+    // source's copy runs on.
+    std::fs::remove_file(cluster.agents[2].data_dir.join("hold"))?;
+    wait_phase(&cluster, &["RolledBack"])?;
+    // The source's copy counts again.
+    let before = cluster.counter(0, "c1")?;
+    cluster.wait_counter("c1", before + 1)?;
     assert_eq!(sampler.finish(), 1, "two copies ran at once");
     Ok(())
 }

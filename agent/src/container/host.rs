@@ -460,6 +460,10 @@ impl Driver for Host {
         self.dump_lazy_frozen(name).await
     }
 
+    fn end_leftovers(&self) {
+        self.end_leftover_lazy_dumps();
+    }
+
     fn lazy_unavailable(&self, _name: &InstanceName) -> Option<String> {
         lazy::lazy_unavailable_here()
     }

@@ -132,6 +132,7 @@ pub async fn run(agent: Arc<Agent>) {
     let mut last_sweep: Option<Instant> = None;
     let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut phase_clock = PhaseClock::default();
+    agent.driver().end_leftovers();
     loop {
         for job in my_jobs(&agent) {
             let Ok(name) = InstanceName::parse(&job.instance) else {

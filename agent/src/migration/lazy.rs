@@ -93,15 +93,22 @@ pub(super) fn end_dump(agent: &Agent, job: &Job) {
 
 /// Source: the target's `LazyPages` stream, spliced to the lazy dump's
 /// page server (once: the server takes one connection).
-pub async fn serve(agent: &Agent, job: &Job, channel: Channel) {
+pub async fn serve(agent: &Agent, job: &Job, mut channel: Channel) {
     let Some(server) = agent.transfers().take_lazy(job.id) else {
         tracing::warn!(
             job = job.id,
             "refused a lazy page stream: no lazy dump serves here"
         );
+        let _ = channel.0.write_all(&[REFUSED]).await;
+        let _ = channel.0.finish();
         return;
     };
     let result = async {
+        channel
+            .0
+            .write_all(&[SERVING])
+            .await
+            .map_err(|e| format!("cannot answer the lazy page stream: {e}"))?;
         let criu = TcpStream::connect(server)
             .await
             .map_err(|e| format!("cannot reach the lazy dump's page server: {e}"))?;
@@ -126,7 +133,8 @@ pub(super) async fn restore(
 ) -> Result<(), MoveError> {
     let driver = agent.driver();
     let daemon = driver.lazy_pages_daemon(name).await?;
-    let channel = source::open(agent, job, job.source, TransferPart::LazyPages).await?;
+    let mut channel = source::open(agent, job, job.source, TransferPart::LazyPages).await?;
+    served(&mut channel).await?;
     let counter = agent.transfers().stage(job.id, "memory pages (lazy)");
     let fetch = async move {
         let tap = Tap::counted(&counter);
@@ -150,6 +158,33 @@ pub(super) async fn restore(
     driver.restore_held_lazily(name, spec).await?;
     agent.transfers().fetching_lazily(job.id, fetch);
     Ok(())
+}
+
+/// The source's first byte on a `LazyPages` stream: its lazy dump serves
+/// (then the pages' protocol follows), or there is none (it restarted).
+const SERVING: u8 = 1;
+const REFUSED: u8 = 0;
+
+/// How long the source may take to answer a `LazyPages` stream.
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// Whether the source's lazy dump serves this stream: a restore that
+/// waited on one that does not would hang until its timeout.
+async fn served(channel: &mut Channel) -> Result<(), MoveError> {
+    let mut answer = [REFUSED];
+    let read = tokio::time::timeout(ANSWER, channel.1.read_exact(&mut answer)).await;
+    match read {
+        Ok(Ok(())) if answer == [SERVING] => Ok(()),
+        Ok(Ok(())) => Err(MoveError::Local(
+            "the source has no lazy dump serving the pages (its agent restarted?)".into(),
+        )),
+        Ok(Err(e)) => Err(MoveError::Local(format!(
+            "the lazy page stream failed: {e}"
+        ))),
+        Err(_) => Err(MoveError::Local(format!(
+            "the source did not answer the lazy page stream within {ANSWER:?}"
+        ))),
+    }
 }
 
 /// Longest wait, after the thaw, for the last pages.

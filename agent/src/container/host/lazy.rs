@@ -48,7 +48,37 @@ pub fn lazy_unavailable_here() -> Option<String> {
     lazy_unavailable(pipe_max, cap)
 }
 
+/// Whether the command line `cmdline` (NUL-separated, as in /proc) is a
+/// lazy dump by the runc whose state root is `root`.
+fn lazy_dump_of(cmdline: &[u8], root: &Path) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let root = root.as_os_str().as_encoded_bytes();
+    let rooted = args
+        .windows(2)
+        .any(|w| w.first() == Some(&&b"--root"[..]) && w.get(1) == Some(&root));
+    let has = |arg: &[u8]| args.contains(&arg);
+    rooted && has(b"checkpoint") && has(b"--lazy-pages")
+}
+
 impl Host {
+    /// At the agent's start: a lazy dump an earlier agent process left
+    /// running ends (no stream of this process can reach its page
+    /// server, and if its target never connected, its CRIU would hold
+    /// the copy's tasks until killed; they stay paused).
+    pub(super) fn end_leftover_lazy_dumps(&self) {
+        let root = self.data_dir.join("runc");
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if lazy_dump_of(&cmdline, &root) {
+                tracing::warn!(pid, "ending a lazy dump an earlier agent process left");
+                crate::driver::end_process_tree(pid);
+            }
+        }
+    }
+
     /// Source, paused: everything but the memory pages into fresh staged
     /// images, the pages served on a loopback port.
     pub(super) async fn dump_lazy_frozen(
@@ -175,6 +205,26 @@ async fn wait_for_socket(socket: &Path) -> Result<(), DriverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leftover_lazy_dump_is_told_by_its_runc_root_and_arguments() {
+        let root = Path::new("/var/lib/ferry/runc");
+        let line = |args: &[&str]| args.join("\0").into_bytes();
+        let lazy = ["runc", "--root", "/var/lib/ferry/runc", "--log", "l"];
+        let dump = [&lazy[..], &["checkpoint", "--lazy-pages", "c1"]].concat();
+        assert!(lazy_dump_of(&line(&dump), root));
+        // Another agent's, a plain checkpoint, a restore: not ours to end.
+        let other = dump
+            .iter()
+            .map(|a| a.replace("/var/lib/ferry", "/srv/n2"))
+            .collect::<Vec<_>>();
+        let other: Vec<&str> = other.iter().map(String::as_str).collect();
+        assert!(!lazy_dump_of(&line(&other), root));
+        let plain = [&lazy[..], &["checkpoint", "c1"]].concat();
+        assert!(!lazy_dump_of(&line(&plain), root));
+        let restore = [&lazy[..], &["restore", "--lazy-pages", "c1"]].concat();
+        assert!(!lazy_dump_of(&line(&restore), root));
+    }
 
     #[test]
     fn a_lazy_dump_needs_cap_sys_resource_or_a_pipe_max_size_of_4_mib() {
