@@ -59,7 +59,14 @@ impl Runc {
         let mut finished = async move {
             let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
                 Ok(out) => out.map_err(RuncError::Spawn)?,
-                Err(_) => return Err(timed_out(&id, timeout, &log)),
+                Err(_) => {
+                    // Its CRIU (which holds the copy's tasks) goes too, not
+                    // only runc, which the drop kills.
+                    if let Some(pid) = pid {
+                        crate::driver::end_process_tree(pid);
+                    }
+                    return Err(timed_out(&id, timeout, &log));
+                }
             };
             match out.status.success() {
                 true => Ok(()),
