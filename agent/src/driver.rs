@@ -418,12 +418,19 @@ pub fn signal_each(pids: &[u32], signal: rustix::process::Signal) {
     }
 }
 
-fn children_of(parent: u32) -> Vec<u32> {
+/// Every process's pid, from /proc.
+pub fn all_pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // After "pid (comm)": state, then the parent's pid.

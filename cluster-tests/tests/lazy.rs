@@ -90,11 +90,8 @@ fn wait_phase(cluster: &Cluster, phases: &[&str]) -> Result<serde_json::Value> {
 
 /// Pids of every process whose command line holds all of `words`.
 fn processes_with(words: &[&str]) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    ferry_agent::driver::all_pids()
+        .into_iter()
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");

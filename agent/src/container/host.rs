@@ -17,7 +17,7 @@ use super::net::InstanceNet;
 mod final_dump;
 mod held;
 mod layers;
-pub mod lazy;
+mod lazy;
 mod runtime_facts;
 mod snapshots;
 mod staging;

@@ -67,10 +67,7 @@ impl Host {
     /// the copy's tasks until killed; they stay paused).
     pub(super) fn end_leftover_lazy_dumps(&self) {
         let root = self.data_dir.join("runc");
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        for pid in crate::driver::all_pids() {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if lazy_dump_of(&cmdline, &root) {
                 tracing::warn!(pid, "ending a lazy dump an earlier agent process left");
